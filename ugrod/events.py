@@ -1,0 +1,469 @@
+"""Events: the frozen, past-tense facts that make up the log, and their one canonical encoding.
+
+A line of ``events.jsonl`` is an envelope::
+
+    {"seq":7,"v":1,"type":"job_submitted","ts":"2026-11-22T13:45:00.123456Z",
+     "actor":{"user":"alice","uid":1000},"data":{...}}
+
+``type`` is a stable string (renaming a class never changes it); ``v`` is the
+version of ``data``'s shape. Old versions are upgraded when read (``UPCASTERS``);
+an unknown type or a newer version than this code knows is refused, never guessed.
+
+This module does no I/O and reads no clock: the shell stamps ``ts``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any, ClassVar
+
+import msgspec
+
+SCHEMA_VERSION = 1
+
+
+class EventError(ValueError):
+    """A line that is valid JSON but not an event this code can read."""
+
+
+class Actor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    """Who caused an event: the client's user and uid (from SO_PEERCRED), or ugrod."""
+
+    user: str
+    uid: int | None = None
+
+
+DAEMON = Actor(user="ugrod")
+
+
+class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """Base of every event payload (the envelope's ``data``)."""
+
+    kind: ClassVar[str]
+    version: ClassVar[int] = 1
+
+
+# ---- shared value types ---------------------------------------------------
+
+
+class Gpu(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    index: int
+    model: str = ""
+    vram_bytes: int = 0
+    uuid: str = ""
+
+
+class NodeSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What the planner and executor need of a node; the config's node, minus secrets."""
+
+    name: str
+    host: str
+    port: int = 22
+    user: str = ""
+    transport: str = "local"  # "local" | "ssh"
+    work_dir: str = "~/ugro"
+    python: str = "python3"
+    labels: tuple[str, ...] = ()
+    gpus: tuple[Gpu, ...] = ()
+    rank: int | None = None  # preferred node_rank (the seeds' "rank"); 0 = rendezvous host
+
+
+class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    """What a user asked for. ``argv`` runs under torchrun when ``torchrun`` is true."""
+
+    argv: tuple[str, ...]
+    nodes: int = 1
+    node_names: tuple[str, ...] = ()
+    gpus_per_node: int = 0
+    min_vram_bytes: int = 0
+    labels_required: tuple[str, ...] = ()
+    labels_avoided: tuple[str, ...] = ()
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    torchrun: bool = False
+    nproc_per_node: int = 1
+    max_retries: int = 0
+    retry_backoff_s: float = 10.0
+    after: tuple[str, ...] = ()
+    sweep: str | None = None
+    params: dict[str, str] = {}
+    stall_timeout_s: float | None = None
+    stall_action: str = "alert"  # "alert" | "requeue"
+    expected_runtime_s: float | None = None
+
+
+class RankPlacement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+    rank: int
+    node: str
+    gpus: tuple[int, ...] = ()
+    gpu_uuids: tuple[str, ...] = ()
+
+
+# ---- node events ----------------------------------------------------------
+
+
+class NodeAdded(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "node_added"
+    node: NodeSpec
+
+
+class NodeUpdated(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "node_updated"
+    node: NodeSpec
+
+
+class NodeRemoved(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "node_removed"
+    node: str
+
+
+class NodeInventoried(Event, frozen=True, kw_only=True):
+    """GPUs read from the node itself; ``mismatch`` says how they differ from the config."""
+
+    kind: ClassVar[str] = "node_inventoried"
+    node: str
+    gpus: tuple[Gpu, ...]
+    mismatch: str | None = None
+
+
+class NodeHealthChanged(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "node_health_changed"
+    node: str
+    health: str  # NodeHealth value
+    score: float | None = None
+    reason: str = ""
+    sample: dict[str, Any] = {}
+
+
+class NodeDrained(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "node_drained"
+    node: str
+    reason: str = ""
+
+
+class NodeUndrained(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "node_undrained"
+    node: str
+
+
+class AlertRaised(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "alert_raised"
+    node: str
+    alert: str  # stable key, e.g. "gpu_temperature"
+    severity: str  # "warning" | "critical"
+    message: str
+    sample: dict[str, Any] = {}
+
+
+class AlertCleared(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "alert_cleared"
+    node: str
+    alert: str
+
+
+# ---- job events -----------------------------------------------------------
+
+
+class JobSubmitted(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_submitted"
+    job: str
+    spec: JobSpec
+    priority: int = 0
+    held: bool = False
+    request_id: str | None = None
+
+
+class JobWaiting(Event, frozen=True, kw_only=True):
+    """The planner's reason a job cannot start yet (recorded when the reason changes)."""
+
+    kind: ClassVar[str] = "job_waiting"
+    job: str
+    reason: str
+
+
+class JobPlaced(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_placed"
+    job: str
+    attempt: int
+    ranks: tuple[RankPlacement, ...]
+    rdzv_host: str = ""
+    rdzv_port: int = 0
+    resume_from: str | None = None
+    reason: str = ""
+
+
+class RankStarted(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "rank_started"
+    job: str
+    attempt: int
+    rank: int
+    node: str
+    pid: int
+
+
+class JobRunning(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_running"
+    job: str
+    attempt: int
+
+
+class RankExited(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "rank_exited"
+    job: str
+    attempt: int
+    rank: int
+    node: str
+    exit_code: int
+
+
+class JobStopping(Event, frozen=True, kw_only=True):
+    """The job's processes are being killed; GPUs stay reserved until ``JobEnded``."""
+
+    kind: ClassVar[str] = "job_stopping"
+    job: str
+    attempt: int
+    outcome: str  # JobState the job will end in: failed | cancelled | retrying
+    reason: str
+
+
+class JobEnded(Event, frozen=True, kw_only=True):
+    """Every process of the attempt is confirmed gone. ``retry_at`` set: waits to retry."""
+
+    kind: ClassVar[str] = "job_ended"
+    job: str
+    attempt: int
+    outcome: str  # succeeded | failed | cancelled | retrying
+    reason: str = ""
+    exit_code: int | None = None
+    failed_rank: int | None = None
+    failed_node: str | None = None
+    last_step: int | None = None
+    made_progress: bool = False
+    retry_at: float | None = None
+    resume_from: str | None = None
+
+
+class JobPrioritySet(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_priority_set"
+    job: str
+    priority: int
+
+
+class JobHeld(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_held"
+    job: str
+
+
+class JobReleased(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_released"
+    job: str
+
+
+class JobCancelRequested(Event, frozen=True, kw_only=True):
+    """Cancel of a job that never started: it ends at once (nothing to kill)."""
+
+    kind: ClassVar[str] = "job_cancel_requested"
+    job: str
+    reason: str = "cancelled by user"
+
+
+class JobResumed(Event, frozen=True, kw_only=True):
+    """A failed or cancelled job queued again as a new attempt, maybe with changed params."""
+
+    kind: ClassVar[str] = "job_resumed"
+    job: str
+    spec: JobSpec
+    resume_from: str | None = None
+
+
+class CheckpointRequested(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "checkpoint_requested"
+    job: str
+
+
+class CheckpointSaved(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "checkpoint_saved"
+    job: str
+    path: str
+    step: int | None = None
+
+
+class JobStalled(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "job_stalled"
+    job: str
+    attempt: int
+    step: int | None
+    idle_s: float
+    stacks: str | None = None
+
+
+class SweepCreated(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "sweep_created"
+    sweep: str
+    jobs: tuple[str, ...]
+    params: dict[str, tuple[str, ...]]
+    max_parallel: int = 0
+
+
+class DaemonStarted(Event, frozen=True, kw_only=True):
+    kind: ClassVar[str] = "daemon_started"
+    version: str
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.kind: cls
+    for cls in (
+        NodeAdded, NodeUpdated, NodeRemoved, NodeInventoried, NodeHealthChanged,
+        NodeDrained, NodeUndrained, AlertRaised, AlertCleared,
+        JobSubmitted, JobWaiting, JobPlaced, RankStarted, JobRunning, RankExited,
+        JobStopping, JobEnded, JobPrioritySet, JobHeld, JobReleased,
+        JobCancelRequested, JobResumed, CheckpointRequested, CheckpointSaved,
+        JobStalled, SweepCreated, DaemonStarted,
+    )
+}
+
+# (type, version) -> function upgrading that version's ``data`` dict by one version.
+UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {}
+
+
+# ---- records and the canonical codec --------------------------------------
+
+
+class Record(msgspec.Struct, frozen=True, kw_only=True):
+    """An event as it stands in the log: its seq, time, actor and payload."""
+
+    seq: int
+    ts: float  # seconds since the epoch, UTC; written as ISO-8601 with a Z
+    actor: Actor
+    event: Event
+
+
+class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+    seq: int
+    v: int
+    type: str
+    ts: str
+    actor: Actor
+    data: msgspec.Raw
+
+
+_encoder = msgspec.json.Encoder()
+_envelope_decoder = msgspec.json.Decoder(_Envelope)
+_payload_decoders = {k: msgspec.json.Decoder(t) for k, t in EVENT_TYPES.items()}
+
+
+def format_ts(ts: float) -> str:
+    """UTC ISO-8601 with microseconds and a Z, computed without the datetime module's tz."""
+    whole = math.floor(ts)
+    micros = round((ts - whole) * 1_000_000)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    days, rem = divmod(whole, 86400)
+    y, m, d = _civil_from_days(days)
+    hh, rem = divmod(rem, 3600)
+    mm, ss = divmod(rem, 60)
+    return f"{y:04d}-{m:02d}-{d:02d}T{hh:02d}:{mm:02d}:{ss:02d}.{micros:06d}Z"
+
+
+def parse_ts(text: str) -> float:
+    """Inverse of ``format_ts``; raises EventError on anything else."""
+    try:
+        if len(text) != 27 or text[10] != "T" or text[-1] != "Z":
+            raise ValueError
+        y, m, d = int(text[0:4]), int(text[5:7]), int(text[8:10])
+        hh, mm, ss = int(text[11:13]), int(text[14:16]), int(text[17:19])
+        micros = int(text[20:26])
+    except ValueError:
+        raise EventError(f"bad timestamp {text!r}") from None
+    return (_days_from_civil(y, m, d) * 86400 + hh * 3600 + mm * 60 + ss) + micros / 1_000_000
+
+
+def _days_from_civil(y: int, m: int, d: int) -> int:
+    # Howard Hinnant's algorithm: exact for every proleptic Gregorian date.
+    y -= m <= 2
+    era = y // 400
+    yoe = y - era * 400
+    doy = (153 * (m + (-3 if m > 2 else 9)) + 2) // 5 + d - 1
+    doe = yoe * 365 + yoe // 4 - yoe // 100 + doy
+    return era * 146097 + doe - 719468
+
+
+def _civil_from_days(z: int) -> tuple[int, int, int]:
+    z += 719468
+    era = z // 146097
+    doe = z - era * 146097
+    yoe = (doe - doe // 1460 + doe // 36524 - doe // 146096) // 365
+    y = yoe + era * 400
+    doy = doe - (365 * yoe + yoe // 4 - yoe // 100)
+    mp = (5 * doy + 2) // 153
+    d = doy - (153 * mp + 2) // 5 + 1
+    m = mp + (3 if mp < 10 else -9)
+    return y + (m <= 2), m, d
+
+
+def encode(record: Record) -> bytes:
+    """The one canonical line (no newline). Raises EventError for what could not be read back.
+
+    msgspec writes NaN/Infinity as null and would refuse lone surrogates and
+    >64-bit integers; every line is decoded again so that nothing is written
+    that replay could not read.
+    """
+    ev = record.event
+    try:
+        data = _encoder.encode(ev)
+        line = _encoder.encode(
+            _Envelope(record.seq, ev.version, ev.kind, format_ts(record.ts), record.actor,
+                      msgspec.Raw(data))
+        )
+    except (TypeError, ValueError, OverflowError, UnicodeError, msgspec.EncodeError) as exc:
+        raise EventError(f"cannot encode {ev.kind}: {exc}") from exc
+    if decode(line) != record_roundtrip(record):
+        raise EventError(f"{ev.kind} does not survive a round trip (NaN, infinity or a lone "
+                         f"surrogate in its data?)")
+    return line
+
+
+def record_roundtrip(record: Record) -> Record:
+    """The record as it reads back (ts at microsecond precision)."""
+    return msgspec.structs.replace(record, ts=parse_ts(format_ts(record.ts)))
+
+
+def decode(line: bytes | memoryview) -> Record:
+    """Decode one line (without newline) into a Record, upgrading old versions."""
+    try:
+        env = _envelope_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        raise EventError(f"not an event line: {exc}") from None
+    cls = EVENT_TYPES.get(env.type)
+    if cls is None:
+        raise EventError(f"unknown event type {env.type!r} (written by a newer ugrod?)")
+    try:
+        if env.v == cls.version:
+            event = _payload_decoders[env.type].decode(env.data)
+        elif env.v > cls.version or env.v < 1:
+            raise EventError(f"{env.type} version {env.v} is newer than this ugrod knows "
+                             f"({cls.version})")
+        else:
+            event = _upcast(cls, env.type, env.v, msgspec.json.decode(env.data))
+    except msgspec.DecodeError as exc:
+        raise EventError(f"bad {env.type} data: {exc}") from None
+    return Record(seq=env.seq, ts=parse_ts(env.ts), actor=env.actor, event=event)
+
+
+def _upcast(cls: type[Event], kind: str, v: int, data: dict[str, Any]) -> Event:
+    while v < cls.version:
+        step = UPCASTERS.get((kind, v))
+        if step is None:
+            raise EventError(f"no upgrade for {kind} version {v}")
+        data, v = step(data), v + 1
+    return msgspec.convert(data, cls)
+
+
+def to_builtins(obj: Any) -> Any:
+    """Plain dicts/lists of an event or spec, for the API and the CLI."""
+    return msgspec.to_builtins(obj)
+
+
+def kinds(events: Iterable[Event]) -> list[str]:
+    return [e.kind for e in events]
