@@ -452,3 +452,46 @@ def _other_rule(state: State, record: ev.Record) -> State:
 
 def _put_node(state: State, node: Node) -> State:
     return msgspec.structs.replace(state, nodes=state.nodes.set(node.name, node))
+
+
+# ---- snapshots -------------------------------------------------------------
+
+STATE_VERSION = 1
+
+
+class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+    version: int
+    seq: int
+    nodes: dict[str, Node]
+    jobs: dict[str, Job]
+    requests: dict[str, str]
+    sweeps: dict[str, Sweep]
+    started_at: float | None
+
+
+_snapshot_decoder = msgspec.json.Decoder(_Snapshot)
+
+
+def to_snapshot(state: State) -> bytes:
+    """State as bytes for a snapshot file; ``from_snapshot`` reads it back."""
+    snap = _Snapshot(version=STATE_VERSION, seq=state.seq, nodes=dict(state.nodes),
+                     jobs=dict(state.jobs), requests=dict(state.requests),
+                     sweeps=dict(state.sweeps), started_at=state.started_at)
+    return msgspec.json.encode(snap)
+
+
+def from_snapshot(data: bytes) -> State:
+    """Inverse of ``to_snapshot``; raises ValueError for another state version or bad data."""
+    try:
+        snap = _snapshot_decoder.decode(data)
+    except msgspec.DecodeError as exc:
+        raise ValueError(f"unreadable snapshot: {exc}") from None
+    if snap.version != STATE_VERSION:
+        raise ValueError(f"snapshot state version {snap.version}, this ugrod reads "
+                         f"{STATE_VERSION}")
+    jobs = immutables.Map(snap.jobs)
+    active = immutables.Map({j.id: j.submit_seq for j in snap.jobs.values()
+                             if j.state not in TERMINAL})
+    return State(seq=snap.seq, nodes=immutables.Map(snap.nodes), jobs=jobs, active=active,
+                 requests=immutables.Map(snap.requests), sweeps=immutables.Map(snap.sweeps),
+                 started_at=snap.started_at)

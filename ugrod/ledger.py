@@ -1,0 +1,202 @@
+"""The one writer: validates events against state, makes them durable, then publishes them.
+
+A command goes ``apply()`` (may raise, nothing written) → group-committed append
+→ the new state becomes visible and the caller is answered. Readers see only
+committed state, so nobody is ever shown a fact that a crash could take back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+from ugrod import events as ev
+from ugrod import log as evlog
+from ugrod.state import InvalidEvent, State, apply, from_snapshot, to_snapshot
+
+logger = logging.getLogger("ugrod.ledger")
+
+
+class ReplayError(Exception):
+    """The log holds an event this ugrod cannot apply: refuse to start."""
+
+
+class Ledger:
+    """Owns the event log and the state folded from it."""
+
+    def __init__(self, log: evlog.EventLog, state: State, state_dir: Path,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._log = log
+        self._tip = state  # includes events being committed right now
+        self._committed = state
+        self._state_dir = state_dir
+        self._clock = clock
+        self._subscribers: set[asyncio.Queue[ev.Record | None]] = set()
+        self._listeners: list[Callable[[list[ev.Record], State], None]] = []
+        self.failed: BaseException | None = None
+        self.replay_s = 0.0
+        self.replayed = 0
+        self.snapshot_seq = state.seq
+
+    @classmethod
+    def open(cls, state_dir: Path, clock: Callable[[], float] = time.time) -> Ledger:
+        """Lock the state dir, recover the log, load the newest snapshot and replay the tail."""
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        log = evlog.EventLog.open(state_dir)
+        try:
+            t0 = time.perf_counter()
+            state = State()
+            snap = evlog.read_latest_snapshot(state_dir)
+            if snap is not None:
+                seq, payload = snap
+                try:
+                    state = from_snapshot(payload)
+                except ValueError as exc:
+                    raise ReplayError(f"snapshot at seq {seq}: {exc}") from exc
+                if state.seq != seq or seq > log.last_seq:
+                    raise ReplayError(f"snapshot at seq {seq} is ahead of the log "
+                                      f"(last seq {log.last_seq}): was the log replaced?")
+            snap_seq = state.seq
+            state, n = _replay(log.read(after_seq=state.seq), state)
+            ledger = cls(log, state, state_dir, clock)
+            ledger.replay_s = time.perf_counter() - t0
+            ledger.replayed = n
+            ledger.snapshot_seq = snap_seq
+            return ledger
+        except BaseException:
+            log.close_sync()
+            raise
+
+    @property
+    def state(self) -> State:
+        """Committed state: every fact in it is on disk."""
+        return self._committed
+
+    @property
+    def log(self) -> evlog.EventLog:
+        return self._log
+
+    def stamp(self) -> float:
+        """Now, at the log's microsecond precision, so live state equals replayed state."""
+        return ev.parse_ts(ev.format_ts(self._clock()))
+
+    async def record(self, actor: ev.Actor, *events: ev.Event) -> State:
+        """Apply, append durably, publish; returns the committed state that includes them."""
+        if self.failed is not None:
+            raise evlog.LogWriteFailed(f"event log failed earlier: {self.failed}")
+        if not events:
+            return self._committed
+        ts = self.stamp()
+        tip = self._tip
+        records = []
+        for e in events:
+            r = ev.Record(seq=tip.seq + 1, ts=ts, actor=actor, event=e)
+            tip = apply(tip, r)  # InvalidEvent: nothing appended, tip unchanged
+            records.append(r)
+        try:
+            lines = [ev.encode(r) for r in records]
+        except ev.EventError as exc:
+            raise InvalidEvent(str(exc)) from exc
+        self._tip = tip
+        # No await between taking the tip and queueing the lines: appends reach
+        # the log in seq order, which is what lets the log batch them.
+        try:
+            await self._log.append(lines)
+        except BaseException as exc:
+            if self.failed is None:
+                self.failed = exc
+            raise
+        if tip.seq > self._committed.seq:
+            self._committed = tip
+        self._publish(records, tip)
+        return tip
+
+    def _publish(self, records: list[ev.Record], state: State) -> None:
+        for listener in self._listeners:
+            try:
+                listener(records, state)
+            except Exception:
+                logger.exception("event listener failed")
+        for q in list(self._subscribers):
+            for r in records:
+                try:
+                    q.put_nowait(r)
+                except asyncio.QueueFull:
+                    # A follower that cannot keep up is cut off, not allowed to grow memory.
+                    self._subscribers.discard(q)
+                    q.put_nowait(None) if not q.full() else None
+                    break
+
+    def on_commit(self, listener: Callable[[list[ev.Record], State], None]) -> None:
+        """Call ``listener(records, state)`` after every commit (synchronously; keep it cheap)."""
+        self._listeners.append(listener)
+
+    def subscribe(self, maxsize: int = 10_000) -> asyncio.Queue[ev.Record | None]:
+        q: asyncio.Queue[ev.Record | None] = asyncio.Queue(maxsize=maxsize)
+        self._subscribers.add(q)
+        return q
+
+    def unsubscribe(self, q: asyncio.Queue[ev.Record | None]) -> None:
+        self._subscribers.discard(q)
+
+    def history(self, after_seq: int = 0) -> Iterator[bytes]:
+        """Committed event lines from the log files (for `events`, `why`, `replay`)."""
+        last = self._committed.seq
+        for batch in self._log.read(after_seq=after_seq):
+            for line in batch:
+                if _seq_of(line) > last:
+                    return
+                yield line
+
+    def snapshot(self) -> Path | None:
+        """Write a snapshot of committed state (atomic); None when nothing changed since."""
+        state = self._committed
+        if state.seq == self.snapshot_seq:
+            return None
+        path = evlog.write_snapshot(self._state_dir, state.seq, to_snapshot(state))
+        self.snapshot_seq = state.seq
+        return path
+
+    async def close(self) -> None:
+        await self._log.close()
+        for q in list(self._subscribers):
+            if not q.full():
+                q.put_nowait(None)
+        self._subscribers.clear()
+
+
+def _seq_of(line: bytes) -> int:
+    # Every event line starts with {"seq":N, (the canonical encoder's field order).
+    return int(line[7:line.index(b",", 7)])
+
+
+def _replay(batches: Iterator[list[bytes]], state: State) -> tuple[State, int]:
+    decode, n = ev.decode, 0
+    for batch in batches:
+        for line in batch:
+            try:
+                record = decode(line)
+                state = apply(state, record)
+            except (ev.EventError, InvalidEvent) as exc:
+                raise ReplayError(f"event seq {_seq_of(line)}: {exc}; this ugrod cannot "
+                                  f"apply it, refusing to start rather than guess") from exc
+            n += 1
+    return state, n
+
+
+def replay_until(state_dir: Path, until_seq: int | None = None,
+                 until_ts: float | None = None) -> State:
+    """State at a past moment, read straight from the log (daemon may be stopped)."""
+    state = State()
+    for batch in evlog.read_log(state_dir):
+        for line in batch:
+            record = ev.decode(line)
+            if until_seq is not None and record.seq > until_seq:
+                return state
+            if until_ts is not None and record.ts > until_ts:
+                return state
+            state = apply(state, record)
+    return state
