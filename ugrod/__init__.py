@@ -1,0 +1,3 @@
+"""ugrod: the UGRO daemon."""
+
+__version__ = "0.1.0"

@@ -1,0 +1,601 @@
+"""The control API: JSON over HTTP on a Unix socket, one handler per verb.
+
+Handlers parse and check input, turn it into events, and answer only after
+the ledger says they are durable. The connecting process's credentials
+(SO_PEERCRED) are the actor: nobody can claim to be someone else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import pwd
+import re
+import socket
+import struct
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from ugrod import events as ev
+from ugrod import render_json as rj
+from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState
+
+if TYPE_CHECKING:
+    from ugrod.daemon import Daemon
+
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+MAX_ARGV = 4096
+MAX_ARG_BYTES = 128 * 1024
+
+
+class ApiError(Exception):
+    """An error for the client: HTTP status, a code word and one line for people."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status, self.code, self.message = status, code, message
+
+
+class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    argv: list[str] | None = None
+    launch: dict[str, str | int | float] | None = None
+    name: str | None = None
+    nodes: int = 1
+    node_names: list[str] = []
+    gpus_per_node: int = 0
+    min_vram_gb: float = 0
+    labels_required: list[str] = []
+    labels_avoided: list[str] = []
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    torchrun: bool | None = None
+    nproc_per_node: int = 1
+    max_retries: int | None = None
+    retry_backoff_s: float | None = None
+    after: list[str] = []
+    priority: int = 0
+    held: bool = False
+    stall_timeout_s: float | None = None
+    stall_action: str = "alert"
+    expected_runtime_s: float | None = None
+    request_id: str | None = None
+
+
+class SweepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    params: dict[str, list[str]]
+    argv: list[str]
+    max_parallel: int = 0
+    nodes: int = 1
+    gpus_per_node: int = 0
+    min_vram_gb: float = 0
+    torchrun: bool | None = None
+    max_retries: int | None = None
+    priority: int = 0
+    env: dict[str, str] = {}
+    request_id: str | None = None
+
+
+def peer(request: web.Request) -> ev.Actor:
+    """The connecting process's user, from SO_PEERCRED (Unix sockets only)."""
+    sock = request.transport.get_extra_info("socket") if request.transport else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        raise ApiError(403, "forbidden", "only local Unix-socket clients are accepted")
+    creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    _pid, uid, _gid = struct.unpack("3i", creds)
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid{uid}"
+    return ev.Actor(user=user, uid=uid)
+
+
+def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Application:
+    """The aiohttp application; ``daemon`` gives the ledger, executor, config and monitor."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[_errors(daemon)])
+    h = Handlers(daemon)
+    r = app.router
+    r.add_get("/v1/ping", h.ping)
+    r.add_get("/v1/nodes", h.nodes)
+    r.add_post("/v1/nodes/{node}/drain", h.drain)
+    r.add_post("/v1/nodes/{node}/undrain", h.undrain)
+    r.add_post("/v1/nodes/{node}/check", h.check)
+    r.add_get("/v1/nodes/{node}/hostkey", h.hostkey)
+    r.add_post("/v1/nodes/{node}/trust", h.trust)
+    r.add_get("/v1/jobs", h.jobs)
+    r.add_post("/v1/jobs", h.submit)
+    r.add_get("/v1/jobs/{job}", h.job)
+    r.add_post("/v1/jobs/{job}/cancel", h.cancel)
+    r.add_post("/v1/jobs/{job}/priority", h.priority)
+    r.add_post("/v1/jobs/{job}/hold", h.hold)
+    r.add_post("/v1/jobs/{job}/release", h.release)
+    r.add_post("/v1/jobs/{job}/checkpoint", h.checkpoint)
+    r.add_post("/v1/jobs/{job}/resume", h.resume)
+    r.add_get("/v1/jobs/{job}/logs", h.logs)
+    r.add_get("/v1/jobs/{job}/results", h.results)
+    r.add_get("/v1/jobs/{job}/why", h.why)
+    r.add_get("/v1/queue", h.queue)
+    r.add_get("/v1/events", h.events)
+    r.add_post("/v1/reload", h.reload)
+    r.add_post("/v1/sweeps", h.sweep_create)
+    r.add_get("/v1/sweeps/{sweep}", h.sweep_status)
+    r.add_post("/v1/sweeps/{sweep}/cancel", h.sweep_cancel)
+    return app
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _errors(daemon: Daemon) -> Any:
+    @web.middleware
+    async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except ApiError as exc:
+            status = exc.status
+            return _error(exc.status, exc.code, exc.message)
+        except InvalidEvent as exc:
+            status = 409
+            return _error(409, "conflict", str(exc))
+        except web.HTTPRequestEntityTooLarge:
+            status = 413
+            return _error(413, "too_large", f"request body larger than "
+                          f"{request.app._client_max_size} bytes")
+        except web.HTTPException as exc:
+            status = exc.status
+            code = "not_found" if exc.status == 404 else "bad_request"
+            return _error(exc.status, code, exc.reason or "bad request")
+        finally:
+            route = request.match_info.route.resource
+            name = route.canonical if route is not None else "unmatched"
+            daemon.stats.api_request(f"{request.method} {name}", status,
+                                     time.perf_counter() - t0)
+    return middleware
+
+
+def _error(status: int, code: str, message: str) -> web.Response:
+    return web.json_response({"error": message, "code": code}, status=status)
+
+
+async def _body(request: web.Request, cls: type[Any]) -> Any:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge:
+        raise
+    if not raw:
+        raw = b"{}"
+    try:
+        return msgspec.json.decode(raw, type=cls)
+    except msgspec.ValidationError as exc:
+        raise ApiError(400, "bad_request", f"invalid request: {exc}") from None
+    except msgspec.DecodeError as exc:
+        raise ApiError(400, "bad_request", f"request body is not valid JSON: {exc}") from None
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:60] + "…"
+        raise ApiError(400, "bad_request",
+                       f"invalid {kind} name {shown!r}: use 1-64 letters, digits, '.', '_' "
+                       f"or '-', starting with a letter or digit")
+    return name
+
+
+class Handlers:
+    """Route handlers; thin: parse, check, record, answer."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self.d = daemon
+
+    # ---- helpers -----------------------------------------------------------
+
+    def _job(self, request: web.Request) -> Job:
+        job_id = request.match_info["job"]
+        job = self.d.ledger.state.jobs.get(job_id)
+        if job is None:
+            raise ApiError(404, "not_found", f"no job named {job_id!r} (see `ugroctl status`)")
+        return job
+
+    def _own(self, actor: ev.Actor, job: Job, verb: str) -> None:
+        if actor.uid != 0 and actor.uid != job.uid and actor.uid != os.getuid():
+            raise ApiError(403, "forbidden", f"only {job.owner} (the owner) or root may "
+                           f"{verb} job {job.id}")
+
+    def _job_json(self, job: Job) -> dict[str, Any]:
+        return rj.job(job, self.d.executor.latest.get(job.id))
+
+    async def _job_answer(self, job_id: str, status: int = 200) -> web.Response:
+        return web.json_response({"job": self._job_json(self.d.ledger.state.jobs[job_id])},
+                                 status=status)
+
+    # ---- daemon and nodes --------------------------------------------------
+
+    async def ping(self, request: web.Request) -> web.Response:
+        from ugrod import __version__
+        return web.json_response({"ok": True, "version": __version__,
+                                  "seq": self.d.ledger.state.seq, "pid": os.getpid()})
+
+    async def nodes(self, request: web.Request) -> web.Response:
+        state = self.d.ledger.state
+        return web.json_response({"nodes": [
+            rj.node(n, state.jobs_on(n.name), self.d.node_view(n.name))
+            for n in sorted(state.nodes.values(), key=lambda n: n.name)]})
+
+    def _node_name(self, request: web.Request) -> str:
+        name = request.match_info["node"]
+        if name not in self.d.ledger.state.nodes:
+            raise ApiError(404, "not_found", f"no node named {name!r} (see `ugroctl nodes`)")
+        return name
+
+    async def drain(self, request: web.Request) -> web.Response:
+        actor, name = peer(request), self._node_name(request)
+        body = await _body(request, dict[str, str])
+        state = await self.d.ledger.record(actor, ev.NodeDrained(
+            node=name, reason=body.get("reason", "")[:500]))
+        self.d.kick()
+        return web.json_response({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
+
+    async def undrain(self, request: web.Request) -> web.Response:
+        actor, name = peer(request), self._node_name(request)
+        if not self.d.ledger.state.nodes[name].drained:
+            raise ApiError(409, "conflict", f"node {name} is not drained")
+        state = await self.d.ledger.record(actor, ev.NodeUndrained(node=name))
+        self.d.kick()
+        return web.json_response({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
+
+    async def check(self, request: web.Request) -> web.Response:
+        name = self._node_name(request)
+        body = await _body(request, dict[str, bool])
+        checks = await self.d.check_node(name, deep=bool(body.get("deep")))
+        return web.json_response({"node": name, "checks": checks})
+
+    async def hostkey(self, request: web.Request) -> web.Response:
+        name = self._node_name(request)
+        return web.json_response(await self.d.host_key(name))
+
+    async def trust(self, request: web.Request) -> web.Response:
+        actor, name = peer(request), self._node_name(request)
+        body = await _body(request, dict[str, str])
+        if actor.uid not in (0, os.getuid()):
+            raise ApiError(403, "forbidden", "only root or ugrod's user may trust host keys")
+        line = body.get("line")
+        if not isinstance(line, str) or not line:
+            raise ApiError(400, "bad_request", "missing 'line': the known_hosts line to trust")
+        return web.json_response(await self.d.trust_host_key(name, line))
+
+    async def reload(self, request: web.Request) -> web.Response:
+        peer(request)
+        return web.json_response(await self.d.reload())
+
+    # ---- jobs ----------------------------------------------------------------
+
+    async def jobs(self, request: web.Request) -> web.Response:
+        state = self.d.ledger.state
+        if request.query.get("all") in ("1", "true", "yes"):
+            chosen = sorted(state.jobs.values(), key=lambda j: j.submit_seq)
+        else:
+            active = list(state.active_jobs())
+            ended = [state.jobs[j] for j in self.d.recent_ended(50)]
+            chosen = ended + active
+        return web.json_response({"jobs": [self._job_json(j) for j in chosen]})
+
+    async def job(self, request: web.Request) -> web.Response:
+        return web.json_response({"job": self._job_json(self._job(request))})
+
+    async def submit(self, request: web.Request) -> web.Response:
+        actor = peer(request)
+        body: SubmitBody = await _body(request, SubmitBody)
+        state = self.d.ledger.state
+        if body.request_id is not None:
+            prior = state.requests.get(body.request_id)
+            if prior is not None:  # a client retrying after a lost answer: same job, once
+                return await self._job_answer(prior, status=200)
+        spec = self.d.job_spec(body)
+        name = check_name("job", body.name) if body.name else self.d.new_job_name()
+        if name in state.jobs:
+            raise ApiError(409, "conflict", f"a job named {name!r} already exists "
+                           f"({state.jobs[name].state}); pick another name, or "
+                           f"`ugroctl resume {name}`")
+        for dep in spec.after:
+            if dep not in state.jobs:
+                raise ApiError(400, "bad_request", f"--after {dep}: no such job")
+        why = self.d.check_fits(spec)
+        if why:
+            raise ApiError(400, "bad_request", f"job can never run here: {why}")
+        self.d.check_user_limits(actor, spec)
+        await self.d.ledger.record(actor, ev.JobSubmitted(
+            job=name, spec=spec, priority=body.priority, held=body.held,
+            request_id=body.request_id))
+        self.d.kick()
+        return await self._job_answer(name, status=201)
+
+    async def cancel(self, request: web.Request) -> web.Response:
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "cancel")
+        if job.state in TERMINAL:
+            raise ApiError(409, "conflict", f"job {job.id} already {job.state}")
+        reason = f"cancelled by {actor.user}"
+        if job.state in WAITING:
+            await self.d.ledger.record(actor, ev.JobCancelRequested(job=job.id, reason=reason))
+            self.d.kick()
+            return await self._job_answer(job.id)
+        await self.d.ledger.record(actor, ev.JobStopping(
+            job=job.id, attempt=job.attempt, outcome="cancelled", reason=reason))
+        if request.query.get("wait") in ("1", "true"):
+            await self.d.wait_terminal(job.id, timeout_s=120)
+            return await self._job_answer(job.id)
+        return await self._job_answer(job.id, status=202)
+
+    async def priority(self, request: web.Request) -> web.Response:
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "change the priority of")
+        body = await _body(request, dict[str, int])
+        p = body.get("priority")
+        if not isinstance(p, int) or isinstance(p, bool) or not -1000 <= p <= 1000:
+            raise ApiError(400, "bad_request", "priority must be an integer from -1000 to 1000")
+        await self.d.ledger.record(actor, ev.JobPrioritySet(job=job.id, priority=p))
+        self.d.kick()
+        return await self._job_answer(job.id)
+
+    async def hold(self, request: web.Request) -> web.Response:
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "hold")
+        if job.state not in WAITING:
+            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only waiting jobs "
+                           f"can be held")
+        await self.d.ledger.record(actor, ev.JobHeld(job=job.id))
+        return await self._job_answer(job.id)
+
+    async def release(self, request: web.Request) -> web.Response:
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "release")
+        if not job.held:
+            raise ApiError(409, "conflict", f"job {job.id} is not held")
+        await self.d.ledger.record(actor, ev.JobReleased(job=job.id))
+        self.d.kick()
+        return await self._job_answer(job.id)
+
+    async def checkpoint(self, request: web.Request) -> web.Response:
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "checkpoint")
+        if job.state is not JobState.RUNNING:
+            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only a running job "
+                           f"can be asked to checkpoint")
+        before = len(job.checkpoints)
+        await self.d.ledger.record(actor, ev.CheckpointRequested(job=job.id))
+        wait_s = float(request.query.get("wait", "0") or 0)
+        if wait_s > 0:
+            deadline = time.monotonic() + min(wait_s, 600)
+            while time.monotonic() < deadline:
+                cur = self.d.ledger.state.jobs[job.id]
+                if len(cur.checkpoints) > before or cur.state is not JobState.RUNNING:
+                    break
+                await asyncio.sleep(0.2)
+        return await self._job_answer(job.id)
+
+    async def resume(self, request: web.Request) -> web.Response:
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "resume")
+        body = await _body(request, dict[str, dict[str, str]])
+        changes = body.get("set", {})
+        if job.state not in (JobState.FAILED, JobState.CANCELLED):
+            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only failed or "
+                           f"cancelled jobs can be resumed")
+        spec = self.d.apply_overrides(job, changes)
+        resume_from = await self.d.executor._newest_checkpoint(job) if job.placement else None
+        await self.d.ledger.record(actor, ev.JobResumed(job=job.id, spec=spec,
+                                                        resume_from=resume_from))
+        self.d.kick()
+        return await self._job_answer(job.id)
+
+    async def logs(self, request: web.Request) -> web.StreamResponse:
+        job = self._job(request)
+        rank_q = request.query.get("rank")
+        ranks = [p.rank for p in job.placement] or [0]
+        if rank_q is not None:
+            try:
+                rank = int(rank_q)
+            except ValueError:
+                raise ApiError(400, "bad_request", f"rank must be an integer, got {rank_q!r}") \
+                    from None
+            if rank not in ranks:
+                raise ApiError(404, "not_found", f"job {job.id} has no rank {rank} "
+                               f"(ranks: {', '.join(map(str, ranks))})")
+            ranks = [rank]
+        follow = request.query.get("follow") in ("1", "true")
+        tail = request.query.get("tail")
+        resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
+        await resp.prepare(request)
+        jobdir = self.d.executor.job_dir(job.id)
+        files = {r: jobdir / f"rank_{r}.log" for r in ranks}
+        offsets = {r: _start_offset(f, int(tail) if tail and tail.isdigit() else None)
+                   for r, f in files.items()}
+        prefix = len(ranks) > 1
+        pending = {r: b"" for r in ranks}
+        while True:
+            for r, f in files.items():
+                chunk = _read_from(f, offsets[r])
+                if chunk:
+                    offsets[r] += len(chunk)
+                    data = pending[r] + chunk
+                    lines = data.split(b"\n")
+                    pending[r] = lines.pop()
+                    if lines:
+                        out = b"".join((f"[rank {r}] ".encode() if prefix else b"") + ln + b"\n"
+                                       for ln in lines)
+                        await resp.write(out)
+            current = self.d.ledger.state.jobs[job.id]
+            if not follow or (current.state in TERMINAL | {JobState.RETRYING}
+                              and all(_size(f) <= offsets[r] for r, f in files.items())):
+                break
+            await asyncio.sleep(0.25)
+        for r, rest in pending.items():
+            if rest:
+                await resp.write((f"[rank {r}] ".encode() if prefix else b"") + rest + b"\n")
+        await resp.write_eof()
+        return resp
+
+    async def results(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        return web.json_response(await self.d.results(job))
+
+    async def why(self, request: web.Request) -> web.Response:
+        job = self._job(request)
+        history = await asyncio.to_thread(self.d.why, job.id)
+        return web.json_response({"job": self._job_json(job), "history": history})
+
+    async def queue(self, request: web.Request) -> web.Response:
+        return web.json_response({"queue": self.d.queue_view()})
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        q = request.query
+        job_filter = q.get("job")
+        try:
+            after = int(q.get("after", "0"))
+            limit = int(q["limit"]) if "limit" in q else None
+            since = ev.parse_ts(_iso_z(q["since"])) if "since" in q else None
+        except (ValueError, ev.EventError):
+            raise ApiError(400, "bad_request", "after/limit must be integers and since an "
+                           "ISO-8601 UTC time like 2026-11-22T10:00:00Z") from None
+        follow = q.get("follow") in ("1", "true")
+        resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
+        await resp.prepare(request)
+        sub = self.d.ledger.subscribe() if follow else None
+        try:
+            sent = 0
+            last = after
+            lines = await asyncio.to_thread(
+                _filtered_history, self.d.ledger, after, job_filter, since, limit)
+            for seq, line in lines:
+                await resp.write(line + b"\n")
+                last = seq
+                sent += 1
+            while sub is not None:
+                rec = await sub.get()
+                if rec is None:
+                    break
+                if rec.seq <= last or not _matches(rec, job_filter, since):
+                    continue
+                await resp.write(ev.encode(rec) + b"\n")
+                last = rec.seq
+        finally:
+            if sub is not None:
+                self.d.ledger.unsubscribe(sub)
+        await resp.write_eof()
+        return resp
+
+    # ---- sweeps ----------------------------------------------------------------
+
+    async def sweep_create(self, request: web.Request) -> web.Response:
+        actor = peer(request)
+        body: SweepBody = await _body(request, SweepBody)
+        name = check_name("sweep", body.name)
+        sweep = await self.d.create_sweep(actor, name, body)
+        return web.json_response({"sweep": sweep}, status=201)
+
+    async def sweep_status(self, request: web.Request) -> web.Response:
+        name = request.match_info["sweep"]
+        sweep = self.d.ledger.state.sweeps.get(name)
+        if sweep is None:
+            raise ApiError(404, "not_found", f"no sweep named {name!r}")
+        return web.json_response(self.d.sweep_view(sweep))
+
+    async def sweep_cancel(self, request: web.Request) -> web.Response:
+        actor = peer(request)
+        name = request.match_info["sweep"]
+        sweep = self.d.ledger.state.sweeps.get(name)
+        if sweep is None:
+            raise ApiError(404, "not_found", f"no sweep named {name!r}")
+        for job_id in sweep.jobs:
+            job = self.d.ledger.state.jobs[job_id]
+            self._own(actor, job, "cancel")
+            if job.state in WAITING:
+                await self.d.ledger.record(actor, ev.JobCancelRequested(
+                    job=job.id, reason=f"sweep {name} cancelled by {actor.user}"))
+            elif job.state in ACTIVE and job.stopping is None:
+                await self.d.ledger.record(actor, ev.JobStopping(
+                    job=job.id, attempt=job.attempt, outcome="cancelled",
+                    reason=f"sweep {name} cancelled by {actor.user}"))
+        self.d.kick()
+        return web.json_response(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
+
+
+def _iso_z(text: str) -> str:
+    """Accept 2026-11-22T10:00:00Z / +00:00 / fractional seconds; return format_ts's form."""
+    from datetime import UTC, datetime
+    dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return ev.format_ts(dt.timestamp())
+
+
+def _matches(rec: ev.Record, job: str | None, since: float | None) -> bool:
+    if since is not None and rec.ts < since:
+        return False
+    if job is None:
+        return True
+    e = rec.event
+    return getattr(e, "job", None) == job or job in getattr(e, "jobs", ())
+
+
+def _filtered_history(ledger: Any, after: int, job: str | None, since: float | None,
+                      limit: int | None) -> list[tuple[int, bytes]]:
+    out: list[tuple[int, bytes]] = []
+    needle = f'"job":{json.dumps(job)}'.encode() if job else None
+    for line in ledger.history(after_seq=after):
+        if needle is not None and needle not in line:
+            continue
+        rec = ev.decode(line)
+        if not _matches(rec, job, since):
+            continue
+        out.append((rec.seq, line))
+    if limit is not None:
+        out = out[-limit:]
+    return out
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _start_offset(path: Path, tail: int | None) -> int:
+    if tail is None:
+        return 0
+    size = _size(path)
+    if size == 0:
+        return 0
+    with open(path, "rb") as f:
+        start = max(0, size - 65536 * max(1, tail // 500 + 1))
+        f.seek(start)
+        data = f.read()
+    lines = data.split(b"\n")
+    keep = b"\n".join(lines[-(tail + 1):])
+    return size - len(keep)
+
+
+def _read_from(path: Path, offset: int, limit: int = 1 << 20) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset)
+            return f.read(limit)
+    except FileNotFoundError:
+        return b""
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex

@@ -1,0 +1,564 @@
+"""Gang launch and supervision: turns placed jobs into rank processes on nodes and back into events.
+
+One asyncio task per active attempt. It starts every rank at once (or, after a
+ugrod restart, re-attaches to them by recorded pid), streams logs and metrics
+into the central job directory, and records what happens: ranks started, ranks
+exited, the gang stopped, the job ended. GPUs are released only by
+``job_ended``, which is recorded once every rank's process group is confirmed gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import math
+import os
+import signal
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from ugrod import events as ev
+from ugrod.ledger import Ledger
+from ugrod.ranks import LogChunk, MetricLine, NodeAgent, RankExit
+from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, State
+from ugrod.transport.base import TransportError
+
+logger = logging.getLogger("ugrod.executor")
+
+OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError",
+               "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory")
+
+
+class Executor:
+    """Drives every active attempt; reacts to committed events."""
+
+    def __init__(self, ledger: Ledger, agents: Mapping[str, NodeAgent], jobs_root: Path, *,
+                 grace_s: float = 10.0, start_timeout_s: float = 120.0,
+                 rdzv_join_timeout_s: float = 300.0, network_interface: str | None = None,
+                 on_job_end: Callable[[Job], None] | None = None) -> None:
+        self.ledger = ledger
+        self.agents = dict(agents)
+        self.jobs_root = jobs_root
+        self.grace_s = grace_s
+        self.start_timeout_s = start_timeout_s
+        self.rdzv_join_timeout_s = rdzv_join_timeout_s
+        self.network_interface = network_interface
+        self.on_job_end = on_job_end
+        self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
+        self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
+        self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
+        self._stop_now: dict[tuple[str, int], asyncio.Event] = {}
+        self._closing = False
+        ledger.on_commit(self._on_commit)
+
+    # ---- reacting to the log ----------------------------------------------
+
+    def _on_commit(self, records: list[ev.Record], state: State) -> None:
+        for r in records:
+            e = r.event
+            if isinstance(e, ev.JobPlaced):
+                self._start(e.job, e.attempt, fresh=True)
+            elif isinstance(e, ev.JobStopping):
+                flag = self._stop_now.get((e.job, e.attempt))
+                if flag is not None:
+                    flag.set()
+            elif isinstance(e, ev.CheckpointRequested):
+                job = state.jobs[e.job]
+                self._spawn_bg(self._request_checkpoint(job))
+
+    def reattach(self) -> None:
+        """After a restart: supervise every attempt the log says is starting or running."""
+        for job in self.ledger.state.active_jobs():
+            if job.state in ACTIVE:
+                self._start(job.id, job.attempt, fresh=False)
+
+    def _start(self, job_id: str, attempt: int, *, fresh: bool) -> None:
+        key = (job_id, attempt)
+        if key in self._tasks or self._closing:
+            return
+        self._stop_now[key] = asyncio.Event()
+        task = asyncio.get_running_loop().create_task(
+            self._attempt(job_id, attempt, fresh=fresh), name=f"job {job_id}#{attempt}")
+        self._tasks[key] = task
+        task.add_done_callback(lambda t, k=key: self._done(k, t))  # type: ignore[misc]
+
+    def _done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        self._tasks.pop(key, None)
+        self._stop_now.pop(key, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("supervision of %s attempt %d crashed", key[0], key[1],
+                         exc_info=task.exception())
+
+    def _spawn_bg(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        task.add_done_callback(_log_failure)
+
+    async def close(self) -> None:
+        """Stop supervising (ranks keep running: they outlive the daemon)."""
+        self._closing = True
+        tasks = list(self._tasks.values())
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- one attempt ---------------------------------------------------------
+
+    async def _attempt(self, job_id: str, attempt: int, *, fresh: bool) -> None:
+        job = self.ledger.state.jobs[job_id]
+        jobdir = self.job_dir(job_id)
+        try:
+            agents = [self.agents[p.node] for p in job.placement]
+        except KeyError as exc:
+            await self._end(job, "failed", f"node {exc.args[0]} is not in the cluster any more")
+            return
+        if fresh:
+            ok = await self._launch(job, agents, jobdir)
+            if not ok:
+                return
+        else:
+            ok = await self._resume_start(job, agents)
+            if not ok:
+                return
+        await self._supervise(job_id, attempt, agents, jobdir)
+
+    async def _launch(self, job: Job, agents: list[NodeAgent], jobdir: Path) -> bool:
+        """Start every rank at once; on any failure kill what started and end the attempt."""
+        self._write_job_files(job, jobdir)
+        pids: dict[int, int] = {}
+        try:
+            async with asyncio.timeout(self.start_timeout_s):
+                await asyncio.gather(*(a.prepare() for a in agents))
+                if job.spec.torchrun and len(agents) > 1:
+                    await self._precheck_rendezvous(job, agents)
+                checkpoint_dir = await agents[0].checkpoint_dir(job.id)
+                results = await asyncio.gather(
+                    *(self._spawn_rank(job, p, agents[i], checkpoint_dir)
+                      for i, p in enumerate(job.placement)),
+                    return_exceptions=True)
+        except TimeoutError:
+            results = [TimeoutError(f"ranks did not start within {self.start_timeout_s:.0f} s")]
+        except (TransportError, LaunchError) as exc:
+            results = [exc]
+        errors = []
+        for p, res in zip(job.placement, results, strict=False):
+            if isinstance(res, BaseException):
+                errors.append(f"rank {p.rank} on {p.node}: {res}" if not isinstance(
+                    res, TransportError | LaunchError) else str(res))
+            else:
+                pids[p.rank] = res
+        if errors or len(pids) != len(job.placement):
+            reason = "launch failed: " + "; ".join(errors or ["not every rank started"])
+            await self._kill_started(job, agents, pids)
+            await self._end(job, "failed", reason, retryable=True)
+            return False
+        events: list[ev.Event] = [
+            ev.RankStarted(job=job.id, attempt=job.attempt, rank=p.rank, node=p.node,
+                           pid=pids[p.rank]) for p in job.placement]
+        events.append(ev.JobRunning(job=job.id, attempt=job.attempt))
+        try:
+            await self.ledger.record(ev.DAEMON, *events)
+        except InvalidEvent:
+            # Cancelled while starting: the stop flag is already set; supervision kills them.
+            logger.info("job %s changed while starting", job.id)
+        return True
+
+    async def _resume_start(self, job: Job, agents: list[NodeAgent]) -> bool:
+        """Re-attach after a restart: ranks whose start was never recorded are looked up."""
+        if job.state is JobState.RUNNING:
+            return True
+        missing: list[ev.Event] = []
+        pids: dict[int, int] = {}
+        for p, a in zip(job.placement, agents, strict=True):
+            run = next(r for r in job.ranks if r.rank == p.rank)
+            if run.pid is not None:
+                pids[p.rank] = run.pid
+                continue
+            try:
+                st = await a.status(job.id, job.attempt, p.rank)
+            except TransportError:
+                st = None
+            if st is not None and st.pid:
+                pids[p.rank] = st.pid
+                missing.append(ev.RankStarted(job=job.id, attempt=job.attempt, rank=p.rank,
+                                              node=p.node, pid=st.pid))
+        if len(pids) != len(job.placement):
+            await self._kill_started(job, agents, pids)
+            await self._end(job, "failed", "ugrod stopped while the job was starting; not "
+                            "every rank had started", retryable=True)
+            return False
+        await self.ledger.record(ev.DAEMON, *missing, ev.JobRunning(job=job.id,
+                                                                    attempt=job.attempt))
+        return True
+
+    async def _spawn_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
+                          checkpoint_dir: str) -> int:
+        run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
+        env = self.rank_env(job, p, run_dir, checkpoint_dir)
+        argv = self.rank_argv(job, p, agent)
+        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, job.spec.cwd)
+
+    def rank_argv(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> list[str]:
+        spec = job.spec
+        if not spec.torchrun:
+            return list(spec.argv)
+        nnodes = len(job.placement)
+        nproc = max(spec.gpus_per_node, 1) if spec.gpus_per_node else spec.nproc_per_node
+        return [
+            agent.python, "-m", "torch.distributed.run",
+            f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
+            "--rdzv_backend=c10d", f"--rdzv_endpoint={job.rdzv_host}:{job.rdzv_port}",
+            f"--rdzv_id={job.id}-{job.attempt}", f"--node_rank={p.rank}",
+            # Rank 0's node hosts the store: explicit, so nodes sharing one machine
+            # (or one NAT address) never race to host it.
+            f"--rdzv_conf=is_host={1 if p.rank == 0 else 0},"
+            f"join_timeout={int(self.rdzv_join_timeout_s)}",
+            "--max_restarts=0",
+            *spec.argv,
+        ]
+
+    def rank_env(self, job: Job, p: ev.RankPlacement, run_dir: str,
+                 checkpoint_dir: str) -> dict[str, str]:
+        spec = job.spec
+        nnodes = len(job.placement)
+        nproc = max(spec.gpus_per_node, 1) if spec.gpus_per_node else spec.nproc_per_node
+        env = dict(spec.env)
+        env.update({
+            "MASTER_ADDR": job.rdzv_host, "MASTER_PORT": str(job.rdzv_port),
+            "NODE_RANK": str(p.rank), "NNODES": str(nnodes),
+            "WORLD_SIZE": str(nnodes * (nproc if spec.torchrun else 1)),
+            "UGRO_JOB_ID": job.id, "UGRO_ATTEMPT": str(job.attempt),
+            "UGRO_JOB_DIR": run_dir, "UGRO_METRICS_FILE": f"{run_dir}/metrics.jsonl",
+            "UGRO_CHECKPOINT_DIR": checkpoint_dir,
+            "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in p.gpus),
+            "PYTHONUNBUFFERED": "1",
+        })
+        if job.resume_from:
+            env["UGRO_RESUME_FROM"] = job.resume_from
+        if self.network_interface:
+            env["NCCL_SOCKET_IFNAME"] = self.network_interface
+            env["GLOO_SOCKET_IFNAME"] = self.network_interface
+        return env
+
+    async def _precheck_rendezvous(self, job: Job, agents: list[NodeAgent]) -> None:
+        """Every node must reach rank 0's rendezvous port before anything starts."""
+        host, port = job.rdzv_host, job.rdzv_port
+        async with agents[0].listen(port):
+            checks = await asyncio.gather(
+                *(a.can_reach(host, port, 5.0) for a in agents[1:]), return_exceptions=True)
+        bad = [f"{p.node}" for p, ok in zip(job.placement[1:], checks, strict=True)
+               if ok is not True]
+        if bad:
+            raise LaunchError(f"{', '.join(bad)} cannot reach the rendezvous port "
+                              f"{host}:{port} on {job.placement[0].node} (firewall? wrong "
+                              f"address or network_interface?)")
+
+    async def _kill_started(self, job: Job, agents: list[NodeAgent], pids: dict[int, int]) -> None:
+        """Kill ranks that did start; wait until each is confirmed gone."""
+        for p, a in zip(job.placement, agents, strict=True):
+            if p.rank not in pids:
+                continue
+            with contextlib.suppress(TransportError):
+                await self._kill_rank(job, p, a)
+
+    async def _kill_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> None:
+        await agent.kill(job.id, job.attempt, p.rank, signal.SIGTERM)
+        deadline = asyncio.get_running_loop().time() + self.grace_s
+        while asyncio.get_running_loop().time() < deadline:
+            st = await agent.status(job.id, job.attempt, p.rank)
+            if not st.alive and st.exit_code is not None:
+                return
+            await asyncio.sleep(0.1)
+        await agent.kill(job.id, job.attempt, p.rank, signal.SIGKILL)
+
+    # ---- supervision ---------------------------------------------------------
+
+    async def _supervise(self, job_id: str, attempt: int, agents: list[NodeAgent],
+                         jobdir: Path) -> None:
+        job = self.ledger.state.jobs[job_id]
+        stop_flag = self._stop_now[(job_id, attempt)]
+        exits: asyncio.Queue[tuple[ev.RankPlacement, int]] = asyncio.Queue()
+        watchers = [
+            asyncio.get_running_loop().create_task(
+                self._watch_rank(job, p, a, jobdir, exits), name=f"watch {job_id} r{p.rank}")
+            for p, a in zip(job.placement, agents, strict=True)
+        ]
+        killer: asyncio.Task[None] | None = None
+        codes: dict[int, int] = {r.rank: r.exit_code for r in job.ranks
+                                 if r.exit_code is not None}
+        try:
+            if job.stopping is not None:
+                stop_flag.set()
+            while len(codes) < len(job.placement):
+                if stop_flag.is_set() and killer is None:
+                    killer = asyncio.get_running_loop().create_task(
+                        self._kill_all(job, agents, codes))
+                get = asyncio.ensure_future(exits.get())
+                flag = asyncio.ensure_future(stop_flag.wait())
+                await asyncio.wait({get, flag}, return_when=asyncio.FIRST_COMPLETED)
+                flag.cancel()
+                if not get.done():
+                    get.cancel()
+                    continue
+                p, code = get.result()
+                if p.rank in codes:
+                    continue
+                codes[p.rank] = code
+                await self.ledger.record(ev.DAEMON, ev.RankExited(
+                    job=job_id, attempt=attempt, rank=p.rank, node=p.node, exit_code=code))
+                current = self.ledger.state.jobs[job_id]
+                if code != 0 and current.stopping is None:
+                    outcome, reason = self._failure(current, p, code, jobdir)
+                    await self.ledger.record(ev.DAEMON, ev.JobStopping(
+                        job=job_id, attempt=attempt, outcome=outcome, reason=reason))
+                    stop_flag.set()
+            if killer is not None:
+                await killer
+        finally:
+            for w in watchers:
+                w.cancel()
+            await asyncio.gather(*watchers, return_exceptions=True)
+        await self._finish(job_id, attempt, codes, agents)
+
+    def _failure(self, job: Job, p: ev.RankPlacement, code: int, jobdir: Path) -> tuple[str, str]:
+        tail = _tail_lines(jobdir / f"rank_{p.rank}.log", 20)
+        oom = any(m in line for line in tail for m in OOM_MARKERS)
+        what = "ran out of GPU memory (CUDA out of memory)" if oom else f"exited with code {code}"
+        last = " | ".join(line.strip() for line in tail[-5:] if line.strip())
+        reason = f"rank {p.rank} on {p.node} {what}"
+        if code >= 128 and not oom:
+            with contextlib.suppress(ValueError):
+                reason += f" ({signal.Signals(code - 128).name})"
+        if last:
+            reason += f"; last lines: {last[-600:]}"
+        return "failed", reason
+
+    async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int]) -> None:
+        """SIGTERM every live rank's group, SIGKILL after the grace period; retry on link errors."""
+        async def one(p: ev.RankPlacement, a: NodeAgent) -> None:
+            for delay in (0.5, 1, 2, 4, 8, 15, 30):
+                if p.rank in codes:
+                    return
+                try:
+                    await self._kill_rank(job, p, a)
+                    return
+                except TransportError as exc:
+                    logger.warning("kill %s rank %d: %s; retrying", job.id, p.rank, exc)
+                    await asyncio.sleep(delay)
+        await asyncio.gather(*(one(p, a) for p, a in zip(job.placement, agents, strict=True)))
+
+    async def _finish(self, job_id: str, attempt: int, codes: dict[int, int],
+                      agents: list[NodeAgent]) -> None:
+        job = self.ledger.state.jobs[job_id]
+        if job.state not in ACTIVE or job.attempt != attempt:
+            return
+        if job.stopping is None and all(c == 0 for c in codes.values()):
+            await self._end(job, "succeeded", "all ranks exited 0", exit_code=0)
+            return
+        outcome = job.stopping or "failed"
+        bad = [(r, c) for r, c in sorted(codes.items()) if c != 0]
+        exit_code = bad[0][1] if bad else 0
+        failed_rank = bad[0][0] if bad and outcome != "cancelled" else None
+        failed_node = next((p.node for p in job.placement if p.rank == failed_rank), None)
+        await self._end(job, outcome, job.reason, exit_code=exit_code, failed_rank=failed_rank,
+                        failed_node=failed_node, retryable=outcome == "failed")
+
+    async def _end(self, job: Job, outcome: str, reason: str, *, exit_code: int | None = None,
+                   failed_rank: int | None = None, failed_node: str | None = None,
+                   retryable: bool = False) -> None:
+        """Record job_ended: decide retry (progress-aware) and find the checkpoint to resume."""
+        latest = self.latest.get(job.id, {})
+        step = latest.get("step")
+        last_step = int(step) if isinstance(step, int | float) and math.isfinite(step) else None
+        made_progress = last_step is not None and (job.best_step is None
+                                                   or last_step > job.best_step)
+        retry_at = None
+        resume_from = None
+        if retryable and outcome == "failed" and job.spec.max_retries > 0:
+            budget_used = job.no_progress_failures + (0 if made_progress else 1)
+            if budget_used <= job.spec.max_retries and job.failures < 4 * job.spec.max_retries + 4:
+                outcome = "retrying"
+                backoff = job.spec.retry_backoff_s * (2 ** max(budget_used - 1, 0))
+                retry_at = self.ledger.stamp() + min(backoff, 600.0)
+                reason = f"{reason}; retry {job.failures + 1} " + (
+                    "(made progress: budget kept)" if made_progress else
+                    f"({budget_used} of {job.spec.max_retries} retries without progress used)")
+            elif budget_used > job.spec.max_retries:
+                reason = (f"{reason}; not retried: {job.spec.max_retries} retries without "
+                          f"progress used up (crash loop)")
+        if outcome == "retrying":
+            resume_from = await self._newest_checkpoint(job)
+        ended = ev.JobEnded(job=job.id, attempt=job.attempt, outcome=outcome, reason=reason[:4000],
+                            exit_code=exit_code, failed_rank=failed_rank, failed_node=failed_node,
+                            last_step=last_step, made_progress=made_progress, retry_at=retry_at,
+                            resume_from=resume_from)
+        try:
+            state = await self.ledger.record(ev.DAEMON, ended)
+        except InvalidEvent as exc:
+            logger.warning("could not end %s: %s", job.id, exc)
+            return
+        done = state.jobs[job.id]
+        self._write_result(done)
+        if self.on_job_end is not None:
+            self.on_job_end(done)
+
+    async def _newest_checkpoint(self, job: Job) -> str | None:
+        agent = self.agents.get(job.placement[0].node) if job.placement else None
+        if agent is None:
+            return job.resume_from
+        try:
+            async with asyncio.timeout(15):
+                files = await agent.list_checkpoints(job.id)
+        except (TransportError, TimeoutError):
+            return job.resume_from
+        if not files:
+            return job.resume_from
+        return max(files, key=lambda f: (f.mtime, f.path)).path
+
+    async def _request_checkpoint(self, job: Job) -> None:
+        for p in job.placement:
+            agent = self.agents.get(p.node)
+            if agent is not None:
+                with contextlib.suppress(TransportError):
+                    await agent.request_checkpoint(job.id, job.attempt, p.rank)
+
+    async def _watch_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
+                          exits: asyncio.Queue[tuple[ev.RankPlacement, int]]) -> None:
+        """Stream one rank's log and metrics into the job dir until it exits; survive link drops."""
+        log_path = jobdir / f"rank_{p.rank}.log"
+        metrics_path = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
+        base = self._bases(job, jobdir)[p.rank]
+        delay = 0.5
+        while True:
+            log_off = _size(log_path) - base["log"]
+            met_off = _size(metrics_path) - base["metrics"]
+            try:
+                async for item in agent.watch(job.id, job.attempt, p.rank, max(log_off, 0),
+                                              max(met_off, 0)):
+                    delay = 0.5
+                    if isinstance(item, LogChunk):
+                        _append(log_path, item.data)
+                    elif isinstance(item, MetricLine):
+                        _append(metrics_path, item.data.rstrip(b"\n") + b"\n")
+                        if p.rank == 0:
+                            await self._metric(job, item.data)
+                    elif isinstance(item, RankExit):
+                        await exits.put((p, item.exit_code))
+                        return
+            except TransportError as exc:
+                logger.warning("watching %s rank %d on %s: %s; reconnecting in %.1f s",
+                               job.id, p.rank, p.node, exc, delay)
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 15.0)
+
+    async def _metric(self, job: Job, raw: bytes) -> None:
+        try:
+            values = json.loads(raw)
+        except ValueError:
+            return
+        if not isinstance(values, dict):
+            return
+        if values.get("event") == "checkpoint" and isinstance(values.get("path"), str):
+            step = values.get("step")
+            with contextlib.suppress(InvalidEvent):
+                await self.ledger.record(ev.DAEMON, ev.CheckpointSaved(
+                    job=job.id, path=values["path"][:4096],
+                    step=step if isinstance(step, int) else None))
+            return
+        latest = self.latest.setdefault(job.id, {})
+        step = values.get("step")
+        if isinstance(step, int | float) and step != latest.get("step"):
+            self.metric_times[job.id] = asyncio.get_running_loop().time()
+        for k, v in values.items():
+            if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) \
+                    and math.isfinite(v):
+                latest[k] = v
+
+    # ---- job directory ---------------------------------------------------------
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_root / job_id
+
+    def _write_job_files(self, job: Job, jobdir: Path) -> None:
+        jobdir.mkdir(parents=True, exist_ok=True)
+        (jobdir / "checkpoints").mkdir(exist_ok=True)
+        config = {"job": job.id, "attempt": job.attempt, "owner": job.owner,
+                  "spec": ev.to_builtins(job.spec),
+                  "placement": ev.to_builtins(job.placement),
+                  "rendezvous": f"{job.rdzv_host}:{job.rdzv_port}"}
+        _write_atomic(jobdir / "config.json", json.dumps(config, indent=2).encode())
+        bases = {}
+        for p in job.placement:
+            log_path = jobdir / f"rank_{p.rank}.log"
+            if job.attempt > 1:
+                _append(log_path, f"----- ugro: attempt {job.attempt}, rank {p.rank} on "
+                                  f"{p.node} -----\n".encode())
+            metrics = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
+            bases[str(p.rank)] = {"log": _size(log_path), "metrics": _size(metrics)}
+        attempts = jobdir / ".attempts"
+        attempts.mkdir(exist_ok=True)
+        _write_atomic(attempts / f"{job.attempt}.json", json.dumps(bases).encode())
+
+    def _bases(self, job: Job, jobdir: Path) -> dict[int, dict[str, int]]:
+        try:
+            raw = json.loads((jobdir / ".attempts" / f"{job.attempt}.json").read_bytes())
+            return {int(k): {"log": int(v["log"]), "metrics": int(v["metrics"])}
+                    for k, v in raw.items()}
+        except (OSError, ValueError, KeyError, TypeError):
+            return {p.rank: {"log": 0, "metrics": 0} for p in job.placement}
+
+    def _write_result(self, job: Job) -> None:
+        jobdir = self.job_dir(job.id)
+        if not jobdir.exists():
+            return
+        result = {"job": job.id, "state": job.state.value, "attempt": job.attempt,
+                  "exit_code": job.exit_code, "reason": job.reason,
+                  "metrics": self.latest.get(job.id, {}),
+                  "started_at": job.first_started_at, "ended_at": job.ended_at}
+        with contextlib.suppress(OSError):
+            _write_atomic(jobdir / "result.json", json.dumps(result, indent=2).encode())
+
+
+class LaunchError(Exception):
+    """A launch pre-check failed (message names the node)."""
+
+
+def _log_failure(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("background task failed", exc_info=task.exception())
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _append(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
+def _write_atomic(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _tail_lines(path: Path, n: int) -> list[str]:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 16384))
+            data = f.read()
+    except OSError:
+        return []
+    return data.decode("utf-8", "replace").splitlines()[-n:]
