@@ -1,0 +1,774 @@
+"""The daemon's shell: wires config, ledger, nodes, executor, planner, API and periodic jobs."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import msgspec
+from aiohttp import web
+
+from ugrod import __version__, planner
+from ugrod import config as cfgmod
+from ugrod import events as ev
+from ugrod import render_json as rj
+from ugrod.api import ApiError, SubmitBody, SweepBody, build_app
+from ugrod.executor import Executor
+from ugrod.ledger import Ledger
+from ugrod.ranks import NodeAgent
+from ugrod.runtime_stats import RuntimeStats
+from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState, State, Sweep
+from ugrod.transport.base import Transport, TransportError
+from ugrod.transport.local import LocalTransport
+
+logger = logging.getLogger("ugrod")
+
+# Events after which the planner may decide differently.
+_REPLAN = (ev.JobSubmitted, ev.JobEnded, ev.JobCancelRequested, ev.JobReleased,
+           ev.JobPrioritySet, ev.JobResumed, ev.NodeAdded, ev.NodeUpdated, ev.NodeRemoved,
+           ev.NodeUndrained, ev.NodeHealthChanged, ev.NodeInventoried, ev.SweepCreated)
+
+
+class Daemon:
+    """One running ugrod."""
+
+    def __init__(self, config: cfgmod.Config, config_path: Path | None, state_dir: Path,
+                 socket_path: Path, *, grace_s: float = 10.0) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.state_dir = state_dir
+        self.socket_path = socket_path
+        self.grace_s = grace_s
+        self.stats = RuntimeStats()
+        self.ledger: Ledger = None  # type: ignore[assignment]  # set in start()
+        self.executor: Executor = None  # type: ignore[assignment]
+        self.agents: dict[str, NodeAgent] = {}
+        self.transports: dict[str, Transport] = {}
+        self.monitor: Any = None
+        self._runner: web.AppRunner | None = None
+        self._metrics_runner: Any = None
+        self._scheduler: Any = None
+        self._kick = asyncio.Event()
+        self._planner_task: asyncio.Task[None] | None = None
+        self._stopped = asyncio.Event()
+        self._exit_code = 0
+        self._timers: list[asyncio.TimerHandle] = []
+        self._ended_order: list[str] = []
+
+    # ---- life cycle ------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Recover state, reconcile nodes with the config, re-attach jobs, then listen."""
+        t0 = time.perf_counter()
+        self.ledger = await asyncio.to_thread(Ledger.open, self.state_dir)
+        self.stats.replay_done(self.ledger.replay_s, self.ledger.replayed)
+        rec = self.ledger.log.recovery
+        if rec.truncated_bytes:
+            logger.warning("event log: cut a torn tail of %d bytes, kept in %s",
+                           rec.truncated_bytes, rec.broken_file)
+            self.stats.log_repaired()
+        logger.info("state: seq %d (%d events replayed in %.3f s)", self.ledger.state.seq,
+                    self.ledger.replayed, self.ledger.replay_s)
+        self._ended_order = [j.id for j in sorted(
+            (j for j in self.ledger.state.jobs.values() if j.state in TERMINAL),
+            key=lambda j: j.ended_at or 0)][-200:]
+        self.ledger.on_commit(self._committed)
+        self.executor = Executor(self.ledger, {}, self.state_dir / "jobs", grace_s=self.grace_s,
+                                 network_interface=self.config.cluster.network_interface,
+                                 on_job_end=self._job_ended)
+        self._build_agents()
+        self.executor.agents = self.agents
+        await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
+        await self._reconcile_nodes(self.config)
+        await self._inventory(self.config)
+        self.executor.reattach()
+        self._start_monitor()
+        await self._listen()
+        self._planner_task = asyncio.get_running_loop().create_task(self._planner_loop())
+        self._start_scheduler()
+        self._arm_retry_timers(self.ledger.state)
+        self.kick()
+        self._notify_ready()
+        logger.info("ugrod %s ready on %s in %.2f s (%d nodes)", __version__, self.socket_path,
+                    time.perf_counter() - t0, len(self.ledger.state.nodes))
+
+    async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, stop cleanly; the exit code."""
+        loop = asyncio.get_running_loop()
+        await self.start()
+        loop.add_signal_handler(signal.SIGTERM, self._stopped.set)
+        loop.add_signal_handler(signal.SIGINT, self._stopped.set)
+        loop.add_signal_handler(signal.SIGHUP, lambda: loop.create_task(self._reload_logged()))
+        await self._stopped.wait()
+        await self.stop()
+        return self._exit_code
+
+    def fatal(self, exc: BaseException) -> None:
+        """The event log failed: stop acknowledging and exit non-zero (restart recovers)."""
+        if self._exit_code == 0:
+            logger.critical("event log write failed, stopping: %s", exc)
+            self._exit_code = 1
+        self._stopped.set()
+
+    async def stop(self) -> None:
+        """Stop accepting, finish in-flight commands, snapshot, release the log."""
+        logger.info("stopping")
+        if self._runner is not None:
+            await self._runner.shutdown()
+            await self._runner.cleanup()
+        if self._metrics_runner is not None:
+            with contextlib.suppress(Exception):
+                await self._metrics_runner.cleanup()
+        if self._scheduler is not None:
+            self._scheduler.shutdown(wait=False)
+        for t in self._timers:
+            t.cancel()
+        if self._planner_task is not None:
+            self._planner_task.cancel()
+            await asyncio.gather(self._planner_task, return_exceptions=True)
+        if self.monitor is not None:
+            await self.monitor.close()
+        await self.executor.close()
+        if self.ledger.failed is None:
+            with contextlib.suppress(OSError):
+                await asyncio.to_thread(self.ledger.snapshot)
+        with contextlib.suppress(Exception):
+            await self.ledger.close()
+        for t in self.transports.values():
+            with contextlib.suppress(Exception):
+                await t.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.socket_path.unlink()
+
+    async def _listen(self) -> None:
+        path = self.socket_path
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        if path.exists() or path.is_symlink():
+            if _socket_alive(path):
+                raise SystemExit(f"ugrod: another ugrod answers on {path}")
+            path.unlink()
+        app = build_app(self, max_body_bytes=self.config.api.max_body_bytes)
+        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
+                                     shutdown_timeout=10)
+        await self._runner.setup()
+        old = os.umask(0o117)
+        try:
+            site = web.UnixSite(self._runner, str(path))
+            await site.start()
+        finally:
+            os.umask(old)
+        os.chmod(path, 0o660)
+        m = self.config.metrics
+        if m.enabled:
+            try:
+                from ugrod import metrics as metrics_mod
+                self._metrics_runner = await metrics_mod.start_metrics_server(
+                    self, m.host, m.port)
+            except OSError as exc:
+                logger.error("metrics listener on %s:%d failed: %s", m.host, m.port, exc)
+
+    def _notify_ready(self) -> None:
+        with contextlib.suppress(ImportError, OSError):
+            from ugrod.systemd_notify import notify_ready
+            notify_ready()
+
+    def _start_scheduler(self) -> None:
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+        sched = AsyncIOScheduler(timezone="UTC")
+        sched.add_job(self._snapshot_job, "interval", seconds=60, id="snapshot",
+                      max_instances=1, coalesce=True)
+        sched.add_job(self.kick, "interval", seconds=self.config.scheduler.interval_s,
+                      id="planner-safety-net", max_instances=1, coalesce=True)
+        if self.monitor is not None:
+            self.monitor.schedule(sched)
+        sched.start()
+        self._scheduler = sched
+
+    async def _snapshot_job(self) -> None:
+        """Snapshot every 50k events or 10 minutes of changes."""
+        state = self.ledger.state
+        since = state.seq - self.ledger.snapshot_seq
+        due = since >= 50_000 or (since > 0 and time.monotonic() - self._last_snapshot > 600)
+        if due:
+            t0 = time.perf_counter()
+            path = await asyncio.to_thread(self.ledger.snapshot)
+            self._last_snapshot = time.monotonic()
+            if path is not None:
+                self.stats.snapshot_written(time.perf_counter() - t0, path.stat().st_size)
+
+    _last_snapshot = time.monotonic()
+
+    # ---- nodes -------------------------------------------------------------------
+
+    def _build_agents(self) -> None:
+        for spec in self.config.node_specs():
+            if spec.name not in self.agents:
+                self.agents[spec.name] = self._agent(spec)
+
+    def _agent(self, spec: ev.NodeSpec) -> NodeAgent:
+        transport: Transport
+        node_cfg = self.config.nodes[spec.name]
+        if spec.transport == "local":
+            transport = LocalTransport(spec.name)
+        else:
+            from ugrod.transport.ssh import SshTransport
+            transport = SshTransport(
+                spec.name, spec.host, spec.port, spec.user,
+                known_hosts=Path(self.config.cluster.known_hosts).expanduser(),
+                identity_file=Path(node_cfg.identity_file).expanduser()
+                if node_cfg.identity_file else None)
+        self.transports[spec.name] = transport
+        work_dir = spec.work_dir
+        if spec.transport == "local" and self.config.builtin:
+            work_dir = str(self.state_dir / "work")
+        return NodeAgent(transport, work_dir, spec.python)
+
+    async def _reconcile_nodes(self, config: cfgmod.Config) -> dict[str, list[str]]:
+        """Turn the config's nodes into node_added/updated/removed events."""
+        state = self.ledger.state
+        wanted = {s.name: s for s in config.node_specs()}
+        events: list[ev.Event] = []
+        added, changed, removed, refused = [], [], [], []
+        for name, spec in wanted.items():
+            node = state.nodes.get(name)
+            if node is None:
+                events.append(ev.NodeAdded(node=spec))
+                added.append(name)
+            elif node.spec != spec:
+                events.append(ev.NodeUpdated(node=spec))
+                changed.append(name)
+        for name in state.nodes:
+            if name not in wanted:
+                busy = state.jobs_on(name)
+                if busy:
+                    refused.append(f"{name} (runs {', '.join(busy)})")
+                else:
+                    events.append(ev.NodeRemoved(node=name))
+                    removed.append(name)
+        if refused:
+            raise ApiError(409, "conflict", "cannot remove nodes that run jobs: "
+                           + "; ".join(refused) + ". Drain them and wait for the jobs to end.")
+        if events:
+            await self.ledger.record(ev.DAEMON, *events)
+        return {"added": added, "changed": changed, "removed": removed}
+
+    async def _inventory(self, config: cfgmod.Config) -> None:
+        """Read each node's GPUs with nvidia-smi at first contact (a few seconds at most)."""
+        from ugrod import gpus as gpumod
+
+        async def one(name: str) -> ev.Event | None:
+            node = self.ledger.state.nodes.get(name)
+            transport = self.transports.get(name)
+            if node is None or transport is None:
+                return None
+            # A fixed script; nvidia-smi's arguments travel as positional parameters.
+            argv = ["sh", "-c", 'command -v nvidia-smi >/dev/null 2>&1 || exit 127; '
+                    'exec nvidia-smi "$@"', "sh", *gpumod.nvidia_smi_argv()[1:]]
+            try:
+                async with asyncio.timeout(8):
+                    res = await transport.run(argv)
+            except (TransportError, TimeoutError) as exc:
+                logger.warning("node %s: GPU inventory failed: %s", name, exc)
+                return None
+            if res.exit_code == 127:
+                found: tuple[ev.Gpu, ...] = ()
+            else:
+                reading = gpumod.parse_nvidia_smi(res.stdout.decode("utf-8", "replace"),
+                                                  res.exit_code,
+                                                  res.stderr.decode("utf-8", "replace"))
+                if isinstance(reading, gpumod.GpuQueryFailed):
+                    logger.warning("node %s: GPU inventory failed: %s", name, reading)
+                    return None
+                found = gpumod.inventory(reading)
+            mismatch = gpumod.compare_inventory(node.spec.gpus, found) if node.spec.gpus else None
+            if node.inventory == found and node.inventory_mismatch == mismatch:
+                return None
+            if mismatch:
+                logger.warning("node %s: %s", name, mismatch)
+            return ev.NodeInventoried(node=name, gpus=found, mismatch=mismatch)
+
+        results = await asyncio.gather(*(one(n) for n in list(self.agents)))
+        events = [e for e in results if e is not None]
+        if events:
+            await self.ledger.record(ev.DAEMON, *events)
+
+    async def reload(self) -> dict[str, Any]:
+        """Re-read the config: add and remove nodes; running jobs are untouched."""
+        if self.config_path is None:
+            raise ApiError(409, "conflict", "ugrod runs the built-in one-node cluster (no "
+                           "config file): nothing to reload")
+        try:
+            new = await asyncio.to_thread(cfgmod.load, self.config_path)
+        except cfgmod.ConfigError as exc:
+            raise ApiError(400, "bad_request", f"config not reloaded: {exc}") from None
+        changes = await self._reconcile_nodes(new)
+        old_agents = self.agents
+        self.config = new
+        for name in changes["removed"]:
+            old_agents.pop(name, None)
+            t = self.transports.pop(name, None)
+            if t is not None:
+                await t.close()
+        for name in changes["changed"]:
+            old_agents.pop(name, None)
+            t = self.transports.pop(name, None)
+            if t is not None and not self.ledger.state.jobs_on(name):
+                await t.close()
+        self._build_agents()
+        self.executor.agents = self.agents
+        if self.monitor is not None:
+            self.monitor.set_nodes(self.agents, self.transports)
+        await self._inventory(new)
+        self.kick()
+        logger.info("config reloaded: %s", changes)
+        return changes
+
+    async def _reload_logged(self) -> None:
+        try:
+            await self.reload()
+        except ApiError as exc:
+            logger.error("reload refused: %s", exc.message)
+
+    def node_view(self, name: str) -> Mapping[str, Any] | None:
+        return self.monitor.view(name) if self.monitor is not None else None
+
+    async def check_node(self, name: str, *, deep: bool) -> list[dict[str, Any]]:
+        if self.monitor is None:
+            raise ApiError(409, "unavailable", "health monitoring is not running")
+        result: list[dict[str, Any]] = await self.monitor.check(name, deep=deep)
+        return result
+
+    async def host_key(self, name: str) -> dict[str, Any]:
+        spec = self.ledger.state.nodes[name].spec
+        if spec.transport != "ssh":
+            raise ApiError(409, "conflict", f"node {name} uses the local transport: no host key")
+        from ugrod.transport import ssh
+        try:
+            key_type, fp, line = await ssh.fetch_host_key(spec.host, spec.port, 10.0)
+        except TransportError as exc:
+            raise ApiError(409, "unavailable", str(exc)) from None
+        return {"node": name, "host": spec.host, "port": spec.port, "key_type": key_type,
+                "fingerprint": fp, "line": line,
+                "known_hosts": str(Path(self.config.cluster.known_hosts).expanduser())}
+
+    async def trust_host_key(self, name: str, line: str) -> dict[str, Any]:
+        current = await self.host_key(name)
+        if current["line"] != line:
+            raise ApiError(409, "conflict", f"node {name}'s host key changed while you were "
+                           f"deciding; run `ugroctl nodes trust {name}` again")
+        from ugrod.transport import ssh
+        ssh.trust(Path(current["known_hosts"]), line)
+        return {"node": name, "trusted": current["fingerprint"]}
+
+    def _start_monitor(self) -> None:
+        try:
+            from ugrod.monitor import Monitor
+        except ImportError:
+            return
+        self.monitor = Monitor(self, self.agents, self.transports)
+
+    # ---- planning ------------------------------------------------------------------
+
+    def kick(self) -> None:
+        """Ask for a planner round soon (coalesced)."""
+        self._kick.set()
+
+    def _committed(self, records: list[ev.Record], state: State) -> None:
+        if any(isinstance(r.event, _REPLAN) for r in records):
+            self.kick()
+        for r in records:
+            if isinstance(r.event, ev.JobEnded) and r.event.retry_at is not None:
+                self._arm_timer(r.event.retry_at)
+
+    def _arm_retry_timers(self, state: State) -> None:
+        for job in state.active_jobs():
+            if job.state is JobState.RETRYING and job.retry_at is not None:
+                self._arm_timer(job.retry_at)
+
+    def _arm_timer(self, at: float) -> None:
+        loop = asyncio.get_running_loop()
+        delay = max(0.0, at - time.time()) + 0.05
+        self._timers.append(loop.call_later(delay, self.kick))
+        self._timers = [t for t in self._timers if not t.cancelled()][-1000:]
+
+    async def _planner_loop(self) -> None:
+        while True:
+            await self._kick.wait()
+            self._kick.clear()
+            try:
+                await self._plan_round()
+            except Exception:
+                logger.exception("planner round failed")
+            await asyncio.sleep(0.02)  # coalesce bursts of events into one round
+
+    async def _plan_round(self) -> None:
+        t0 = time.perf_counter()
+        state = self.ledger.state
+        now = time.time()
+        await self._cancel_orphans(state)
+        state = self.ledger.state
+        p = planner.plan(state, now, backfill=self.config.scheduler.backfill,
+                         user_limits=self.config.scheduler.user_limits)
+        self._estimates = p.estimates
+        waits: list[ev.Event] = [
+            ev.JobWaiting(job=j, reason=r) for j, r in p.waiting.items()
+            if j in state.jobs and state.jobs[j].waiting_reason != r
+            and state.jobs[j].state in WAITING]
+        if waits:
+            with contextlib.suppress(InvalidEvent):
+                await self.ledger.record(ev.DAEMON, *waits)
+        placed = 0
+        for placement in p.placements:
+            job = self.ledger.state.jobs.get(placement.job)
+            if job is None or job.state not in WAITING:
+                continue
+            try:
+                placement = await self._with_port(job, placement)
+                await self.ledger.record(ev.DAEMON, placement)
+                placed += 1
+            except InvalidEvent as exc:
+                logger.info("placement of %s rejected: %s", placement.job, exc)
+                self.kick()
+            except (TransportError, TimeoutError) as exc:
+                logger.warning("cannot reserve a rendezvous port for %s: %s", placement.job, exc)
+        self.stats.scheduler_tick(time.perf_counter() - t0, placed)
+
+    _estimates: Mapping[str, float] = {}
+
+    async def _with_port(self, job: Job, placement: ev.JobPlaced) -> ev.JobPlaced:
+        """Reserve a free rendezvous port on rank 0's node (torchrun jobs)."""
+        rank0 = next(r for r in placement.ranks if r.rank == 0)
+        host = self.ledger.state.nodes[rank0.node].spec.host
+        if not job.spec.torchrun:
+            return msgspec.structs.replace(placement, rdzv_host=host)
+        async with asyncio.timeout(10):
+            port = await self.agents[rank0.node].free_port()
+        return msgspec.structs.replace(placement, rdzv_host=host, rdzv_port=port)
+
+    async def _cancel_orphans(self, state: State) -> None:
+        """Waiting jobs whose --after dependency failed or was cancelled can never run."""
+        events: list[ev.Event] = []
+        for job in state.active_jobs():
+            if job.state not in WAITING:
+                continue
+            for dep in job.spec.after:
+                d = state.jobs.get(dep)
+                if d is not None and d.state in (JobState.FAILED, JobState.CANCELLED):
+                    events.append(ev.JobCancelRequested(
+                        job=job.id, reason=f"dependency {dep} {d.state}: will never run"))
+                    break
+        if events:
+            with contextlib.suppress(InvalidEvent):
+                await self.ledger.record(ev.DAEMON, *events)
+
+    def queue_view(self) -> list[dict[str, Any]]:
+        state = self.ledger.state
+        waiting = sorted((j for j in state.active_jobs() if j.state in WAITING),
+                         key=lambda j: (-j.priority, j.submit_seq))
+        return [{"position": i, "job": rj.job(j), "reason": j.waiting_reason or "waiting for "
+                 "the next planner round", "estimated_start": rj.iso(self._estimates.get(j.id))}
+                for i, j in enumerate(waiting, 1)]
+
+    def check_fits(self, spec: ev.JobSpec) -> str | None:
+        return planner.check_fits(self.ledger.state, spec)
+
+    def check_user_limits(self, actor: ev.Actor, spec: ev.JobSpec) -> None:
+        limits = self.config.scheduler.user_limits.get(actor.user)
+        if limits is None or limits.max_gpus is None:
+            return
+        need = spec.nodes * spec.gpus_per_node
+        if need > limits.max_gpus:
+            raise ApiError(400, "bad_request", f"job needs {need} GPUs; {actor.user} may use "
+                           f"at most {limits.max_gpus} at once")
+
+    # ---- jobs --------------------------------------------------------------------------
+
+    def new_job_name(self) -> str:
+        state = self.ledger.state
+        for n in itertools.count(len(state.jobs) + 1):
+            name = f"job-{n}"
+            if name not in state.jobs:
+                return name
+        raise AssertionError("unreachable")
+
+    def job_spec(self, body: SubmitBody) -> ev.JobSpec:
+        """Check a submit body and build the JobSpec (launch: from the training template)."""
+        from ugrod.api import ENV_KEY_RE, MAX_ARG_BYTES, MAX_ARGV, check_name
+        sched = self.config.scheduler
+        if body.launch is not None:
+            if body.argv:
+                raise ApiError(400, "bad_request", "give either argv or launch, not both")
+            argv = self._launch_argv(body.launch)
+            torchrun = True if body.torchrun is None else body.torchrun
+        else:
+            if not body.argv:
+                raise ApiError(400, "bad_request", "missing the command: argv must be a "
+                               "non-empty list of strings")
+            argv = list(body.argv)
+            torchrun = body.nodes > 1 or body.gpus_per_node > 0 if body.torchrun is None \
+                else body.torchrun
+        if len(argv) > MAX_ARGV or sum(len(a) for a in argv) > MAX_ARG_BYTES:
+            raise ApiError(400, "bad_request", "command too long")
+        if any("\x00" in a for a in argv):
+            raise ApiError(400, "bad_request", "command arguments may not contain NUL bytes")
+        n_nodes = len(self.ledger.state.nodes)
+        if not 1 <= body.nodes <= 1024:
+            raise ApiError(400, "bad_request", f"nodes must be 1..1024 (the cluster has "
+                           f"{n_nodes}), got {body.nodes}")
+        if not 0 <= body.gpus_per_node <= 64:
+            raise ApiError(400, "bad_request", "gpus_per_node must be 0..64")
+        if not 1 <= body.nproc_per_node <= 256:
+            raise ApiError(400, "bad_request", "nproc_per_node must be 1..256")
+        if not 0 <= body.min_vram_gb <= 4096:
+            raise ApiError(400, "bad_request", "min_vram_gb must be 0..4096")
+        for k, v in body.env.items():
+            if not ENV_KEY_RE.fullmatch(k) or "\x00" in v:
+                raise ApiError(400, "bad_request", f"invalid environment variable {k[:60]!r}")
+        for n in body.node_names:
+            check_name("node", n)
+        for d in body.after:
+            check_name("job", d)
+        max_retries = sched.default_max_retries if body.max_retries is None else body.max_retries
+        if not 0 <= max_retries <= 100:
+            raise ApiError(400, "bad_request", "max_retries must be 0..100")
+        if body.stall_action not in ("alert", "requeue"):
+            raise ApiError(400, "bad_request", "stall_action must be 'alert' or 'requeue'")
+        if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= 7 * 86400:
+            raise ApiError(400, "bad_request", "stall_timeout_s must be 1 s .. 7 days")
+        nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
+        return ev.JobSpec(
+            argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
+            gpus_per_node=body.gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
+            labels_required=tuple(body.labels_required),
+            labels_avoided=tuple(body.labels_avoided), env=dict(body.env), cwd=body.cwd,
+            torchrun=bool(torchrun), nproc_per_node=body.nproc_per_node,
+            max_retries=max_retries,
+            retry_backoff_s=body.retry_backoff_s if body.retry_backoff_s is not None
+            else sched.retry_backoff_s,
+            after=tuple(body.after), stall_timeout_s=body.stall_timeout_s,
+            stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s)
+
+    def _launch_argv(self, launch: Mapping[str, str | int | float]) -> list[str]:
+        t = self.config.training
+        if not t.script:
+            raise ApiError(400, "bad_request", "the config has no training.script: `launch` "
+                           "needs one (or use `ugroctl submit -- CMD ...`)")
+        values = {"model": t.default_model, "dataset": t.default_dataset, "epochs": t.epochs,
+                  "lr": t.lr, "name": ""}
+        for k, v in launch.items():
+            if k not in values:
+                raise ApiError(400, "bad_request", f"launch: unknown parameter {k!r}")
+            values[k] = v
+        argv = [t.script]
+        for part in t.args_template:
+            try:
+                argv.append(part.format(**{k: str(v) for k, v in values.items()}))
+            except (KeyError, IndexError, ValueError) as exc:
+                raise ApiError(400, "bad_request", f"training.args_template: {exc}") from None
+        return argv
+
+    def apply_overrides(self, job: Job, changes: Mapping[str, str]) -> ev.JobSpec:
+        """`resume --set k=v`: replace `--k v`/`--k=v` in argv, or append it; env for UPPER."""
+        argv = list(job.spec.argv)
+        env = dict(job.spec.env)
+        params = dict(job.spec.params)
+        for key, value in changes.items():
+            if not key or len(key) > 64 or not key.replace("-", "_").replace(".", "_") \
+                    .isidentifier():
+                raise ApiError(400, "bad_request", f"--set: invalid key {key[:60]!r}")
+            params[key] = value
+            if key.isupper():
+                env[key] = value
+                continue
+            flag = "--" + key.replace("_", "-")
+            flag_u = "--" + key
+            for i, a in enumerate(argv):
+                if a in (flag, flag_u) and i + 1 < len(argv):
+                    argv[i + 1] = value
+                    break
+                if a.startswith(flag + "=") or a.startswith(flag_u + "="):
+                    argv[i] = a.split("=", 1)[0] + "=" + value
+                    break
+            else:
+                argv += [flag, value]
+        return msgspec.structs.replace(job.spec, argv=tuple(argv), env=env, params=params)
+
+    def _job_ended(self, job: Job) -> None:
+        self._ended_order.append(job.id)
+        del self._ended_order[:-200]
+        self.stats.job_finished(job) if hasattr(self.stats, "job_finished") else None
+
+    def recent_ended(self, n: int) -> list[str]:
+        state = self.ledger.state
+        out = [j for j in self._ended_order if j in state.jobs
+               and state.jobs[j].state in TERMINAL]
+        seen: set[str] = set()
+        uniq = [j for j in reversed(out) if not (j in seen or seen.add(j))]  # type: ignore[func-returns-value]
+        return list(reversed(uniq[:n]))
+
+    async def wait_terminal(self, job_id: str, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            job = self.ledger.state.jobs[job_id]
+            if job.state in TERMINAL or job.state is JobState.RETRYING:
+                return
+            await asyncio.sleep(0.1)
+
+    async def results(self, job: Job) -> dict[str, Any]:
+        jobdir = self.executor.job_dir(job.id)
+        summary = await asyncio.to_thread(_summarise_metrics, jobdir / "metrics.jsonl")
+        if job.first_started_at is not None:
+            end = job.ended_at if job.ended_at is not None else time.time()
+            summary["duration_s"] = round(end - job.first_started_at, 3)
+        checkpoints: list[dict[str, Any]] = []
+        agent = self.agents.get(job.placement[0].node) if job.placement else None
+        if agent is not None:
+            try:
+                async with asyncio.timeout(10):
+                    files = await agent.list_checkpoints(job.id)
+                checkpoints = [{"path": f.path, "size_bytes": f.size_bytes,
+                                "mtime": rj.iso(f.mtime)} for f in files]
+            except (TransportError, TimeoutError) as exc:
+                checkpoints = [{"error": str(exc)}]
+        resources = self.monitor.job_resources(job) if self.monitor is not None else {}
+        return {"job": rj.job(job, self.executor.latest.get(job.id)), "summary": summary,
+                "checkpoints": checkpoints, "resources": resources,
+                "job_dir": str(jobdir)}
+
+    def why(self, job_id: str) -> list[dict[str, Any]]:
+        from ugrod.why import explain
+        out = []
+        needle = f'"job":{json.dumps(job_id)}'.encode()
+        for line in self.ledger.history():
+            if needle not in line and b'"sweep_created"' not in line:
+                continue
+            rec = ev.decode(line)
+            e = rec.event
+            if getattr(e, "job", None) != job_id and job_id not in getattr(e, "jobs", ()):
+                continue
+            out.append({"seq": rec.seq, "ts": ev.format_ts(rec.ts), "type": e.kind,
+                        "actor": rec.actor.user, "text": explain(rec)})
+        return out
+
+    # ---- sweeps --------------------------------------------------------------------------
+
+    async def create_sweep(self, actor: ev.Actor, name: str, body: SweepBody) -> dict[str, Any]:
+        state = self.ledger.state
+        if name in state.sweeps:
+            raise ApiError(409, "conflict", f"a sweep named {name!r} already exists")
+        if not body.params or any(not v for v in body.params.values()):
+            raise ApiError(400, "bad_request", "a sweep needs at least one --param with values")
+        keys = sorted(body.params)
+        grid = list(itertools.product(*(body.params[k] for k in keys)))
+        if len(grid) > 1000:
+            raise ApiError(400, "bad_request", f"sweep has {len(grid)} trials; at most 1000")
+        events: list[ev.Event] = []
+        names = []
+        for i, values in enumerate(grid):
+            job_name = f"{name}-{i}"
+            if job_name in state.jobs:
+                raise ApiError(409, "conflict", f"a job named {job_name!r} already exists")
+            sub = SubmitBody(argv=body.argv, nodes=body.nodes, gpus_per_node=body.gpus_per_node,
+                             min_vram_gb=body.min_vram_gb, torchrun=body.torchrun,
+                             max_retries=body.max_retries, env=body.env)
+            base = self.job_spec(sub)
+            fake = Job(id=job_name, spec=base, owner=actor.user, uid=actor.uid)
+            spec = self.apply_overrides(fake, dict(zip(keys, values, strict=True)))
+            spec = msgspec.structs.replace(spec, sweep=name)
+            why = self.check_fits(spec)
+            if why:
+                raise ApiError(400, "bad_request", f"sweep can never run here: {why}")
+            events.append(ev.JobSubmitted(job=job_name, spec=spec, priority=body.priority))
+            names.append(job_name)
+        events.append(ev.SweepCreated(sweep=name, jobs=tuple(names),
+                                      params={k: tuple(v) for k, v in body.params.items()},
+                                      max_parallel=body.max_parallel))
+        await self.ledger.record(actor, *events)
+        self.kick()
+        return self.sweep_view(self.ledger.state.sweeps[name])
+
+    def sweep_view(self, sweep: Sweep) -> dict[str, Any]:
+        state = self.ledger.state
+        trials = []
+        for job_id in sweep.jobs:
+            job = state.jobs[job_id]
+            summary = _summarise_metrics(self.executor.job_dir(job_id) / "metrics.jsonl")
+            latest = self.executor.latest.get(job_id, {})
+            duration = (job.ended_at or time.time()) - job.first_started_at \
+                if job.first_started_at else None
+            trials.append({"job": job_id, "params": dict(job.spec.params),
+                           "state": job.state.value,
+                           "latest_loss": latest.get("loss", summary.get("final_loss")),
+                           "final_loss": summary.get("final_loss")
+                           if job.state in TERMINAL else None,
+                           "duration_s": round(duration, 3) if duration else None})
+
+        def key(t: dict[str, Any]) -> tuple[int, float]:
+            loss = t["final_loss"] if t["final_loss"] is not None else t["latest_loss"]
+            return (0, loss) if isinstance(loss, int | float) else (1, 0.0)
+        trials.sort(key=key)
+        states = [state.jobs[j].state for j in sweep.jobs]
+        return {"sweep": {"name": sweep.name, "owner": sweep.owner, "params": {
+            k: list(v) for k, v in sweep.params.items()}, "max_parallel": sweep.max_parallel,
+            "created_at": rj.iso(sweep.created_at),
+            "done": sum(s in TERMINAL for s in states), "total": len(states)},
+            "trials": trials}
+
+
+def _summarise_metrics(path: Path) -> dict[str, Any]:
+    """final loss, steps, steps/s from a job's metrics.jsonl (bad lines are skipped)."""
+    first_ts = last_ts = None
+    first_step = last_step = None
+    final_loss = None
+    lines = 0
+    try:
+        with open(path, "rb") as f:
+            for raw in f:
+                try:
+                    m = json.loads(raw)
+                except ValueError:
+                    continue
+                if not isinstance(m, dict) or m.get("event"):
+                    continue
+                lines += 1
+                ts, step, loss = m.get("ts"), m.get("step"), m.get("loss")
+                if isinstance(ts, int | float):
+                    first_ts = ts if first_ts is None else first_ts
+                    last_ts = ts
+                if isinstance(step, int | float):
+                    first_step = step if first_step is None else first_step
+                    last_step = step
+                if isinstance(loss, int | float):
+                    final_loss = loss
+    except FileNotFoundError:
+        pass
+    out: dict[str, Any] = {"final_loss": final_loss, "steps": last_step, "reports": lines}
+    if first_ts is not None and last_ts is not None and last_ts > first_ts \
+            and first_step is not None and last_step is not None:
+        out["steps_per_s"] = round((last_step - first_step) / (last_ts - first_ts), 3)
+    return out
+
+
+def _socket_alive(path: Path) -> bool:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(1.0)
+    try:
+        s.connect(str(path))
+        return True
+    except OSError:
+        return False
+    finally:
+        s.close()
+
+
+_ = ACTIVE
