@@ -15,6 +15,7 @@ This module does no I/O and reads no clock: the shell stamps ``ts``.
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -418,10 +419,29 @@ def encode(record: Record) -> bytes:
         )
     except (TypeError, ValueError, OverflowError, UnicodeError, msgspec.EncodeError) as exc:
         raise EventError(f"cannot encode {ev.kind}: {exc}") from exc
+    if _LONG_NUMBER.search(line) and _has_big_int(msgspec.json.decode(line)):
+        raise EventError(f"cannot encode {ev.kind}: an integer outside 64 bits (other JSON "
+                         f"readers would turn it into a float)")
     if decode(line) != record_roundtrip(record):
         raise EventError(f"{ev.kind} does not survive a round trip (NaN, infinity or a lone "
                          f"surrogate in its data?)")
     return line
+
+
+_LONG_NUMBER = re.compile(rb"\d{19}")
+_INT64 = (-(2**63), 2**64 - 1)
+
+
+def _has_big_int(obj: Any) -> bool:
+    if isinstance(obj, bool):
+        return False
+    if isinstance(obj, int):
+        return not _INT64[0] <= obj <= _INT64[1]
+    if isinstance(obj, dict):
+        return any(_has_big_int(v) for v in obj.values())
+    if isinstance(obj, list):
+        return any(_has_big_int(v) for v in obj)
+    return False
 
 
 def record_roundtrip(record: Record) -> Record:
