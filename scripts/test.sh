@@ -1,0 +1,36 @@
+#!/usr/bin/env bash
+# Install everything the tests need on a fresh Debian machine, then run lint, types and tests.
+# Used by the README and by .ci/run. Idempotent: skips what is already installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+need_apt=()
+command -v sshd >/dev/null 2>&1 || [ -x /usr/sbin/sshd ] || need_apt+=(openssh-server)
+command -v ssh >/dev/null 2>&1 || need_apt+=(openssh-client)
+command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
+command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
+command -v jq >/dev/null 2>&1 || need_apt+=(jq)
+command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "== apt-get install ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+echo "== pip install (torch CPU build, ugro with test extras)"
+$PY -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
+$PY -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
+
+if [ -f grafana/schema-check/package.json ]; then
+  echo "== npm ci (pinned @grafana/schema for the dashboard typecheck)"
+  (cd grafana/schema-check && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
+fi
+
+echo "== ruff"
+$PY -m ruff check ugrod ugroctl exporters
+echo "== mypy --strict"
+$PY -m mypy ugrod ugroctl exporters
+echo "== pytest"
+$PY -m pytest -q -p no:cacheprovider "$@"
