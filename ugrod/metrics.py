@@ -1,0 +1,562 @@
+"""Prometheus metrics: a collector that computes everything at scrape time, and its listener.
+
+``UgroCollector`` reads committed state, the health monitor's cached samples,
+the latest training values and ``RuntimeStats`` when scraped; it never runs a
+command, opens a connection or reads a job's files (it runs on the event loop,
+inside the aiohttp handler). Only starting/running jobs carry a ``job`` label,
+so finished jobs leave the metrics and cardinality follows the cluster's size,
+not its history. The catalog with types and labels is docs/metrics.md.
+
+This is the only ugrod module that imports prometheus_client.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import platform
+import time
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
+from importlib import metadata
+from typing import Protocol
+
+# Before prometheus_client is imported: Prometheus 2.42 negotiates OpenMetrics,
+# which would otherwise add a *_created series per counter and histogram.
+os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
+
+from aiohttp import web
+from prometheus_client import exposition as client_exposition
+from prometheus_client import metrics as client_metrics
+from prometheus_client.core import Metric
+from prometheus_client.process_collector import ProcessCollector
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
+
+from ugrod.exposition import AnyFamily, Family, HistogramFamily, render
+from ugrod.runtime_stats import BREAKER_STATES, OUTCOMES, Counter, Histogram, RuntimeStats
+from ugrod.state import ACTIVE, WAITING, JobState, NodeHealth, NodeState, State
+
+client_metrics.disable_created_metrics()  # type: ignore[no-untyped-call]
+
+__all__ = [
+    "DEFAULT_HOST",
+    "DEFAULT_PORT",
+    "GpuSampleView",
+    "NodeSampleView",
+    "RuntimeStats",
+    "UgroCollector",
+    "api_middleware",
+    "bound_port",
+    "make_metrics_app",
+    "make_registry",
+    "start_metrics_server",
+]
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 9401
+TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
+JOB_PHASES = (JobState.STARTING, JobState.RUNNING)
+JOB = ("job", "owner")
+NODE = ("node",)
+GPU = ("node", "gpu", "UUID", "modelName")
+
+
+class GpuSampleView(Protocol):
+    """One GPU as last sampled (``ugrod.gpus.GpuSample`` satisfies it); None = no value."""
+
+    @property
+    def index(self) -> int: ...
+    @property
+    def uuid(self) -> str: ...
+    @property
+    def name(self) -> str: ...
+    @property
+    def util_percent(self) -> float | None: ...
+    @property
+    def memory_used_bytes(self) -> int | None: ...
+    @property
+    def memory_total_bytes(self) -> int | None: ...
+    @property
+    def temperature_c(self) -> float | None: ...
+    @property
+    def power_w(self) -> float | None: ...
+    @property
+    def error(self) -> str | None: ...
+
+
+class NodeSampleView(Protocol):
+    """A node's latest health sample, as the health monitor caches it."""
+
+    @property
+    def ts(self) -> float: ...
+    @property
+    def gpus(self) -> Sequence[GpuSampleView]: ...
+    @property
+    def score(self) -> float | None: ...
+    @property
+    def cpu_percent(self) -> float | None: ...
+    @property
+    def memory_percent(self) -> float | None: ...
+    @property
+    def disk_percent(self) -> float | None: ...
+    @property
+    def latency_s(self) -> float | None: ...
+
+
+def _build_version() -> str:
+    try:
+        return metadata.version("ugro")
+    except metadata.PackageNotFoundError:
+        return "unknown"
+
+
+def _gauge(name: str, doc: str, labelnames: Sequence[str] = ()) -> Family:
+    return Family(name, doc, "gauge", labelnames)
+
+
+def _single(name: str, doc: str, value: float) -> Family:
+    fam = _gauge(name, doc)
+    fam.add((), value)
+    return fam
+
+
+def _counters(name: str, doc: str, labelnames: Sequence[str],
+              series: Sequence[tuple[tuple[str, ...], Counter]]) -> Family:
+    fam = Family(name, doc, "counter", labelnames)
+    for values, c in series:
+        fam.add(values, c.value)
+    return fam
+
+
+class UgroCollector:
+    """Computes ugrod's metrics from state, cached samples and RuntimeStats at scrape time.
+
+    ``get_samples`` returns each node's latest cached health sample (or None
+    before the monitor runs); ``get_job_metrics`` returns each job's latest
+    training values (``step``, ``loss``, ``throughput``, ``ts``) as numbers.
+    """
+
+    def __init__(
+        self,
+        get_state: Callable[[], State],
+        get_samples: Callable[[], Mapping[str, NodeSampleView]] | None,
+        get_job_metrics: Callable[[], Mapping[str, Mapping[str, float]]],
+        runtime: RuntimeStats,
+        *,
+        clock: Callable[[], float] = time.time,
+        version: str | None = None,
+    ) -> None:
+        self._get_state = get_state
+        self._get_samples = get_samples
+        self._get_job_metrics = get_job_metrics
+        self._runtime = runtime
+        self._clock = clock
+        self._build = (version or _build_version(), platform.python_version())
+        self._last_collect_s = 0.0
+
+    # ---- the two ways out: prometheus_client Metrics, or text directly -------
+
+    def describe(self) -> list[Metric]:
+        return []  # names are dynamic; nothing to check at registration
+
+    def collect(self) -> Iterator[Metric]:
+        """prometheus_client's Collector protocol (for a CollectorRegistry)."""
+        for fam in self.families():
+            yield _to_metric(fam)
+
+    def exposition(self) -> bytes:
+        """The same series in text format 0.0.4, without per-sample objects (the fast path)."""
+        return render(self.families())
+
+    def families(self) -> list[AnyFamily]:
+        """Every family, computed now from state, samples and RuntimeStats."""
+        t0 = time.perf_counter()
+        state = self._get_state()
+        now = self._clock()
+        samples = self._get_samples() if self._get_samples is not None else {}
+        build = _gauge("ugro_build_info", "ugrod's version and Python version (always 1).",
+                       ("version", "python_version"))
+        build.add(self._build, 1.0)
+        out: list[AnyFamily] = [
+            build,
+            _single("ugro_event_log_last_seq", "Sequence number of the last committed event.",
+                    float(state.seq)),
+        ]
+        if state.started_at is not None:
+            out.append(_single("ugro_daemon_last_start_timestamp_seconds",
+                               "When ugrod last started (its daemon_started event), Unix time.",
+                               state.started_at))
+        self._jobs(state, now, out)
+        self._job_series(state, out)
+        self._nodes(state, samples, out)
+        self._gpus(state, samples, out)
+        self._runtime_metrics(out)
+        out.append(_single("ugro_metrics_collect_duration_seconds",
+                           "How long the previous scrape's collection took inside ugrod.",
+                           self._last_collect_s))
+        self._last_collect_s = time.perf_counter() - t0
+        return out
+
+    # ---- jobs ---------------------------------------------------------------
+
+    def _jobs(self, state: State, now: float, out: list[AnyFamily]) -> None:
+        rt = self._runtime
+        counts = dict.fromkeys(JobState, 0)
+        waiting = held = 0
+        oldest: float | None = None
+        for job_id in state.active:
+            job = state.jobs[job_id]
+            counts[job.state] += 1
+            if job.state in WAITING:
+                if job.held:
+                    held += 1
+                    continue
+                waiting += 1
+                since = job.ended_at if job.state is JobState.RETRYING and job.ended_at \
+                    else job.submitted_at
+                if oldest is None or since < oldest:
+                    oldest = since
+        for outcome in OUTCOMES:
+            counts[outcome] = rt.terminal[outcome]
+        by_state = _gauge("ugro_jobs", "Jobs in each state (every state listed, zeros included).",
+                          ("state",))
+        for st, n in counts.items():
+            by_state.add((st.value,), float(n))
+        out.append(by_state)
+        out.append(_single("ugro_queue_length",
+                           "Jobs waiting to be placed (queued or retrying), held jobs excepted.",
+                           float(waiting)))
+        out.append(_single("ugro_jobs_held", "Waiting jobs on hold (ugroctl hold).", float(held)))
+        out.append(_single("ugro_queue_oldest_wait_seconds",
+                           "How long the longest-waiting job (not held) has waited; 0 if none.",
+                           max(now - oldest, 0.0) if oldest is not None else 0.0))
+        wait = HistogramFamily("ugro_job_wait_seconds",
+                               "Time finished jobs waited from submission to first placement.")
+        wait.add((), rt.job_wait)
+        run = HistogramFamily("ugro_job_run_seconds",
+                              "Run time of finished jobs' last attempt (placement to end).")
+        run.add((), rt.job_run)
+        out.append(wait)
+        out.append(run)
+        out.append(_counters("ugro_jobs_finished_total",
+                             "Jobs that ended, by outcome (succeeded, failed, cancelled).",
+                             ("outcome",),
+                             [((o.value,), rt.jobs_finished[o]) for o in OUTCOMES]))
+        out.append(_counters("ugro_job_retries_total",
+                             "Attempts that failed and left their job waiting to be retried.",
+                             (), [((), rt.job_retries)]))
+        out.append(_counters("ugro_job_resumes_total",
+                             "Failed or cancelled jobs queued again (ugroctl resume).",
+                             (), [((), rt.job_resumes)]))
+
+    def _job_series(self, state: State, out: list[AnyFamily]) -> None:
+        """Per starting/running job: the only series with a ``job`` label."""
+        training = self._get_job_metrics()
+        phase = _gauge("ugro_job_state",
+                       "Active job's state as a state-set (starting, running): 1 = current.",
+                       (*JOB, "state"))
+        stalled = _gauge("ugro_job_stalled",
+                         "1 when the watchdog found the job's step counter stopped, else 0.", JOB)
+        start = _gauge("ugro_job_start_timestamp_seconds",
+                       "When the job's current attempt was placed, Unix time.", JOB)
+        step = _gauge("ugro_job_training_step", "Latest training step the job reported.", JOB)
+        loss = _gauge("ugro_job_training_loss", "Latest training loss the job reported.", JOB)
+        tput = _gauge("ugro_job_training_throughput",
+                      "Latest throughput the job reported (its own unit, e.g. samples/s).", JOB)
+        report = _gauge("ugro_job_training_last_report_timestamp_seconds",
+                        "When the job last reported training metrics, Unix time.", JOB)
+        alloc = _gauge("ugro_job_gpu_allocation",
+                       "1 per GPU an active job holds: join GPU metrics on (node, gpu).",
+                       ("job", "node", "gpu", "UUID", "rank"))
+        keyed = ((step, "step"), (loss, "loss"), (tput, "throughput"), (report, "ts"))
+        isfinite = math.isfinite
+        for job_id in state.active:
+            job = state.jobs[job_id]
+            if job.state not in ACTIVE:
+                continue
+            labels = (job_id, job.owner)
+            for ph in JOB_PHASES:
+                phase.add((job_id, job.owner, ph.value), 1.0 if job.state is ph else 0.0)
+            stalled.add(labels, 1.0 if job.stalled else 0.0)
+            if job.started_at is not None:
+                start.add(labels, job.started_at)
+            values = training.get(job_id)
+            if values:
+                for fam, key in keyed:
+                    v = values.get(key)
+                    if v is not None and isfinite(v):
+                        fam.add(labels, float(v))
+            for p in job.placement:
+                if not p.gpus:
+                    continue
+                node = state.nodes.get(p.node)
+                known = {g.index: g.uuid for g in node.gpus} if node is not None else {}
+                for i, g in enumerate(p.gpus):
+                    uuid = p.gpu_uuids[i] if i < len(p.gpu_uuids) else known.get(g, "")
+                    alloc.add((job_id, p.node, str(g), uuid, str(p.rank)), 1.0)
+        out.extend((phase, stalled, start, step, loss, tput, report, alloc))
+
+    # ---- nodes --------------------------------------------------------------
+
+    def _nodes(self, state: State, samples: Mapping[str, NodeSampleView],
+               out: list[AnyFamily]) -> None:
+        rt = self._runtime
+        st = _gauge("ugro_node_state", "Node state as a state-set: 1 for the current state.",
+                    ("node", "state"))
+        info = _gauge("ugro_node_info", "Static facts about a node (always 1).",
+                      ("node", "host", "transport"))
+        score = _gauge("ugro_node_health_score", "Node health score, 0-100 (>= 80 healthy).", NODE)
+        breaker = _gauge("ugro_node_circuit_breaker_state",
+                         "Node's circuit breaker as a state-set (closed, half_open, open).",
+                         ("node", "state"))
+        success = _gauge("ugro_node_last_check_success_timestamp_seconds",
+                         "When a health check of the node last succeeded, Unix time.", NODE)
+        sample_ts = _gauge("ugro_node_sample_timestamp_seconds",
+                           "Time of the node's latest cached health sample, Unix time.", NODE)
+        alerts = _gauge("ugro_node_alert", "Active node alerts (1 per alert).",
+                        ("node", "alert", "severity"))
+        cpu = _gauge("ugro_node_cpu_utilization_ratio", "Node CPU use, 0-1.", NODE)
+        mem = _gauge("ugro_node_memory_used_ratio", "Node memory in use, 0-1.", NODE)
+        disk = _gauge("ugro_node_disk_used_ratio",
+                      "Use of the filesystem holding the node's work dir, 0-1.", NODE)
+        lat = _gauge("ugro_node_check_latency_seconds",
+                     "Round-trip time of the node's last health-check command.", NODE)
+        gpu_count = _gauge("ugro_node_gpus", "GPUs the node has (inventory, else config).", NODE)
+        last_dur = _gauge("ugro_health_check_last_duration_seconds",
+                          "How long the node's last health check took.", NODE)
+        checks: list[tuple[tuple[str, ...], Counter]] = []
+        failures: list[tuple[tuple[str, ...], Counter]] = []
+        for name, node in state.nodes.items():
+            labels = (name,)
+            current = node.state
+            for s in NodeState:
+                st.add((name, s.value), 1.0 if s is current else 0.0)
+            info.add((name, node.spec.host, node.spec.transport), 1.0)
+            gpu_count.add(labels, float(len(node.gpus)))
+            sample = samples.get(name)
+            value = sample.score if sample is not None and sample.score is not None \
+                else node.score
+            if value is not None:
+                score.add(labels, float(value))
+            b = rt.breakers.get(name)
+            if b is None:
+                b = "open" if node.health is NodeHealth.UNREACHABLE else "closed"
+            for s2 in BREAKER_STATES:
+                breaker.add((name, s2), 1.0 if s2 == b else 0.0)
+            ok_ts = rt.health_last_success.get(name)
+            if ok_ts is not None:
+                success.add(labels, ok_ts)
+            for a in node.alerts:
+                alerts.add((name, a.alert, a.severity), 1.0)
+            if name in rt.health_checks:
+                checks.append((labels, rt.health_checks[name]))
+                failures.append((labels, rt.health_failures[name]))
+                last_dur.add(labels, rt.health_last_duration.get(name, 0.0))
+            if sample is None:
+                continue
+            sample_ts.add(labels, sample.ts)
+            for fam, pct in ((cpu, sample.cpu_percent), (mem, sample.memory_percent),
+                             (disk, sample.disk_percent)):
+                if pct is not None:
+                    fam.add(labels, pct / 100.0)
+            if sample.latency_s is not None:
+                lat.add(labels, sample.latency_s)
+        out.extend((st, info, score, breaker, success, sample_ts, alerts, cpu, mem, disk, lat,
+                    gpu_count, last_dur))
+        out.append(_counters("ugro_health_checks_total", "Health checks run, per node.", NODE,
+                             checks))
+        out.append(_counters("ugro_health_check_failures_total",
+                             "Health checks that failed (no answer, or unreadable), per node.",
+                             NODE, failures))
+        dur = HistogramFamily("ugro_health_check_duration_seconds",
+                              "Duration of health checks, all nodes.")
+        dur.add((), rt.health_duration)
+        out.append(dur)
+
+    def _gpus(self, state: State, samples: Mapping[str, NodeSampleView],
+              out: list[AnyFamily]) -> None:
+        util = _gauge("ugro_gpu_utilization_ratio", "GPU utilisation (nvidia-smi), 0-1.", GPU)
+        used = _gauge("ugro_gpu_memory_used_bytes", "GPU memory in use.", GPU)
+        total = _gauge("ugro_gpu_memory_total_bytes", "GPU memory installed.", GPU)
+        temp = _gauge("ugro_gpu_temperature_celsius", "GPU temperature.", GPU)
+        power = _gauge("ugro_gpu_power_watts", "GPU power draw.", GPU)
+        error = _gauge("ugro_gpu_error",
+                       "1 when nvidia-smi reports the GPU as failed (needs reset...), else 0.",
+                       GPU)
+        allocated = _gauge("ugro_gpu_allocated",
+                           "1 when an active job holds the GPU, else 0 (from ugrod's state).",
+                           GPU)
+        held = state.allocations()
+        for name, node in state.nodes.items():
+            for g in node.gpus:
+                allocated.add((name, str(g.index), g.uuid, g.model),
+                              1.0 if (name, g.index) in held else 0.0)
+            sample = samples.get(name)
+            if sample is None:
+                continue
+            for gs in sample.gpus:
+                labels = (name, str(gs.index), gs.uuid, gs.name)
+                if gs.util_percent is not None:
+                    util.add(labels, gs.util_percent / 100.0)
+                if gs.memory_used_bytes is not None:
+                    used.add(labels, float(gs.memory_used_bytes))
+                if gs.memory_total_bytes is not None:
+                    total.add(labels, float(gs.memory_total_bytes))
+                if gs.temperature_c is not None:
+                    temp.add(labels, gs.temperature_c)
+                if gs.power_w is not None:
+                    power.add(labels, gs.power_w)
+                error.add(labels, 1.0 if gs.error else 0.0)
+        out.extend((util, used, total, temp, power, error, allocated))
+
+    # ---- ugrod itself -----------------------------------------------------------
+
+    def _runtime_metrics(self, out: list[AnyFamily]) -> None:
+        rt = self._runtime
+
+        def hist(name: str, doc: str, h: Histogram) -> None:
+            fam = HistogramFamily(name, doc)
+            fam.add((), h)
+            out.append(fam)
+
+        def counter(name: str, doc: str, c: Counter) -> None:
+            out.append(_counters(name, doc, (), [((), c)]))
+
+        counter("ugro_event_log_appended_events_total",
+                "Events appended to the event log since ugrod started.", rt.log_events)
+        counter("ugro_event_log_batches_total",
+                "Group-committed batches (one write + one fdatasync each).", rt.log_batches)
+        counter("ugro_event_log_written_bytes_total",
+                "Bytes appended to the event log since ugrod started.", rt.log_bytes)
+        counter("ugro_event_log_torn_tail_repairs_total",
+                "Torn tails cut off the event log at start-up.", rt.log_torn_tail_repairs)
+        hist("ugro_event_log_fsync_seconds", "fdatasync latency per batch.", rt.log_fsync)
+        hist("ugro_event_log_batch_events", "Events per group-committed batch.",
+             rt.log_batch_events)
+        if rt.replay_seconds is not None:
+            out.append(_single("ugro_event_log_replay_duration_seconds",
+                               "How long start-up took to load the snapshot and replay the log.",
+                               rt.replay_seconds))
+            out.append(_single("ugro_event_log_replayed_events", "Events replayed at start-up.",
+                               float(rt.replay_events)))
+        hist("ugro_snapshot_duration_seconds", "Time to write a state snapshot.",
+             rt.snapshot_seconds)
+        counter("ugro_snapshot_failures_total", "Snapshots that could not be written.",
+                rt.snapshot_failures)
+        if rt.snapshot_last_success is not None and rt.snapshot_last_bytes is not None:
+            out.append(_single("ugro_snapshot_last_success_timestamp_seconds",
+                               "When the last snapshot was written, Unix time.",
+                               rt.snapshot_last_success))
+            out.append(_single("ugro_snapshot_size_bytes", "Size of the last snapshot written.",
+                               float(rt.snapshot_last_bytes)))
+        out.append(_counters("ugro_api_requests_total",
+                             "API requests answered, by route template, method and status code.",
+                             ("route", "method", "code"),
+                             [(k, v) for k, v in rt.api_requests.items()]))
+        api = HistogramFamily("ugro_api_request_duration_seconds",
+                              "API request latency by route template.", ("route",))
+        for route, h in rt.api_latency.items():
+            api.add((route,), h)
+        out.append(api)
+        hist("ugro_scheduler_tick_duration_seconds",
+             "Time one scheduler pass (plan + record) took.", rt.scheduler_ticks)
+        counter("ugro_scheduler_placements_total", "Jobs the scheduler placed.",
+                rt.scheduler_placements)
+
+
+def _to_metric(fam: AnyFamily) -> Metric:
+    if isinstance(fam, Family):
+        base = fam.name[:-6] if fam.typ == "counter" else fam.name
+        m = Metric(base, fam.doc, fam.typ)
+        names = fam.labelnames
+        m.samples = [Sample(fam.name, dict(zip(names, values, strict=True)), value)
+                     for values, value in fam.rows]
+        return m
+    m = Metric(fam.name, fam.doc, "histogram")
+    m.samples = [Sample(name, dict(zip(names, values, strict=True)), value)
+                 for name, names, values, value in fam.samples()]
+    return m
+
+
+# ---- registry and HTTP listener ------------------------------------------------
+
+
+def make_registry(collector: UgroCollector, *, process: bool = True) -> CollectorRegistry:
+    """A registry with ugrod's collector (and process_* figures from /proc)."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(collector)
+    if process:
+        ProcessCollector(registry=registry)
+    return registry
+
+
+def make_metrics_app(collector: UgroCollector, *, process: bool = True) -> web.Application:
+    """An aiohttp app serving ``/metrics`` in text format 0.0.4 (Prometheus accepts it).
+
+    The collector's series go through the fast renderer; process_* figures
+    through prometheus_client.
+    """
+    extra = CollectorRegistry(auto_describe=False)
+    if process:
+        ProcessCollector(registry=extra)
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = collector.exposition() + client_exposition.generate_latest(extra)
+        response = web.Response(body=body)
+        response.headers["Content-Type"] = TEXT_CONTENT_TYPE
+        return response
+
+    async def index(request: web.Request) -> web.Response:
+        return web.Response(text="ugrod metrics: /metrics\n")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    app.router.add_get("/", index)
+    return app
+
+
+async def start_metrics_server(host: str, port: int, collector: UgroCollector,
+                               *, process: bool = True) -> web.AppRunner:
+    """Serve ``/metrics`` on its own TCP listener; ``await runner.cleanup()`` stops it."""
+    runner = web.AppRunner(make_metrics_app(collector, process=process), access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+def bound_port(runner: web.AppRunner) -> int:
+    """The TCP port a runner listens on (useful with ``port=0``)."""
+    for addr in runner.addresses:
+        if isinstance(addr, tuple) and len(addr) >= 2:
+            return int(addr[1])
+    raise RuntimeError("metrics listener has no TCP address")
+
+
+_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def api_middleware(stats: RuntimeStats) -> Callable[[web.Request, _Handler],
+                                                    Awaitable[web.StreamResponse]]:
+    """aiohttp middleware recording each API request by route template, method and status."""
+
+    @web.middleware
+    async def record(request: web.Request, handler: _Handler) -> web.StreamResponse:
+        t0 = time.perf_counter()
+        status = 500
+        try:
+            response = await handler(request)
+            status = response.status
+            return response
+        except web.HTTPException as exc:
+            status = exc.status
+            raise
+        finally:
+            resource = request.match_info.route.resource
+            route = resource.canonical if resource is not None else "unmatched"
+            stats.api_request(route, request.method, status, time.perf_counter() - t0)
+
+    return record
