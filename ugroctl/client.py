@@ -1,0 +1,356 @@
+"""HTTP to ugrod over its Unix socket (or through ``ssh -W`` to a head node's socket).
+
+The standard library's ``http.client`` on an AF_UNIX socket: importing aiohttp
+would cost ~0.3 s on every command. One connection is kept for the life of the
+client (keep-alive), so a command that makes two requests pays one connect (and,
+with ``--host``, one ssh session).
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+from collections.abc import Iterator, Mapping
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote, urlencode
+
+if TYPE_CHECKING:
+    import subprocess
+
+# The one exit-code table (docs/CONTRACTS.md); cli.py and tests use these names.
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UNREACHABLE = 3
+EXIT_NOT_FOUND = 4
+EXIT_FORBIDDEN = 5
+
+_EXIT_FOR_CODE = {"not_found": EXIT_NOT_FOUND, "forbidden": EXIT_FORBIDDEN}
+
+REMOTE_SOCKET = "/run/ugro/ugrod.sock"
+TIMEOUT_S = 120.0  # a command waits for durable events and node checks; never forever
+
+
+class CtlError(Exception):
+    """An error for people: ``str(e)`` is the line to print, ``exit_code`` the status."""
+
+    exit_code = EXIT_FAILED
+
+
+class DaemonUnreachable(CtlError):
+    """No ugrod answers at the socket (missing, refused, or the ssh hop failed)."""
+
+    exit_code = EXIT_UNREACHABLE
+
+    def __init__(self, where: str, detail: str = "") -> None:
+        self.where = where
+        self.detail = detail
+        extra = f" ({detail})" if detail else ""
+        super().__init__(
+            f"cannot reach ugrod at {where}{extra} (is it running? start it with `ugrod` "
+            f"or `systemctl start ugrod`)"
+        )
+
+
+class ApiError(CtlError):
+    """ugrod answered 4xx/5xx with ``{"error", "code"}``."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        self.status = status
+        self.code = code
+        self.exit_code = _EXIT_FOR_CODE.get(code, EXIT_FAILED)
+        super().__init__(message)
+
+
+class ProtocolError(CtlError):
+    """The peer spoke, but not ugrod's HTTP/JSON."""
+
+
+def default_socket_path() -> str:
+    """ugrod's own rule when ``ugrod.paths`` is importable, else the same rule inlined."""
+    try:
+        from ugrod.paths import default_socket_path as daemon_rule
+    except ImportError:
+        pass
+    else:
+        return str(daemon_rule())
+    if os.geteuid() == 0:
+        return "/run/ugro/ugrod.sock"
+    runtime = os.environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return os.path.join(runtime, "ugro", "ugrod.sock")
+    return f"/tmp/ugro-{os.getuid()}/ugrod.sock"
+
+
+def new_request_id() -> str:
+    """A uuid4 string: the daemon applies a command with a given id at most once."""
+    import uuid
+
+    return str(uuid.uuid4())
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTPConnection whose transport is a Unix stream socket."""
+
+    def __init__(self, path: str, timeout: float | None = TIMEOUT_S) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class SshHTTPConnection(http.client.HTTPConnection):
+    """HTTPConnection through ``ssh -W REMOTE_SOCKET HEAD`` (OpenSSH stream-local forwarding).
+
+    The remote sshd session opens the socket, so ugrod sees the remote user's
+    uid (SO_PEERCRED) and no TCP port is ever opened. ssh's stdin and stdout are
+    one end of a socketpair; http.client talks on the other.
+    """
+
+    def __init__(self, host: str, remote_socket: str, timeout: float | None = TIMEOUT_S,
+                 ssh: str = "ssh") -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.head = host
+        self.remote_socket = remote_socket
+        self.ssh = ssh
+        self.proc: subprocess.Popen[bytes] | None = None
+
+    def argv(self) -> list[str]:
+        # "--" ends ssh's options: a HEAD starting with "-" cannot become an option.
+        return [self.ssh, "-W", self.remote_socket, "-o", "ExitOnForwardFailure=yes",
+                "--", self.head]
+
+    def connect(self) -> None:
+        import subprocess
+
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            self.proc = subprocess.Popen(self.argv(), stdin=theirs.fileno(), stdout=theirs.fileno(),
+                                         close_fds=True)
+        except OSError as exc:
+            ours.close()
+            raise DaemonUnreachable(self.where(), f"cannot run ssh: {exc.strerror}") from exc
+        finally:
+            theirs.close()
+        ours.settimeout(self.timeout)
+        self.sock = ours
+
+    def where(self) -> str:
+        return f"{self.head}:{self.remote_socket} (via ssh)"
+
+    def close(self) -> None:
+        super().close()
+        proc, self.proc = self.proc, None
+        if proc is not None:
+            import subprocess
+
+            try:
+                proc.wait(timeout=5)  # our end closed: ssh sees EOF and exits
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+class Client:
+    """One ugrod, one kept-alive connection; JSON in, JSON out, errors as CtlError."""
+
+    def __init__(self, socket_path: str | None = None, host: str | None = None,
+                 remote_socket: str | None = None, timeout: float | None = TIMEOUT_S) -> None:
+        self.host = host or None
+        self.socket_path = socket_path or (REMOTE_SOCKET if self.host else None)
+        self.remote_socket = remote_socket or REMOTE_SOCKET
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    @property
+    def where(self) -> str:
+        if self.host:
+            return f"{self.host}:{self.remote_socket} (via ssh)"
+        return self._local_path()
+
+    def _local_path(self) -> str:
+        if self.socket_path is None:
+            self.socket_path = default_socket_path()
+        return self.socket_path
+
+    def _new_connection(self, timeout: float | None) -> http.client.HTTPConnection:
+        if self.host:
+            return SshHTTPConnection(self.host, self.remote_socket, timeout=timeout)
+        return UnixHTTPConnection(self._local_path(), timeout=timeout)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- requests ---------------------------------------------------------
+
+    def get(self, path: str, query: Mapping[str, Any] | None = None) -> Any:
+        return self._json(self._send("GET", _url(path, query), None))
+
+    def post(self, path: str, body: Mapping[str, Any] | None = None,
+             query: Mapping[str, Any] | None = None, *, idempotent: bool = False) -> Any:
+        """POST with a fresh request id, so a retry cannot apply the command twice.
+
+        The id always travels as ``X-Request-Id``; ``idempotent=True`` also puts it
+        in the body as ``request_id`` (the routes whose body has that field:
+        ``/v1/jobs``, ``/v1/sweeps``), and only such requests are retried on a
+        fresh connection when a kept-alive one turns out closed.
+        """
+        request_id = new_request_id()
+        payload = dict(body or {})
+        if idempotent:
+            payload.setdefault("request_id", request_id)
+        return self._json(self._send("POST", _url(path, query), payload,
+                                     request_id=request_id, retry=idempotent))
+
+    def stream(self, path: str, query: Mapping[str, Any] | None = None) -> Iterator[bytes]:
+        """GET a streamed (chunked) body and yield it line by line, until EOF."""
+        conn = self._new_connection(None)  # a follow may idle for hours
+        try:
+            resp = self._exchange(conn, "GET", _url(path, query), None)
+            if resp.status >= 400:
+                self._json(resp)  # raises ApiError
+            try:
+                while True:
+                    line = resp.readline()
+                    if not line:
+                        return
+                    yield line
+            except (http.client.HTTPException, OSError) as exc:
+                raise ProtocolError(f"the stream from ugrod at {self.where} broke: "
+                                    f"{_describe(exc)}") from exc
+        finally:
+            conn.close()
+
+    # ---- plumbing ---------------------------------------------------------
+
+    def _send(self, method: str, url: str, body: Mapping[str, Any] | None, *,
+              request_id: str | None = None, retry: bool = True) -> http.client.HTTPResponse:
+        data = None if body is None else json.dumps(body).encode()
+        reused = self._conn is not None
+        if self._conn is None:
+            self._conn = self._new_connection(self.timeout)
+        try:
+            return self._exchange(self._conn, method, url, data, request_id)
+        except DaemonUnreachable:
+            self.close()
+            if not (reused and retry):
+                raise
+        # A kept-alive connection the daemon had closed meanwhile: one fresh try
+        # (GETs, and POSTs whose request_id makes a repeat harmless).
+        self._conn = self._new_connection(self.timeout)
+        try:
+            return self._exchange(self._conn, method, url, data, request_id)
+        except CtlError:
+            self.close()
+            raise
+
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, url: str,
+                  data: bytes | None, request_id: str | None = None
+                  ) -> http.client.HTTPResponse:
+        headers = {"Accept": "application/json"}
+        if data is not None:
+            headers["Content-Type"] = "application/json"
+        if request_id is not None:
+            headers["X-Request-Id"] = request_id
+        try:
+            conn.request(method, url, body=data, headers=headers)
+        except (FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
+                BrokenPipeError) as exc:
+            conn.close()
+            raise DaemonUnreachable(self.where, _describe(exc)) from exc
+        except PermissionError as exc:
+            conn.close()
+            raise CtlError(f"permission denied on ugrod's socket {self.where}: ask an admin "
+                           f"to add you to the socket's group") from exc
+        except TimeoutError as exc:
+            conn.close()
+            raise DaemonUnreachable(self.where, "timed out connecting") from exc
+        except OSError as exc:
+            conn.close()
+            raise DaemonUnreachable(self.where, _describe(exc)) from exc
+        try:
+            return conn.getresponse()
+        except http.client.RemoteDisconnected as exc:
+            conn.close()
+            raise DaemonUnreachable(self.where, "closed the connection without an answer"
+                                    ) from exc
+        except (ConnectionResetError, BrokenPipeError) as exc:
+            conn.close()
+            raise DaemonUnreachable(self.where, _describe(exc)) from exc
+        except TimeoutError as exc:
+            conn.close()
+            raise ProtocolError(f"ugrod at {self.where} did not answer within "
+                                f"{self.timeout:.0f} s") from exc
+        except (http.client.HTTPException, OSError) as exc:
+            conn.close()
+            raise ProtocolError(f"the peer at {self.where} does not speak ugrod's HTTP: "
+                                f"{_describe(exc)}") from exc
+
+    def _json(self, resp: http.client.HTTPResponse) -> Any:
+        try:
+            raw = resp.read()
+        except (http.client.HTTPException, OSError) as exc:
+            self.close()
+            raise ProtocolError(f"the answer from ugrod at {self.where} was cut off: "
+                                f"{_describe(exc)}") from exc
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError):
+            doc = None
+        if resp.status >= 400:
+            if isinstance(doc, dict) and isinstance(doc.get("error"), str):
+                raise ApiError(resp.status, str(doc.get("code", "")), doc["error"])
+            raise ApiError(resp.status, _code_for_status(resp.status),
+                           f"ugrod answered HTTP {resp.status} {resp.reason}: "
+                           f"{_snippet(raw)}")
+        if doc is None and raw.strip() != b"null":
+            raise ProtocolError(f"ugrod at {self.where} sent an answer that is not JSON: "
+                                f"{_snippet(raw)}")
+        return doc
+
+
+def _url(path: str, query: Mapping[str, Any] | None) -> str:
+    if not query:
+        return path
+    q = {k: ("1" if v is True else str(v)) for k, v in query.items()
+         if v is not None and v is not False}
+    return f"{path}?{urlencode(q)}" if q else path
+
+
+def seg(name: str) -> str:
+    """One path segment (a job or node name), percent-encoded: never a path traversal."""
+    return quote(name, safe="")
+
+
+def _code_for_status(status: int) -> str:
+    return {403: "forbidden", 404: "not_found", 409: "conflict"}.get(status, "")
+
+
+def _snippet(raw: bytes) -> str:
+    text = raw[:200].decode("utf-8", "replace").strip()
+    text = "".join(c if c.isprintable() else "?" for c in text)
+    return repr(text) if text else "(empty body)"
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, OSError) and exc.strerror:
+        return exc.strerror
+    return str(exc) or type(exc).__name__
