@@ -25,6 +25,7 @@ from typing import Protocol
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
 from aiohttp import web
+from aiohttp.typedefs import Middleware
 from prometheus_client import exposition as client_exposition
 from prometheus_client import metrics as client_metrics
 from prometheus_client.core import Metric
@@ -59,6 +60,7 @@ JOB_PHASES = (JobState.STARTING, JobState.RUNNING)
 JOB = ("job", "owner")
 NODE = ("node",)
 GPU = ("node", "gpu", "UUID", "modelName")
+USER_HZ = 100.0  # /proc/stat ticks per second on every Linux build that matters
 
 
 class GpuSampleView(Protocol):
@@ -85,22 +87,34 @@ class GpuSampleView(Protocol):
 
 
 class NodeSampleView(Protocol):
-    """A node's latest health sample, as the health monitor caches it."""
+    """A node's latest health sample as the monitor caches it (``ugrod.gpus.NodeSample``)."""
 
     @property
     def ts(self) -> float: ...
     @property
+    def latency_ms(self) -> float | None: ...
+    @property
     def gpus(self) -> Sequence[GpuSampleView]: ...
     @property
-    def score(self) -> float | None: ...
+    def gpu_error(self) -> str | None: ...
     @property
-    def cpu_percent(self) -> float | None: ...
+    def smi_s(self) -> float | None: ...
     @property
-    def memory_percent(self) -> float | None: ...
+    def load(self) -> Sequence[float]: ...
+    @property
+    def cpu_count(self) -> int | None: ...
+    @property
+    def cpu_ticks(self) -> tuple[int, int] | None: ...
+    @property
+    def mem_total_bytes(self) -> int | None: ...
+    @property
+    def mem_percent(self) -> float | None: ...
+    @property
+    def disk_total_bytes(self) -> int | None: ...
+    @property
+    def disk_avail_bytes(self) -> int | None: ...
     @property
     def disk_percent(self) -> float | None: ...
-    @property
-    def latency_s(self) -> float | None: ...
 
 
 def _build_version() -> str:
@@ -133,7 +147,9 @@ class UgroCollector:
 
     ``get_samples`` returns each node's latest cached health sample (or None
     before the monitor runs); ``get_job_metrics`` returns each job's latest
-    training values (``step``, ``loss``, ``throughput``, ``ts``) as numbers.
+    training values (``step``, ``loss``, ``throughput``, ``ts``) as numbers;
+    ``get_scores`` (optional) each node's latest health score, which state
+    only records when the node's health changes.
     """
 
     def __init__(
@@ -143,6 +159,7 @@ class UgroCollector:
         get_job_metrics: Callable[[], Mapping[str, Mapping[str, float]]],
         runtime: RuntimeStats,
         *,
+        get_scores: Callable[[], Mapping[str, float | None]] | None = None,
         clock: Callable[[], float] = time.time,
         version: str | None = None,
     ) -> None:
@@ -150,6 +167,7 @@ class UgroCollector:
         self._get_samples = get_samples
         self._get_job_metrics = get_job_metrics
         self._runtime = runtime
+        self._get_scores = get_scores
         self._clock = clock
         self._build = (version or _build_version(), platform.python_version())
         self._last_collect_s = 0.0
@@ -301,31 +319,25 @@ class UgroCollector:
     def _nodes(self, state: State, samples: Mapping[str, NodeSampleView],
                out: list[AnyFamily]) -> None:
         rt = self._runtime
+        scores = self._get_scores() if self._get_scores is not None else {}
         st = _gauge("ugro_node_state", "Node state as a state-set: 1 for the current state.",
                     ("node", "state"))
         info = _gauge("ugro_node_info", "Static facts about a node (always 1).",
                       ("node", "host", "transport"))
         score = _gauge("ugro_node_health_score", "Node health score, 0-100 (>= 80 healthy).", NODE)
         breaker = _gauge("ugro_node_circuit_breaker_state",
-                         "Node's circuit breaker as a state-set (closed, half_open, open).",
+                         "Node's circuit breaker as a state-set (closed, half-open, open).",
                          ("node", "state"))
         success = _gauge("ugro_node_last_check_success_timestamp_seconds",
                          "When a health check of the node last succeeded, Unix time.", NODE)
-        sample_ts = _gauge("ugro_node_sample_timestamp_seconds",
-                           "Time of the node's latest cached health sample, Unix time.", NODE)
         alerts = _gauge("ugro_node_alert", "Active node alerts (1 per alert).",
                         ("node", "alert", "severity"))
-        cpu = _gauge("ugro_node_cpu_utilization_ratio", "Node CPU use, 0-1.", NODE)
-        mem = _gauge("ugro_node_memory_used_ratio", "Node memory in use, 0-1.", NODE)
-        disk = _gauge("ugro_node_disk_used_ratio",
-                      "Use of the filesystem holding the node's work dir, 0-1.", NODE)
-        lat = _gauge("ugro_node_check_latency_seconds",
-                     "Round-trip time of the node's last health-check command.", NODE)
         gpu_count = _gauge("ugro_node_gpus", "GPUs the node has (inventory, else config).", NODE)
         last_dur = _gauge("ugro_health_check_last_duration_seconds",
                           "How long the node's last health check took.", NODE)
         checks: list[tuple[tuple[str, ...], Counter]] = []
         failures: list[tuple[tuple[str, ...], Counter]] = []
+        sampled: list[tuple[str, NodeSampleView]] = []
         for name, node in state.nodes.items():
             labels = (name,)
             current = node.state
@@ -333,9 +345,9 @@ class UgroCollector:
                 st.add((name, s.value), 1.0 if s is current else 0.0)
             info.add((name, node.spec.host, node.spec.transport), 1.0)
             gpu_count.add(labels, float(len(node.gpus)))
-            sample = samples.get(name)
-            value = sample.score if sample is not None and sample.score is not None \
-                else node.score
+            value = scores.get(name)
+            if value is None:
+                value = node.score
             if value is not None:
                 score.add(labels, float(value))
             b = rt.breakers.get(name)
@@ -352,17 +364,10 @@ class UgroCollector:
                 checks.append((labels, rt.health_checks[name]))
                 failures.append((labels, rt.health_failures[name]))
                 last_dur.add(labels, rt.health_last_duration.get(name, 0.0))
-            if sample is None:
-                continue
-            sample_ts.add(labels, sample.ts)
-            for fam, pct in ((cpu, sample.cpu_percent), (mem, sample.memory_percent),
-                             (disk, sample.disk_percent)):
-                if pct is not None:
-                    fam.add(labels, pct / 100.0)
-            if sample.latency_s is not None:
-                lat.add(labels, sample.latency_s)
-        out.extend((st, info, score, breaker, success, sample_ts, alerts, cpu, mem, disk, lat,
-                    gpu_count, last_dur))
+            sample = samples.get(name)
+            if sample is not None:
+                sampled.append((name, sample))
+        out.extend((st, info, score, breaker, success, alerts, gpu_count, last_dur))
         out.append(_counters("ugro_health_checks_total", "Health checks run, per node.", NODE,
                              checks))
         out.append(_counters("ugro_health_check_failures_total",
@@ -372,6 +377,60 @@ class UgroCollector:
                               "Duration of health checks, all nodes.")
         dur.add((), rt.health_duration)
         out.append(dur)
+        self._samples(sampled, out)
+
+    def _samples(self, sampled: Sequence[tuple[str, NodeSampleView]],
+                 out: list[AnyFamily]) -> None:
+        """What the latest cached probe of each node said (absent values: no series)."""
+        ts = _gauge("ugro_node_sample_timestamp_seconds",
+                    "Time of the node's latest cached health sample, Unix time.", NODE)
+        lat = _gauge("ugro_node_check_latency_seconds",
+                     "Round-trip time of the node's last health probe.", NODE)
+        smi_ok = _gauge("ugro_node_gpu_query_ok",
+                        "1 when the node's last nvidia-smi query was readable, else 0.", NODE)
+        smi_s = _gauge("ugro_node_gpu_query_duration_seconds",
+                       "How long the node's last nvidia-smi query took.", NODE)
+        cpu = Family("ugro_node_cpu_seconds_total",
+                     "CPU time since boot, all CPUs, by mode (busy, idle); /proc/stat at "
+                     "USER_HZ=100.", "counter", ("node", "mode"))
+        cpus = _gauge("ugro_node_cpus", "CPUs the node has.", NODE)
+        load1 = _gauge("ugro_node_load1", "1-minute load average.", NODE)
+        mem_total = _gauge("ugro_node_memory_total_bytes", "Node memory installed.", NODE)
+        mem = _gauge("ugro_node_memory_used_ratio", "Node memory in use (total - available), 0-1.",
+                     NODE)
+        disk_size = _gauge("ugro_node_disk_size_bytes",
+                           "Size of the filesystem holding the node's work dir.", NODE)
+        disk_avail = _gauge("ugro_node_disk_avail_bytes",
+                            "Space left to users on the filesystem holding the work dir.", NODE)
+        disk = _gauge("ugro_node_disk_used_ratio",
+                      "Use of the filesystem holding the node's work dir, 0-1 (df's Use%).", NODE)
+        for name, sample in sampled:
+            labels = (name,)
+            ts.add(labels, sample.ts)
+            if sample.latency_ms is not None:
+                lat.add(labels, sample.latency_ms / 1000.0)
+            smi_ok.add(labels, 0.0 if sample.gpu_error else 1.0)
+            if sample.smi_s is not None:
+                smi_s.add(labels, sample.smi_s)
+            if sample.cpu_ticks is not None:
+                total, idle = sample.cpu_ticks
+                cpu.add((name, "busy"), (total - idle) / USER_HZ)
+                cpu.add((name, "idle"), idle / USER_HZ)
+            if sample.cpu_count is not None:
+                cpus.add(labels, float(sample.cpu_count))
+            if sample.load:
+                load1.add(labels, float(sample.load[0]))
+            if sample.mem_total_bytes is not None:
+                mem_total.add(labels, float(sample.mem_total_bytes))
+            for fam, pct in ((mem, sample.mem_percent), (disk, sample.disk_percent)):
+                if pct is not None:
+                    fam.add(labels, pct / 100.0)
+            if sample.disk_total_bytes is not None:
+                disk_size.add(labels, float(sample.disk_total_bytes))
+            if sample.disk_avail_bytes is not None:
+                disk_avail.add(labels, float(sample.disk_avail_bytes))
+        out.extend((ts, lat, smi_ok, smi_s, cpu, cpus, load1, mem_total, mem, disk_size,
+                    disk_avail, disk))
 
     def _gpus(self, state: State, samples: Mapping[str, NodeSampleView],
               out: list[AnyFamily]) -> None:
@@ -539,8 +598,7 @@ def bound_port(runner: web.AppRunner) -> int:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def api_middleware(stats: RuntimeStats) -> Callable[[web.Request, _Handler],
-                                                    Awaitable[web.StreamResponse]]:
+def api_middleware(stats: RuntimeStats) -> Middleware:
     """aiohttp middleware recording each API request by route template, method and status."""
 
     @web.middleware

@@ -37,7 +37,7 @@ JOB_RUN_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400
                    28800.0, 86400.0, 259200.0, 604800.0, 2419200.0)
 
 OUTCOMES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
-BREAKER_STATES = ("closed", "half_open", "open")
+BREAKER_STATES = ("closed", "half-open", "open")  # ugrod.health.BreakerState values
 
 
 class Histogram:
@@ -196,7 +196,7 @@ class RuntimeStats:
             failures.inc()
 
     def breaker(self, node: str, state: str) -> None:
-        """The node's circuit breaker moved: ``closed``, ``half_open`` or ``open``."""
+        """The node's circuit breaker moved: ``closed``, ``half-open`` or ``open``."""
         if state not in BREAKER_STATES:
             raise ValueError(f"unknown breaker state {state!r}")
         self.breakers[node] = state
