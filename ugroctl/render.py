@@ -18,9 +18,19 @@ GIB = 1024**3
 TERMINAL_STATES = frozenset({"succeeded", "failed", "cancelled"})
 
 
-def dump_json(doc: Any) -> str:
-    """Exactly one JSON document (ASCII-safe: a lone surrogate never breaks stdout)."""
-    return json.dumps(doc, indent=2, sort_keys=False)
+def dump_json(doc: Any, pretty: bool | None = None) -> str:
+    """Exactly one JSON document (ASCII-safe: a lone surrogate never breaks stdout).
+
+    Indented for a terminal, compact for a pipe (json's C encoder only runs
+    without indent: 5-10x faster on a long job list).
+    """
+    if pretty is None:
+        import sys
+
+        pretty = sys.stdout.isatty()
+    if pretty:
+        return json.dumps(doc, indent=2)
+    return json.dumps(doc, separators=(",", ":"))
 
 
 # ---- small formats ----------------------------------------------------------
