@@ -160,8 +160,7 @@ def _errors(daemon: Daemon) -> Any:
         finally:
             route = request.match_info.route.resource
             name = route.canonical if route is not None else "unmatched"
-            daemon.stats.api_request(f"{request.method} {name}", status,
-                                     time.perf_counter() - t0)
+            daemon.stats.api_request(name, request.method, status, time.perf_counter() - t0)
     return middleware
 
 

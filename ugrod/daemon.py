@@ -83,6 +83,8 @@ class Daemon:
             (j for j in self.ledger.state.jobs.values() if j.state in TERMINAL),
             key=lambda j: j.ended_at or 0)][-200:]
         self.ledger.on_commit(self._committed)
+        self.stats.rebuild(self.ledger.state)
+        self.ledger.on_commit(self.stats.jobs_committed)
         self.executor = Executor(self.ledger, {}, self.state_dir / "jobs", grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
                                  on_job_end=self._job_ended)
@@ -172,10 +174,22 @@ class Daemon:
         if m.enabled:
             try:
                 from ugrod import metrics as metrics_mod
+                collector = metrics_mod.UgroCollector(
+                    lambda: self.ledger.state, self._samples, lambda: self.executor.latest,
+                    self.stats, get_scores=self._scores, version=__version__)
                 self._metrics_runner = await metrics_mod.start_metrics_server(
-                    self, m.host, m.port)
+                    m.host, m.port, collector)
+                self.metrics_port = metrics_mod.bound_port(self._metrics_runner)
             except OSError as exc:
                 logger.error("metrics listener on %s:%d failed: %s", m.host, m.port, exc)
+
+    metrics_port: int | None = None
+
+    def _samples(self) -> Mapping[str, Any]:
+        return self.monitor.latest_samples() if self.monitor is not None else {}
+
+    def _scores(self) -> Mapping[str, float | None]:
+        return self.monitor.latest_scores() if self.monitor is not None else {}
 
     def _notify_ready(self) -> None:
         with contextlib.suppress(ImportError, OSError):
@@ -217,7 +231,7 @@ class Daemon:
 
     def _agent(self, spec: ev.NodeSpec) -> NodeAgent:
         transport: Transport
-        node_cfg = self.config.nodes[spec.name]
+        node_cfg = self.config.node(spec.name)
         if spec.transport == "local":
             transport = LocalTransport(spec.name)
         else:
@@ -225,11 +239,10 @@ class Daemon:
             transport = SshTransport(
                 spec.name, spec.host, spec.port, spec.user,
                 known_hosts=Path(self.config.cluster.known_hosts).expanduser(),
-                identity_file=Path(node_cfg.identity_file).expanduser()
-                if node_cfg.identity_file else None)
+                identity_file=node_cfg.identity_file)
         self.transports[spec.name] = transport
         work_dir = spec.work_dir
-        if spec.transport == "local" and self.config.builtin:
+        if spec.transport == "local" and self.config.source is None:
             work_dir = str(self.state_dir / "work")
         return NodeAgent(transport, work_dir, spec.python)
 
@@ -559,23 +572,25 @@ class Daemon:
             stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s)
 
     def _launch_argv(self, launch: Mapping[str, str | int | float]) -> list[str]:
-        t = self.config.training
-        if not t.script:
+        script = self.config.training_script()
+        if not script:
             raise ApiError(400, "bad_request", "the config has no training.script: `launch` "
                            "needs one (or use `ugroctl submit -- CMD ...`)")
-        values = {"model": t.default_model, "dataset": t.default_dataset, "epochs": t.epochs,
-                  "lr": t.lr, "name": ""}
-        for k, v in launch.items():
-            if k not in values:
+        known = {"model", "dataset", "epochs", "lr", "name"}
+        for k in launch:
+            if k not in known:
                 raise ApiError(400, "bad_request", f"launch: unknown parameter {k!r}")
-            values[k] = v
-        argv = [t.script]
-        for part in t.args_template:
-            try:
-                argv.append(part.format(**{k: str(v) for k, v in values.items()}))
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ApiError(400, "bad_request", f"training.args_template: {exc}") from None
-        return argv
+        try:
+            epochs = int(launch["epochs"]) if "epochs" in launch else None
+            lr = float(launch["lr"]) if "lr" in launch else None
+        except (TypeError, ValueError):
+            raise ApiError(400, "bad_request", "launch: epochs must be an integer and lr a "
+                           "number") from None
+        args = self.config.training.render_args(
+            name=str(launch.get("name", "")), model=str(launch["model"]) if "model" in launch
+            else None, dataset=str(launch["dataset"]) if "dataset" in launch else None,
+            epochs=epochs, lr=lr)
+        return [script, *args]
 
     def apply_overrides(self, job: Job, changes: Mapping[str, str]) -> ev.JobSpec:
         """`resume --set k=v`: replace `--k v`/`--k=v` in argv, or append it; env for UPPER."""
@@ -606,7 +621,6 @@ class Daemon:
     def _job_ended(self, job: Job) -> None:
         self._ended_order.append(job.id)
         del self._ended_order[:-200]
-        self.stats.job_finished(job) if hasattr(self.stats, "job_finished") else None
 
     def recent_ended(self, n: int) -> list[str]:
         state = self.ledger.state

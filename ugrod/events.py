@@ -42,7 +42,7 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
     """Base of every event payload (the envelope's ``data``)."""
 
     kind: ClassVar[str]
-    version: ClassVar[int] = 1
+    schema_version: ClassVar[int] = 1
 
 
 # ---- shared value types ---------------------------------------------------
@@ -414,7 +414,7 @@ def encode(record: Record) -> bytes:
     try:
         data = _encoder.encode(ev)
         line = _encoder.encode(
-            _Envelope(record.seq, ev.version, ev.kind, format_ts(record.ts), record.actor,
+            _Envelope(record.seq, ev.schema_version, ev.kind, format_ts(record.ts), record.actor,
                       msgspec.Raw(data))
         )
     except (TypeError, ValueError, OverflowError, UnicodeError, msgspec.EncodeError) as exc:
@@ -459,11 +459,11 @@ def decode(line: bytes | memoryview) -> Record:
     if cls is None:
         raise EventError(f"unknown event type {env.type!r} (written by a newer ugrod?)")
     try:
-        if env.v == cls.version:
+        if env.v == cls.schema_version:
             event = _payload_decoders[env.type].decode(env.data)
-        elif env.v > cls.version or env.v < 1:
+        elif env.v > cls.schema_version or env.v < 1:
             raise EventError(f"{env.type} version {env.v} is newer than this ugrod knows "
-                             f"({cls.version})")
+                             f"({cls.schema_version})")
         else:
             event = _upcast(cls, env.type, env.v, msgspec.json.decode(env.data))
     except msgspec.DecodeError as exc:
@@ -472,7 +472,7 @@ def decode(line: bytes | memoryview) -> Record:
 
 
 def _upcast(cls: type[Event], kind: str, v: int, data: dict[str, Any]) -> Event:
-    while v < cls.version:
+    while v < cls.schema_version:
         step = UPCASTERS.get((kind, v))
         if step is None:
             raise EventError(f"no upgrade for {kind} version {v}")

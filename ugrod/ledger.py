@@ -12,6 +12,7 @@ import logging
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 from ugrod import events as ev
 from ugrod import log as evlog
@@ -42,10 +43,11 @@ class Ledger:
         self.snapshot_seq = state.seq
 
     @classmethod
-    def open(cls, state_dir: Path, clock: Callable[[], float] = time.time) -> Ledger:
+    def open(cls, state_dir: Path, clock: Callable[[], float] = time.time,
+             **log_options: Any) -> Ledger:
         """Lock the state dir, recover the log, load the newest snapshot and replay the tail."""
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
-        log = evlog.EventLog.open(state_dir)
+        log = evlog.EventLog.open(state_dir, **log_options)
         try:
             t0 = time.perf_counter()
             state = State()
@@ -191,12 +193,16 @@ def replay_until(state_dir: Path, until_seq: int | None = None,
                  until_ts: float | None = None) -> State:
     """State at a past moment, read straight from the log (daemon may be stopped)."""
     state = State()
-    for batch in evlog.read_log(state_dir):
-        for line in batch:
-            record = ev.decode(line)
-            if until_seq is not None and record.seq > until_seq:
-                return state
-            if until_ts is not None and record.ts > until_ts:
-                return state
-            state = apply(state, record)
+    log = evlog.EventLog.open(state_dir, readonly=True)
+    try:
+        for batch in log.read():
+            for line in batch:
+                record = ev.decode(line)
+                if until_seq is not None and record.seq > until_seq:
+                    return state
+                if until_ts is not None and record.ts > until_ts:
+                    return state
+                state = apply(state, record)
+    finally:
+        log.close_sync()
     return state

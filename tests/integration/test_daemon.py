@@ -116,7 +116,7 @@ def test_jobs_queue_fifo_on_one_gpu_less_node(ugrod: Ugrod) -> None:
     ({"argv": ["x"], "env": {"A=B": "1"}}, 400, "environment variable"),
     ({"argv": ["x"], "after": ["nope"]}, 400, "no such job"),
     ({"argv": ["x"], "max_retries": -1}, 400, "max_retries"),
-])
+], ids=lambda v: str(v)[:40] if not isinstance(v, int) else str(v))
 def test_bad_submissions_get_a_clear_error_and_change_nothing(
         ugrod: Ugrod, body: dict[str, object], status: int, needle: str) -> None:
     seq = ugrod.api("GET", "/v1/ping")[1]["seq"]
@@ -134,7 +134,7 @@ def test_bad_submissions_get_a_clear_error_and_change_nothing(
     (b'{"argv": ["x"]', 400, "bad_request"),
     (b"{" + b'"a":' * 50_000 + b"1", 400, "bad_request"),
     (b'{"argv": ["' + b"x" * (2 << 20) + b'"]}', 413, "too_large"),
-])
+], ids=["text", "binary", "list", "truncated", "deep", "huge"])
 def test_bodies_that_are_not_a_job(ugrod: Ugrod, raw: bytes, status: int, code: str) -> None:
     got, answer = ugrod.api("POST", "/v1/jobs", raw=raw)
     assert got == status and answer["code"] == code, answer
@@ -217,11 +217,15 @@ def test_crash_under_concurrent_clients_loses_no_acknowledged_event(short_tmp: P
                 conn.request("POST", "/v1/jobs", json.dumps(
                     {"argv": ["sleep", "30"], "name": name, "held": True}),
                     {"Content-Type": "application/json"})
-                if conn.getresponse().status == 201:
+                r = conn.getresponse()
+                r.read()
+                if r.status == 201:
                     with lock:
                         acked[name] = "queued"
                 conn.request("POST", f"/v1/jobs/{name}/cancel")
-                if conn.getresponse().status in (200, 202):
+                r = conn.getresponse()
+                r.read()
+                if r.status in (200, 202):
                     with lock:
                         acked[name] = "cancelled"
                 conn.close()

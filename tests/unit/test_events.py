@@ -66,12 +66,12 @@ def test_old_versions_are_upcast_on_read() -> None:
                 b'"actor":{"user":"x"},"data":{"name":"a"}}')
         with pytest.raises(ev.EventError):  # v0 < 1 is out of range for v1 types
             ev.decode(line)
-        cls.version = 2  # type: ignore[misc]
+        cls.schema_version = 2  # type: ignore[misc]
         ev.UPCASTERS[("job_held", 1)] = lambda d: d
         line1 = line.replace(b'"v":0', b'"v":1').replace(b'"name"', b'"job"')
         assert ev.decode(line1).event == ev.JobHeld(job="a")
     finally:
-        ev.EVENT_TYPES["job_held"].version = 1  # type: ignore[misc]
+        ev.EVENT_TYPES["job_held"].schema_version = 1  # type: ignore[misc]
         ev.UPCASTERS.clear()
 
 
