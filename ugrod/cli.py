@@ -80,8 +80,9 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     config_path = args.config
-    if config_path is None and cfgmod.DEFAULT_CONFIG.exists():
-        config_path = cfgmod.DEFAULT_CONFIG
+    from ugrod.paths import ROOT_CONFIG
+    if config_path is None and ROOT_CONFIG.exists():
+        config_path = ROOT_CONFIG
     try:
         cfg = cfgmod.load(config_path) if config_path is not None else cfgmod.builtin()
     except cfgmod.ConfigError as exc:
