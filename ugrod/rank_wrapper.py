@@ -1,0 +1,429 @@
+"""UGRO rank wrapper: runs on each node (Python 3.8+ stdlib only), uploaded by ugrod.
+
+One rank's files live in its run dir: spec.json, pid ("PID STARTTIME"), rank.log,
+metrics.jsonl, exit_code, checkpoint.request. A rank is started detached (own session and
+process group) under a small supervisor that records its exit code, so ranks outlive the
+SSH channel and ugrod, and an exit that happens while nobody watches is still recorded.
+
+A pid is trusted only together with its start time (field 22 of /proc/PID/stat), so a
+reused pid is never signalled. The rank's environment carries UGRO_RUN_DIR=RUN_DIR, which
+finds descendants that left the process group (torchrun starts its workers in new
+sessions) without ever matching processes by name.
+
+Subcommands print one JSON document (``watch``: JSON lines) on stdout:
+  start RUN_DIR [--spec-stdin]          {"pid": N} | {"error": "...", "exit_code": 127}
+  watch RUN_DIR LOG_OFFSET METRICS_OFFSET
+  status RUN_DIR                        {"pid", "alive", "exit_code", "pids"}
+  kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
+  alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
+  checkpoint RUN_DIR | ls-checkpoints DIR | free-port [LOW HIGH] | reach HOST PORT TIMEOUT
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import select
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+POLL_S = 0.05
+LOG_CHUNK = 48 * 1024
+METRICS_READ = 1024 * 1024
+MARKER = "UGRO_RUN_DIR"
+
+
+def emit(obj: object) -> None:
+    """One JSON line to stdout, unbuffered (raises BrokenPipeError when the reader left)."""
+    data = (json.dumps(obj, separators=(",", ":")) + "\n").encode()
+    while data:
+        data = data[os.write(1, data) :]
+
+
+def write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_text(path: str) -> str | None:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state, starttime) of a process, or None if it does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return fields[0], int(fields[19])  # fields[0] is field 3 (state); 22 is starttime
+
+
+def recorded_pid(run_dir: str) -> tuple[int, int] | None:
+    text = read_text(os.path.join(run_dir, "pid"))
+    if not text:
+        return None
+    pid, start = text.split()
+    return int(pid), int(start)
+
+
+def leader_alive(run_dir: str) -> int | None:
+    """The rank's pid if that very process (pid and start time) is still running."""
+    rec = recorded_pid(run_dir)
+    if rec is None:
+        return None
+    stat = proc_stat(rec[0])
+    if stat is None or stat[0] in ("Z", "X") or stat[1] != rec[1]:
+        return None
+    return rec[0]
+
+
+def marked_pids(run_dirs: list[str]) -> dict[str, list[int]]:
+    """Live processes of this user whose environment has UGRO_RUN_DIR=one of run_dirs."""
+    wanted = {(f"{MARKER}={d}").encode(): d for d in run_dirs}
+    found: dict[str, list[int]] = {d: [] for d in run_dirs}
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{name}/environ", "rb") as f:
+                env = f.read().split(b"\0")
+        except OSError:
+            continue
+        for entry in env:
+            if entry in wanted:
+                stat = proc_stat(int(name))
+                if stat is not None and stat[0] not in ("Z", "X"):
+                    found[wanted[entry]].append(int(name))
+                break
+    return found
+
+
+def exit_code(run_dir: str) -> int | None:
+    text = read_text(os.path.join(run_dir, "exit_code"))
+    return int(text) if text and text.strip() else None
+
+
+# ---- start ---------------------------------------------------------------------------
+
+
+def cmd_start(run_dir: str, spec_stdin: bool) -> int:
+    run_dir = os.path.abspath(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+    spec_path = os.path.join(run_dir, "spec.json")
+    if spec_stdin:
+        spec_text = sys.stdin.read()
+        json.loads(spec_text)
+        if not os.path.exists(spec_path):
+            write_atomic(spec_path, spec_text)
+    with open(spec_path) as f:
+        spec = json.load(f)
+    argv = spec.get("argv") if isinstance(spec, dict) else None
+    if not argv or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
+        raise ValueError(f"{spec_path}: argv must be a non-empty list of strings")
+    for directory in spec.get("mkdirs") or []:
+        os.makedirs(str(directory), exist_ok=True)
+    rec = recorded_pid(run_dir)
+    if rec is not None:  # started before (a retried spawn): same answer, no second rank
+        emit({"pid": rec[0], "existing": True})
+        return 0
+    code = exit_code(run_dir)
+    if code is not None:
+        error = read_text(os.path.join(run_dir, "start_error")) or "rank already ended"
+        emit({"error": error, "exit_code": code})
+        return code or 1
+    rfd, wfd = os.pipe()
+    child = os.fork()
+    if child == 0:  # intermediate: new session, fork the supervisor, vanish
+        try:
+            os.close(rfd)
+            os.setsid()
+            if os.fork() == 0:
+                supervise(run_dir, spec, wfd)
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    os.waitpid(child, 0)
+    with os.fdopen(rfd, "rb") as pipe:
+        answer = pipe.read()
+    if not answer:
+        emit({"error": "the rank supervisor died before starting the rank", "exit_code": 1})
+        return 1
+    reply = json.loads(answer)
+    emit(reply)
+    return 0 if "pid" in reply else int(reply.get("exit_code") or 1)
+
+
+def supervise(run_dir: str, spec: dict[str, Any], wfd: int) -> None:
+    """Detached: start the rank, record pid, report on wfd, wait, record the exit code."""
+    devnull = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):  # let go of the SSH channel
+        os.dup2(devnull, fd)
+    env = dict(os.environ)
+    env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
+    env[MARKER] = run_dir
+    argv = [str(a) for a in spec["argv"]]
+    with open(os.path.join(run_dir, "rank.log"), "ab") as log:
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                cwd=spec.get("cwd") or None,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            code = 127 if isinstance(exc, FileNotFoundError) else 126
+            what = exc.strerror or str(exc)
+            if exc.filename is not None:
+                what = f"{what}: {exc.filename!r}"
+            error = f"cannot start {argv[0]!r}: {what}"
+            log.write(f"ugro: {error}\n".encode())
+            write_atomic(os.path.join(run_dir, "start_error"), error)
+            write_atomic(os.path.join(run_dir, "exit_code"), f"{code}\n")
+            os.write(wfd, json.dumps({"error": error, "exit_code": code}).encode())
+            return
+    stat = proc_stat(proc.pid)  # still ours (unreaped) even if it already exited
+    write_atomic(os.path.join(run_dir, "pid"), f"{proc.pid} {stat[1] if stat else 0}\n")
+    os.write(wfd, json.dumps({"pid": proc.pid}).encode())
+    os.close(wfd)
+    rc = proc.wait()
+    write_atomic(os.path.join(run_dir, "exit_code"), f"{rc if rc >= 0 else 128 - rc}\n")
+
+
+# ---- watch ---------------------------------------------------------------------------
+
+
+def cmd_watch(run_dir: str, log_off: int, met_off: int) -> int:
+    if not os.path.isdir(run_dir):
+        emit({"t": "error", "message": f"no run directory {run_dir}"})
+        return 1
+    out = select.poll()
+    out.register(1, select.POLLOUT)
+    pid_sent = False
+    log_path = os.path.join(run_dir, "rank.log")
+    met_path = os.path.join(run_dir, "metrics.jsonl")
+    try:
+        while True:
+            if any(ev & (select.POLLERR | select.POLLHUP) for _, ev in out.poll(0)):
+                return 0  # the head closed the channel
+            ended = exit_code(run_dir)  # checked before draining: the drain is then final
+            if not pid_sent:
+                rec = recorded_pid(run_dir)
+                if rec is not None:
+                    emit({"t": "pid", "pid": rec[0]})
+                    pid_sent = True
+            log_off = drain_log(log_path, log_off)
+            met_off = drain_metrics(met_path, met_off, final=ended is not None)
+            if ended is not None:
+                emit({"t": "exit", "code": ended})
+                return 0
+            time.sleep(POLL_S)
+    except BrokenPipeError:
+        return 0
+
+
+def drain_log(path: str, off: int) -> int:
+    try:
+        if os.path.getsize(path) <= off:
+            return off
+        with open(path, "rb") as f:
+            f.seek(off)
+            while True:
+                data = f.read(LOG_CHUNK)
+                if not data:
+                    return off
+                emit({"t": "log", "o": off, "d": base64.b64encode(data).decode()})
+                off += len(data)
+    except FileNotFoundError:
+        return off
+
+
+def drain_metrics(path: str, off: int, final: bool) -> int:
+    while True:
+        try:
+            if os.path.getsize(path) <= off:
+                return off
+            with open(path, "rb") as f:
+                f.seek(off)
+                data = f.read(METRICS_READ)
+        except FileNotFoundError:
+            return off
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            end = off + len(line) + 1
+            emit({"t": "metric", "o": off, "e": end, "d": line.decode("utf-8", "replace")})
+            off = end
+        if rest and (final or len(rest) >= METRICS_READ):  # no newline is coming
+            emit(
+                {
+                    "t": "metric",
+                    "o": off,
+                    "e": off + len(rest),
+                    "d": rest.decode("utf-8", "replace"),
+                }
+            )
+            off += len(rest)
+        if len(data) < METRICS_READ:
+            return off
+
+
+# ---- control -------------------------------------------------------------------------
+
+
+def status(run_dir: str, pids: list[int]) -> dict[str, Any]:
+    rec = recorded_pid(run_dir)
+    leader = leader_alive(run_dir)
+    alive = sorted(set(pids) | ({leader} if leader else set()))
+    return {
+        "pid": rec[0] if rec else None,
+        "alive": bool(alive),
+        "exit_code": exit_code(run_dir),
+        "pids": alive,
+    }
+
+
+def cmd_status(run_dir: str) -> int:
+    emit(status(run_dir, marked_pids([run_dir])[run_dir]))
+    return 0
+
+
+def cmd_alive_pids(run_dirs: list[str]) -> int:
+    found = marked_pids(run_dirs)
+    emit({d: status(d, found[d])["pids"] for d in run_dirs})
+    return 0
+
+
+def parse_signal(text: str) -> int:
+    if text.isdigit():
+        return int(text)
+    name = text.upper()
+    return int(getattr(signal, name if name.startswith("SIG") else "SIG" + name))
+
+
+def cmd_kill(run_dir: str, sig_text: str) -> int:
+    sig = parse_signal(sig_text)
+    rec = recorded_pid(run_dir)
+    leader = leader_alive(run_dir)
+    signalled: list[int] = []
+    if leader is not None:
+        try:
+            os.killpg(leader, sig)
+        except ProcessLookupError:
+            leader = None
+    for pid in marked_pids([run_dir])[run_dir]:
+        try:
+            if leader is not None and os.getpgid(pid) == leader:
+                signalled.append(pid)  # already got it through the group
+                continue
+            os.kill(pid, sig)
+            signalled.append(pid)
+        except ProcessLookupError:
+            pass
+    emit({"pid": rec[0] if rec else None, "group": leader is not None, "signalled": signalled})
+    return 0
+
+
+def cmd_checkpoint(run_dir: str) -> int:
+    write_atomic(os.path.join(run_dir, "checkpoint.request"), f"{time.time():f}\n")
+    emit({"requested": True})
+    return 0
+
+
+def cmd_ls_checkpoints(directory: str) -> int:
+    found = []
+    try:
+        entries = list(os.scandir(directory))
+    except FileNotFoundError:
+        entries = []
+    for entry in entries:
+        if entry.name.startswith(".") or ".tmp" in entry.name:
+            continue
+        st = entry.stat()
+        size, mtime = st.st_size, st.st_mtime
+        if entry.is_dir():
+            size = 0
+            for root, _dirs, files in os.walk(entry.path):
+                for name in files:
+                    fst = os.stat(os.path.join(root, name))
+                    size += fst.st_size
+                    mtime = max(mtime, fst.st_mtime)
+        found.append({"path": entry.path, "size_bytes": size, "mtime": mtime})
+    emit(sorted(found, key=lambda c: (c["mtime"], c["path"])))
+    return 0
+
+
+def cmd_free_port(low: int, high: int) -> int:
+    candidates = [0] if low == 0 else random.sample(range(low, high + 1), min(64, high - low + 1))
+    for port in candidates:
+        with socket.socket() as s:
+            try:
+                s.bind(("", port))
+            except OSError:
+                continue
+            emit({"port": s.getsockname()[1]})
+            return 0
+    emit({"error": f"no free TCP port in {low}-{high}"})
+    return 1
+
+
+def cmd_reach(host: str, port: int, timeout_s: float) -> int:
+    try:
+        socket.create_connection((host, port), timeout=timeout_s).close()
+    except OSError as exc:
+        emit({"ok": False, "error": f"{host}:{port}: {exc.strerror or exc}"})
+        return 1
+    emit({"ok": True})
+    return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        sys.stderr.write(__doc__ or "")
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd == "start":
+        return cmd_start(args[0], "--spec-stdin" in args[1:])
+    if cmd == "watch":
+        return cmd_watch(args[0], int(args[1]), int(args[2]))
+    if cmd == "status":
+        return cmd_status(args[0])
+    if cmd == "kill":
+        return cmd_kill(args[0], args[1])
+    if cmd == "alive-pids":
+        return cmd_alive_pids(args)
+    if cmd == "checkpoint":
+        return cmd_checkpoint(args[0])
+    if cmd == "ls-checkpoints":
+        return cmd_ls_checkpoints(args[0])
+    if cmd == "free-port":
+        return cmd_free_port(*(int(a) for a in args[:2])) if args else cmd_free_port(0, 0)
+    if cmd == "reach":
+        return cmd_reach(args[0], int(args[1]), float(args[2]))
+    sys.stderr.write(f"rank_wrapper: unknown command {cmd!r}\n")
+    return 2
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (OSError, ValueError, KeyError, IndexError) as exc:
+        sys.stderr.write(f"rank_wrapper: {type(exc).__name__}: {exc}\n")
+        sys.exit(1)

@@ -1,0 +1,384 @@
+"""NodeAgent: a rank's lifecycle on one node (start, watch, status, kill) via the rank wrapper.
+
+Works on top of any Transport. Everything the node says back is untrusted input: the
+wrapper's output is decoded against typed structs, offsets are checked for gaps and
+repeats, and anything else is a WrapperProtocolError naming the node, never a crash.
+Nothing is ever passed through a shell built from user input: argv lists only (the SSH
+transport quotes them with ``shlex.join``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import posixpath
+import re
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ugrod.transport.base import CommandResult, Transport, TransportError
+
+WRAPPER_SOURCE = Path(__file__).with_name("rank_wrapper.py").read_bytes()
+WRAPPER_SHA256 = hashlib.sha256(WRAPPER_SOURCE).hexdigest()
+_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_MAX_REPLY = 16 * 1024 * 1024
+
+# Prints the installed wrapper's sha256 (or "missing") and makes the given directories.
+_PREPARE = """\
+import hashlib, os, sys
+for d in sys.argv[2:]:
+    os.makedirs(d, exist_ok=True)
+try:
+    print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
+except FileNotFoundError:
+    print("missing")
+"""
+
+
+class WrapperProtocolError(TransportError):
+    """The node's rank wrapper answered something that is not what the protocol says."""
+
+
+class RankStartError(TransportError):
+    """The rank's command could not be started (e.g. not found: exit_code 127)."""
+
+    def __init__(self, node: str, message: str, exit_code: int) -> None:
+        super().__init__(node, message)
+        self.exit_code = exit_code
+
+
+# ---- events and answers -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RankPid:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    """Bytes of rank.log starting at ``offset``; resume a watch at ``end``."""
+
+    offset: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricLine:
+    """One line of metrics.jsonl (without its newline); resume a watch at ``end``."""
+
+    offset: int
+    data: bytes
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankExit:
+    exit_code: int
+
+
+RankEvent = RankPid | LogChunk | MetricLine | RankExit
+
+
+@dataclass(frozen=True, slots=True)
+class RankStatus:
+    """``alive``: the rank's process (same pid and start time) or one of its descendants."""
+
+    pid: int | None
+    alive: bool
+    exit_code: int | None
+    pids: tuple[int, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFile:
+    path: str
+    size_bytes: int
+    mtime: float
+
+
+# ---- the wrapper's wire format --------------------------------------------------------
+
+
+class _Pid(msgspec.Struct, tag_field="t", tag="pid"):
+    pid: int
+
+
+class _Log(msgspec.Struct, tag_field="t", tag="log"):
+    o: int
+    d: str
+
+
+class _Metric(msgspec.Struct, tag_field="t", tag="metric"):
+    o: int
+    e: int
+    d: str
+
+
+class _Exit(msgspec.Struct, tag_field="t", tag="exit"):
+    code: int
+
+
+class _Error(msgspec.Struct, tag_field="t", tag="error"):
+    message: str
+
+
+_WatchLine = _Pid | _Log | _Metric | _Exit | _Error
+_watch_decoder = msgspec.json.Decoder(_WatchLine)
+
+
+class _Status(msgspec.Struct):
+    pid: int | None
+    alive: bool
+    exit_code: int | None
+    pids: list[int] = []
+
+
+class _Checkpoint(msgspec.Struct):
+    path: str
+    size_bytes: int
+    mtime: float
+
+
+class NodeAgent:
+    """Ranks on one node, through its Transport and the uploaded rank wrapper."""
+
+    def __init__(self, transport: Transport, work_dir: str, python: str = "python3") -> None:
+        self.transport = transport
+        self.node = transport.node
+        self.python = python
+        self._work_dir_setting = work_dir
+        self._work_dir: str | None = None
+        self._prepared = False
+
+    # ---- paths ------------------------------------------------------------------------
+
+    async def work_dir(self) -> str:
+        """The node-side work directory, absolute ('~' expanded with the login's home)."""
+        if self._work_dir is None:
+            wd = self._work_dir_setting
+            if wd == "~" or wd.startswith("~/"):
+                wd = await self.transport.home() + wd[1:]
+            if not wd.startswith("/"):
+                raise TransportError(self.node, f"work_dir {wd!r} must be absolute or start with ~")
+            self._work_dir = posixpath.normpath(wd)
+        return self._work_dir
+
+    async def wrapper_path(self) -> str:
+        return f"{await self.work_dir()}/.ugro/rank_wrapper.py"
+
+    async def job_dir(self, job: str) -> str:
+        if not _JOB_ID.fullmatch(job) or ".." in job:
+            raise ValueError(f"invalid job id {job!r}")
+        return f"{await self.work_dir()}/jobs/{job}"
+
+    async def run_dir(self, job: str, attempt: int, rank: int) -> str:
+        if attempt < 0 or rank < 0:
+            raise ValueError(f"invalid attempt/rank {attempt}/{rank}")
+        return f"{await self.job_dir(job)}/attempt-{int(attempt)}/rank-{int(rank)}"
+
+    async def checkpoint_dir(self, job: str) -> str:
+        return f"{await self.job_dir(job)}/checkpoints"
+
+    # ---- setup ------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Make the work dirs and upload the wrapper if the node's copy differs (sha256)."""
+        wd = await self.work_dir()
+        wrapper = await self.wrapper_path()
+        result = await self.transport.run(
+            [self.python, "-c", _PREPARE, wrapper, f"{wd}/.ugro", f"{wd}/jobs"]
+        )
+        if not result.ok:
+            raise TransportError(
+                self.node, f"{self.python} failed on the node: {result.stderr_line()}"
+            )
+        if result.stdout.decode(errors="replace").strip() != WRAPPER_SHA256:
+            await self.transport.put_file(wrapper, WRAPPER_SOURCE, 0o755)
+        self._prepared = True
+
+    async def _wrapper_argv(self, *args: str) -> list[str]:
+        if not self._prepared:
+            await self.prepare()
+        return [self.python, await self.wrapper_path(), *args]
+
+    async def _call(self, *args: str, input: bytes | None = None) -> CommandResult:
+        return await self.transport.run(await self._wrapper_argv(*args), input=input)
+
+    def _reply(self, result: CommandResult, what: str) -> Any:
+        """The wrapper's one JSON document on stdout, or a clear error."""
+        text = result.stdout.strip()
+        if not text:
+            raise TransportError(self.node, f"{what} failed: {result.stderr_line()}")
+        if len(text) > _MAX_REPLY:
+            raise WrapperProtocolError(self.node, f"{what}: reply of {len(text)} bytes")
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise WrapperProtocolError(
+                self.node, f"{what}: not JSON from the rank wrapper: {text[:200]!r}"
+            ) from exc
+
+    # ---- ranks ------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        job: str,
+        attempt: int,
+        rank: int,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | None = None,
+    ) -> int:
+        """Start a rank detached on the node; its pid (= its process group id)."""
+        rd = await self.run_dir(job, attempt, rank)
+        ckpt = await self.checkpoint_dir(job)
+        full_env = {
+            "UGRO_JOB_DIR": rd,
+            "UGRO_METRICS_FILE": f"{rd}/metrics.jsonl",
+            "UGRO_CHECKPOINT_DIR": ckpt,
+            **env,
+        }
+        spec = {"argv": list(argv), "env": full_env, "cwd": cwd, "mkdirs": [ckpt]}
+        result = await self._call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
+        reply = self._reply(result, f"starting rank {rank} of {job}")
+        match reply:
+            case {"pid": int(pid)} if pid > 0:
+                return pid
+            case {"error": str(error), "exit_code": int(code)}:
+                raise RankStartError(self.node, f"rank {rank} of {job}: {error}", code)
+        raise WrapperProtocolError(self.node, f"starting rank {rank} of {job}: reply {reply!r}")
+
+    async def watch(
+        self, job: str, attempt: int, rank: int, log_offset: int = 0, metrics_offset: int = 0
+    ) -> AsyncGenerator[RankEvent, None]:
+        """Stream a rank's pid, log, metrics and finally its exit (then stop).
+
+        Use ``contextlib.aclosing`` when stopping early. Resume with the last event's
+        ``end`` offsets to lose and repeat nothing.
+        """
+        rd = await self.run_dir(job, attempt, rank)
+        argv = await self._wrapper_argv("watch", rd, str(log_offset), str(metrics_offset))
+        stream = await self.transport.open_stream(argv)
+        offsets = [log_offset, metrics_offset]
+        try:
+            while True:
+                line = await stream.readline()
+                if not line:
+                    raise TransportError(
+                        self.node, f"watch of {rd} ended before the rank's exit was reported"
+                    )
+                event = self._decode(line, offsets, rd)
+                yield event
+                if isinstance(event, RankExit):
+                    return
+        finally:
+            await stream.close()
+
+    def _decode(self, line: bytes, offsets: list[int], rd: str) -> RankEvent:
+        """One watch line as an event; checks offsets continue exactly where expected."""
+
+        def bad(why: str) -> WrapperProtocolError:
+            return WrapperProtocolError(
+                self.node,
+                f"malformed line from the rank wrapper watching {rd}: {why}: {line[:160]!r}",
+            )
+
+        try:
+            msg = _watch_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            raise bad(str(exc)) from exc
+        match msg:
+            case _Pid(pid=pid):
+                if pid <= 0:
+                    raise bad("pid must be positive")
+                return RankPid(pid)
+            case _Log(o=o, d=d):
+                if o != offsets[0]:
+                    raise bad(f"log offset {o}, expected {offsets[0]}")
+                try:
+                    data = base64.b64decode(d, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise bad("log data is not base64") from exc
+                offsets[0] = o + len(data)
+                return LogChunk(o, data)
+            case _Metric(o=o, e=e, d=d):
+                if o != offsets[1] or e <= o:
+                    raise bad(f"metrics offsets {o}-{e}, expected start {offsets[1]}")
+                offsets[1] = e
+                return MetricLine(o, d.encode(), e)
+            case _Exit(code=code):
+                return RankExit(code)
+            case _Error(message=message):
+                raise TransportError(self.node, f"watching {rd}: {message[:300]}")
+        raise bad("unknown message")
+
+    async def status(self, job: str, attempt: int, rank: int) -> RankStatus:
+        rd = await self.run_dir(job, attempt, rank)
+        reply = self._reply(await self._call("status", rd), f"status of {rd}")
+        try:
+            st = msgspec.convert(reply, _Status)
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"status of {rd}: {exc}: {reply!r}") from exc
+        return RankStatus(st.pid, st.alive, st.exit_code, tuple(st.pids))
+
+    async def alive_pids(self, run_dirs: Sequence[str]) -> dict[str, list[int]]:
+        """For each run dir, the pids of its rank's processes still alive (one call)."""
+        if not run_dirs:
+            return {}
+        reply = self._reply(await self._call("alive-pids", *run_dirs), "alive-pids")
+        try:
+            return msgspec.convert(reply, dict[str, list[int]])
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"alive-pids: {exc}") from exc
+
+    async def kill(self, job: str, attempt: int, rank: int, sig: int) -> None:
+        """Signal the rank's process group and its descendants, if still that rank's."""
+        rd = await self.run_dir(job, attempt, rank)
+        result = await self._call("kill", rd, str(int(sig)))
+        if not result.ok:
+            raise TransportError(self.node, f"kill {rd}: {result.stderr_line()}")
+
+    async def request_checkpoint(self, job: str, attempt: int, rank: int) -> None:
+        rd = await self.run_dir(job, attempt, rank)
+        result = await self._call("checkpoint", rd)
+        if not result.ok:
+            raise TransportError(self.node, f"checkpoint request {rd}: {result.stderr_line()}")
+
+    async def list_checkpoints(self, job: str) -> list[CheckpointFile]:
+        reply = self._reply(
+            await self._call("ls-checkpoints", await self.checkpoint_dir(job)), "ls-checkpoints"
+        )
+        try:
+            found = msgspec.convert(reply, list[_Checkpoint])
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"ls-checkpoints: {exc}") from exc
+        return [CheckpointFile(c.path, c.size_bytes, c.mtime) for c in found]
+
+    async def free_port(self, low: int = 0, high: int = 0) -> int:
+        """A TCP port free on the node right now (in low..high when given)."""
+        args = ["free-port"] + ([str(low), str(high)] if low else [])
+        reply = self._reply(await self._call(*args), "free-port")
+        match reply:
+            case {"port": int(port)} if 0 < port < 65536:
+                return port
+            case {"error": str(error)}:
+                raise TransportError(self.node, error)
+        raise WrapperProtocolError(self.node, f"free-port: reply {reply!r}")
+
+    async def can_reach(self, host: str, port: int, timeout_s: float) -> bool:
+        """Whether a TCP connect from the node to host:port succeeds within timeout_s."""
+        result = await self._call("reach", host, str(int(port)), str(float(timeout_s)))
+        if result.exit_code not in (0, 1):
+            raise TransportError(self.node, f"reach {host}:{port}: {result.stderr_line()}")
+        return result.exit_code == 0
