@@ -990,3 +990,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = exc.code
         return code if isinstance(code, int) else (0 if code is None else EXIT_FAILED)
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
