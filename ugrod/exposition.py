@@ -10,7 +10,6 @@ the same series. Pure: no I/O, no clock.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterable, Sequence
 
 from ugrod.runtime_stats import Histogram
@@ -65,12 +64,12 @@ class HistogramFamily:
 AnyFamily = Family | HistogramFamily
 
 
+_SPECIAL = {"nan": "NaN", "inf": "+Inf", "-inf": "-Inf"}
+
+
 def format_value(v: float) -> str:
-    if math.isfinite(v):
-        return repr(float(v))
-    if math.isnan(v):
-        return "NaN"
-    return "+Inf" if v > 0 else "-Inf"
+    s = repr(float(v))
+    return _SPECIAL.get(s, s)
 
 
 def _escape(v: str) -> str:
@@ -86,39 +85,59 @@ class _Escaper(dict[str, str]):
         return value
 
 
-def _rows(name: str, labelnames: tuple[str, ...], rows: Iterable[tuple[LabelValues, float]],
-          out: list[str], esc: _Escaper) -> None:
-    fmt = format_value
-    if not labelnames:
-        out.extend(f"{name} {fmt(v)}\n" for _, v in rows)
-        return
-    # name{a="x",b="y"} v: pieces between the values are fixed per family.
-    first = f'{name}{{{labelnames[0]}="'
-    seps = [f'",{n}="' for n in labelnames[1:]]
-    if not seps:
-        out.extend(f'{first}{esc[vals[0]]}"}} {fmt(v)}\n' for vals, v in rows)
+class _Labels(dict[tuple[str, ...], str]):
+    """Memo of rendered ``{a="x",b="y"}`` per label-value tuple, for one set of names.
+
+    The collector passes the same tuple (a job, a GPU) to several families, so
+    each is escaped and joined once per scrape.
+    """
+
+    def __init__(self, names: tuple[str, ...], esc: _Escaper) -> None:
+        super().__init__()
+        self.names = names
+        self.esc = esc
+
+    def __missing__(self, values: tuple[str, ...]) -> str:
+        esc = self.esc
+        text = "{" + ",".join(f'{n}="{esc[v]}"' for n, v in zip(self.names, values,
+                                                               strict=True)) + "}"
+        self[values] = text
+        return text
+
+
+def _rows(name: str, labels: _Labels | None, rows: Iterable[tuple[LabelValues, float]],
+          out: list[str]) -> None:
+    special = _SPECIAL
+    if labels is None:
+        for _, v in rows:
+            s = repr(float(v))
+            out.append(f"{name} {special.get(s, s)}\n")
         return
     for vals, v in rows:
-        parts = [first, esc[vals[0]]]
-        for sep, val in zip(seps, vals[1:], strict=True):
-            parts.append(sep)
-            parts.append(esc[val])
-        parts.append('"} ')
-        parts.append(fmt(v))
-        parts.append("\n")
-        out.append("".join(parts))
+        s = repr(float(v))
+        out.append(f"{name}{labels[vals]} {special.get(s, s)}\n")
 
 
 def render(families: Iterable[AnyFamily]) -> bytes:
     """Prometheus text exposition format 0.0.4 of ``families``."""
     out: list[str] = []
     esc = _Escaper()
+    memos: dict[tuple[str, ...], _Labels] = {}
+
+    def labels(names: tuple[str, ...]) -> _Labels | None:
+        if not names:
+            return None
+        memo = memos.get(names)
+        if memo is None:
+            memo = memos[names] = _Labels(names, esc)
+        return memo
+
     for fam in families:
         doc = fam.doc.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {fam.name} {doc}\n# TYPE {fam.name} {fam.typ}\n")
         if isinstance(fam, Family):
-            _rows(fam.name, fam.labelnames, fam.rows, out, esc)
+            _rows(fam.name, labels(fam.labelnames), fam.rows, out)
         else:
             for sample, names, values, value in fam.samples():
-                _rows(sample, names, ((values, value),), out, esc)
+                _rows(sample, labels(names), ((values, value),), out)
     return "".join(out).encode()

@@ -59,7 +59,7 @@ TEXT_CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"
 JOB_PHASES = (JobState.STARTING, JobState.RUNNING)
 JOB = ("job", "owner")
 NODE = ("node",)
-GPU = ("node", "gpu", "UUID", "modelName")
+GPU = ("node", "gpu", "UUID", "model_name")
 USER_HZ = 100.0  # /proc/stat ticks per second on every Linux build that matters
 
 
@@ -286,32 +286,42 @@ class UgroCollector:
         alloc = _gauge("ugro_job_gpu_allocation",
                        "1 per GPU an active job holds: join GPU metrics on (node, gpu).",
                        ("job", "node", "gpu", "UUID", "rank"))
-        keyed = ((step, "step"), (loss, "loss"), (tput, "throughput"), (report, "ts"))
+        # Hot loop (1,000s of jobs): bound appends instead of method calls.
+        keyed = ((step.rows.append, "step"), (loss.rows.append, "loss"),
+                 (tput.rows.append, "throughput"), (report.rows.append, "ts"))
+        phase_add, stalled_add = phase.rows.append, stalled.rows.append
+        start_add, alloc_add = start.rows.append, alloc.rows.append
         isfinite = math.isfinite
+        starting, running = JOB_PHASES
         for job_id in state.active:
             job = state.jobs[job_id]
             if job.state not in ACTIVE:
                 continue
-            labels = (job_id, job.owner)
-            for ph in JOB_PHASES:
-                phase.add((job_id, job.owner, ph.value), 1.0 if job.state is ph else 0.0)
-            stalled.add(labels, 1.0 if job.stalled else 0.0)
+            owner = job.owner
+            labels = (job_id, owner)
+            is_running = job.state is running
+            phase_add(((job_id, owner, starting.value), 0.0 if is_running else 1.0))
+            phase_add(((job_id, owner, running.value), 1.0 if is_running else 0.0))
+            stalled_add((labels, 1.0 if job.stalled else 0.0))
             if job.started_at is not None:
-                start.add(labels, job.started_at)
+                start_add((labels, job.started_at))
             values = training.get(job_id)
             if values:
-                for fam, key in keyed:
+                for add, key in keyed:
                     v = values.get(key)
                     if v is not None and isfinite(v):
-                        fam.add(labels, float(v))
+                        add((labels, float(v)))
             for p in job.placement:
                 if not p.gpus:
                     continue
-                node = state.nodes.get(p.node)
-                known = {g.index: g.uuid for g in node.gpus} if node is not None else {}
-                for i, g in enumerate(p.gpus):
-                    uuid = p.gpu_uuids[i] if i < len(p.gpu_uuids) else known.get(g, "")
-                    alloc.add((job_id, p.node, str(g), uuid, str(p.rank)), 1.0)
+                uuids = p.gpu_uuids
+                if len(uuids) < len(p.gpus):
+                    node = state.nodes.get(p.node)
+                    known = {g.index: g.uuid for g in node.gpus} if node is not None else {}
+                    uuids = tuple(known.get(g, "") for g in p.gpus)
+                rank = str(p.rank)
+                for g, uuid in zip(p.gpus, uuids, strict=False):
+                    alloc_add(((job_id, p.node, str(g), uuid, rank), 1.0))
         out.extend((phase, stalled, start, step, loss, tput, report, alloc))
 
     # ---- nodes --------------------------------------------------------------
@@ -446,26 +456,29 @@ class UgroCollector:
                            "1 when an active job holds the GPU, else 0 (from ugrod's state).",
                            GPU)
         held = state.allocations()
+        alloc_add = allocated.rows.append
+        util_add, used_add, total_add = util.rows.append, used.rows.append, total.rows.append
+        temp_add, power_add, error_add = temp.rows.append, power.rows.append, error.rows.append
         for name, node in state.nodes.items():
             for g in node.gpus:
-                allocated.add((name, str(g.index), g.uuid, g.model),
-                              1.0 if (name, g.index) in held else 0.0)
+                alloc_add(((name, str(g.index), g.uuid, g.model),
+                           1.0 if (name, g.index) in held else 0.0))
             sample = samples.get(name)
             if sample is None:
                 continue
             for gs in sample.gpus:
                 labels = (name, str(gs.index), gs.uuid, gs.name)
                 if gs.util_percent is not None:
-                    util.add(labels, gs.util_percent / 100.0)
+                    util_add((labels, gs.util_percent / 100.0))
                 if gs.memory_used_bytes is not None:
-                    used.add(labels, float(gs.memory_used_bytes))
+                    used_add((labels, float(gs.memory_used_bytes)))
                 if gs.memory_total_bytes is not None:
-                    total.add(labels, float(gs.memory_total_bytes))
+                    total_add((labels, float(gs.memory_total_bytes)))
                 if gs.temperature_c is not None:
-                    temp.add(labels, gs.temperature_c)
+                    temp_add((labels, float(gs.temperature_c)))
                 if gs.power_w is not None:
-                    power.add(labels, gs.power_w)
-                error.add(labels, 1.0 if gs.error else 0.0)
+                    power_add((labels, float(gs.power_w)))
+                error_add((labels, 1.0 if gs.error else 0.0))
         out.extend((util, used, total, temp, power, error, allocated))
 
     # ---- ugrod itself -----------------------------------------------------------

@@ -140,7 +140,7 @@ def test_active_job_series_and_gpu_allocation(cluster: Cluster) -> None:
         ("b", "0", "GPU-b-0", "1"), ("b", "1", "GPU-b-1", "1")]
     assert set(alloc.values()) == {1.0}
     assert one(s, "ugro_gpu_allocated", node="a", gpu="1", UUID="GPU-a-1",
-               modelName="NVIDIA L40S") == 1
+               model_name="NVIDIA L40S") == 1
     assert one(s, "ugro_jobs", state="running") == 1
 
 
@@ -261,7 +261,7 @@ def test_samples_become_gpu_and_node_series(cluster: Cluster) -> None:
     cluster.stats.health_check("a", 0.25, ok=True)
     cluster.stats.health_check("b", 3.0, ok=False)
     s = cluster.series()
-    labels = {"node": "a", "gpu": "0", "UUID": "GPU-a-0", "modelName": "NVIDIA L40S"}
+    labels = {"node": "a", "gpu": "0", "UUID": "GPU-a-0", "model_name": "NVIDIA L40S"}
     assert one(s, "ugro_gpu_utilization_ratio", **labels) == 0.97
     assert one(s, "ugro_gpu_memory_used_bytes", **labels) == 40 * GB
     assert one(s, "ugro_gpu_memory_total_bytes", **labels) == 48 * GB
