@@ -381,7 +381,7 @@ def results_view(doc: Mapping[str, Any], now: float) -> str:
 def _resource_rows(resources: Any) -> list[list[Any]]:
     """Accepts ``{"ranks": [...]}`` or a list of per-rank/GPU dicts; unknown shapes: none."""
     items = resources.get("ranks") if isinstance(resources, Mapping) else resources
-    if not isinstance(items, list):
+    if not isinstance(items, list | tuple):
         return []
     rows = []
     for r in items:
@@ -400,7 +400,7 @@ def _gpu_cell(node: Mapping[str, Any]) -> str:
     """Per GPU ``util/mem/temp`` from the latest sample, else the inventory."""
     sample = node.get("sample") or {}
     live = sample.get("gpus") if isinstance(sample, Mapping) else None
-    if isinstance(live, list) and live:
+    if isinstance(live, list | tuple) and live:
         parts = []
         for g in live:
             if not isinstance(g, Mapping):
