@@ -128,7 +128,7 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True):
 class PathsConfig(msgspec.Struct, frozen=True, kw_only=True):
     project_base: str | None = None  # node-side
     scripts: str | None = None  # node-side
-    results: Path | None = None  # head-side; None: the daemon's default under state_dir
+    results: Path | None = None  # head-side; informational (job dirs are STATE_DIR/jobs)
 
 
 class UserLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -166,7 +166,7 @@ class Weights(msgspec.Struct, frozen=True, kw_only=True):
     disk_percent: Level = Level(10.0, 20.0)
     latency_ms: Level = Level(5.0, 15.0)
     no_rank_process: float = 10.0  # an active job's rank process is missing
-    gpu_error: float = 50.0  # nvidia-smi reports [Unknown Error] / [GPU requires reset]
+    gpu_error: float = 100.0  # a GPU faulted ([Unknown Error], [GPU requires reset], missing)
 
 
 class Intervals(msgspec.Struct, frozen=True, kw_only=True):
@@ -188,6 +188,22 @@ class HealthConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_backoff_s: float = 300.0
     intervals: Intervals = Intervals()
     check_timeout_s: float = 10.0
+
+    def score_settings(self) -> dict[str, Any]:
+        """Keyword arguments for ``ugrod.health.Thresholds`` (its flat field names)."""
+        t, w = self.thresholds, self.weights
+        out: dict[str, Any] = {
+            "healthy_min": self.healthy_min, "degraded_min": self.degraded_min,
+            "no_ranks_cost": w.no_rank_process, "gpu_fault_cost": w.gpu_error}
+        for key, prefix, unit in (("gpu_temp_c", "gpu_temp", "_c"),
+                                  ("gpu_memory_percent", "gpu_memory", "_percent"),
+                                  ("memory_percent", "memory", "_percent"),
+                                  ("disk_percent", "disk", "_percent"),
+                                  ("latency_ms", "latency", "_ms")):
+            level, cost = getattr(t, key), getattr(w, key)
+            out |= {f"{prefix}_warn{unit}": level.warn, f"{prefix}_crit{unit}": level.crit,
+                    f"{prefix}_warn_cost": cost.warn, f"{prefix}_crit_cost": cost.crit}
+        return out
 
 
 class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -402,29 +418,33 @@ def _read_node(r: Reader, name: str, raw: Any, w: str) -> NodeConfig | None:
 
 def _check_nodes(r: Reader, nodes: Sequence[NodeConfig]) -> None:
     """Rules across nodes: distinct ranks, one master (rank 0), one local head."""
+
+    def at(n: str, key: str) -> str:
+        return f"{join_key('nodes', n)}.{key}"
+
     by_rank: dict[int, str] = {}
     for n in nodes:
         if n.rank is not None:
             if n.rank in by_rank:
-                r.fail(f"nodes.{n.name}.rank", f"rank {n.rank} is also given to {by_rank[n.rank]}")
+                r.fail(at(n.name, "rank"), f"rank {n.rank} is also given to {by_rank[n.rank]}")
             else:
                 by_rank[n.rank] = n.name
     masters = [n for n in nodes if n.role == "master"]
     for extra in masters[1:]:
-        r.fail(f"nodes.{extra.name}.role",
+        r.fail(at(extra.name, "role"),
                f"only one node can be the master; {masters[0].name} already is")
     if masters:
         master = masters[0]
         if master.rank not in (None, 0):
-            r.fail(f"nodes.{master.name}.rank",
+            r.fail(at(master.name, "rank"),
                    "the master node must have rank 0 (rank 0 is the rendezvous host)")
         elif master.rank is None and by_rank.get(0, master.name) != master.name:
-            r.fail(f"nodes.{by_rank[0]}.rank",
+            r.fail(at(by_rank[0], "rank"),
                    f"rank 0 belongs to the master node ({master.name}): it is the rendezvous host")
     local = [n for n in nodes if n.transport == "local"]
     for extra in local[1:]:
-        r.fail(f"nodes.{extra.name}.transport", f"only one node can use transport 'local' "
-                                                f"(the head node itself); {local[0].name} does")
+        r.fail(at(extra.name, "transport"), f"only one node can use transport 'local' "
+                                            f"(the head node itself); {local[0].name} does")
 
 
 def _read_training(r: Reader, raw: Any) -> TrainingConfig:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import msgspec
 import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
@@ -154,6 +155,20 @@ def test_defaults_are_the_seeds_values() -> None:
     assert (n.port, n.user, n.transport, n.python, n.work_dir) == (22, "alice", "ssh",
                                                                    "python3", "~/ugro")
     assert n.gpus is None  # not stated: read from nvidia-smi later
+
+
+def test_health_settings_fit_the_health_module() -> None:
+    from ugrod import health
+
+    assert health.Thresholds(**cf.builtin(env=ENV).health.score_settings()) == (
+        health.DEFAULT_THRESHOLDS)
+    cfg = cf.loads(ONE_NODE + "health:\n  thresholds: {gpu_temp_c: {warn: 70, crit: 75}}\n"
+                   "  weights: {latency_ms: {warn: 1, crit: 2}}\n  intervals: {active_s: 2}\n",
+                   env=ENV)
+    t = health.Thresholds(**cfg.health.score_settings())
+    assert (t.gpu_temp_warn_c, t.gpu_temp_crit_c, t.latency_warn_cost) == (70, 75, 1)
+    assert health.Intervals(**msgspec.structs.asdict(cfg.health.intervals)) == (
+        health.Intervals(active_s=2))
 
 
 def test_builtin_is_this_machine_alone() -> None:
