@@ -35,7 +35,7 @@ from ugrod.config_reader import (
     show,
 )
 from ugrod.events import Gpu, NodeSpec
-from ugrod.paths import default_socket_path, default_state_dir, expand_user_path
+from ugrod.paths import default_socket_path, default_state_dir, expand_user_path, home_dir
 
 __all__ = [
     "ApiConfig", "ClusterConfig", "Config", "ConfigError", "HealthConfig", "Intervals", "Level",
@@ -608,7 +608,7 @@ def loads(text: str | bytes, name: str = "cluster.yaml", env: Mapping[str, str] 
 
     ``base_dir`` anchors relative head-side paths (default: the working directory).
     """
-    env = os.environ if env is None else env
+    env = _with_identity(os.environ if env is None else env)
     try:
         data, problems = parse_yaml(text)
     except Refused as exc:
@@ -649,6 +649,19 @@ def local_node(hostname: str | None = None, gpus: tuple[Gpu, ...] = (),
         name = short if NAME_RE.fullmatch(short) else "local"
     return NodeConfig(name=name, host="127.0.0.1", user=current_user(env), transport="local",
                       gpus=gpus or None, rank=0, role="master")
+
+
+def _with_identity(env: Mapping[str, str]) -> Mapping[str, str]:
+    """``env`` with USER, LOGNAME and HOME filled from the password database when unset.
+
+    The seeds write ``user: "${USER}"``; cron, CI and some service managers start
+    processes without USER, and that must not make the file invalid.
+    """
+    if env.get("USER") and env.get("LOGNAME") and env.get("HOME"):
+        return env
+    user = current_user(env)
+    return {"USER": user, "LOGNAME": user, "HOME": str(home_dir(env)),
+            **{k: v for k, v in env.items() if v}}
 
 
 def current_user(env: Mapping[str, str] | None = None) -> str:

@@ -246,6 +246,17 @@ def test_environment_expansion() -> None:
                                                   "/opt/$HOME/py/bin/python")
 
 
+def test_user_and_home_come_from_the_password_database_when_unset() -> None:
+    import pwd
+
+    me = pwd.getpwuid(os.getuid())
+    cfg = cf.loads(SEED_YAML, env={})
+    assert cfg.nodes[0].user == me.pw_name
+    assert cfg.cluster.known_hosts == Path(me.pw_dir) / ".ssh" / "known_hosts"
+    assert cf.loads(node("ip: 10.0.0.1\nuser: ${LOGNAME}"), env={"USER": ""}).nodes[0].user == (
+        me.pw_name)
+
+
 @pytest.mark.parametrize(("value", "problem"), [
     ("${NOPE}", "environment variable NOPE is not set"),
     ("$NOPE/x", "environment variable NOPE is not set"),
