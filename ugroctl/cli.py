@@ -58,7 +58,7 @@ class Ctl:
 
 
 def _hint(exc: CtlError) -> str:
-    if exc.exit_code == EXIT_NOT_FOUND:
+    if exc.exit_code == EXIT_NOT_FOUND and "ugroctl " not in str(exc):
         return " (list jobs with `ugroctl status --all`, nodes with `ugroctl nodes`)"
     return ""
 
@@ -926,8 +926,8 @@ def reload(as_json: bool) -> None:
 @click.option("--until", required=True, metavar="SEQ|TIME",
               help="Last event to apply: a sequence number, a time, or an age (2h).")
 @click.option("--state-dir", type=click.Path(file_okay=False), envvar="UGRO_STATE_DIR",
-              metavar="DIR", help="ugrod's state directory [env UGRO_STATE_DIR; default as "
-                                  "ugrod's].")
+              metavar="DIR", help="ugrod's state directory [env UGRO_STATE_DIR; default: "
+                                  "the config's, else ugrod's default].")
 @json_option
 def replay(until: str, state_dir: str | None, as_json: bool) -> None:
     """Show the cluster as it was at a past moment, read straight from the event log.
@@ -938,27 +938,34 @@ def replay(until: str, state_dir: str | None, as_json: bool) -> None:
 
     try:
         doc = replaying.state_at(until, state_dir, user_time)
-    except replaying.ReplayError as exc:
+    except replaying.OfflineError as exc:
         fail(str(exc))
     emit(doc, want_json(as_json), lambda: replaying.describe(doc, time.time()))
 
 
 @cli.command("prometheus-config", epilog=_examples(
     "ugroctl prometheus-config > /etc/prometheus/prometheus.yml",
-    "ugroctl prometheus-config --config /etc/ugro/cluster.yaml"))
+    "ugroctl prometheus-config --config /etc/ugro/cluster.yaml --exporter-port 9400"))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="UGRO_CONFIG",
-              metavar="FILE", help="cluster.yaml [env UGRO_CONFIG; default as ugrod's].")
-def prometheus_config(config_path: str | None) -> None:
-    """Print a Prometheus scrape config for ugrod and every node's exporter."""
-    import importlib
+              metavar="FILE", help="cluster.yaml [env UGRO_CONFIG; default "
+                                   "/etc/ugro/cluster.yaml when present, else this machine].")
+@click.option("--rules-dir", metavar="DIR", help="Where the UGRO rule files are installed "
+                                                  "[default /etc/prometheus/ugro].")
+@click.option("--exporter-port", type=click.IntRange(1, 65535), metavar="PORT",
+              help="The nodes' GPU exporter port [default 9400].")
+@click.option("--scrape-interval", metavar="DURATION", help="e.g. 15s [default 15s].")
+def prometheus_config(config_path: str | None, rules_dir: str | None,
+                      exporter_port: int | None, scrape_interval: str | None) -> None:
+    """Print a Prometheus scrape config for ugrod and every node's GPU exporter.
+
+    Generated from cluster.yaml (works without ugrod running).
+    """
+    from ugroctl import replaying
 
     try:
-        metrics_config = importlib.import_module("ugrod.metrics_config")
-    except ImportError:
-        fail("this install has no Prometheus config generator (ugrod.metrics_config)")
-    try:
-        text = metrics_config.scrape_config(config_path)
-    except (OSError, ValueError) as exc:
+        text = replaying.prometheus_config(config_path, rules_dir, exporter_port,
+                                           scrape_interval)
+    except replaying.OfflineError as exc:
         fail(str(exc))
     click.echo(text, nl=not text.endswith("\n"))
 

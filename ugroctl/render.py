@@ -198,7 +198,7 @@ def _gpu_summary(job: Mapping[str, Any]) -> str:
 def _job_note(job: Mapping[str, Any]) -> str:
     state = job.get("state")
     if job.get("held"):
-        return "held" + (f": {job['waiting_reason']}" if job.get("waiting_reason") else "")
+        return _held(job.get("waiting_reason"))
     if state in ("queued", "retrying"):
         return str(job.get("waiting_reason") or job.get("reason") or "")
     if state in TERMINAL_STATES:
@@ -214,6 +214,11 @@ def _job_note(job: Mapping[str, Any]) -> str:
     if _is_number(metrics.get("loss")):
         bits.append(f"loss {number(metrics['loss'])}")
     return ", ".join(bits)
+
+
+def _held(reason: Any) -> str:
+    text = str(reason or "")
+    return text if text.startswith("held") else "held" + (f": {text}" if text else "")
 
 
 def _job_when(job: Mapping[str, Any], now: float) -> str:
@@ -321,7 +326,7 @@ def queue_table(entries: Sequence[Mapping[str, Any]], jobs: Mapping[str, Mapping
         job_id = job.get("id", ref)
         reason = e.get("reason") or job.get("waiting_reason")
         if job.get("held"):
-            reason = "held" + (f"; {reason}" if reason else "")
+            reason = _held(reason)
         est = e.get("estimated_start")
         rows.append([e.get("position"), job_id, job.get("priority"), job.get("owner"),
                      reason, _start(est, now)])
@@ -512,6 +517,8 @@ def _data_summary(data: Any, limit: int = 100) -> str:
         return ""
     parts = []
     for k, v in data.items():
+        if v is None or v is False or v == [] or v == {} or k == "request_id":
+            continue
         if k in ("sample", "spec", "node") and isinstance(v, Mapping | list):
             if k == "node" and isinstance(v, Mapping) and "name" in v:
                 parts.append(f"node={v['name']}")

@@ -1,28 +1,62 @@
-"""``ugroctl replay``: state at a past moment, read straight from the event log.
+"""Commands that work without the daemon: ``replay`` (state at a past moment, straight
+from the event log) and ``prometheus-config`` (a scrape config from cluster.yaml).
 
-Works with ugrod stopped (nothing is written, no lock is taken). Imports the
-daemon's log, events and state modules, so only this command pays for them.
+They import the daemon's own log, events, state and config modules, so only
+these commands pay for them (msgspec, yaml). ``replay`` opens the log read-only:
+no lock, no repair, nothing written, so it works beside a running ugrod too.
 """
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from ugroctl import render
 
+if TYPE_CHECKING:
+    from ugrod.config import Config
 
-class ReplayError(Exception):
-    """Why the log could not be replayed (for people)."""
+
+class OfflineError(Exception):
+    """Why the command could not do its work (for people)."""
+
+
+def load_config(path: str | None) -> Config:
+    """cluster.yaml as ugrod reads it: FILE, else $UGRO_CONFIG, else /etc/ugro/cluster.yaml
+    when present, else the built-in one-node cluster."""
+    from ugrod import config as cfgmod
+    from ugrod.paths import ROOT_CONFIG
+
+    chosen = path or os.environ.get("UGRO_CONFIG") or None
+    if chosen is None and ROOT_CONFIG.exists():
+        chosen = str(ROOT_CONFIG)
+    try:
+        return cfgmod.load(chosen) if chosen is not None else cfgmod.builtin()
+    except cfgmod.ConfigError as exc:
+        raise OfflineError(str(exc)) from None
+
+
+def state_dir_for(flag: str | None) -> Path:
+    """ugrod's state directory: --state-dir, else $UGRO_STATE_DIR, else the config's, else
+    the default (as ugrod resolves it)."""
+    from ugrod import config as cfgmod
+
+    if flag:
+        return Path(flag)
+    try:
+        cfg = load_config(None)
+    except OfflineError:
+        cfg = None
+    return cfgmod.resolve_paths(cfg, env=os.environ)[0]
 
 
 def state_at(until: str, state_dir: str | None,
              parse_time: Callable[[str, float], float]) -> dict[str, Any]:
-    """Replay events up to a seq (all digits) or a time; the state as the API shows it."""
+    """Apply the log's events up to a seq (all digits) or a time; the state as the API shows
+    it, plus the seq and time of the last event applied."""
     import time
-    from pathlib import Path
-
-    from ugrod import paths
 
     text = until.strip()
     until_seq: int | None = None
@@ -33,35 +67,95 @@ def state_at(until: str, state_dir: str | None,
         try:
             until_ts = parse_time(text, time.time())
         except ValueError as exc:  # click.BadParameter is a ValueError too
-            raise ReplayError(str(getattr(exc, "message", exc))) from None
-    directory = Path(state_dir) if state_dir else paths.default_state_dir()
-    if not directory.is_dir():
-        raise ReplayError(f"no state directory at {directory} (pass --state-dir DIR, the "
-                          f"directory ugrod was started with)")
+            raise OfflineError(str(getattr(exc, "message", exc))) from None
+    directory = state_dir_for(state_dir)
+    if not (directory / "events").is_dir():
+        raise OfflineError(f"no event log in {directory} (pass --state-dir DIR: the "
+                           f"directory ugrod runs with)")
+    from ugrod import events as ev
+    from ugrod import log as evlog
+    from ugrod import render_json as rj
+    from ugrod import state as st
+
+    state = st.State()
+    last_ts: float | None = None
     try:
-        from ugrod import render_json as rj
-        from ugrod.ledger import replay_until
-    except ImportError as exc:
-        raise ReplayError(f"this install cannot read event logs: {exc}") from None
+        log = evlog.EventLog.open(directory, readonly=True)
+    except (evlog.LogError, OSError) as exc:
+        raise OfflineError(f"cannot open the event log in {directory}: {exc}") from None
     try:
-        state = replay_until(directory, until_seq=until_seq, until_ts=until_ts)
-    except OSError as exc:
-        raise ReplayError(f"cannot read the event log in {directory}: {exc}") from None
-    except Exception as exc:  # the log's own errors (corruption, unknown events) name the line
-        raise ReplayError(f"cannot replay the event log in {directory}: {exc}") from None
+        if until_seq is not None:
+            state = _from_snapshot(directory, until_seq, state)
+        for batch in log.read(after_seq=state.seq):
+            for line in batch:
+                record = ev.decode(line)
+                if until_seq is not None and record.seq > until_seq:
+                    break
+                if until_ts is not None and record.ts > until_ts:
+                    break
+                state = st.apply(state, record)
+                last_ts = record.ts
+            else:
+                continue
+            break
+    except (evlog.LogError, ev.EventError, st.InvalidEvent, OSError) as exc:
+        raise OfflineError(f"cannot replay the event log in {directory}: {exc}") from None
+    finally:
+        log.close_sync()
     jobs = sorted(state.jobs.values(), key=lambda j: j.submit_seq)
     nodes = sorted(state.nodes.values(), key=lambda n: n.name)
     return {
         "state_dir": str(directory),
         "until": {"seq": until_seq, "time": rj.iso(until_ts)},
         "seq": state.seq,
+        "last_event_at": rj.iso(last_ts),
         "jobs": [rj.job(j) for j in jobs],
         "nodes": [rj.node(n, state.jobs_on(n.name), None) for n in nodes],
     }
 
 
+def _from_snapshot(directory: Path, until_seq: int, empty: Any) -> Any:
+    """The newest snapshot when it is not past ``until_seq`` (saves replaying old events)."""
+    from ugrod import log as evlog
+    from ugrod import state as st
+
+    try:
+        snap = evlog.read_latest_snapshot(directory)
+    except (evlog.LogError, OSError):
+        return empty
+    if snap is None or snap[0] > until_seq:
+        return empty
+    try:
+        return st.from_snapshot(snap[1])
+    except ValueError:
+        return empty
+
+
 def describe(doc: dict[str, Any], now: float) -> str:
-    """The replayed state for people: which event it stops at, then jobs and nodes."""
-    head = f"state after event {doc['seq']} (replayed from {render.clean(doc['state_dir'])})"
+    """The replayed state for people: where it stops, then jobs and nodes."""
+    when = doc.get("last_event_at")
+    head = (f"state after event {doc['seq']}"
+            + (f" ({render._clock(when)})" if when else "")
+            + f", replayed from {render.clean(doc['state_dir'])}")
     return "\n\n".join([head, render.jobs_table(doc["jobs"], now),
                         render.nodes_table(doc["nodes"])])
+
+
+def prometheus_config(path: str | None, rules_dir: str | None, exporter_port: int | None,
+                      interval: str | None) -> str:
+    """prometheus.yml for the cluster in cluster.yaml (ugrod.prometheus_config writes it)."""
+    from ugrod import prometheus_config as pc
+
+    cfg = load_config(path)
+    kwargs: dict[str, Any] = {}
+    if rules_dir:
+        kwargs["rules_dir"] = rules_dir
+    if exporter_port is not None:
+        kwargs["exporter_port"] = exporter_port
+    if interval:
+        kwargs["scrape_interval"] = interval
+    try:
+        return pc.scrape_config(cfg, **kwargs)
+    except pc.ScrapeConfigError as exc:
+        where = f"{cfg.source}: " if getattr(cfg, "source", None) else ""
+        raise OfflineError(f"{where}{exc}") from None

@@ -171,7 +171,7 @@ def test_queue_table_from_the_daemons_shape() -> None:
                                 "START"]
     assert lines[1].split()[:4] == ["1", "a", "10", "alice"]
     assert "(in 20m)" in lines[1]
-    assert "held; behind a" in lines[2]
+    assert "held: behind a" in lines[2]
     assert render.queue_table([], {}, NOW) == "the queue is empty"
 
 
