@@ -617,3 +617,78 @@ def test_seg_encodes_everything_but_unreserved() -> None:
 
 def test_main_returns_exit_status(peer: Peer) -> None:
     assert main(["--socket", "/tmp/ugro-none/x.sock", "status"]) == 3
+
+
+# ---- without the daemon: replay, prometheus-config ----------------------------------
+
+
+def _write_log(state_dir: Path) -> None:
+    """A real event log (ugrod's own writer): a node, then a job submitted, placed, ended."""
+    from ugrod import events as ev
+    from ugrod import log as evlog
+
+    alice = ev.Actor(user="alice", uid=1000)
+    spec = ev.JobSpec(argv=("train.py",))
+    facts: list[tuple[ev.Actor, ev.Event]] = [
+        (ev.DAEMON, ev.NodeAdded(node=ev.NodeSpec(name="local", host="127.0.0.1"))),
+        (alice, ev.JobSubmitted(job="exp1", spec=spec)),
+        (ev.DAEMON, ev.JobPlaced(job="exp1", attempt=1,
+                                 ranks=(ev.RankPlacement(rank=0, node="local"),))),
+        (ev.DAEMON, ev.JobEnded(job="exp1", attempt=1, outcome="failed", exit_code=1,
+                                reason="rank 0 on local exited with code 1")),
+    ]
+    log = evlog.EventLog.open(state_dir)
+    try:
+        for seq, (actor, event) in enumerate(facts, 1):
+            rec = ev.Record(seq=seq, ts=1_769_000_000.0 + seq * 60, actor=actor, event=event)
+            log.append_sync([ev.encode(rec)])
+    finally:
+        log.close_sync()
+
+
+@pytest.mark.parametrize(("until", "state"), [("2", "queued"), ("4", "failed"),
+                                               ("2026-01-21T12:56:30Z", "starting")])
+def test_replay_reads_the_log_with_no_daemon(sock_dir: Path, until: str, state: str) -> None:
+    _write_log(sock_dir / "state")
+    res = CliRunner().invoke(cli, ["--socket", "/tmp/ugro-none/x.sock", "replay", "--until",
+                                   until, "--state-dir", str(sock_dir / "state"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert [(j["id"], j["state"], j["owner"]) for j in doc["jobs"]] == [("exp1", state,
+                                                                         "alice")]
+    assert [n["name"] for n in doc["nodes"]] == ["local"]
+    text = CliRunner().invoke(cli, ["replay", "--until", until, "--state-dir",
+                                    str(sock_dir / "state")])
+    assert text.exit_code == 0 and "state after event" in text.output
+
+
+def test_replay_without_a_log_says_where_it_looked(sock_dir: Path) -> None:
+    res = CliRunner().invoke(cli, ["replay", "--until", "5", "--state-dir", str(sock_dir)])
+    assert res.exit_code == 1
+    assert f"no event log in {sock_dir}" in res.output
+    res = CliRunner().invoke(cli, ["replay", "--until", "last tuesday", "--state-dir",
+                                   str(sock_dir)])
+    assert res.exit_code == 2 and "expected a time" in res.output
+
+
+def test_prometheus_config_for_the_builtin_cluster() -> None:
+    import yaml
+
+    from ugrod.paths import ROOT_CONFIG
+
+    if ROOT_CONFIG.exists():
+        pytest.skip(f"{ROOT_CONFIG} exists here")
+    res = CliRunner().invoke(cli, ["prometheus-config", "--exporter-port", "9500"],
+                             env={"UGRO_CONFIG": ""})
+    assert res.exit_code == 0, res.output
+    doc = yaml.safe_load(res.output)
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    assert jobs["ugro-gpu"]["static_configs"][0]["targets"] == ["127.0.0.1:9500"]
+
+
+def test_prometheus_config_with_a_bad_config_names_the_file(sock_dir: Path) -> None:
+    bad = sock_dir / "cluster.yaml"
+    bad.write_text("nodes: [\n")
+    res = CliRunner().invoke(cli, ["prometheus-config", "--config", str(bad)])
+    assert res.exit_code == 1
+    assert str(bad) in res.output
