@@ -331,6 +331,19 @@ def _pid(path):
     r["alive"] = fields[0] not in ("Z", "X") and (want is None or fields[19] == want)
     return r
 
+def _age():
+    # How long this process has existed (interpreter start included), so that the
+    # caller can tell the network's share of the round trip from the probe's own.
+    try:
+        with open("/proc/self/stat") as f:
+            stat = f.read()
+        with open("/proc/uptime") as f:
+            up = float(f.read().split()[0])
+        start = int(stat[stat.rindex(")") + 2:].split()[19])
+        return max(0.0, up - start / float(os.sysconf("SC_CLK_TCK")))
+    except (OSError, ValueError, IndexError):
+        return None
+
 def main(args):
     work_dir, smi, timeout, pid_files = args[0], args[1], float(args[2]), args[3:]
     out = {"v": 1, "errors": [], "clock": time.time()}
@@ -370,6 +383,7 @@ def main(args):
     except OSError:
         pass
     out["pids"] = [_pid(p) for p in pid_files]
+    out["age_s"] = _age()
     sys.stdout.write(json.dumps(out) + "\n")
 
 main(sys.argv[1:])
@@ -450,6 +464,7 @@ class NodeSample(msgspec.Struct, frozen=True, kw_only=True):
     ranks: tuple[RankProcess, ...] = ()
     boot_id: str = ""
     clock: float | None = None  # the node's own time.time()
+    node_s: float | None = None  # time the probe process existed on the node
     errors: tuple[str, ...] = ()
 
     @property
@@ -496,6 +511,7 @@ class _Probe(msgspec.Struct, frozen=True):
     disk: _Disk | None = None
     boot_id: str = ""
     pids: list[RankProcess] = []
+    age_s: float | None = None
 
 
 class _Readiness(msgspec.Struct, frozen=True):
@@ -565,7 +581,8 @@ def parse_probe(stdout: str | bytes, *, expect_gpus: int = 0, ts: float = 0.0,
         disk_total_bytes=disk.total if disk else None,
         disk_used_bytes=disk.total - disk.free if disk else None,
         disk_avail_bytes=disk.avail if disk else None,
-        ranks=tuple(p.pids), boot_id=p.boot_id, clock=p.clock, errors=tuple(p.errors),
+        ranks=tuple(p.pids), boot_id=p.boot_id, clock=p.clock, node_s=p.age_s,
+        errors=tuple(p.errors),
     )
 
 

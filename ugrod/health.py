@@ -240,7 +240,10 @@ def transitions(prev: Assessment | None, new: Assessment) -> Transition:
     raised = tuple(a for k, a in after.items()
                    if k not in before or before[k].severity is not a.severity)
     cleared = tuple(sorted(k for k in before if k not in after))
-    health = new.health if prev is None or prev.health is not new.health else None
+    # A first score is news even at unchanged health: the log then holds a measured
+    # score for every node that was ever reached, not only for those that changed.
+    first = prev is not None and prev.score is None and new.score is not None
+    health = new.health if prev is None or prev.health is not new.health or first else None
     return Transition(health=health, raised=raised, cleared=cleared)
 
 
@@ -315,20 +318,32 @@ class Breaker(msgspec.Struct, frozen=True, kw_only=True):
 
 # ---- adaptive interval ----------------------------------------------------
 
-MAX_INTERVAL_S = 60.0
-# (seconds since last activity, interval); the seeds' 5 / 10 / 20 / 40 s ladder.
-INTERVALS = ((30 * 60.0, 10.0), (2 * 3600.0, 20.0))
-IDLE_INTERVAL_S = 40.0
-BUSY_INTERVAL_S = 5.0
+
+class Intervals(msgspec.Struct, frozen=True, kw_only=True):
+    """The seeds' ladder: 5 s while jobs run, then 10 / 20 / 40 s the longer it is quiet."""
+
+    active_s: float = 5.0
+    recent_s: float = 10.0  # activity within recent_window_s
+    idle_s: float = 20.0  # activity within idle_window_s
+    long_idle_s: float = 40.0
+    max_s: float = 60.0
+    recent_window_s: float = 30 * 60.0
+    idle_window_s: float = 2 * 3600.0
 
 
-def next_interval(now: float, last_activity: float | None, jobs_running: bool) -> float:
+DEFAULT_INTERVALS = Intervals()
+
+
+def next_interval(now: float, last_activity: float | None, jobs_running: bool,
+                  intervals: Intervals = DEFAULT_INTERVALS) -> float:
     """Seconds until the next sweep: short while jobs run, longer the longer it is quiet."""
+    i = intervals
     if jobs_running:
-        return min(BUSY_INTERVAL_S, MAX_INTERVAL_S)
-    if last_activity is not None:
+        value = i.active_s
+    elif last_activity is None:
+        value = i.long_idle_s
+    else:
         quiet = max(0.0, now - last_activity)
-        for limit, interval in INTERVALS:
-            if quiet < limit:
-                return min(interval, MAX_INTERVAL_S)
-    return min(IDLE_INTERVAL_S, MAX_INTERVAL_S)
+        value = (i.recent_s if quiet < i.recent_window_s
+                 else i.idle_s if quiet < i.idle_window_s else i.long_idle_s)
+    return min(value, i.max_s)

@@ -308,3 +308,18 @@ def test_interval_ladder(quiet_s: float | None, running: bool, expected: float) 
     last = None if quiet_s is None else now - quiet_s
     assert next_interval(now, last, running) == expected
     assert next_interval(now, last, running) <= 60.0
+
+
+def test_first_measured_score_is_recorded_once() -> None:
+    never = Assessment(score=None, health=NodeHealth.HEALTHY)  # a node the log never scored
+    first = score(sample(gpu()))
+    assert transitions(never, first).health is NodeHealth.HEALTHY
+    assert not transitions(first, score(sample(gpu(temp=60.0))))
+
+
+def test_interval_ladder_is_configurable() -> None:
+    from ugrod.health import Intervals
+    i = Intervals(active_s=2, recent_s=3, idle_s=4, long_idle_s=90, max_s=30,
+                  recent_window_s=10, idle_window_s=20)
+    assert [next_interval(100.0, 100.0 - q, False, i) for q in (0, 10, 20)] == [3, 4, 30]
+    assert next_interval(0.0, None, True, i) == 2
