@@ -105,10 +105,12 @@ class _Defect(Exception):
     """Where a segment stops verifying, and where the batch holding the defect starts."""
 
     def __init__(self, offset: int, line: int, seq: int | None, reason: str,
-                 batch_offset: int, batch_line: int, expect: int | None) -> None:
+                 batch_offset: int, batch_line: int, expect: int | None,
+                 fatal: bool = False) -> None:
         super().__init__(reason)
         self.offset, self.line, self.seq, self.reason = offset, line, seq, reason
         self.batch_offset, self.batch_line, self.expect = batch_offset, batch_line, expect
+        self.fatal = fatal  # cannot be a torn write (a whole, well-formed but wrong line)
 
     def corrupt(self, path: Path, more: str = "") -> CorruptLog:
         return CorruptLog(path, self.line, self.offset, self.seq, self.reason + more)
@@ -153,11 +155,12 @@ class _Scanner:
         """Verify every batch; yield event lines (with seq > after_seq) per chunk read."""
         with open(self.path, "rb", buffering=0) as f:
             size = os.fstat(f.fileno()).st_size if self.limit is None else self.limit
-            buf = f.read(min(size, _CHUNK_BYTES))
+            buf = f.read(min(size, max(_CHUNK_BYTES, 4096)))  # the header fits in the first read
             remaining = size - len(buf)
             pos = self._header(buf, remaining == 0)
             base, lines, last = 0, 1, self.last_seq  # base: file offset of buf[0]; lines before pos
-            find, count, startswith, crc32 = buf.find, buf.count, buf.startswith, zlib.crc32
+            find, rfind, count, startswith = buf.find, buf.rfind, buf.count, buf.startswith
+            crc32 = zlib.crc32
             mv = memoryview(buf)
             out: list[bytes] = []
             want = after_seq is not None
@@ -178,18 +181,20 @@ class _Scanner:
                     if (n == 0 or e - c != len(head) + 17 or not startswith(head, c)
                             or not startswith(_COMMIT_CRC % crc32(head), c + len(head))):
                         raise self._diagnose(buf, base, pos, lines, last, e + 1)
-                    if n == 1:
-                        if not startswith(_SEQ_PREFIX % first, pos):
-                            raise self._diagnose(buf, base, pos, lines, last, e + 1)
-                        if want and first > after:
-                            out.append(buf[pos:c - 1])
+                    # The CRC proves the bytes are those the writer wrote, and the writer
+                    # checked every line's seq; the end lines' seqs catch a foreign batch.
+                    if not startswith(_SEQ_PREFIX % first, pos) or (
+                            n > 1 and not startswith(_SEQ_PREFIX % (last + n),
+                                                     rfind(b"\n", pos, c - 1) + 1)):
+                        raise self._diagnose(buf, base, pos, lines, last, e + 1)
+                    if not want or last + n <= after:
+                        pass
+                    elif n == 1:
+                        out.append(buf[pos:c - 1])
+                    elif first > after:
+                        out.extend(buf[pos:c - 1].split(b"\n"))
                     else:
-                        got = buf[pos:c - 1].split(b"\n")
-                        pre = [_SEQ_PREFIX % s for s in range(first, first + n)]
-                        if not all(map(bytes.startswith, got, pre)):
-                            raise self._diagnose(buf, base, pos, lines, last, e + 1)
-                        if want and last + n > after:
-                            out.extend(got if first > after else got[after - first + 1:])
+                        out.extend(buf[pos:c - 1].split(b"\n")[after - first + 1:])
                     last += n
                     lines += n + 1
                     pos = e + 1
@@ -210,7 +215,7 @@ class _Scanner:
                 buf = buf[pos - 1:] + more
                 base += pos - 1
                 pos = 1
-                find, count, startswith = buf.find, buf.count, buf.startswith
+                find, rfind, count, startswith = buf.find, buf.rfind, buf.count, buf.startswith
                 mv = memoryview(buf)
 
     def _header(self, buf: bytes, eof: bool) -> int:
@@ -220,15 +225,17 @@ class _Scanner:
             why = "incomplete header line" if e < 0 and eof else "not a segment header"
             raise _Defect(0, 1, None, why, 0, 1, None)
         number, first = int(m[1]), int(m[2])
-        if buf[:e + 1] != _HEADER % (number, first) or number != self.number:
-            raise _Defect(0, 1, None, f"header of segment {number} in the file of segment "
-                          f"{self.number}" if number != self.number else "non-canonical header",
-                          0, 1, None)
-        if self.first_seq is not None and first != self.first_seq:
-            raise _Defect(0, 1, first, f"segment starts at seq {first}, expected "
-                          f"{self.first_seq}", 0, 1, None)
-        if first < 1:
-            raise _Defect(0, 1, first, "segment starts at seq 0", 0, 1, None)
+        why = ""
+        if buf[:e + 1] != _HEADER % (number, first):
+            why = "non-canonical header"
+        elif number != self.number:
+            why = f"header of segment {number} in the file of segment {self.number}"
+        elif self.first_seq is not None and first != self.first_seq:
+            why = f"segment starts at seq {first}, expected {self.first_seq}"
+        elif first < 1:
+            why = "segment starts at seq 0"
+        if why:
+            raise _Defect(0, 1, None, why, 0, 1, None, fatal=True)
         self.first_seq, self.last_seq, self.end, self.header_len = first, first - 1, e + 1, e + 1
         return e + 1
 
@@ -299,6 +306,12 @@ class EventLog:
         self._fdatasync, self._write, self._on_batch = fdatasync, write, on_batch
         self._readonly = readonly
         self._segments: tuple[_Segment, ...] = ()
+        # What read() may see: (segments, active segment's durable size, last seq),
+        # replaced as one tuple so a reader never pairs one segment with another's size.
+        self._view: tuple[tuple[_Segment, ...], int, int] = ((), 0, 0)
+        # Segments whose every byte open() verified or this process wrote: read()
+        # need not check them again (the lock keeps other writers out).
+        self._trusted: set[int] = set()
         self._fd = -1
         self._size = 0  # durable size of the active segment
         self._header_len = 0
@@ -315,6 +328,7 @@ class EventLog:
         self._full: deque[tuple[list[bytes], list[asyncio.Future[None]], int]] = deque()
         self._wake: asyncio.Future[None] | None = None
         self._writer: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._inflight = False
 
@@ -369,10 +383,13 @@ class EventLog:
             if i == len(found) - 1:
                 break
             _verify_sealed(scan, full=verify_sealed)
+            if verify_sealed:
+                self._trusted.add(number)
             assert scan.first_seq is not None
             segments.append(_Segment(number, path, scan.first_seq))
             first = scan.last_seq + 1
         truncated, broken, repaired = self._recover(scan)
+        self._trusted.add(scan.number)
         assert scan.first_seq is not None
         segments.append(_Segment(scan.number, scan.path, scan.first_seq))
         self._segments = tuple(segments)
@@ -391,6 +408,7 @@ class EventLog:
             # The header itself was torn: the file holds nothing, write it afresh.
             self._segments = self._segments[:-1]
             self._start_segment(scan.number, self._next_seq, replace=True)
+        self._view = (self._segments, self._size, self._last_seq)
         self.recovery = Recovery(truncated, broken, len(self._segments), self._last_seq)
 
     def _recover(self, scan: _Scanner) -> tuple[int, str | None, bool]:
@@ -402,6 +420,8 @@ class EventLog:
             return 0, None, False
         except _Defect as d:
             defect = d
+        if defect.fatal:
+            raise defect.corrupt(path)
         if defect.batch_offset == 0 and scan.first_seq is None:
             raise defect.corrupt(path, "; cannot tell which seq this segment starts at")
         with open(path, "rb") as f:
@@ -475,16 +495,20 @@ class EventLog:
             os.close(old)
         self._size = self._header_len = len(header)
         self._segments = (*self._segments, _Segment(number, path, first_seq))
+        self._trusted.add(number)
+        self._view = (self._segments, self._size, self._last_seq)
 
     # ---- reading ----
 
-    def read(self, after_seq: int = 0) -> Iterator[list[bytes]]:
+    def read(self, after_seq: int = 0, *, verify: bool = False) -> Iterator[list[bytes]]:
         """Yield verified event lines (no newline) with seq > after_seq, in order, by chunks.
 
         Each list holds one or more whole batches (the first may start inside a
         batch when ``after_seq`` does). The log is read as it stood at the call.
+        Bytes that open() verified or this process wrote are not checked again
+        unless ``verify`` (an audit); all others are checked batch by batch.
         """
-        segments, size, last = self._segments, self._size, self._last_seq
+        segments, size, last = self._view
         if not segments or after_seq >= last:
             return
         if after_seq < segments[0].first_seq - 1:
@@ -494,8 +518,12 @@ class EventLog:
             end = segments[i + 1].first_seq - 1 if i + 1 < len(segments) else last
             if end <= after_seq:
                 continue
-            scan = _Scanner(seg.path, seg.number, seg.first_seq,
-                            None if i + 1 < len(segments) else size)
+            limit = None if i + 1 < len(segments) else size
+            if not verify and seg.number in self._trusted:
+                yield from _read_trusted(seg.path, limit, after_seq if after_seq >= seg.first_seq
+                                         else None)
+                continue
+            scan = _Scanner(seg.path, seg.number, seg.first_seq, limit)
             try:
                 yield from scan.batches(after_seq)
             except _Defect as d:
@@ -530,10 +558,14 @@ class EventLog:
 
         A cancelled append may still become durable (its bytes were handed to the writer).
         """
+        loop = asyncio.get_running_loop()
+        if self._loop is not loop:
+            if self._loop is not None:
+                raise LogError("events: EventLog used from a second event loop")
+            self._loop = loop
+            self._writer = loop.create_task(self._write_loop())
         chunk = self._check(lines)
-        if self._writer is None:
-            self._writer = asyncio.get_running_loop().create_task(self._write_loop())
-        fut: asyncio.Future[None] = self._writer.get_loop().create_future()
+        fut: asyncio.Future[None] = loop.create_future()
         if self._nbytes + len(chunk) > MAX_BATCH_BYTES:
             self._full.append((self._chunks, self._futs, self._n))
             self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
@@ -626,6 +658,7 @@ class EventLog:
                 raise
             self._size = start + len(data)
             self._last_seq = first + n - 1
+            self._view = (self._segments, self._size, self._last_seq)
         return len(data), fsync_s
 
     def _fail(self, exc: BaseException) -> LogWriteFailed:
@@ -690,6 +723,32 @@ def _take_lock(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, b"%d\n" % os.getpid(), 0)
     return fd
+
+
+def _read_trusted(path: Path, limit: int | None, after_seq: int | None) -> Iterator[list[bytes]]:
+    """Event lines of an already verified segment: split chunks, drop header and commit lines."""
+    with open(path, "rb", buffering=0) as f:
+        remaining = os.fstat(f.fileno()).st_size if limit is None else limit
+        rest = b""
+        while remaining > 0:
+            more = f.read(min(remaining, _CHUNK_BYTES))
+            if not more:
+                raise LogError(f"events: {path} shrank while being read")
+            remaining -= len(more)
+            buf = rest + more
+            cut = buf.rfind(b"\n") + 1
+            rest = buf[cut:]
+            start = 0
+            if after_seq is not None:
+                want = _SEQ_PREFIX % (after_seq + 1)
+                start = 0 if buf.startswith(want) else buf.find(b"\n" + want, 0, cut) + 1
+                if start == 0 and not buf.startswith(want):
+                    continue  # every line of this chunk is at or before after_seq
+                after_seq = None
+            # Header lines start {"l, commit lines {"c, event lines {"s (115).
+            out = [x for x in buf[start:cut - 1].split(b"\n") if x[2] == 115] if cut > start else []
+            if out:
+                yield out
 
 
 def _verify_sealed(scan: _Scanner, *, full: bool) -> None:

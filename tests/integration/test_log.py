@@ -51,7 +51,10 @@ def build(d: Path, batches: list[int], pad: int = 8, **kw: object) -> list[int]:
 
 
 def read_all(log: EventLog, after: int = 0) -> list[bytes]:
-    return [line for batch in log.read(after) for line in batch]
+    """Every line read() yields, checked against a read that verifies every batch again."""
+    lines = [line for batch in log.read(after) for line in batch]
+    assert lines == [line for batch in log.read(after, verify=True) for line in batch]
+    return lines
 
 
 def lines_of(path: Path) -> list[bytes]:
@@ -234,6 +237,18 @@ async def test_segments_rotate(tmp_path: Path) -> None:
         assert f.read_bytes().endswith(b'"}\n')
 
 
+@pytest.mark.parametrize("chunk", [1, 17, 100, 333])
+def test_reads_across_chunk_boundaries(tmp_path: Path, chunk: int,
+                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    build(tmp_path, [1, 4, 2, 7, 1, 3], pad=30, max_segment_bytes=500)
+    monkeypatch.setattr("ugrod.log._CHUNK_BYTES", chunk)
+    log = EventLog.open(tmp_path)
+    assert log.recovery.segments >= 2
+    for after in range(0, 19):
+        assert read_all(log, after) == [ln(s, 30) for s in range(after + 1, 19)]
+    log.close_sync()
+
+
 # ---- torn tails -----------------------------------------------------------------
 
 
@@ -324,6 +339,23 @@ def test_new_segment_with_torn_header_is_rewritten(tmp_path: Path) -> None:
     log = EventLog.open(tmp_path)
     assert log.recovery.truncated_bytes == 0 and log.recovery.broken_file is None
     assert read_all(log) == [ln(s) for s in range(1, 6)]
+    log.close_sync()
+
+
+def test_wrong_but_whole_header_is_not_a_torn_write(tmp_path: Path) -> None:
+    build(tmp_path, [2], max_segment_bytes=50)  # segment 2 holds only its header now
+    header = b'{"log":"ugro-events","format":1,"segment":2,"first_seq":7}\n'
+    seg(tmp_path, 2).write_bytes(header)
+    with pytest.raises(CorruptLog, match="segment starts at seq 7, expected 3"):
+        EventLog.open(tmp_path)
+    assert seg(tmp_path, 2).read_bytes() == header
+
+
+def test_one_event_loop_per_log(tmp_path: Path) -> None:
+    log = EventLog.open(tmp_path)
+    asyncio.run(log.append([ln(1)]))
+    with pytest.raises(LogError, match="second event loop"):
+        asyncio.run(log.append([ln(2)]))
     log.close_sync()
 
 
