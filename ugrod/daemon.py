@@ -90,6 +90,7 @@ class Daemon:
                                  on_job_end=self._job_ended)
         self._build_agents()
         self.executor.agents = self.agents
+        self.executor.rank0_bind = self._node_host
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
         await self._reconcile_nodes(self.config)
         await self._inventory(self.config)
@@ -458,14 +459,31 @@ class Daemon:
 
     _estimates: Mapping[str, float] = {}
 
+    def _node_host(self, node: str) -> str:
+        n = self.ledger.state.nodes.get(node)
+        return n.spec.host if n is not None else ""
+
+    def _rendezvous_host(self, node: str) -> str:
+        """cluster.master_ip when rank 0 is on the master node, else that node's address."""
+        cluster = self.config.cluster
+        spec = self.ledger.state.nodes[node].spec
+        try:
+            cfg = self.config.node(node)
+        except KeyError:
+            return spec.host
+        if cluster.master_ip and (cfg.rank == 0 or cfg.role == "master"):
+            return cluster.master_ip
+        return spec.host
+
     async def _with_port(self, job: Job, placement: ev.JobPlaced) -> ev.JobPlaced:
         """Reserve a free rendezvous port on rank 0's node (torchrun jobs)."""
         rank0 = next(r for r in placement.ranks if r.rank == 0)
-        host = self.ledger.state.nodes[rank0.node].spec.host
+        host = self._rendezvous_host(rank0.node)
         if not job.spec.torchrun:
             return msgspec.structs.replace(placement, rdzv_host=host)
+        lo, hi = self.config.cluster.rdzv_port_range
         async with asyncio.timeout(10):
-            port = await self.agents[rank0.node].free_port()
+            port = await self.agents[rank0.node].free_port(lo, hi)
         return msgspec.structs.replace(placement, rdzv_host=host, rdzv_port=port)
 
     async def _cancel_orphans(self, state: State) -> None:
@@ -496,8 +514,8 @@ class Daemon:
         return planner.check_fits(self.ledger.state, spec)
 
     def check_user_limits(self, actor: ev.Actor, spec: ev.JobSpec) -> None:
-        limits = self.config.scheduler.user_limits.get(actor.user)
-        if limits is None or limits.max_gpus is None:
+        limits = self.config.scheduler.limits_for(actor.user)
+        if limits.max_gpus is None:
             return
         need = spec.nodes * spec.gpus_per_node
         if need > limits.max_gpus:

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ugrod import events as ev
+from ugrod import log as evlog
 from ugrod.ledger import Ledger
 from ugrod.ranks import LogChunk, MetricLine, NodeAgent, RankExit
 from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, State
@@ -47,6 +48,7 @@ class Executor:
         self.rdzv_join_timeout_s = rdzv_join_timeout_s
         self.network_interface = network_interface
         self.on_job_end = on_job_end
+        self.rank0_bind: Callable[[str], str] = lambda node: ""
         self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -107,6 +109,22 @@ class Executor:
     # ---- one attempt ---------------------------------------------------------
 
     async def _attempt(self, job_id: str, attempt: int, *, fresh: bool) -> None:
+        try:
+            await self._run_attempt(job_id, attempt, fresh=fresh)
+        except (asyncio.CancelledError, evlog.LogWriteFailed):
+            raise
+        except Exception as exc:
+            # A bug must not leave a job "running" forever: end it, loudly.
+            logger.exception("supervision of %s attempt %d failed", job_id, attempt)
+            job = self.ledger.state.jobs[job_id]
+            if job.state in ACTIVE and job.attempt == attempt:
+                agents = [self.agents[p.node] for p in job.placement if p.node in self.agents]
+                if len(agents) == len(job.placement):
+                    await self._kill_started(job, agents, {r.rank: r.pid or 0
+                                                           for r in job.ranks})
+                await self._end(job, "failed", f"ugrod internal error: {exc!r}")
+
+    async def _run_attempt(self, job_id: str, attempt: int, *, fresh: bool) -> None:
         job = self.ledger.state.jobs[job_id]
         jobdir = self.job_dir(job_id)
         try:
@@ -245,7 +263,7 @@ class Executor:
     async def _precheck_rendezvous(self, job: Job, agents: list[NodeAgent]) -> None:
         """Every node must reach rank 0's rendezvous port before anything starts."""
         host, port = job.rdzv_host, job.rdzv_port
-        async with agents[0].listen(port):
+        async with _listening(agents[0], self.rank0_bind, port, len(agents) - 1):
             checks = await asyncio.gather(
                 *(a.can_reach(host, port, 5.0) for a in agents[1:]), return_exceptions=True)
         bad = [f"{p.node}" for p, ok in zip(job.placement[1:], checks, strict=True)
@@ -523,6 +541,34 @@ class Executor:
 
 class LaunchError(Exception):
     """A launch pre-check failed (message names the node)."""
+
+
+# Listens on the rank-0 node where torchrun's store will, until ugrod closes the stream.
+# It accepts the expected number of connections, or gives up after 20 s, then exits.
+_LISTENER = (
+    "import socket,sys\n"
+    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
+    "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64); s.settimeout(20)\n"
+    "print('ready', flush=True)\n"
+    "for _ in range(int(sys.argv[3])):\n"
+    "    try: c,_=s.accept(); c.close()\n"
+    "    except OSError: break\n")
+
+
+@contextlib.asynccontextmanager
+async def _listening(agent: NodeAgent, bind: Callable[[str], str], port: int,
+                     expect: int) -> Any:
+    """A temporary listener on the rendezvous port of rank 0's node (for the reach check)."""
+    stream = await agent.transport.open_stream(
+        [agent.python, "-c", _LISTENER, bind(agent.node), str(port), str(expect)])
+    try:
+        line = await stream.readline()
+        if line.strip() != b"ready":
+            raise LaunchError(f"node {agent.node}: cannot listen on the rendezvous port "
+                              f"{port}: {line.decode(errors='replace').strip() or 'no answer'}")
+        yield
+    finally:
+        await stream.close()
 
 
 def _log_failure(task: asyncio.Task[Any]) -> None:

@@ -77,7 +77,7 @@ def wait_step(d: Ugrod, job: str, step: int, timeout_s: float = 90) -> None:
 def test_ddp_job_across_three_nodes(cluster: Ugrod) -> None:
     ddp(cluster, "exp1", "--steps", "30", "--checkpoint-every", "10")
     done = cluster.wait_job("exp1", timeout_s=180)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done["reason"]
     assert done["nodes"] == ["node0", "node1", "node2"]
     m = [x for x in metrics(cluster, "exp1") if "loss" in x]
     assert len(m) >= 10 and m[-1]["loss"] < m[0]["loss"]  # type: ignore[operator]
@@ -130,7 +130,7 @@ def test_ugrod_killed_mid_job_reattaches_and_records_the_end(cluster: Ugrod) -> 
     assert job_processes("survive")  # ranks outlived the daemon
     cluster.start()
     done = cluster.wait_job("survive", timeout_s=120)
-    assert done["state"] == "succeeded", done
+    assert done["state"] == "succeeded", done["reason"]
     steps = [x["step"] for x in metrics(cluster, "survive") if "step" in x]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # nothing lost or duplicated
     kinds = [json.loads(line)["type"] for line in
