@@ -47,11 +47,14 @@ def emit(obj: object) -> None:
 
 
 def write_atomic(path: str, text: str) -> None:
+    """Readers see the old file or the whole new one, never a part (temp file + rename).
+
+    No fsync: these files describe processes, which do not survive a node crash either,
+    and an fsync on a busy disk would delay the exit code that the head is waiting for.
+    """
     tmp = f"{path}.tmp-{os.getpid()}"
     with open(tmp, "w") as f:
         f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
     os.replace(tmp, path)
 
 
@@ -322,17 +325,22 @@ def cmd_kill(run_dir: str, sig_text: str) -> int:
     sig = parse_signal(sig_text)
     rec = recorded_pid(run_dir)
     leader = leader_alive(run_dir)
+    outside = []  # descendants that left the rank's process group
+    for pid in marked_pids([run_dir])[run_dir]:
+        try:
+            if leader is None or os.getpgid(pid) != leader:
+                outside.append(pid)
+        except ProcessLookupError:
+            pass
     signalled: list[int] = []
     if leader is not None:
         try:
             os.killpg(leader, sig)
+            signalled.append(leader)
         except ProcessLookupError:
             leader = None
-    for pid in marked_pids([run_dir])[run_dir]:
+    for pid in outside:
         try:
-            if leader is not None and os.getpgid(pid) == leader:
-                signalled.append(pid)  # already got it through the group
-                continue
             os.kill(pid, sig)
             signalled.append(pid)
         except ProcessLookupError:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -105,6 +106,25 @@ async def test_stream_yields_lines_and_close_stops_it(transport: Transport, tmp_
     if isinstance(transport, LocalTransport):  # over SSH, root logins cannot be signalled
         await asyncio.sleep(0.8)
         assert not marker.exists()
+
+
+async def test_run_without_input_reads_eof(transport: Transport) -> None:
+    async with asyncio.timeout(10):
+        result = await transport.run(["cat"])
+    assert result.ok and result.stdout == b""
+
+
+async def test_stream_stdin_stays_open_until_close(transport: Transport) -> None:
+    """A command can tell that the head went away: its stdin ends when the stream closes."""
+    code = "import os, sys; print(os.getpid(), flush=True); sys.stdin.read()"
+    stream = await transport.open_stream([sys.executable, "-c", code])
+    pid = int(await stream.readline())
+    await asyncio.sleep(0.3)
+    assert Path(f"/proc/{pid}").exists()
+    await stream.close()
+    async with asyncio.timeout(3):
+        while Path(f"/proc/{pid}").exists():
+            await asyncio.sleep(0.02)
 
 
 async def test_stream_reports_eof(transport: Transport) -> None:

@@ -34,7 +34,7 @@ async def _kill_group(proc: asyncio.subprocess.Process, grace_s: float = 1.0) ->
 
 
 class LocalStream:
-    """stdout of a local child process; close() kills its process group."""
+    """stdout of a local child process; close() ends its stdin and kills its process group."""
 
     def __init__(self, node: str, proc: asyncio.subprocess.Process) -> None:
         self._node = node
@@ -50,6 +50,8 @@ class LocalStream:
             ) from exc
 
     async def close(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            self._proc.stdin.close()
         await asyncio.shield(_kill_group(self._proc))
 
     async def __aenter__(self) -> LocalStream:
@@ -92,7 +94,7 @@ class LocalTransport:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,
-                stdin=asyncio.subprocess.DEVNULL,
+                stdin=asyncio.subprocess.PIPE,  # open until close(), as over SSH
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.DEVNULL,
                 start_new_session=True,

@@ -38,20 +38,32 @@ def _short_alg(alg: str) -> str:
     return alg.removeprefix("ssh-").removeprefix("ecdsa-sha2-")
 
 
-async def fetch_host_key(host: str, port: int, timeout_s: float) -> tuple[str, str, str]:
+async def fetch_host_key(
+    host: str, port: int, timeout_s: float, *, node: str | None = None
+) -> tuple[str, str, str]:
     """Ask a server for its host key: (key type, SHA256 fingerprint, known_hosts line).
 
-    Verifies nothing; for showing the fingerprint to a person before ``trust``.
+    Verifies nothing; for showing the fingerprint to a person before ``trust``. Errors
+    are TransportError naming ``node`` (default: host:port).
     """
+    name = node or f"{host}:{port}"
     try:
         async with asyncio.timeout(timeout_s):
             key = await asyncssh.get_server_host_key(host, port, config=None)
     except TimeoutError as exc:
-        raise OSError(f"no SSH answer from {host}:{port} within {timeout_s:g} s") from exc
+        raise TransportError(
+            name, f"no SSH answer from {host}:{port} within {timeout_s:g} s"
+        ) from exc
     except asyncssh.Error as exc:
-        raise OSError(f"SSH handshake with {host}:{port} failed: {exc.reason}") from exc
+        raise TransportError(
+            name, f"SSH handshake with {host}:{port} failed: {exc.reason}"
+        ) from exc
+    except OSError as exc:
+        raise TransportError(
+            name, f"cannot connect to {host}:{port}: {exc.strerror or exc}"
+        ) from exc
     if key is None:
-        raise OSError(f"{host}:{port} offered no host key")
+        raise TransportError(name, f"{host}:{port} offered no host key")
     alg, blob = key.export_public_key("openssh").decode().split()[:2]
     return alg, key.get_fingerprint("sha256"), f"{host_pattern(host, port)} {alg} {blob}"
 
@@ -116,7 +128,14 @@ class SshStream:
 
 
 def _kill_remote(process: asyncssh.SSHClientProcess[bytes]) -> None:
-    """Ask sshd to SIGKILL the command (OpenSSH >= 7.9 honours it), then close the channel."""
+    """End a command: EOF on its stdin, SIGKILL, close the channel.
+
+    sshd delivers the signal only for non-root logins (for root it refuses: "session
+    signalling requires privilege separation"); the closed stdin and stdout are what
+    a command like the rank wrapper's ``watch`` notices in any case.
+    """
+    with contextlib.suppress(asyncssh.Error, OSError):
+        process.stdin.write_eof()
     with contextlib.suppress(asyncssh.Error, OSError):
         process.send_signal("KILL")
     process.close()
@@ -264,7 +283,7 @@ class SshTransport:
         try:
             alg, fingerprint, _ = await fetch_host_key(self.host, self.port, self.connect_timeout_s)
             presented = f"{_short_alg(alg)} {fingerprint}"
-        except OSError:
+        except TransportError:
             fingerprint, presented = None, "fingerprint unavailable"
         trust_hint = f"run `ugroctl nodes trust {self.node}`"
         if not recorded:
@@ -319,7 +338,12 @@ class SshTransport:
         conn = await self._connection()
         async with self._channels:
             try:
-                process = await conn.create_process(command, input=input, encoding=None)
+                if input:
+                    process = await conn.create_process(command, input=input, encoding=None)
+                else:  # stdin at EOF, as for a local command with nothing to read
+                    process = await conn.create_process(
+                        command, stdin=asyncssh.DEVNULL, encoding=None
+                    )
             except (asyncssh.Error, OSError) as exc:
                 raise self._lost(exc, f"running {argv[0]}") from exc
             try:
@@ -347,9 +371,8 @@ class SshTransport:
             self._stream_slots.release()
             raise
         try:
-            process = await conn.create_process(
-                command, encoding=None, stdin=asyncssh.DEVNULL, stderr=asyncssh.DEVNULL
-            )
+            # stdin stays open until close(): a command can watch it to notice the head leave.
+            process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
         except BaseException as exc:
             self._release_stream()
             if isinstance(exc, asyncssh.Error | OSError):

@@ -1,0 +1,284 @@
+"""The node-side rank wrapper, run as the real program it is on nodes (stdlib, subprocesses)."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from ugrod import rank_wrapper
+
+WRAPPER = rank_wrapper.__file__
+
+
+def wrapper(*args: str, input: bytes | None = None, timeout: float = 10) -> Any:
+    """Run a wrapper subcommand; its JSON answer (and the exit code as ``_rc``)."""
+    done = subprocess.run(
+        [sys.executable, WRAPPER, *args], input=input, capture_output=True, timeout=timeout
+    )
+    answer = json.loads(done.stdout) if done.stdout.strip() else {}
+    if isinstance(answer, dict):
+        answer["_rc"] = done.returncode
+        answer["_stderr"] = done.stderr.decode()
+    return answer
+
+
+def start(run_dir: Path, argv: list[str], **spec: object) -> Any:
+    body = json.dumps({"argv": argv, "env": {"UGRO_TEST": "1"}, **spec}).encode()
+    return wrapper("start", str(run_dir), "--spec-stdin", input=body)
+
+
+def wait_for(path: Path, timeout_s: float = 10) -> str:
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+    return path.read_text()
+
+
+def starttime(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19])
+
+
+def test_start_detaches_records_pid_with_starttime_and_exit_code(tmp_path: Path) -> None:
+    began = time.monotonic()
+    answer = start(tmp_path, [sys.executable, "-c", "import time; time.sleep(1); print('hi')"])
+    assert answer["_rc"] == 0 and time.monotonic() - began < 3  # did not wait for the rank
+    pid = answer["pid"]
+    assert (tmp_path / "pid").read_text().split() == [str(pid), str(starttime(pid))]
+    assert os.getpgid(pid) == pid and os.getsid(pid) == pid
+    assert wait_for(tmp_path / "exit_code").strip() == "0"
+    assert (tmp_path / "rank.log").read_text() == "hi\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "exit_code", "pid", "rank.log", "spec.json",
+    ]  # fmt: skip
+
+
+def test_death_by_signal_is_128_plus_signal(tmp_path: Path) -> None:
+    pid = start(tmp_path, ["sleep", "30"])["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert wait_for(tmp_path / "exit_code").strip() == str(128 + signal.SIGKILL)
+
+
+def test_environment_is_inherited_plus_spec_plus_marker(tmp_path: Path) -> None:
+    start(tmp_path, ["sh", "-c", 'echo "$UGRO_TEST $UGRO_RUN_DIR ${HOME:+home}"'])
+    wait_for(tmp_path / "exit_code")
+    assert (tmp_path / "rank.log").read_text() == f"1 {tmp_path} home\n"
+
+
+def test_command_not_found_is_reported_at_once_and_recorded(tmp_path: Path) -> None:
+    answer = start(tmp_path, ["ugro-no-such-binary"])
+    assert answer["_rc"] == 127 and answer["exit_code"] == 127
+    assert "cannot start 'ugro-no-such-binary': No such file or directory" in answer["error"]
+    assert (tmp_path / "exit_code").read_text().strip() == "127"
+    assert "ugro-no-such-binary" in (tmp_path / "rank.log").read_text()
+    assert not (tmp_path / "pid").exists()
+    again = start(tmp_path, ["ugro-no-such-binary"])  # a retried spawn: same answer
+    assert again["exit_code"] == 127 and again["error"] == answer["error"]
+
+
+def test_not_executable_is_126(tmp_path: Path) -> None:
+    script = tmp_path / "script.sh"
+    script.write_text("#!/bin/sh\n")
+    answer = start(tmp_path / "run", [str(script)])
+    assert answer["exit_code"] == 126 and "Permission denied" in answer["error"]
+
+
+def test_second_start_returns_the_running_rank(tmp_path: Path) -> None:
+    first = start(tmp_path, ["sleep", "30"])
+    second = start(tmp_path, ["sleep", "30"])
+    assert second["pid"] == first["pid"] and second["existing"] is True
+    os.kill(first["pid"], signal.SIGKILL)
+
+
+@pytest.mark.parametrize(
+    "spec", [{"argv": []}, {"argv": "ls"}, {"argv": [1, 2]}, {"env": {}}], ids=str
+)
+def test_bad_spec_is_refused_before_anything_starts(tmp_path: Path, spec: dict[str, Any]) -> None:
+    done = subprocess.run(
+        [sys.executable, WRAPPER, "start", str(tmp_path), "--spec-stdin"],
+        input=json.dumps(spec).encode(),
+        capture_output=True,
+    )
+    assert done.returncode == 1
+    assert b"argv must be a non-empty list of strings" in done.stderr
+    assert not (tmp_path / "pid").exists() and not (tmp_path / "exit_code").exists()
+
+
+# ---- watch ---------------------------------------------------------------------------------
+
+
+def watch_lines(run_dir: Path, log_off: int = 0, met_off: int = 0) -> list[dict[str, Any]]:
+    done = subprocess.run(
+        [sys.executable, WRAPPER, "watch", str(run_dir), str(log_off), str(met_off)],
+        capture_output=True,
+        timeout=10,
+    )
+    assert done.returncode == 0, done.stderr
+    return [json.loads(line) for line in done.stdout.splitlines()]
+
+
+def finished_run(tmp_path: Path) -> Path:
+    (tmp_path / "pid").write_text("4242 1\n")
+    (tmp_path / "rank.log").write_bytes(b"hello\n\xffbinary\n")
+    (tmp_path / "metrics.jsonl").write_bytes(b'{"step":1}\n{"step":2}\n{"step":3')
+    (tmp_path / "exit_code").write_text("0\n")
+    return tmp_path
+
+
+def test_watch_of_a_finished_rank_drains_everything_then_exit(tmp_path: Path) -> None:
+    lines = watch_lines(finished_run(tmp_path))
+    assert lines == [
+        {"t": "pid", "pid": 4242},
+        {"t": "log", "o": 0, "d": base64.b64encode(b"hello\n\xffbinary\n").decode()},
+        {"t": "metric", "o": 0, "e": 11, "d": '{"step":1}'},
+        {"t": "metric", "o": 11, "e": 22, "d": '{"step":2}'},
+        {"t": "metric", "o": 22, "e": 31, "d": '{"step":3'},  # the rank ended: last, unfinished
+        {"t": "exit", "code": 0},
+    ]
+
+
+def test_watch_resumes_from_offsets(tmp_path: Path) -> None:
+    lines = watch_lines(finished_run(tmp_path), 6, 11)
+    assert lines[1] == {"t": "log", "o": 6, "d": base64.b64encode(b"\xffbinary\n").decode()}
+    assert [ln["o"] for ln in lines if ln["t"] == "metric"] == [11, 22]
+    assert watch_lines(tmp_path, 15, 31)[1:] == [{"t": "exit", "code": 0}]
+
+
+def test_watch_follows_a_live_rank_and_holds_back_half_lines(tmp_path: Path) -> None:
+    (tmp_path / "pid").write_text("4242 1\n")
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step":1}\n{"st')
+    proc = subprocess.Popen(
+        [sys.executable, WRAPPER, "watch", str(tmp_path), "0", "0"], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    try:
+        assert json.loads(proc.stdout.readline()) == {"t": "pid", "pid": 4242}
+        assert json.loads(proc.stdout.readline())["e"] == 11
+        with metrics.open("ab") as f:
+            f.write(b'ep":2}\n')
+        assert json.loads(proc.stdout.readline()) == {
+            "t": "metric", "o": 11, "e": 22, "d": '{"step":2}',
+        }  # fmt: skip
+        (tmp_path / "exit_code").write_text("7\n")
+        began = time.monotonic()
+        assert json.loads(proc.stdout.readline()) == {"t": "exit", "code": 7}
+        assert time.monotonic() - began < 0.5
+        assert proc.wait(timeout=5) == 0
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_watch_exits_when_its_reader_goes_away(tmp_path: Path) -> None:
+    (tmp_path / "pid").write_text("4242 1\n")
+    proc = subprocess.Popen(
+        [sys.executable, WRAPPER, "watch", str(tmp_path), "0", "0"], stdout=subprocess.PIPE
+    )
+    assert proc.stdout is not None
+    proc.stdout.readline()
+    proc.stdout.close()  # nothing more will ever be written: the rank is silent
+    assert proc.wait(timeout=2) == 0
+
+
+def test_watch_of_a_missing_run_dir_says_so(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, WRAPPER, "watch", str(tmp_path / "nope"), "0", "0"], capture_output=True
+    )
+    assert done.returncode == 1
+    assert json.loads(done.stdout) == {"t": "error", "message": f"no run directory {tmp_path}/nope"}
+
+
+# ---- status, kill, helpers -----------------------------------------------------------------
+
+
+def test_status_and_kill_trust_a_pid_only_with_its_starttime(tmp_path: Path) -> None:
+    bystander = subprocess.Popen(["sleep", "30"])
+    try:
+        (tmp_path / "pid").write_text(f"{bystander.pid} {starttime(bystander.pid) + 1}\n")
+        status = wrapper("status", str(tmp_path))
+        assert (status["pid"], status["alive"], status["exit_code"]) == (bystander.pid, False, None)
+        killed = wrapper("kill", str(tmp_path), "KILL")
+        assert killed["group"] is False and killed["signalled"] == []
+        time.sleep(0.1)
+        assert bystander.poll() is None
+    finally:
+        bystander.kill()
+        bystander.wait()
+
+
+def test_kill_reaches_descendants_that_left_the_group(tmp_path: Path) -> None:
+    code = (
+        "import subprocess, sys, time\n"
+        "subprocess.Popen(['sleep', '30'], start_new_session=True)\n"
+        "print('ok', flush=True); time.sleep(30)"
+    )
+    pid = start(tmp_path, [sys.executable, "-c", code])["pid"]
+    deadline = time.monotonic() + 10
+    while len(wrapper("status", str(tmp_path))["pids"]) < 2:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    killed = wrapper("kill", str(tmp_path), "TERM")
+    assert killed["pid"] == pid and killed["group"] is True and len(killed["signalled"]) == 2
+    assert wait_for(tmp_path / "exit_code").strip() == str(128 + signal.SIGTERM)
+    deadline = time.monotonic() + 5
+    while wrapper("status", str(tmp_path))["alive"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    assert wrapper("alive-pids", str(tmp_path)) == {str(tmp_path): [], "_rc": 0, "_stderr": ""}
+
+
+def test_checkpoint_request_and_listing(tmp_path: Path) -> None:
+    assert wrapper("checkpoint", str(tmp_path))["requested"] is True
+    assert (tmp_path / "checkpoint.request").exists()
+    ckpt = tmp_path / "ckpt"
+    (ckpt / "step-2").mkdir(parents=True)
+    (ckpt / "step-1.pt").write_bytes(b"1" * 5)
+    (ckpt / "step-2" / "a.bin").write_bytes(b"2" * 7)
+    (ckpt / ".step-3.pt.tmp-1").write_bytes(b"partial")
+    os.utime(ckpt / "step-1.pt", (1, 1))
+    listed = json.loads(
+        subprocess.run(
+            [sys.executable, WRAPPER, "ls-checkpoints", str(ckpt)], capture_output=True
+        ).stdout
+    )
+    assert [(c["path"], c["size_bytes"]) for c in listed] == [
+        (f"{ckpt}/step-1.pt", 5),
+        (f"{ckpt}/step-2", 7),
+    ]
+
+
+def test_free_port_and_reach() -> None:
+    port = wrapper("free-port", "40000", "40100")["port"]
+    assert 40000 <= port <= 40100
+    assert wrapper("free-port")["port"] > 0
+    assert wrapper("reach", "127.0.0.1", "1", "1")["_rc"] == 1
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        assert wrapper("reach", "127.0.0.1", str(s.getsockname()[1]), "1")["ok"] is True
+
+
+def test_parse_signal_and_proc_stat() -> None:
+    assert rank_wrapper.parse_signal("TERM") == signal.SIGTERM
+    assert rank_wrapper.parse_signal("SIGKILL") == signal.SIGKILL
+    assert rank_wrapper.parse_signal("9") == 9
+    state, start_time = rank_wrapper.proc_stat(os.getpid()) or ("?", -1)
+    assert state in "RS" and start_time == starttime(os.getpid())
+    assert rank_wrapper.proc_stat(2**22 + 1) is None
+
+
+def test_unknown_command_is_usage_error() -> None:
+    done = subprocess.run([sys.executable, WRAPPER, "frobnicate"], capture_output=True)
+    assert done.returncode == 2 and b"unknown command 'frobnicate'" in done.stderr
