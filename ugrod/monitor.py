@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import random
 import time
@@ -147,7 +148,7 @@ class Monitor:
         self._watch: dict[str, _Watch] = {}
         self._usage: dict[str, tuple[int, dict[tuple[int, int], _Usage]]] = {}
         self._lock = asyncio.Lock()
-        self._tasks: set[asyncio.Task[Any]] = set()
+        self._inflight: dict[str, asyncio.Task[None]] = {}
         self._sched: Any = None
         self._interval: float | None = None
         self._closed = False
@@ -200,9 +201,10 @@ class Monitor:
 
     async def close(self) -> None:
         self._closed = True
-        for t in list(self._tasks):
+        tasks = list(self._inflight.values())
+        for t in tasks:
             t.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -246,23 +248,34 @@ class Monitor:
     # ---- sweeping ---------------------------------------------------------------------
 
     async def sweep(self) -> None:
-        """Probe every node whose breaker allows it, concurrently; never two at once."""
+        """Probe every node whose breaker allows it, concurrently.
+
+        Sweeps never overlap, and no node is ever checked twice at once. A sweep
+        waits for its checks at most one interval: a node still inside its own
+        deadline (a paused host, a hung link) stays in flight on its own and is
+        skipped by the next sweep, so every other node keeps its pace.
+        """
         if self._lock.locked() or self._closed:
             return
         async with self._lock:
             state = self._host.ledger.state
-            names = [n for n in state.nodes if n in self._transports and n in self._agents]
-            task = asyncio.current_task()
-            if task is not None:
-                self._tasks.add(task)
-            try:
-                await asyncio.gather(*(self._guarded(n) for n in names))
-            finally:
-                if task is not None:
-                    self._tasks.discard(task)
+            started: list[asyncio.Task[None]] = []
+            for name in state.nodes:
+                if name in self._inflight or name not in self._agents:
+                    continue
+                task = asyncio.get_running_loop().create_task(self._guarded(name))
+                self._inflight[name] = task
+                task.add_done_callback(functools.partial(self._landed, name))
+                started.append(task)
+            if started:
+                await asyncio.wait(started, timeout=self._interval or self.interval())
             self.sweeps += 1
             self._prune_usage(self._host.ledger.state)
         self._reschedule()
+
+    def _landed(self, name: str, task: asyncio.Task[None]) -> None:
+        if self._inflight.get(name) is task:
+            del self._inflight[name]
 
     async def _guarded(self, name: str) -> None:
         try:

@@ -17,6 +17,7 @@ from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import pytest
 from sshd_nodes import SshdCluster, SshdNode
 
@@ -81,12 +82,16 @@ def set_scenario(bin_dir: Path, scenario: str) -> None:
 
 
 async def make_host(tmp: Path, nodes: Sequence[cfgmod.NodeConfig],
-                    check_timeout_s: float = 5.0) -> Host:
+                    check_timeout_s: float = 5.0, interval_s: float | None = None) -> Host:
     # Session setup of a local sshd on a busy test machine can take 100+ ms: latency
     # scoring has its own unit tests, here it would only add noise.
     lenient = cfgmod.Thresholds(latency_ms=cfgmod.Level(5000.0, 10000.0))
-    config = cfgmod.Config(nodes=tuple(nodes), health=cfgmod.HealthConfig(
-        check_timeout_s=check_timeout_s, thresholds=lenient))
+    health = cfgmod.HealthConfig(check_timeout_s=check_timeout_s, thresholds=lenient)
+    if interval_s is not None:
+        health = msgspec.structs.replace(health, intervals=cfgmod.Intervals(
+            active_s=interval_s, recent_s=interval_s, idle_s=interval_s,
+            long_idle_s=interval_s))
+    config = cfgmod.Config(nodes=tuple(nodes), health=health)
     ledger = Ledger.open(tmp / "state")
     host = Host(ledger=ledger, config=config)
     ledger.on_commit(lambda records, _: host.recorded.extend(r.event for r in records))
@@ -267,6 +272,30 @@ async def test_slow_node_does_not_hold_up_the_others(tmp_path: Path, local_bin: 
         assert time.monotonic() - t0 < 3.0  # the slow node's deadline, not its 30 s
         assert monitor.sweeps == 1
         assert host.stats.health_failures["slow"].value == 1
+    finally:
+        await monitor.close()
+        await host.ledger.close()
+
+
+async def test_a_node_stuck_in_its_deadline_is_skipped_not_waited_for(
+        tmp_path: Path, local_bin: Path) -> None:
+    ncs = [local_node(tmp_path, n) for n in ("fast", "stuck")]
+    host = await make_host(tmp_path, ncs, check_timeout_s=4.0, interval_s=0.5)
+    ts = {n.name: FlakyTransport(n.name) for n in ncs}
+    ts["stuck"].delay_s = 30
+    agents = {n.name: NodeAgent(ts[n.name], n.work_dir, n.python) for n in ncs}
+    monitor = Monitor(host, agents, ts, clock=Clock())
+    try:
+        t0 = time.monotonic()
+        for _ in range(3):
+            await monitor.sweep()
+        assert time.monotonic() - t0 < 3.0  # each sweep waited one interval at most
+        assert ts["fast"].calls == 3 and ts["stuck"].calls == 1  # never two checks at once
+        assert "stuck" not in host.stats.health_checks  # still inside its deadline
+        while "stuck" not in host.stats.health_checks:
+            assert time.monotonic() - t0 < 10
+            await asyncio.sleep(0.1)
+        assert host.stats.health_failures["stuck"].value == 1
     finally:
         await monitor.close()
         await host.ledger.close()
