@@ -1,0 +1,210 @@
+"""The Prometheus side checked by the real promtool: rules, their tests, scrape config, output."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ugrod import config
+from ugrod import events as ev
+from ugrod.gpus import GpuSample, NodeSample
+from ugrod.metrics import NodeSampleView, UgroCollector
+from ugrod.prometheus_config import ScrapeConfigError, scrape_config, scrape_config_dict
+from ugrod.runtime_stats import RuntimeStats
+from ugrod.state import State, apply
+
+ROOT = Path(__file__).resolve().parents[2]
+RULES = sorted((ROOT / "prometheus" / "rules").glob("*.rules.yml"))
+RULE_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.test.yml"))
+ALERTS = ROOT / "prometheus" / "rules" / "ugro-alerts.rules.yml"
+OPERATIONS = ROOT / "docs" / "operations.md"
+REQUIRED_ALERTS = {
+    "UgroDaemonDown", "UgroNodeDown", "UgroNodeUnhealthy", "UgroGpuTooHot",
+    "UgroDiskNearlyFull", "UgroJobFailed", "UgroJobStalled", "UgroJobsWaitingWhileGpusIdle",
+    "UgroEventLogFsyncSlow", "UgroGpuExporterFailing",
+}
+CLUSTER_YAML = """
+cluster:
+  name: test-lab
+nodes:
+  head:
+    host: 127.0.0.1
+    transport: local
+    gpus: []
+  gpu1:
+    ip: 192.168.1.101
+    user: ugro
+    gpu: "RTX 4080"
+    vram_gb: 16
+  gpu2:
+    host: gpu2.lan
+    user: ugro
+metrics:
+  host: 0.0.0.0
+  port: 9327
+"""
+
+
+def promtool(*args: str, stdin: bytes | None = None) -> subprocess.CompletedProcess[str]:
+    exe = shutil.which("promtool")
+    assert exe, "promtool is missing: scripts/test.sh installs Debian's prometheus package"
+    return subprocess.run([exe, *args], input=None if stdin is None else stdin.decode(),
+                          capture_output=True, text=True, timeout=60, check=False)
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> None:
+    assert result.returncode == 0, f"{result.args}: {result.stdout}{result.stderr}"
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    return [r for g in groups for r in g["rules"] if "alert" in r]
+
+
+def test_rule_files_pass_lint() -> None:
+    assert len(RULES) == 2
+    ok(promtool("check", "rules", "--lint=all", "--lint-fatal", *map(str, RULES)))
+
+
+def test_rule_unit_tests_pass() -> None:
+    assert len(RULE_TESTS) == 2
+    ok(promtool("test", "rules", *map(str, RULE_TESTS)))
+
+
+def test_alert_tests_are_current_with_the_rules() -> None:
+    generated = subprocess.run(
+        [sys.executable, str(ROOT / "prometheus" / "tests" / "generate_alert_tests.py")],
+        capture_output=True, text=True, check=True, timeout=60).stdout
+    assert generated == (ROOT / "prometheus" / "tests" / "alerts.test.yml").read_text(), \
+        "regenerate: python3 prometheus/tests/generate_alert_tests.py > " \
+        "prometheus/tests/alerts.test.yml"
+
+
+def test_every_alert_is_complete_and_has_a_runbook() -> None:
+    rules = alert_rules()
+    assert {r["alert"] for r in rules} == REQUIRED_ALERTS
+    anchors = {re.sub(r"[^a-z0-9 -]", "", h.strip().lower()).replace(" ", "-")
+               for h in re.findall(r"^#+ (.+)$", OPERATIONS.read_text(), re.M)}
+    for r in rules:
+        name = r["alert"]
+        assert re.fullmatch(r"Ugro[A-Z][A-Za-z]+", name)
+        assert "for" in r, name
+        assert r["labels"]["severity"] in ("critical", "warning", "info"), name
+        ann = r["annotations"]
+        assert set(ann) == {"summary", "description", "runbook_url"}, name
+        path, _, anchor = ann["runbook_url"].partition("#")
+        assert path == "docs/operations.md" and anchor == name.lower(), name
+        assert anchor in anchors, f"docs/operations.md has no section for {name}"
+
+
+def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
+    cases: dict[str, set[bool]] = {}
+    for path in RULE_TESTS:
+        for test in yaml.safe_load(path.read_text())["tests"]:
+            for check in test.get("alert_rule_test", []):
+                cases.setdefault(check["alertname"], set()).add(bool(check["exp_alerts"]))
+    for name in REQUIRED_ALERTS:
+        assert cases.get(name) == {True, False}, f"{name}: {cases.get(name)}"
+    fired = {(name, a["exp_labels"]["severity"])
+             for path in RULE_TESTS for test in yaml.safe_load(path.read_text())["tests"]
+             for check in test.get("alert_rule_test", []) for name in [check["alertname"]]
+             for a in check["exp_alerts"]}
+    assert fired == {(r["alert"], r["labels"]["severity"]) for r in alert_rules()}
+
+
+def test_generated_scrape_config_passes_promtool(tmp_path: Path) -> None:
+    cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
+    data = scrape_config_dict(cfg)
+    ugrod, gpu = data["scrape_configs"]
+    assert ugrod["honor_labels"] is True  # keeps the training job's `job` label
+    assert ugrod["static_configs"] == [{"targets": ["127.0.0.1:9327"]}]
+    assert gpu["static_configs"] == [
+        {"targets": ["127.0.0.1:9400"], "labels": {"node": "head"}},
+        {"targets": ["192.168.1.101:9400"], "labels": {"node": "gpu1"}},
+        {"targets": ["gpu2.lan:9400"], "labels": {"node": "gpu2"}},
+    ]
+    assert data["global"]["external_labels"] == {"cluster": "test-lab"}
+    path = tmp_path / "prometheus.yml"
+    path.write_text(scrape_config(cfg, rules_dir=str(ROOT / "prometheus" / "rules")))
+    result = promtool("check", "config", str(path))
+    ok(result)
+    assert "2 rule files found" in result.stdout
+
+
+def test_example_scrape_config_is_current() -> None:
+    cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
+    example = ROOT / "prometheus" / "prometheus.example.yml"
+    assert example.read_text() == scrape_config(cfg), \
+        "regenerate prometheus/prometheus.example.yml from this test's CLUSTER_YAML"
+
+
+@pytest.mark.parametrize(("metrics", "problem"), [
+    ("metrics: {port: 0}", "metrics.port is 0"),
+    ("metrics: {enabled: false}", "metrics.enabled is false"),
+])
+def test_scrape_config_refuses_what_prometheus_cannot_find(metrics: str, problem: str) -> None:
+    text = "nodes:\n  a: {host: 10.0.0.1, user: u}\n" + metrics
+    with pytest.raises(ScrapeConfigError, match=problem):
+        scrape_config(config.loads(text, env={}))
+
+
+def _busy_cluster() -> tuple[State, dict[str, NodeSample], RuntimeStats]:
+    state, stats, t = State(), RuntimeStats(), 1_700_000_000.0
+    alice = ev.Actor(user="alice", uid=1000)
+    events: list[tuple[ev.Event, ev.Actor]] = [
+        (ev.NodeAdded(node=ev.NodeSpec(name=n, host=f"10.0.0.{i}", transport="ssh", gpus=(
+            ev.Gpu(index=0, model="NVIDIA L40S", vram_bytes=48 << 30, uuid=f"GPU-{n}-0"),
+            ev.Gpu(index=1, model="NVIDIA L40S", vram_bytes=48 << 30, uuid=f"GPU-{n}-1"),
+        ))), ev.DAEMON) for i, n in enumerate(("a", "b"), 1)
+    ] + [
+        (ev.JobSubmitted(job="train", spec=ev.JobSpec(argv=("python3", "t.py"), nodes=2,
+                                                       gpus_per_node=1)), alice),
+        (ev.JobPlaced(job="train", attempt=1, ranks=(
+            ev.RankPlacement(rank=0, node="a", gpus=(0,)),
+            ev.RankPlacement(rank=1, node="b", gpus=(1,)))), ev.DAEMON),
+        (ev.JobRunning(job="train", attempt=1), ev.DAEMON),
+        (ev.JobSubmitted(job="done", spec=ev.JobSpec(argv=("true",))), alice),
+        (ev.JobPlaced(job="done", attempt=1, ranks=(ev.RankPlacement(rank=0, node="a"),)),
+         ev.DAEMON),
+        (ev.JobEnded(job="done", attempt=1, outcome="failed", exit_code=1), ev.DAEMON),
+        (ev.NodeHealthChanged(node="b", health="degraded", score=70.0), ev.DAEMON),
+    ]
+    for e, actor in events:
+        t += 5
+        r = ev.Record(seq=state.seq + 1, ts=t, actor=actor, event=e)
+        state = apply(state, r)
+        stats.jobs_committed([r], state)
+    stats.log_batch(2, 600, 0.0004)
+    stats.api_request("/v1/jobs", "POST", 201, 0.004)
+    stats.health_check("a", 0.1, ok=True)
+    samples = {"a": NodeSample(
+        ts=t, latency_ms=3.0, cpu_ticks=(1000, 400), cpu_count=8, load=(1.0, 1.0, 1.0),
+        mem_total_bytes=64 << 30, mem_available_bytes=32 << 30, disk_total_bytes=1 << 40,
+        disk_used_bytes=1 << 39, disk_avail_bytes=1 << 39,
+        gpus=(GpuSample(uuid="GPU-a-0", index=0, name="NVIDIA L40S", util_percent=99.0,
+                        memory_used_bytes=40 << 30, memory_total_bytes=48 << 30,
+                        temperature_c=70.0, power_w=300.0),))}
+    return state, samples, stats
+
+
+def test_promtool_check_metrics_accepts_ugrod_output() -> None:
+    state, samples, stats = _busy_cluster()
+
+    def get_samples() -> Mapping[str, NodeSampleView]:
+        return samples
+
+    collector = UgroCollector(lambda: state, get_samples,
+                              lambda: {"train": {"step": 10, "loss": 1.5, "throughput": 99.0}},
+                              stats)
+    body = collector.exposition()
+    assert b'ugro_job_training_loss{job="train",owner="alice"} 1.5' in body
+    result = promtool("check", "metrics", stdin=body)
+    assert (result.returncode, result.stdout + result.stderr) == (0, "")
