@@ -1,4 +1,4 @@
-"""HTTP to ugrod over its Unix socket (or through ``ssh -W`` to a head node's socket).
+"""HTTP to ugrod over its Unix socket (or through ssh to a head node's socket).
 
 Standard library only (``http11.py`` speaks the HTTP): importing aiohttp would
 cost ~0.3 s on every command, http.client ~14 ms. One connection is kept for
@@ -109,55 +109,86 @@ class UnixConnection(Connection):
         self.sock = sock
 
 
-class SshConnection(Connection):
-    """HTTP through ``ssh -W REMOTE_SOCKET HEAD`` (OpenSSH stream-local forwarding).
+class SshTunnel:
+    """``ssh -N -L LOCAL:REMOTE_SOCKET HEAD``: OpenSSH stream-local forwarding.
 
-    The remote sshd session opens the socket, so ugrod sees the remote user's
-    uid (SO_PEERCRED) and no TCP port is ever opened. ssh's stdin and stdout are
-    one end of a socketpair; the HTTP goes over the other. ssh's stderr stays
-    the user's, so its own prompts and errors (host key, auth) are seen.
+    Each connection to LOCAL is carried to the head node, where the user's own
+    sshd session connects to ugrod's socket: ugrod sees the remote user's uid
+    (SO_PEERCRED) and no TCP port is opened anywhere. LOCAL lives in a fresh
+    0700 directory, so no other local user can ride on the tunnel. ssh's stderr
+    and terminal stay the user's (host-key questions, passwords, errors).
+
+    (``ssh -W /path`` would avoid the local socket, but OpenSSH before 9.x
+    accepts a path there and silently forwards nothing.)
     """
 
-    def __init__(self, host: str, remote_socket: str, timeout: float | None = TIMEOUT_S,
-                 ssh: str | None = None) -> None:
-        super().__init__(timeout)
-        self.head = host
+    START_TIMEOUT_S = 120.0  # long enough to type a passphrase
+
+    def __init__(self, head: str, remote_socket: str, ssh: str | None = None) -> None:
+        self.head = head
         self.remote_socket = remote_socket
         self.ssh = ssh or os.environ.get("UGRO_SSH") or "ssh"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dir: str | None = None
+        self.local_path = ""
+
+    @property
+    def where(self) -> str:
+        return f"{self.head}:{self.remote_socket} (via ssh)"
 
     def argv(self) -> list[str]:
         # "--" ends ssh's options: a HEAD starting with "-" cannot become an option.
-        return [self.ssh, "-W", self.remote_socket, "-o", "ExitOnForwardFailure=yes",
-                "--", self.head]
+        return [self.ssh, "-N", "-T", "-o", "ExitOnForwardFailure=yes",
+                "-o", "StreamLocalBindUnlink=yes", "-o", "ControlPath=none",
+                "-L", f"{self.local_path}:{self.remote_socket}", "--", self.head]
 
-    def connect(self) -> None:
+    def start(self) -> str:
+        """Start ssh (once) and wait until its local socket exists; returns its path."""
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                return self.local_path
+            raise DaemonUnreachable(self.where, f"ssh exited with code {self.proc.returncode}")
         import subprocess
+        import tempfile
+        import time
 
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.dir = tempfile.mkdtemp(prefix="ugroctl-", dir="/tmp")  # short: sun_path limit
+        self.local_path = os.path.join(self.dir, "s")
         try:
-            self.proc = subprocess.Popen(self.argv(), stdin=theirs.fileno(),
-                                         stdout=theirs.fileno(), close_fds=True)
+            self.proc = subprocess.Popen(self.argv(), stdin=subprocess.DEVNULL, close_fds=True)
         except OSError as exc:
-            ours.close()
-            raise DaemonUnreachable(f"{self.head}:{self.remote_socket} (via ssh)",
-                                    f"cannot run {self.ssh}: {exc.strerror}") from exc
-        finally:
-            theirs.close()
-        ours.settimeout(self.timeout)
-        self.sock = ours
+            self.close()
+            raise DaemonUnreachable(self.where, f"cannot run {self.ssh}: {exc.strerror}"
+                                    ) from exc
+        deadline = time.monotonic() + self.START_TIMEOUT_S
+        while not os.path.exists(self.local_path):
+            code = self.proc.poll()
+            if code is not None:
+                self.close()
+                raise DaemonUnreachable(self.where, f"ssh exited with code {code}")
+            if time.monotonic() > deadline:
+                self.close()
+                raise DaemonUnreachable(self.where, "ssh did not set up the forwarding in "
+                                        f"{self.START_TIMEOUT_S:.0f} s")
+            time.sleep(0.01)
+        return self.local_path
 
     def close(self) -> None:
-        super().close()
         proc, self.proc = self.proc, None
-        if proc is not None:
+        if proc is not None and proc.poll() is None:
             import subprocess
 
+            proc.terminate()
             try:
-                proc.wait(timeout=5)  # our end closed: ssh sees EOF and exits
+                proc.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+        if self.dir is not None:
+            import shutil
+
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir = None
 
 
 class Client:
@@ -170,6 +201,7 @@ class Client:
         self.remote_socket = remote_socket or REMOTE_SOCKET
         self.timeout = timeout
         self._conn: Connection | None = None
+        self._tunnel: SshTunnel | None = None
 
     @property
     def where(self) -> str:
@@ -184,13 +216,22 @@ class Client:
 
     def _new_connection(self, timeout: float | None) -> Connection:
         if self.host:
-            return SshConnection(self.host, self.remote_socket, timeout=timeout)
+            if self._tunnel is None:
+                self._tunnel = SshTunnel(self.host, self.remote_socket)
+            return UnixConnection(self._tunnel.start(), timeout=timeout)
         return UnixConnection(self._local_path(), timeout=timeout)
 
-    def close(self) -> None:
+    def _drop_conn(self) -> None:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+    def close(self) -> None:
+        """Close the connection and, with --host, end the ssh tunnel."""
+        self._drop_conn()
+        if self._tunnel is not None:
+            self._tunnel.close()
+            self._tunnel = None
 
     def __enter__(self) -> Client:
         return self
@@ -245,7 +286,7 @@ class Client:
         try:
             return self._exchange(self._conn, method, url, data, request_id)
         except DaemonUnreachable:
-            self.close()
+            self._drop_conn()
             if not (reused and retry):
                 raise
         # A kept-alive connection the daemon had closed meanwhile: one fresh try
@@ -254,7 +295,7 @@ class Client:
         try:
             return self._exchange(self._conn, method, url, data, request_id)
         except CtlError:
-            self.close()
+            self._drop_conn()
             raise
 
     def _exchange(self, conn: Connection, method: str, url: str, data: bytes | None,
@@ -293,11 +334,11 @@ class Client:
         try:
             raw = resp.read()
         except (BadResponse, OSError) as exc:
-            self.close()
+            self._drop_conn()
             raise ProtocolError(f"the answer from ugrod at {self.where} was cut off: "
                                 f"{_describe(exc)}") from exc
         if resp.will_close:
-            self.close()
+            self._drop_conn()
         try:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError):

@@ -27,7 +27,7 @@ from click.testing import CliRunner
 
 from ugroctl import client as ctl_client
 from ugroctl.cli import cli, find_batch_size, main
-from ugroctl.client import Client, SshConnection, seg
+from ugroctl.client import Client, SshTunnel, seg
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -555,39 +555,56 @@ def test_find_batch_size() -> None:
 FAKE_SSH = r'''
 import os, socket, sys, threading
 args = sys.argv[1:]
-path = args[args.index("-W") + 1]
-assert args[-2] == "--", args
-open(os.environ["FAKE_SSH_LOG"], "w").write(" ".join(args))
-s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-s.connect(path)
-def up():
-    while data := os.read(0, 65536):
-        s.sendall(data)
-    s.shutdown(socket.SHUT_WR)
-threading.Thread(target=up, daemon=True).start()
-while data := s.recv(65536):
-    os.write(1, data)
+local, remote = args[args.index("-L") + 1].split(":", 1)
+assert args[-2] == "--" and "-N" in args, args
+open(os.environ["FAKE_SSH_LOG"], "w").write(" ".join(args).replace(local, "LOCAL"))
+def pump(a, b):
+    try:
+        while data := a.recv(65536):
+            b.sendall(data)
+        b.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+def serve(conn):
+    up = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    up.connect(remote)
+    threading.Thread(target=pump, args=(conn, up), daemon=True).start()
+    pump(up, conn)
+    conn.close()
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(local)
+srv.listen()
+while True:
+    c, _ = srv.accept()
+    threading.Thread(target=serve, args=(c,), daemon=True).start()
 '''
 
 
-def test_host_runs_http_through_ssh_w(peer: Peer, sock_dir: Path) -> None:
-    """A stand-in ssh (the real one needs sshd) that does what ``ssh -W PATH`` does."""
+def test_host_runs_http_through_an_ssh_streamlocal_forward(peer: Peer, sock_dir: Path) -> None:
+    """A stand-in ssh (the real one needs sshd: see the integration tests) that does what
+    ``ssh -N -L LOCAL:REMOTE HEAD`` does, checked with the argv ugroctl gives it."""
     fake = sock_dir / "ssh"
     fake.write_text(f"#!{sys.executable}\n{FAKE_SSH}")
     fake.chmod(0o755)
     log = sock_dir / "ssh.log"
     peer.on("GET", "/v1/jobs", Answer(200, {"jobs": [JOB]}))
-    peer.on("GET", "/v1/jobs/exp1", Answer(200, {"job": JOB}))
+    peer.on("GET", "/v1/jobs/exp1/logs", Answer(200, chunks=[b"hello\n", b"world\n"]))
+    env = {"UGRO_SSH": str(fake), "FAKE_SSH_LOG": str(log)}
+    tunnels_before = set(Path("/tmp").glob("ugroctl-*"))
     res = subprocess_ctl("--host", "gpu-master", "--remote-socket", peer.path, "status",
-                         env={"UGRO_SSH": str(fake), "FAKE_SSH_LOG": str(log)})
+                         env=env)
     assert res.returncode == 0, res.stderr
     assert b"exp1" in res.stdout
-    assert log.read_text() == f"-W {peer.path} -o ExitOnForwardFailure=yes -- gpu-master"
+    assert log.read_text() == ("-N -T -o ExitOnForwardFailure=yes -o StreamLocalBindUnlink=yes "
+                               f"-o ControlPath=none -L LOCAL:{peer.path} -- gpu-master")
+    res = subprocess_ctl("--host", "gpu-master", "--remote-socket", peer.path, "logs", "exp1",
+                         env=env)
+    assert res.returncode == 0 and res.stdout == b"hello\nworld\n"
+    assert set(Path("/tmp").glob("ugroctl-*")) <= tunnels_before  # its socket dir is gone
 
 
 def test_ssh_argv_cannot_be_turned_into_options() -> None:
-    conn = SshConnection("-oProxyCommand=evil", "/run/ugro/ugrod.sock")
-    argv = conn.argv()
+    argv = SshTunnel("-oProxyCommand=evil", "/run/ugro/ugrod.sock").argv()
     assert argv[-2:] == ["--", "-oProxyCommand=evil"]
 
 
@@ -599,6 +616,8 @@ def test_ssh_that_fails_is_unreachable(sock_dir: Path) -> None:
     res = subprocess_ctl("--host", "head", "status", env={"UGRO_SSH": str(fake)})
     assert res.returncode == 3
     assert b"head:/run/ugro/ugrod.sock (via ssh)" in res.stderr
+    assert b"ssh exited with code 255" in res.stderr
+    assert b"port 22: refused" in res.stderr  # ssh's own words reach the user
 
 
 def test_client_reuses_its_connection(peer: Peer) -> None:
