@@ -132,7 +132,7 @@ def _examples(*lines: str) -> str:
               help="ugrod's Unix socket [env UGRO_SOCKET; default /run/ugro/ugrod.sock as "
                    "root, else $XDG_RUNTIME_DIR/ugro/ugrod.sock].")
 @click.option("--host", metavar="HEAD", envvar="UGRO_HOST",
-              help="Reach ugrod on the head node HEAD through `ssh -W` (your identity "
+              help="Reach ugrod on the head node HEAD through an ssh forward (your identity "
                    "there, no TCP port) [env UGRO_HOST].")
 @click.option("--remote-socket", metavar="PATH", envvar="UGRO_REMOTE_SOCKET",
               help="ugrod's socket on HEAD with --host [default /run/ugro/ugrod.sock].")

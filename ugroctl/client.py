@@ -118,8 +118,8 @@ class SshTunnel:
     0700 directory, so no other local user can ride on the tunnel. ssh's stderr
     and terminal stay the user's (host-key questions, passwords, errors).
 
-    (``ssh -W /path`` would avoid the local socket, but OpenSSH before 9.x
-    accepts a path there and silently forwards nothing.)
+    (``ssh -W /path`` would avoid the local socket, but OpenSSH 9.2 accepts a
+    path there and silently forwards nothing.)
     """
 
     START_TIMEOUT_S = 120.0  # long enough to type a passphrase
