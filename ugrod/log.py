@@ -36,7 +36,6 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
@@ -320,17 +319,17 @@ class EventLog:
         self._io_lock = threading.Lock()
         self._failed: LogWriteFailed | None = None
         self._closing = False
-        # Group commit: appends join the open group; the writer task takes it whole.
+        # Group commit: appends join the open group; the writer thread takes it whole.
+        # Guarded by _cv (shared with the writer thread).
+        self._cv = threading.Condition(threading.Lock())
         self._chunks: list[bytes] = []
         self._futs: list[asyncio.Future[None]] = []
         self._n = 0
         self._nbytes = 0
         self._full: deque[tuple[list[bytes], list[asyncio.Future[None]], int]] = deque()
-        self._wake: asyncio.Future[None] | None = None
-        self._writer: asyncio.Task[None] | None = None
+        self._idle = True  # the writer thread is waiting for work (or not started)
+        self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor: ThreadPoolExecutor | None = None
-        self._inflight = False
 
     @classmethod
     def open(cls, state_dir: Path, *, max_segment_bytes: int = 64 << 20,
@@ -560,77 +559,85 @@ class EventLog:
         """
         loop = asyncio.get_running_loop()
         if self._loop is not loop:
-            if self._loop is not None:
-                raise LogError("events: EventLog used from a second event loop")
-            self._loop = loop
-            self._writer = loop.create_task(self._write_loop())
+            self._start_writer(loop)
         chunk = self._check(lines)
-        fut: asyncio.Future[None] = loop.create_future()
-        if self._nbytes + len(chunk) > MAX_BATCH_BYTES:
-            self._full.append((self._chunks, self._futs, self._n))
-            self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
-        self._chunks.append(chunk)
-        self._futs.append(fut)
-        self._n += len(lines)
-        self._nbytes += len(chunk)
-        wake = self._wake
-        if wake is not None and not wake.done():
-            wake.set_result(None)
+        fut = loop.create_future()
+        with self._cv:
+            if self._failed is not None:
+                raise LogWriteFailed(str(self._failed))
+            if self._nbytes + len(chunk) > MAX_BATCH_BYTES:
+                self._full.append((self._chunks, self._futs, self._n))
+                self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
+            self._chunks.append(chunk)
+            self._futs.append(fut)
+            self._n += len(lines)
+            self._nbytes += len(chunk)
+            if self._idle:
+                self._cv.notify()
         await fut
 
     def append_sync(self, lines: Sequence[bytes]) -> None:
         """Append one batch and fdatasync it, without an event loop."""
-        if self._futs or self._full or self._inflight:
-            raise LogError("events: append_sync while async appends are pending")
-        chunk = self._check(lines)
-        try:
-            nbytes, fsync_s = self._write_batch([chunk], self._next_seq - len(lines), len(lines))
-        except OSError as exc:
-            raise self._fail(exc) from exc
+        with self._cv:
+            if self._futs or self._full or not self._idle:
+                raise LogError("events: append_sync while async appends are pending")
+            chunk = self._check(lines)
+            try:
+                nbytes, fsync_s = self._write_batch([chunk], self._next_seq - len(lines),
+                                                    len(lines))
+            except OSError as exc:
+                raise self._fail(exc) from exc
         if self._on_batch is not None:
             self._on_batch(len(lines), nbytes, fsync_s)
 
-    async def _write_loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ugro-log")
-        durable: list[asyncio.Future[None]] = []
+    def _start_writer(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._loop is not None:
+            raise LogError("events: EventLog used from a second event loop")
+        self._loop = loop
+        self._thread = threading.Thread(target=self._write_loop, args=(loop,),
+                                        name="ugro-log-writer", daemon=True)
+        self._thread.start()
+
+    def _write_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The writer thread: take everything pending as one batch, write, fdatasync, repeat."""
+        # The thread takes the next batch itself as soon as an fdatasync returns, so
+        # batches follow each other without a round trip through the event loop, and
+        # producers woken by one batch run while the next one is being flushed.
+        cv = self._cv
         while True:
-            if self._full:
-                chunks, futs, n = self._full.popleft()
-            elif self._futs:
-                chunks, futs, n = self._chunks, self._futs, self._n
-                self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
-            else:
-                _resolve(durable)
-                durable = []
-                if self._closing or self._failed is not None:
-                    return
-                self._wake = loop.create_future()
-                await self._wake
-                continue
-            self._inflight = True
-            io = loop.run_in_executor(self._executor, self._write_batch, chunks,
-                                      self._last_seq + 1, n)
-            # Wake the last batch's producers only now that the next batch is in the
-            # I/O thread: their Python work then overlaps this batch's fdatasync.
-            _resolve(durable)
+            with cv:
+                while not self._futs and not self._full:
+                    if self._closing:
+                        return
+                    self._idle = True
+                    cv.wait()
+                    self._idle = False
+                if self._full:
+                    chunks, futs, n = self._full.popleft()
+                else:
+                    chunks, futs, n = self._chunks, self._futs, self._n
+                    self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
             try:
-                nbytes, fsync_s = await io
+                nbytes, fsync_s = self._write_batch(chunks, self._last_seq + 1, n)
             except BaseException as exc:
-                err = self._fail(exc)
-                for f in [*futs, *self._futs, *(f for g in self._full for f in g[1])]:
-                    if not f.done():
-                        f.set_exception(LogWriteFailed(str(err)))
-                self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
-                self._full.clear()
-                if not isinstance(exc, Exception):
-                    raise
+                with cv:
+                    err = self._fail(exc)
+                    futs += self._futs
+                    futs += [f for g in self._full for f in g[1]]
+                    self._chunks, self._futs, self._n, self._nbytes = [], [], 0, 0
+                    self._full.clear()
+                    self._idle = True
+                _call_soon(loop, _fail_all, futs, err)
                 return
-            finally:
-                self._inflight = False
-            durable = futs
-            if self._on_batch is not None:
-                self._on_batch(n, nbytes, fsync_s)
+            _call_soon(loop, self._batch_done, futs, n, nbytes, fsync_s)
+
+    def _batch_done(self, futs: list[asyncio.Future[None]], n: int, nbytes: int,
+                    fsync_s: float) -> None:
+        for f in futs:
+            if not f.done():
+                f.set_result(None)
+        if self._on_batch is not None:
+            self._on_batch(n, nbytes, fsync_s)
 
     def _write_batch(self, chunks: list[bytes], first: int, n: int) -> tuple[int, float]:
         """Write one batch and its commit line, fdatasync; on error cut the file back.
@@ -675,24 +682,23 @@ class EventLog:
 
     async def close(self) -> None:
         """Flush pending appends, then release the files and the lock."""
-        self._closing = True
-        if self._writer is not None:
-            wake = self._wake
-            if wake is not None and not wake.done():
-                wake.set_result(None)
-            with contextlib.suppress(Exception):
-                await self._writer
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        with self._cv:
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+            await asyncio.sleep(0)  # the last batches' results, queued before the join's
         self._release()
 
     def close_sync(self) -> None:
         """Release the files and the lock (after append_sync only; no event loop)."""
-        if self._futs or self._full or self._inflight:
-            raise LogError("events: close_sync with async appends pending; use close()")
-        self._closing = True
-        if self._executor is not None:
-            self._executor.shutdown(wait=True)
+        with self._cv:
+            if self._futs or self._full or not self._idle:
+                raise LogError("events: close_sync with async appends pending; use close()")
+            self._closing = True
+            self._cv.notify()
+        if self._thread is not None:
+            self._thread.join()
         self._release()
 
     def _release(self) -> None:
@@ -705,10 +711,15 @@ class EventLog:
             self._lock_fd = -1
 
 
-def _resolve(futs: list[asyncio.Future[None]]) -> None:
+def _fail_all(futs: list[asyncio.Future[None]], err: LogWriteFailed) -> None:
     for f in futs:
         if not f.done():
-            f.set_result(None)
+            f.set_exception(LogWriteFailed(str(err)))
+
+
+def _call_soon(loop: asyncio.AbstractEventLoop, fn: Callable[..., None], *args: object) -> None:
+    with contextlib.suppress(RuntimeError):  # the loop is closed: nobody is waiting any more
+        loop.call_soon_threadsafe(fn, *args)
 
 
 def _take_lock(state_dir: Path) -> int:
