@@ -285,6 +285,35 @@ async def test_fetch_host_key_then_trust_lets_the_connection_in(
         await t.close()
 
 
+async def test_host_key_of_another_type_counts_as_changed(
+    ssh_nodes: SshdCluster, tmp_path: Path
+) -> None:
+    node = ssh_nodes[2]
+    other = tmp_path / "ecdsa_key"
+    subprocess.run(["ssh-keygen", "-q", "-t", "ecdsa", "-N", "", "-f", str(other)], check=True)
+    alg, blob = Path(f"{other}.pub").read_text().split()[:2]
+    stale = tmp_path / "known_hosts"
+    stale.write_text(f"[{node.host}]:{node.port} {alg} {blob}\n")
+    t = node.transport(known_hosts=stale)
+    with pytest.raises(HostKeyError, match="CHANGED") as info:
+        await t.connect()
+    assert info.value.changed and fingerprint_of(node) in str(info.value)
+    await t.close()
+
+
+async def test_unreadable_identity_file_is_named(ssh_nodes: SshdCluster, tmp_path: Path) -> None:
+    t = ssh_nodes[0].transport(identity=tmp_path / "no-key")
+    with pytest.raises(TransportError, match=r"^node node0: cannot load identity_file .*no-key"):
+        await t.connect()
+    locked = tmp_path / "locked"
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "secret", "-f", str(locked)], check=True
+    )
+    t = ssh_nodes[0].transport(identity=locked)
+    with pytest.raises(TransportError, match="passphrase-protected"):
+        await t.connect()
+
+
 async def test_wrong_user_names_node_and_user(ssh_nodes: SshdCluster) -> None:
     t = ssh_nodes[1].transport(user="ugro-nosuchuser")
     with pytest.raises(TransportError) as info:

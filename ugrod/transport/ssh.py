@@ -226,7 +226,7 @@ class SshTransport:
 
     async def _open(self) -> asyncssh.SSHClientConnection:
         known = self._known_hosts()
-        keys: object = [str(self.identity_file)] if self.identity_file else ()
+        keys: object = [self._identity()] if self.identity_file else ()
         try:
             return await asyncssh.connect(
                 self.host,
@@ -242,6 +242,11 @@ class SshTransport:
             )
         except asyncssh.HostKeyNotVerifiable as exc:
             raise await self._host_key_error(known) from exc
+        except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost) as exc:
+            # A server without any of the recorded key types hangs up during key exchange.
+            if await self._key_changed(known):
+                raise await self._host_key_error(known) from exc
+            raise TransportError(self.node, f"SSH to {self.where} failed: {exc.reason}") from exc
         except asyncssh.PermissionDenied as exc:
             who = (
                 f"key {self.identity_file}" if self.identity_file else "the SSH agent/default keys"
@@ -268,6 +273,25 @@ class SshTransport:
                 self.node, f"cannot connect to {self.where}: {exc.strerror or exc}"
             ) from exc
 
+    def _identity(self) -> asyncssh.SSHKey:
+        try:
+            return asyncssh.read_private_key(str(self.identity_file))
+        except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError) as exc:
+            if "passphrase" not in str(exc).lower():
+                raise TransportError(
+                    self.node, f"cannot load identity_file {self.identity_file}: {exc}"
+                ) from exc
+            raise TransportError(
+                self.node,
+                f"identity_file {self.identity_file} is passphrase-protected; "
+                "load it into ssh-agent and leave identity_file unset",
+            ) from exc
+        except (OSError, ValueError) as exc:
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise TransportError(
+                self.node, f"cannot load identity_file {self.identity_file}: {why}"
+            ) from exc
+
     def _known_hosts(self) -> asyncssh.SSHKnownHosts:
         try:
             return asyncssh.read_known_hosts(str(self.known_hosts))
@@ -277,6 +301,17 @@ class SshTransport:
             raise TransportError(
                 self.node, f"cannot read known_hosts {self.known_hosts}: {exc}"
             ) from exc
+
+    async def _key_changed(self, known: asyncssh.SSHKnownHosts) -> bool:
+        """Whether known_hosts has keys for this host but not the one the server presents."""
+        recorded = known.match(self.host, self.host, self.port)[0]
+        if not recorded:
+            return False
+        try:
+            _, fingerprint, _ = await fetch_host_key(self.host, self.port, self.connect_timeout_s)
+        except TransportError:
+            return False
+        return fingerprint not in {k.get_fingerprint("sha256") for k in recorded}
 
     async def _host_key_error(self, known: asyncssh.SSHKnownHosts) -> HostKeyError:
         recorded = list(known.match(self.host, self.host, self.port)[0])
