@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 
 import aiohttp
@@ -396,3 +397,16 @@ async def test_api_middleware_labels_by_route_template() -> None:
     assert counts == {("/v1/jobs/{id}", "GET", "200"): 2, ("/v1/jobs/{id}", "GET", "404"): 1,
                       ("unmatched", "GET", "404"): 1}
     assert stats.api_latency["/v1/jobs/{id}"].count == 3
+
+
+def test_docs_list_every_metric(cluster: Cluster) -> None:
+    from pathlib import Path
+
+    cluster.record(ev.DaemonStarted(version="1"))
+    cluster.stats.replay_done(1.0, 1)
+    cluster.stats.snapshot_written(0.1, 10)
+    cluster.samples["a"] = NodeSample(ts=T0, gpus=(gpu(0),))
+    names = {f.name for f in cluster.collector().families()}
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()
+    documented = set(re.findall(r"^\| `(ugro_[a-z0-9_]+)` \|", doc, re.M))
+    assert names == documented
