@@ -9,6 +9,7 @@ transport quotes them with ``shlex.join``).
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -160,6 +161,7 @@ class NodeAgent:
         self._work_dir_setting = work_dir
         self._work_dir: str | None = None
         self._prepared = False
+        self._preparing = asyncio.Lock()
 
     # ---- paths ------------------------------------------------------------------------
 
@@ -209,11 +211,17 @@ class NodeAgent:
 
     async def _wrapper_argv(self, *args: str) -> list[str]:
         if not self._prepared:
-            await self.prepare()
+            async with self._preparing:
+                if not self._prepared:
+                    await self.prepare()
         return [self.python, await self.wrapper_path(), *args]
 
     async def _call(self, *args: str, input: bytes | None = None) -> CommandResult:
-        return await self.transport.run(await self._wrapper_argv(*args), input=input)
+        result = await self.transport.run(await self._wrapper_argv(*args), input=input)
+        if result.exit_code == 2 and b"can't open file" in result.stderr:
+            self._prepared = False  # the work dir was wiped under us: upload again, once
+            result = await self.transport.run(await self._wrapper_argv(*args), input=input)
+        return result
 
     def _reply(self, result: CommandResult, what: str) -> Any:
         """The wrapper's one JSON document on stdout, or a clear error."""
@@ -279,9 +287,11 @@ class NodeAgent:
                         self.node, f"watch of {rd} ended before the rank's exit was reported"
                     )
                 event = self._decode(line, offsets, rd)
-                yield event
                 if isinstance(event, RankExit):
+                    await stream.close()  # free the channel even if the caller never closes us
+                    yield event
                     return
+                yield event
         finally:
             await stream.close()
 

@@ -126,6 +126,13 @@ async def test_prepare_uploads_the_wrapper_only_when_it_differs(agent: NodeAgent
     assert sha.stdout.split()[0].decode() == WRAPPER_SHA256
 
 
+async def test_wrapper_is_uploaded_again_if_the_node_lost_it(agent: NodeAgent) -> None:
+    await agent.prepare()
+    assert (await agent.transport.run(["rm", await agent.wrapper_path()])).ok
+    status = await agent.status(new_job(), 0, 0)
+    assert (status.pid, status.alive, status.exit_code) == (None, False, None)
+
+
 async def test_rewatch_from_offsets_loses_and_repeats_nothing(agent: NodeAgent) -> None:
     job = new_job()
     await agent.spawn(job, 0, 0, [PY, "-c", TRAINER, "30", "0.03"], {"UGRO_JOB_ID": job})

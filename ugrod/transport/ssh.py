@@ -272,6 +272,8 @@ class SshTransport:
             raise TransportError(
                 self.node, f"cannot connect to {self.where}: {exc.strerror or exc}"
             ) from exc
+        except ValueError as exc:  # asyncssh's word for bad options or keys
+            raise TransportError(self.node, f"SSH to {self.where} failed: {exc}") from exc
 
     def _identity(self) -> asyncssh.SSHKey:
         try:
