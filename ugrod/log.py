@@ -254,11 +254,13 @@ class _Scanner:
                 return defect(pos, line, None, why)
             if buf.startswith(b'{"commit":', pos):
                 m = _COMMIT_RE.fullmatch(buf, pos, e)
-                if m is None or b"%d" % int(m[2]) != m[2] or b"%d" % int(m[3]) != m[3]:
+                if m is None:
                     return defect(pos, line, None, "malformed commit line")
-                if _COMMIT_CRC % zlib.crc32(m[1]) != buf[m.end(1):e]:
-                    return defect(pos, line, int(m[2]), "commit line checksum mismatch")
                 cseq, cfirst, cn = int(m[2]), int(m[3]), int(m[4])
+                if _COMMIT_CRC % zlib.crc32(m[1]) != buf[m.end(1):e]:
+                    return defect(pos, line, cseq, "commit line checksum mismatch")
+                if _COMMIT_HEAD % (cseq, cfirst, cn, int(m[5], 16)) != m[1]:
+                    return defect(pos, line, cseq, "non-canonical commit line")
                 if k == 0:
                     return defect(pos, line, cseq, "commit line closes an empty batch")
                 if (cfirst, cn, cseq) != (expect, k, expect + k - 1):
@@ -340,16 +342,19 @@ class EventLog:
         """Lock the state dir, verify the log, cut a torn tail (readonly: no lock, no repair)."""
         state_dir = Path(state_dir)
         lock_fd = -1
-        if not readonly:
-            state_dir.mkdir(parents=True, exist_ok=True)
-            lock_fd = _take_lock(state_dir)
-        log = cls(state_dir, lock_fd, max_segment_bytes=max_segment_bytes, fdatasync=fdatasync,
-                  write=write, on_batch=on_batch, readonly=readonly)
         try:
-            log._open(verify_sealed)
-        except BaseException:
-            log._release()
-            raise
+            if not readonly:
+                state_dir.mkdir(parents=True, exist_ok=True)
+                lock_fd = _take_lock(state_dir)
+            log = cls(state_dir, lock_fd, max_segment_bytes=max_segment_bytes,
+                      fdatasync=fdatasync, write=write, on_batch=on_batch, readonly=readonly)
+            try:
+                log._open(verify_sealed)
+            except BaseException:
+                log._release()
+                raise
+        except OSError as exc:
+            raise LogError(f"events: cannot open the log in {state_dir}: {exc}") from exc
         return log
 
     @property

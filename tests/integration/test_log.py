@@ -9,6 +9,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -130,6 +131,24 @@ def test_file_is_plain_jsonl(tmp_path: Path) -> None:
     assert [h["segment"] for h in headers] == list(range(1, len(files) + 1))
     commits = [r for r in rows if "commit" in r]
     assert [(c["first"], c["n"]) for c in commits] == [(1, 2), (3, 1), (4, 3)]
+    # The checksums as docs/CONTRACTS.md defines them, computed independently.
+    raw = b"".join(f.read_bytes() for f in files).splitlines(keepends=True)
+    batch = b""
+    for line in raw:
+        if line.startswith(b'{"seq"'):
+            batch += line
+        elif line.startswith(b'{"commit"'):
+            c = json.loads(line)
+            assert c["bcrc"] == f"{zlib.crc32(batch):08x}"
+            head = line[:line.index(b'"crc":')]
+            assert c["crc"] == f"{zlib.crc32(head):08x}"
+            batch = b""
+
+
+def test_unusable_state_dir_is_a_log_error(tmp_path: Path) -> None:
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(LogError, match="cannot open the log"):
+        EventLog.open(tmp_path / "file")
 
 
 def test_append_rejects_bad_lines(tmp_path: Path) -> None:
