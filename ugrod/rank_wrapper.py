@@ -1,9 +1,11 @@
 """UGRO rank wrapper: runs on each node (Python 3.8+ stdlib only), uploaded by ugrod.
 
 One rank's files live in its run dir: spec.json, pid ("PID STARTTIME"), rank.log,
-metrics.jsonl, exit_code, checkpoint.request. A rank is started detached (own session and
-process group) under a small supervisor that records its exit code, so ranks outlive the
-SSH channel and ugrod, and an exit that happens while nobody watches is still recorded.
+metrics.jsonl, exit_code, checkpoint.request, supervisor ("PID STARTTIME"), start.lock.
+A rank is started detached (own session and process group) under a small supervisor that
+records its exit code, so ranks outlive the SSH channel and ugrod, and an exit that
+happens while nobody watches is still recorded. If rank and supervisor are both gone with
+no exit code (node rebooted, supervisor killed), the exit code reads as -1 (LOST).
 
 A pid is trusted only together with its start time (field 22 of /proc/PID/stat), so a
 reused pid is never signalled. The rank's environment carries UGRO_RUN_DIR=RUN_DIR, which
@@ -22,6 +24,7 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
 from __future__ import annotations
 
 import base64
+import fcntl
 import json
 import os
 import random
@@ -37,6 +40,9 @@ POLL_S = 0.05
 LOG_CHUNK = 48 * 1024
 METRICS_READ = 1024 * 1024
 MARKER = "UGRO_RUN_DIR"
+# Exit code of a rank that vanished with nobody to record its end (node rebooted,
+# supervisor killed): without it a watch would wait forever.
+LOST = -1
 
 
 def emit(obj: object) -> None:
@@ -84,15 +90,16 @@ def recorded_pid(run_dir: str) -> tuple[int, int] | None:
     return int(pid), int(start)
 
 
+def matches(pid: int, start: int) -> bool:
+    """Whether that very process (pid and start time) is still running."""
+    stat = proc_stat(pid)
+    return stat is not None and stat[0] not in ("Z", "X") and stat[1] == start
+
+
 def leader_alive(run_dir: str) -> int | None:
-    """The rank's pid if that very process (pid and start time) is still running."""
+    """The rank's pid if that very process is still running."""
     rec = recorded_pid(run_dir)
-    if rec is None:
-        return None
-    stat = proc_stat(rec[0])
-    if stat is None or stat[0] in ("Z", "X") or stat[1] != rec[1]:
-        return None
-    return rec[0]
+    return rec[0] if rec is not None and matches(*rec) else None
 
 
 def marked_pids(run_dirs: list[str]) -> dict[str, list[int]]:
@@ -117,8 +124,17 @@ def marked_pids(run_dirs: list[str]) -> dict[str, list[int]]:
 
 
 def exit_code(run_dir: str) -> int | None:
+    """The recorded exit status; LOST if the rank and its supervisor are gone unrecorded."""
     text = read_text(os.path.join(run_dir, "exit_code"))
-    return int(text) if text and text.strip() else None
+    if text and text.strip():
+        return int(text)
+    if recorded_pid(run_dir) is None or leader_alive(run_dir) is not None:
+        return None
+    sup = read_text(os.path.join(run_dir, "supervisor"))
+    if not sup or matches(*(int(x) for x in sup.split())):
+        return None
+    text = read_text(os.path.join(run_dir, "exit_code"))  # it may have just been written
+    return int(text) if text and text.strip() else LOST
 
 
 # ---- start ---------------------------------------------------------------------------
@@ -140,6 +156,8 @@ def cmd_start(run_dir: str, spec_stdin: bool) -> int:
         raise ValueError(f"{spec_path}: argv must be a non-empty list of strings")
     for directory in spec.get("mkdirs") or []:
         os.makedirs(str(directory), exist_ok=True)
+    lock = os.open(os.path.join(run_dir, "start.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starts of one rank: one runs, one answers
     rec = recorded_pid(run_dir)
     if rec is not None:  # started before (a retried spawn): same answer, no second rank
         emit({"pid": rec[0], "existing": True})
@@ -154,6 +172,7 @@ def cmd_start(run_dir: str, spec_stdin: bool) -> int:
     if child == 0:  # intermediate: new session, fork the supervisor, vanish
         try:
             os.close(rfd)
+            os.close(lock)  # the lock stays with the foreground
             os.setsid()
             if os.fork() == 0:
                 supervise(run_dir, spec, wfd)
@@ -163,6 +182,7 @@ def cmd_start(run_dir: str, spec_stdin: bool) -> int:
     os.waitpid(child, 0)
     with os.fdopen(rfd, "rb") as pipe:
         answer = pipe.read()
+    os.close(lock)
     if not answer:
         emit({"error": "the rank supervisor died before starting the rank", "exit_code": 1})
         return 1
@@ -176,6 +196,8 @@ def supervise(run_dir: str, spec: dict[str, Any], wfd: int) -> None:
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # let go of the SSH channel
         os.dup2(devnull, fd)
+    me = proc_stat(os.getpid())
+    write_atomic(os.path.join(run_dir, "supervisor"), f"{os.getpid()} {me[1] if me else 0}\n")
     env = dict(os.environ)
     env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
     env[MARKER] = run_dir

@@ -27,6 +27,9 @@ from ugrod.transport.base import CommandResult, Transport, TransportError
 
 WRAPPER_SOURCE = Path(__file__).with_name("rank_wrapper.py").read_bytes()
 WRAPPER_SHA256 = hashlib.sha256(WRAPPER_SOURCE).hexdigest()
+# The exit code of a rank that vanished with nobody left to record how it ended (the node
+# rebooted, or its supervisor was killed); see rank_wrapper.LOST.
+LOST = -1
 _JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_REPLY = 16 * 1024 * 1024
 
@@ -85,6 +88,8 @@ class MetricLine:
 
 @dataclass(frozen=True, slots=True)
 class RankExit:
+    """The rank ended: its exit status, 128+N if killed by signal N, or LOST."""
+
     exit_code: int
 
 

@@ -58,8 +58,41 @@ def test_start_detaches_records_pid_with_starttime_and_exit_code(tmp_path: Path)
     assert wait_for(tmp_path / "exit_code").strip() == "0"
     assert (tmp_path / "rank.log").read_text() == "hi\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "exit_code", "pid", "rank.log", "spec.json",
+        "exit_code", "pid", "rank.log", "spec.json", "start.lock", "supervisor",
     ]  # fmt: skip
+
+
+def test_concurrent_starts_of_one_rank_start_it_once(tmp_path: Path) -> None:
+    body = json.dumps({"argv": ["sleep", "30"]}).encode()
+    procs = [
+        subprocess.Popen(
+            [sys.executable, WRAPPER, "start", str(tmp_path), "--spec-stdin"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+        for _ in range(4)
+    ]
+    answers = [json.loads(p.communicate(body, timeout=10)[0]) for p in procs]
+    pids = {a["pid"] for a in answers}
+    assert len(pids) == 1 and sum(1 for a in answers if "existing" in a) == 3
+    assert len(wrapper("status", str(tmp_path))["pids"]) == 1
+    os.kill(pids.pop(), signal.SIGKILL)
+
+
+def test_a_rank_lost_with_its_supervisor_ends_as_lost(tmp_path: Path) -> None:
+    pid = start(tmp_path, ["sleep", "30"])["pid"]
+    supervisor = int((tmp_path / "supervisor").read_text().split()[0])
+    assert wrapper("status", str(tmp_path))["exit_code"] is None
+    os.kill(supervisor, signal.SIGKILL)  # as if the node rebooted: nobody records the end
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    status = wrapper("status", str(tmp_path))
+    assert (status["alive"], status["exit_code"]) == (False, rank_wrapper.LOST)
+    assert watch_lines(tmp_path)[-1] == {"t": "exit", "code": rank_wrapper.LOST}
+    assert not (tmp_path / "exit_code").exists()
 
 
 def test_death_by_signal_is_128_plus_signal(tmp_path: Path) -> None:
