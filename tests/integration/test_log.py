@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import zlib
 from collections.abc import Callable, Iterator
@@ -609,6 +611,47 @@ def test_fsync_error_at_rotation_is_sticky(tmp_path: Path) -> None:
     log = EventLog.open(tmp_path)
     assert log.last_seq == 2 and read_all(log) == [ln(1), ln(2)]
     log.close_sync()
+
+
+_PRODUCER = """
+import asyncio, sys
+from pathlib import Path
+from ugrod.log import EventLog
+
+async def main():
+    log = EventLog.open(Path(sys.argv[1]))
+    nxt = log.last_seq + 1
+    async def one():
+        nonlocal nxt
+        while True:
+            first, n = nxt, 1 + nxt % 3
+            nxt += n
+            await log.append([b'{"seq":%d,"v":1}' % s for s in range(first, first + n)])
+            sys.stdout.write("%d\\n" % (first + n - 1))
+            sys.stdout.flush()
+    await asyncio.gather(*(one() for _ in range(8)))
+
+asyncio.run(main())
+"""
+
+
+def test_kill9_keeps_every_acknowledged_event(tmp_path: Path) -> None:
+    root = Path(__file__).resolve().parents[2]
+    acked = 0
+    for _ in range(3):
+        proc = subprocess.Popen([sys.executable, "-c", _PRODUCER, str(tmp_path)],
+                                stdout=subprocess.PIPE, cwd=root)
+        assert proc.stdout is not None
+        for _ in range(200):  # let it acknowledge a few hundred events, then kill it mid-flight
+            acked = max(acked, int(proc.stdout.readline()))
+        proc.kill()
+        rest = proc.communicate()[0].split()
+        acked = max([acked, *map(int, rest)])
+        log = EventLog.open(tmp_path)
+        assert log.last_seq >= acked
+        assert [int(x[7:x.index(b",")]) for x in read_all(log)] == list(
+            range(1, log.last_seq + 1))
+        log.close_sync()
 
 
 # ---- property: any cut recovers to a prefix of whole batches -----------------------------------
