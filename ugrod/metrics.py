@@ -309,7 +309,7 @@ class UgroCollector:
             if values:
                 for add, key in keyed:
                     v = values.get(key)
-                    if v is not None and isfinite(v):
+                    if isinstance(v, int | float) and isfinite(v):
                         add((labels, float(v)))
             for p in job.placement:
                 if not p.gpus:

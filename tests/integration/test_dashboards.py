@@ -6,12 +6,14 @@ runs it); the query checks start Debian's prometheus over an empty TSDB.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import re
 import shutil
 import subprocess
 import sys
-from collections.abc import Iterator
+import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +26,7 @@ from dashboards_live import (
     Prometheus,
     PrometheusError,
     PrometheusServer,
+    empty_queries,
     label_values_query,
     load_dashboards,
     panels,
@@ -36,7 +39,7 @@ from dashboards_live import (
 from ugrod import events as ev
 from ugrod.exposition import Family
 from ugrod.gpus import GpuSample, NodeSample
-from ugrod.metrics import UgroCollector
+from ugrod.metrics import NodeSampleView, UgroCollector, bound_port, start_metrics_server
 from ugrod.runtime_stats import RuntimeStats
 from ugrod.state import State, apply
 
@@ -295,3 +298,124 @@ def test_metric_name_extraction() -> None:
     assert metric_names("histogram_quantile(0.9, sum by (le) (rate(a_bucket[5m])))") == \
         {"a_bucket"}
     assert metric_names("time() - max(ugro:x:y{job=\"$job\"}) * 1e6") == {"ugro:x:y"}
+
+
+# ---- every panel has data: a real Prometheus scraping ugrod's real metrics listener ------
+#
+# ugrod's shell is replaced by state built from real events and RuntimeStats fed
+# as the daemon feeds them; the end-to-end test does the same with a real ugrod,
+# real jobs and sshd nodes (tests/dashboards_live.py is shared).
+
+MAY_BE_EMPTY = (
+    r"DCGM_FI_DEV_(SM|MEM)_CLOCK",  # only with the GPU exporter running
+    r"annotation 'Stalled'",  # only while the job is stalled
+)
+
+
+class Synthetic:
+    """A two-node cluster whose job trains while Prometheus watches."""
+
+    def __init__(self) -> None:
+        self.state = State()
+        self.stats = RuntimeStats()
+        self.now = time.time()
+        self.samples: dict[str, NodeSample] = {}
+        self.training: dict[str, dict[str, float]] = {}
+        self.step = 0
+
+    def record(self, *events: ev.Event) -> None:
+        records = []
+        for e in events:
+            r = ev.Record(seq=self.state.seq + 1, ts=time.time(), actor=ev.Actor(
+                user="alice", uid=1000), event=e)
+            self.state = apply(self.state, r)
+            records.append(r)
+        self.stats.jobs_committed(records, self.state)
+
+    def setup(self) -> None:
+        gpus = tuple(ev.Gpu(index=i, model="NVIDIA L40S", vram_bytes=48 << 30,
+                            uuid=f"GPU-{i}") for i in range(2))
+        self.record(*(ev.NodeAdded(node=ev.NodeSpec(name=n, host=f"10.0.0.{i}", gpus=tuple(
+            ev.Gpu(index=g.index, model=g.model, vram_bytes=g.vram_bytes,
+                   uuid=f"{g.uuid}-{n}") for g in gpus))) for i, n in enumerate("ab", 1)))
+        self.record(ev.AlertRaised(node="a", alert="disk", severity="warning",
+                                   message="disk 91 %"))
+        self.run_job("train", 2)
+        self.record(ev.JobSubmitted(job="waiting", spec=ev.JobSpec(argv=("x",), gpus_per_node=2)))
+        self.stats.replay_done(0.2, 10)
+
+    def run_job(self, job: str, nodes: int) -> None:
+        self.record(ev.JobSubmitted(job=job, spec=ev.JobSpec(argv=("x",), nodes=nodes,
+                                                             gpus_per_node=1)))
+        self.record(ev.JobPlaced(job=job, attempt=1, ranks=tuple(
+            ev.RankPlacement(rank=i, node=n, gpus=(0,)) for i, n in enumerate("ab"[:nodes]))),
+            ev.JobRunning(job=job, attempt=1))
+
+    def tick(self) -> None:
+        """One second of activity: samples, training, API, log, health, scheduler."""
+        self.step += 10
+        now = time.time()
+        self.training["train"] = {"ts": now, "step": self.step, "loss": 2.0 / self.step,
+                                  "throughput": 800.0 + self.step}
+        for n in "ab":
+            self.samples[n] = NodeSample(
+                ts=now, latency_ms=2.0, smi_s=0.05, cpu_count=8, load=(1.0, 1.0, 1.0),
+                cpu_ticks=(1000 * self.step, 600 * self.step), mem_total_bytes=64 << 30,
+                mem_available_bytes=30 << 30, disk_total_bytes=1 << 40,
+                disk_used_bytes=1 << 39, disk_avail_bytes=1 << 39,
+                gpus=tuple(GpuSample(uuid=f"GPU-{i}-{n}", index=i, name="NVIDIA L40S",
+                                     util_percent=90.0 + i, memory_used_bytes=20 << 30,
+                                     memory_total_bytes=48 << 30, temperature_c=60.0 + i,
+                                     power_w=250.0) for i in range(2)))
+            self.stats.health_check(n, 0.05, ok=True)
+            self.stats.breaker(n, "closed")
+        self.stats.api_request("/v1/jobs", "GET", 200, 0.003)
+        self.stats.log_batch(2, 600, 0.0004)
+        self.stats.scheduler_tick(0.001, 0)
+        if self.step % 30 == 0:  # a short job comes and goes every 3 s
+            job = f"short-{self.step}"
+            if "short" not in "".join(self.state.active):
+                self.record(ev.JobSubmitted(job=job, spec=ev.JobSpec(argv=("x",))),
+                            ev.JobPlaced(job=job, attempt=1, ranks=(
+                                ev.RankPlacement(rank=0, node="b"),)))
+            else:
+                done = next(j for j in self.state.active if j.startswith("short"))
+                self.record(ev.JobEnded(job=done, attempt=1, outcome="succeeded"))
+
+
+async def test_every_panel_has_data_from_a_scraped_ugrod(tmp_path: Path) -> None:
+    cluster = Synthetic()
+    cluster.setup()
+    cluster.tick()
+
+    def samples() -> Mapping[str, NodeSampleView]:
+        return cluster.samples
+
+    collector = UgroCollector(lambda: cluster.state, samples, lambda: cluster.training,
+                              cluster.stats, get_scores=lambda: {"a": 95.0, "b": 70.0})
+    runner = await start_metrics_server("127.0.0.1", 0, collector)
+    config = (f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
+              f"rule_files: [{', '.join(str(p) for p in RULES)}]\n"
+              f"scrape_configs:\n  - job_name: ugrod\n    honor_labels: true\n"
+              f"    static_configs: [{{targets: ['127.0.0.1:{bound_port(runner)}']}}]\n")
+    server = PrometheusServer(tmp_path / "prom", config)
+    await asyncio.to_thread(server.start)
+    try:
+        for _ in range(20):  # 20 s of activity, scraped every second
+            cluster.tick()
+            await asyncio.sleep(1)
+        prom = Prometheus(server.url)
+        targets = await asyncio.to_thread(prom.targets)
+        assert [t["health"] for t in targets] == ["up"], targets
+        rules = await asyncio.to_thread(prom.rules)
+        assert all(r["health"] == "ok" for r in rules), \
+            [(r["name"], r.get("lastError")) for r in rules if r["health"] != "ok"]
+        empty = await asyncio.to_thread(
+            empty_queries, server.url, prefer={"job": "train", "node": "a"},
+            allow=MAY_BE_EMPTY, window_s=25.0)
+        assert not empty, "\n".join(empty)
+        loss = await asyncio.to_thread(prom.query, 'ugro_job_training_loss{job="train"}')
+        assert float(loss["result"][0]["value"][1]) == cluster.training["train"]["loss"]
+    finally:
+        await asyncio.to_thread(server.stop)
+        await runner.cleanup()
