@@ -279,7 +279,7 @@ class _Scanner:
                 return defect(pos, line, None, f"bad seq prefix (expected seq {want})")
             seq = int(digits)
             if seq != want:
-                what = "duplicate or out of order" if seq < want else "gap"
+                what = "duplicate or out of order" if seq < want else "missing or out of order"
                 return defect(pos, line, seq, f"seq {seq} where {want} was expected ({what})")
             k += 1
             lines += 1
@@ -323,7 +323,8 @@ class EventLog:
         self._closing = False
         # Group commit: appends join the open group; the writer thread takes it whole.
         # Guarded by _cv (shared with the writer thread).
-        self._cv = threading.Condition(threading.Lock())
+        self._lock = threading.Lock()
+        self._cv = threading.Condition(self._lock)
         self._chunks: list[bytes] = []
         self._futs: list[asyncio.Future[None]] = []
         self._n = 0
@@ -567,7 +568,7 @@ class EventLog:
             self._start_writer(loop)
         chunk = self._check(lines)
         fut = loop.create_future()
-        with self._cv:
+        with self._lock:
             if self._failed is not None:
                 raise LogWriteFailed(str(self._failed))
             if self._nbytes + len(chunk) > MAX_BATCH_BYTES:

@@ -394,11 +394,12 @@ CORRUPTIONS: dict[str, tuple[Callable[[list[bytes]], list[bytes]], int, int, int
     # name: (edit of the line list, reported line, line whose offset is reported, seq, reason)
     "bit flip": (lambda ls: [*ls[:6], _flip(ls[6]), *ls[7:]], 6, 6, 4,
                  "batch seq 4-6 (lines 6-8) does not match its checksum"),
-    "seq gap": (lambda ls: [*ls[:6], *ls[7:]], 7, 7, 6, "seq 6 where 5 was expected (gap)"),
+    "seq gap": (lambda ls: [*ls[:6], *ls[7:]], 7, 7, 6,
+                "seq 6 where 5 was expected (missing or out of order)"),
     "duplicate": (lambda ls: [*ls[:7], ls[6], *ls[7:]], 8, 8, 5,
                   "seq 5 where 6 was expected (duplicate or out of order)"),
     "swap": (lambda ls: [*ls[:6], ls[7], ls[6], *ls[8:]], 7, 7, 6,
-             "seq 6 where 5 was expected (gap)"),
+             "seq 6 where 5 was expected (missing or out of order)"),
     "foreign": (lambda ls: [*ls[:6], b'{"hello":"world"}', *ls[6:]], 7, 7, None,
                 "not an event line (expected seq 5)"),
     "commit": (lambda ls: [*ls[:8], ls[8].replace(b'"n":3', b'"n":2'), *ls[9:]], 9, 9, 6,
@@ -411,7 +412,7 @@ CORRUPTIONS: dict[str, tuple[Callable[[list[bytes]], list[bytes]], int, int, int
 def test_corruption_in_earlier_batch_refuses(tmp_path: Path, name: str, sealed: bool) -> None:
     edit, line, at, seq, reason = CORRUPTIONS[name]
     build(tmp_path, [3, 3, 3])
-    if sealed:  # the same damage in a sealed segment, with an empty active one after it
+    if sealed:  # the same damage in a sealed segment, with a later segment after it
         log = EventLog.open(tmp_path, max_segment_bytes=1)
         log.append_sync([ln(10)])
         log.close_sync()
