@@ -440,10 +440,20 @@ def _stream_out(lines: Iterator[bytes], flush: bool) -> None:
 @click.option("--rank", type=click.IntRange(min=0), metavar="N", help="Only rank N.")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they come.")
 @click.option("--tail", type=click.IntRange(min=0), metavar="N", help="Only the last N lines.")
-def logs(job: str, rank: int | None, follow: bool, tail: int | None) -> None:
-    """Print a job's logs (all ranks, or one), optionally following them live."""
+@json_option
+def logs(job: str, rank: int | None, follow: bool, tail: int | None, as_json: bool) -> None:
+    """Print a job's logs (all ranks, or one), optionally following them live.
+
+    With --json (not with -f): {"job", "rank", "lines": [...]}.
+    """
+    if want_json(as_json) and follow:
+        raise click.UsageError("-f streams raw text; use --json without -f")
     lines = ctl().client.stream(f"/v1/jobs/{seg(job)}/logs",
                                 {"rank": rank, "follow": follow, "tail": tail})
+    if want_json(as_json):
+        text = [line.decode("utf-8", "replace").rstrip("\n") for line in lines]
+        click.echo(render.dump_json({"job": job, "rank": rank, "lines": text}))
+        return
     _stream_out(lines, flush=follow)
 
 

@@ -94,19 +94,36 @@ def new_request_id() -> str:
 class UnixConnection(Connection):
     """HTTP on ugrod's Unix stream socket."""
 
-    def __init__(self, path: str, timeout: float | None = TIMEOUT_S) -> None:
+    def __init__(self, path: str, timeout: float | None = TIMEOUT_S,
+                 refused_retry_s: float = 0.0) -> None:
         super().__init__(timeout)
         self.socket_path = path
+        self.refused_retry_s = refused_retry_s
 
     def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.socket_path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+        deadline = None
+        while True:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.settimeout(self.timeout)
+                sock.connect(self.socket_path)
+            except ConnectionRefusedError:
+                sock.close()
+                # A socket file that exists but refuses: an ssh forward between its
+                # bind() and listen(). Only the tunnel asks for this grace.
+                import time
+
+                now = time.monotonic()
+                deadline = deadline if deadline is not None else now + self.refused_retry_s
+                if now >= deadline:
+                    raise
+                time.sleep(0.01)
+                continue
+            except BaseException:
+                sock.close()
+                raise
+            self.sock = sock
+            return
 
 
 class SshTunnel:
@@ -218,7 +235,7 @@ class Client:
         if self.host:
             if self._tunnel is None:
                 self._tunnel = SshTunnel(self.host, self.remote_socket)
-            return UnixConnection(self._tunnel.start(), timeout=timeout)
+            return UnixConnection(self._tunnel.start(), timeout=timeout, refused_retry_s=2.0)
         return UnixConnection(self._local_path(), timeout=timeout)
 
     def _drop_conn(self) -> None:

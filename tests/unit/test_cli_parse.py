@@ -414,6 +414,9 @@ def test_logs_stream_bytes_as_they_come(peer: Peer) -> None:
     assert res.stdout_bytes == b"".join(chunks)
     q = peer.requests[0]["query"]
     assert "rank=1" in q and "follow=1" in q and "tail=5" in q
+    res = run(peer, "logs", "exp1", "--json")
+    assert json.loads(res.output) == {"job": "exp1", "rank": None, "lines": [
+        "step 1 loss 2.0", "step 2 loss 1.5", "\ufffd raw bytes"]}
 
 
 def test_status_json_is_one_document(peer: Peer) -> None:
