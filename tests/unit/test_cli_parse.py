@@ -52,7 +52,7 @@ class Peer:
 
     def __init__(self, path: str) -> None:
         self.path = path
-        self.routes: dict[tuple[str, str], Answer] = {}
+        self.routes: dict[tuple[str, str], list[Answer]] = {}
         self.requests: list[dict[str, Any]] = []
         peer = self
 
@@ -67,7 +67,8 @@ class Peer:
                     "method": self.command, "path": path, "query": query,
                     "headers": {k.lower(): v for k, v in self.headers.items()},
                     "body": json.loads(body) if body else None})
-                ans = peer.routes.get((self.command, path))
+                queue = peer.routes.get((self.command, path))
+                ans = (queue.pop(0) if len(queue) > 1 else queue[0]) if queue else None
                 if ans is None:
                     ans = Answer(404, {"error": f"no route {self.command} {path}",
                                        "code": "not_found"})
@@ -104,8 +105,9 @@ class Peer:
                                        daemon=True)
         self.thread.start()
 
-    def on(self, method: str, path: str, answer: Answer) -> None:
-        self.routes[(method, path)] = answer
+    def on(self, method: str, path: str, *answers: Answer) -> None:
+        """Answer requests in turn; the last answer repeats."""
+        self.routes[(method, path)] = list(answers)
 
     def close(self) -> None:
         self.server.shutdown()
@@ -714,3 +716,39 @@ def test_prometheus_config_with_a_bad_config_names_the_file(sock_dir: Path) -> N
     res = CliRunner().invoke(cli, ["prometheus-config", "--config", str(bad)])
     assert res.exit_code == 1
     assert str(bad) in res.output
+
+
+# ---- trust, wait ------------------------------------------------------------------------
+
+
+def test_nodes_trust_shows_the_key_and_sends_back_the_line_it_showed(peer: Peer) -> None:
+    key = {"node": "gpu1", "host": "192.168.1.101", "port": 22, "key_type": "ssh-ed25519",
+           "fingerprint": "SHA256:abc", "line": "[192.168.1.101]:22 ssh-ed25519 AAAA",
+           "known_hosts": "/root/.ssh/known_hosts"}
+    peer.on("GET", "/v1/nodes/gpu1/hostkey", Answer(200, key))
+    peer.on("POST", "/v1/nodes/gpu1/trust", Answer(200, {"node": "gpu1",
+                                                          "trusted": "SHA256:abc"}))
+    res = run(peer, "nodes", "trust", "gpu1")  # no terminal, no --yes: refuse
+    assert res.exit_code == 1
+    assert "SHA256:abc" in res.output and "--yes" in res.output
+    assert [r["method"] for r in peer.requests] == ["GET"]
+    res = run(peer, "nodes", "trust", "gpu1", "--yes")
+    assert res.exit_code == 0, res.output
+    assert peer.requests[-1]["body"] == {"line": key["line"]}
+    assert "trusted gpu1's key SHA256:abc" in res.output
+
+
+@pytest.mark.parametrize(("outcome", "exit_code"), [("succeeded", 0), ("failed", 1)])
+def test_submit_wait_follows_the_jobs_events(peer: Peer, outcome: str, exit_code: int) -> None:
+    ended = {**JOB, "state": outcome, "exit_code": 0 if outcome == "succeeded" else 2}
+    peer.on("POST", "/v1/jobs", Answer(201, {"job": JOB}))
+    peer.on("GET", "/v1/jobs/exp1", Answer(200, {"job": JOB}), Answer(200, {"job": ended}))
+    line = json.dumps({"seq": 9, "type": "job_ended", "data": {"job": "exp1",
+                                                               "outcome": outcome}})
+    peer.on("GET", "/v1/events", Answer(200, chunks=[
+        b'{"seq":8,"type":"job_running","data":{"job":"exp1"}}\n', line.encode() + b"\n"]))
+    res = run(peer, "submit", "--wait", "--name", "exp1", "--", "true")
+    assert res.exit_code == exit_code, res.output
+    assert f"exp1: {outcome}" in res.output
+    q = next(r["query"] for r in peer.requests if r["path"] == "/v1/events")
+    assert "job=exp1" in q and "follow=1" in q
