@@ -476,7 +476,16 @@ class Daemon:
         return spec.host
 
     async def _with_port(self, job: Job, placement: ev.JobPlaced) -> ev.JobPlaced:
-        """Reserve a free rendezvous port on rank 0's node (torchrun jobs)."""
+        """Reserve a free rendezvous port on rank 0's node (torchrun jobs).
+
+        torchrun's c10d rendezvous ranks the nodes by their sorted addresses and
+        ignores --node_rank; ranks are renumbered in that order here, so node_rank,
+        the global rank 0 (metrics, checkpoints) and the rendezvous host agree.
+        """
+        if job.spec.torchrun and len(placement.ranks) > 1:
+            order = sorted(placement.ranks, key=lambda r: (self._node_host(r.node), r.node))
+            placement = msgspec.structs.replace(placement, ranks=tuple(
+                msgspec.structs.replace(r, rank=i) for i, r in enumerate(order)))
         rank0 = next(r for r in placement.ranks if r.rank == 0)
         host = self._rendezvous_host(rank0.node)
         if not job.spec.torchrun:

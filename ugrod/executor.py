@@ -229,6 +229,9 @@ class Executor:
             f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={job.rdzv_host}:{job.rdzv_port}",
             f"--rdzv_id={job.id}-{job.attempt}", f"--node_rank={p.rank}",
+            # c10d numbers the nodes by sorted address, not by --node_rank: pinning
+            # each node's address (ranks were assigned in that order) keeps them equal.
+            f"--local_addr={self.rank0_bind(p.node)}",
             # Rank 0's node hosts the store: explicit, so nodes sharing one machine
             # (or one NAT address) never race to host it.
             f"--rdzv_conf=is_host={1 if p.rank == 0 else 0},"
