@@ -295,7 +295,7 @@ class PrometheusServer:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log = base / "prometheus.log"
 
-    def start(self, timeout_s: float = 30.0) -> PrometheusServer:
+    def start(self, timeout_s: float = 60.0) -> PrometheusServer:
         self.base.mkdir(parents=True, exist_ok=True)
         config = self.base / "prometheus.yml"
         config.write_text(self.config_text)
