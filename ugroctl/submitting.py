@@ -1,0 +1,343 @@
+"""Commands that create work: ``submit`` (argv or a job file), ``launch`` and ``sweep``."""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import click
+from click.core import ParameterSource
+
+from ugroctl import render
+from ugroctl.base import (
+    TERMINAL,
+    F,
+    UgroGroup,
+    cli,
+    ctl,
+    emit,
+    examples,
+    fail,
+    job_line,
+    json_option,
+    want_json,
+)
+from ugroctl.client import (
+    EXIT_FAILED,
+    EXIT_USAGE,
+    Client,
+    CtlError,
+    seg,
+)
+
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+PARAM_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.\-]*\Z")
+
+
+def parse_env(ctx: click.Context, param: click.Parameter, values: Sequence[str]
+               ) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not ENV_NAME.match(name):
+            raise click.BadParameter(f"{item!r}: expected NAME=VALUE with NAME made of "
+                                     f"letters, digits and _ (e.g. --env HF_HOME=/data)",
+                                     ctx, param)
+        env[name] = value
+    return env
+
+
+def parse_set(ctx: click.Context, param: click.Parameter, values: Sequence[str]
+               ) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for item in values:
+        key, sep, value = item.partition("=")
+        if not sep or not PARAM_NAME.match(key):
+            raise click.BadParameter(f"{item!r}: expected key=value (e.g. --set "
+                                     f"batch_size=16)", ctx, param)
+        out[key] = value
+    return out
+
+
+def parse_params(ctx: click.Context, param: click.Parameter, values: Sequence[str]
+                  ) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    for item in values:
+        key, sep, rest = item.partition("=")
+        choices = rest.split(",")
+        if not sep or not PARAM_NAME.match(key) or not rest or any(not c for c in choices):
+            raise click.BadParameter(f"{item!r}: expected key=v1,v2,... (e.g. --param "
+                                     f"lr=1e-5,2e-5)", ctx, param)
+        if key in out:
+            raise click.BadParameter(f"{key!r} is given twice", ctx, param)
+        if len(set(choices)) != len(choices):
+            raise click.BadParameter(f"{item!r}: a value is repeated", ctx, param)
+        out[key] = choices
+    return out
+
+
+def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
+    """Resources and policy shared by submit, launch and sweep (only given ones are sent)."""
+    opts = [
+        click.option("--nodes", type=click.IntRange(min=1), metavar="N",
+                     help="Number of nodes (one torchrun per node) [default 1]."),
+        click.option("--gpus-per-node", type=click.IntRange(min=0), metavar="G",
+                     help="GPUs per node (0: CPU job) [default 0]."),
+        click.option("--min-vram", type=click.FloatRange(min=0, min_open=True), metavar="GB",
+                     help="Each GPU must have at least GB of memory."),
+        click.option("--node", "node_names", multiple=True, metavar="NAME",
+                     help="Run on this node (repeat for each node)."),
+        click.option("--label", "labels", multiple=True, metavar="L",
+                     help="Only nodes with label L (repeatable)."),
+        click.option("--avoid-label", "avoid_labels", multiple=True, metavar="L",
+                     help="Never nodes with label L (repeatable)."),
+        click.option("--priority", type=int, metavar="P",
+                     help="Higher runs first [default 0]."),
+        click.option("--max-retries", type=click.IntRange(min=0), metavar="N",
+                     help="Retry a failed job up to N times, resuming from its newest "
+                          "checkpoint."),
+        click.option("--after", multiple=True, metavar="JOB",
+                     help="Start only after JOB has succeeded (repeatable)."),
+        click.option("--hold", is_flag=True, help="Queue the job held; `ugroctl release` "
+                                                  "lets it run."),
+        click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env,
+                     help="Set an environment variable for every rank (repeatable)."),
+        click.option("--torchrun/--no-torchrun", default=None,
+                     help="Run the command under torchrun, or as is [default: torchrun when "
+                          "--nodes > 1 or --gpus-per-node > 0]."),
+        click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True),
+                     metavar="S", help="Report the job stalled when its step stops "
+                                       "advancing for S seconds."),
+        click.option("--cwd", metavar="DIR", help="Working directory of every rank."),
+        click.option("--wait", is_flag=True,
+                     help="Wait until the job ends; exit 0 only if it succeeded."),
+    ]
+    names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
+             "priority", "max_retries", "after", "hold", "env", "torchrun", "stall_timeout",
+             "cwd", "wait"]
+
+    def decorate(f: F) -> F:
+        for name, opt in reversed(list(zip(names, opts, strict=True))):
+            if only is None or name in only:
+                f = opt(f)
+        return f
+
+    return decorate
+
+
+SWEEP_OPTIONS = frozenset({"nodes", "gpus_per_node", "min_vram", "priority", "max_retries",
+                           "env", "torchrun"})
+
+
+_SPEC_KEYS = {  # option name -> request body key
+    "nodes": "nodes", "gpus_per_node": "gpus_per_node", "node_names": "node_names",
+    "labels": "labels_required", "avoid_labels": "labels_avoided", "priority": "priority",
+    "max_retries": "max_retries", "after": "after", "hold": "held", "env": "env",
+    "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
+}
+
+
+def _given(ctx: click.Context, name: str) -> bool:
+    return ctx.get_parameter_source(name) in (ParameterSource.COMMANDLINE,
+                                              ParameterSource.ENVIRONMENT)
+
+
+def spec_body(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
+    """The request fields of the options the user gave (defaults are the daemon's)."""
+    body: dict[str, Any] = {}
+    for opt, key in _SPEC_KEYS.items():
+        if opt in params and _given(ctx, opt):
+            value = params[opt]
+            body[key] = list(value) if isinstance(value, tuple) else value
+    if "min_vram" in params and _given(ctx, "min_vram"):
+        body["min_vram_gb"] = params["min_vram"]
+    if "node_names" in body and "nodes" not in body:
+        body["nodes"] = len(body["node_names"])
+    return body
+
+
+def _submit(ctx: click.Context, body: dict[str, Any], as_json: bool, wait: bool) -> None:
+    client = ctl().client
+    job = client.post("/v1/jobs", body, idempotent=True)["job"]
+    if not wait:
+        emit(job, as_json, lambda: f"submitted {job_line(job)}\n"
+                                    f"follow it: ugroctl logs {job['id']} -f")
+        return
+    if not as_json:
+        click.echo(f"submitted {job_line(job)}; waiting for it to end (Ctrl-C stops "
+                   f"waiting, not the job)", err=True)
+    try:
+        job = _wait_for(client, str(job["id"]))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped waiting; {job['id']} goes on", err=True)
+        raise click.exceptions.Exit(130) from None
+    emit(job, as_json, lambda: job_line(job))
+    if job.get("state") != "succeeded":
+        raise click.exceptions.Exit(EXIT_FAILED)
+
+
+def _wait_for(client: Client, job_id: str) -> dict[str, Any]:
+    """Follow the job's events until it ends (no polling while the stream lasts)."""
+    import json
+
+    path = f"/v1/jobs/{seg(job_id)}"
+    job: dict[str, Any] = client.get(path)["job"]
+    if job.get("state") in TERMINAL:
+        return job
+    try:
+        for line in client.stream("/v1/events", {"job": job_id, "follow": True}):
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            data = event.get("data") or {} if isinstance(event, dict) else {}
+            if event.get("type") == "job_cancel_requested" or (
+                    event.get("type") == "job_ended" and data.get("outcome") in TERMINAL):
+                break
+    except CtlError:
+        pass  # the stream broke (ugrod restarting?): fall back to asking now and then
+    while True:
+        job = client.get(path)["job"]
+        if job.get("state") in TERMINAL:
+            return job
+        time.sleep(2.0)
+
+
+def _split_file_or_command(args: tuple[str, ...]) -> tuple[str | None, list[str]]:
+    """``FILE.yaml`` alone is a job file; anything else is the command to run."""
+    if args and args[0].endswith((".yaml", ".yml")):
+        if len(args) > 1:
+            raise click.UsageError(f"options go before the job file: ugroctl submit "
+                                   f"{' '.join(args[1:3])} ... {args[0]}")
+        return args[0], []
+    return None, list(args)
+
+
+@cli.command(context_settings={"allow_interspersed_args": False},
+             epilog=examples(
+                 "ugroctl submit --name exp1 --nodes 3 --gpus-per-node 1 -- train.py --lr 2e-4",
+                 "ugroctl submit --no-torchrun --env SEED=1 -- python prep.py",
+                 "ugroctl submit --min-vram 10 --max-retries 2 --after exp1 -- train.py",
+                 "ugroctl submit --priority 5 job.yaml     (a job file: see docs/cli.md)"))
+@click.option("--name", metavar="NAME", help="Job name [default: made up by ugrod].")
+@job_options()
+@json_option
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]... | FILE.yaml")
+@click.pass_context
+def submit(ctx: click.Context, /, command: tuple[str, ...], as_json: bool, wait: bool,
+           **params: Any) -> None:
+    """Queue a job: CMD on --nodes nodes (under torchrun), or a job file."""
+    path, argv = _split_file_or_command(command)
+    if path is not None:
+        from ugroctl import jobfile
+
+        try:
+            body = jobfile.load(path)
+        except jobfile.JobFileError as exc:
+            fail(str(exc), EXIT_USAGE)
+        body.update(spec_body(ctx, params))
+    else:
+        body = {"argv": argv, **spec_body(ctx, params)}
+    if params.get("name") is not None:
+        body["name"] = params["name"]
+    _submit(ctx, body, want_json(as_json), wait)
+
+
+@cli.command(epilog=examples(
+    "ugroctl launch --name exp1 --model llama-7b --dataset wikitext --epochs 3",
+    "ugroctl launch --name quick --epochs 1 --nodes 3 --gpus-per-node 1"))
+@click.option("--name", metavar="NAME", help="Job name [default: made up by ugrod].")
+@click.option("--model", metavar="MODEL", help="Model to train [config training default].")
+@click.option("--dataset", metavar="DATASET", help="Dataset [config training default].")
+@click.option("--epochs", type=click.IntRange(min=1), help="Epochs [config default].")
+@click.option("--lr", type=click.FloatRange(min=0, min_open=True), metavar="LR",
+              help="Learning rate [config default].")
+@job_options()
+@json_option
+@click.pass_context
+def launch(ctx: click.Context, /, as_json: bool, wait: bool, **params: Any) -> None:
+    """Launch training from the config's training template (the seeds' one command)."""
+    settings = {k: params[k] for k in ("model", "dataset", "epochs", "lr")
+                if params[k] is not None}
+    body: dict[str, Any] = {"launch": settings, **spec_body(ctx, params)}
+    if params["name"] is not None:
+        body["name"] = params["name"]
+    _submit(ctx, body, want_json(as_json), wait)
+
+
+
+# ---- sweeps ----------------------------------------------------------------------------
+
+
+class SweepGroup(UgroGroup):
+    """``sweep --name S --param ... -- CMD`` creates; ``sweep status|cancel S`` look/stop."""
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if args and args[0] not in self.commands and args[0] not in ctx.help_option_names:
+            args = ["create", *args]
+        return super().parse_args(ctx, args)
+
+
+@cli.group(cls=SweepGroup, epilog=examples(
+    "ugroctl sweep --name lrs --param lr=1e-5,2e-5,5e-5 --param lora_r=8,16 "
+    "--max-parallel 2 -- train.py --epochs 1",
+    "ugroctl sweep status lrs", "ugroctl sweep cancel lrs"))
+def sweep() -> None:
+    """Run a grid of trials as one sweep; rank them by loss.
+
+    \b
+    ugroctl sweep --name S --param k=v1,v2 [...] [--max-parallel K] -- CMD [ARGS]...
+    ugroctl sweep status S
+    ugroctl sweep cancel S
+
+    Each trial gets its values as ``--k v`` arguments (replacing CMD's own --k,
+    else appended); UPPER-case keys become environment variables instead.
+    """
+
+
+@sweep.command("create", hidden=True, context_settings={"allow_interspersed_args": False},
+               epilog=examples("ugroctl sweep --name lrs --param lr=1e-5,2e-5 -- train.py"))
+@click.option("--name", required=True, metavar="S", help="The sweep's name.")
+@click.option("--param", "grid", multiple=True, required=True, metavar="K=V1,V2",
+              callback=parse_params, help="A parameter and its values (repeatable; the "
+                                           "grid is every combination).")
+@click.option("--max-parallel", type=click.IntRange(min=1), metavar="K",
+              help="Run at most K trials at once.")
+@job_options(SWEEP_OPTIONS)
+@json_option
+@click.argument("command", nargs=-1, required=True, metavar="-- CMD [ARGS]...")
+@click.pass_context
+def sweep_create(ctx: click.Context, /, name: str, grid: dict[str, list[str]],
+                 max_parallel: int | None, command: tuple[str, ...], as_json: bool,
+                 **params: Any) -> None:
+    """Create a sweep: one trial per combination of --param values."""
+    body: dict[str, Any] = {"name": name, "params": grid, "argv": list(command),
+                            **spec_body(ctx, params)}
+    if max_parallel is not None:
+        body["max_parallel"] = max_parallel
+    doc = ctl().client.post("/v1/sweeps", body, idempotent=True)
+    view = doc.get("sweep", doc)
+    if isinstance(view, Mapping) and "trials" in view:  # {"sweep": {"sweep", "trials"}}
+        doc = view
+    emit(doc, want_json(as_json), lambda: render.sweep_view(doc, time.time())
+         + f"\n\nwatch it: ugroctl sweep status {render.clean(name)}")
+
+
+@sweep.command("status", epilog=examples("ugroctl sweep status lrs"))
+@click.argument("name")
+@json_option
+def sweep_status(name: str, as_json: bool) -> None:
+    """Show each trial's parameters, state, loss and duration, best first."""
+    doc = ctl().client.get(f"/v1/sweeps/{seg(name)}")
+    emit(doc, want_json(as_json), lambda: render.sweep_view(doc, time.time()))
+
+
+@sweep.command("cancel", epilog=examples("ugroctl sweep cancel lrs"))
+@click.argument("name")
+@json_option
+def sweep_cancel(name: str, as_json: bool) -> None:
+    """Cancel every trial of a sweep that has not ended."""
+    doc = ctl().client.post(f"/v1/sweeps/{seg(name)}/cancel")
+    emit(doc, want_json(as_json), lambda: f"sweep {render.clean(name)}: cancelled")
