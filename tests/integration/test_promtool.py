@@ -10,13 +10,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 import yaml
 
 from ugrod import config
 from ugrod import events as ev
 from ugrod.gpus import GpuSample, NodeSample
-from ugrod.metrics import NodeSampleView, UgroCollector
+from ugrod.metrics import NodeSampleView, UgroCollector, bound_port, start_metrics_server
 from ugrod.prometheus_config import ScrapeConfigError, scrape_config, scrape_config_dict
 from ugrod.runtime_stats import RuntimeStats
 from ugrod.state import State, apply
@@ -195,7 +196,8 @@ def _busy_cluster() -> tuple[State, dict[str, NodeSample], RuntimeStats]:
     return state, samples, stats
 
 
-def test_promtool_check_metrics_accepts_ugrod_output() -> None:
+async def test_promtool_check_metrics_accepts_ugrod_output() -> None:
+    """The whole /metrics body as served (process_* series included)."""
     state, samples, stats = _busy_cluster()
 
     def get_samples() -> Mapping[str, NodeSampleView]:
@@ -204,7 +206,14 @@ def test_promtool_check_metrics_accepts_ugrod_output() -> None:
     collector = UgroCollector(lambda: state, get_samples,
                               lambda: {"train": {"step": 10, "loss": 1.5, "throughput": 99.0}},
                               stats)
-    body = collector.exposition()
+    runner = await start_metrics_server("127.0.0.1", 0, collector)
+    try:
+        async with aiohttp.ClientSession() as session, session.get(
+                f"http://127.0.0.1:{bound_port(runner)}/metrics") as resp:
+            body = await resp.read()
+    finally:
+        await runner.cleanup()
     assert b'ugro_job_training_loss{job="train",owner="alice"} 1.5' in body
+    assert b"process_resident_memory_bytes" in body
     result = promtool("check", "metrics", stdin=body)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")
