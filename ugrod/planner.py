@@ -608,7 +608,7 @@ class _Round:
                 others += 1
         text = f"waiting for {_need(info.shape)}: "
         if ready:
-            text += f"only {_and(ready[:3])}{' and more' if len(ready) > 3 else ''} free; "
+            text += f"only {_and(sorted(ready[:3]))}{' and more' if len(ready) > 3 else ''} free; "
         text += ", ".join(shown)
         if others:
             text += f" and {others} more node{'s' if others > 1 else ''} busy"
