@@ -105,23 +105,28 @@ class _Labels(dict[tuple[str, ...], str]):
         return text
 
 
-def _rows(name: str, labels: _Labels | None, rows: Iterable[tuple[LabelValues, float]],
-          out: list[str]) -> None:
-    special = _SPECIAL
-    if labels is None:
-        for _, v in rows:
-            s = repr(float(v))
-            out.append(f"{name} {special.get(s, s)}\n")
-        return
-    for vals, v in rows:
+class _Values(dict[float, str]):
+    """Memo of formatted sample values (0, 1 and shared timestamps repeat a lot)."""
+
+    def __missing__(self, v: float) -> str:
         s = repr(float(v))
-        out.append(f"{name}{labels[vals]} {special.get(s, s)}\n")
+        s = self[v] = _SPECIAL.get(s, s)
+        return s
+
+
+def _rows(name: str, labels: _Labels | None, rows: Iterable[tuple[LabelValues, float]],
+          out: list[str], values: _Values) -> None:
+    if labels is None:
+        out.extend([f"{name} {values[v]}\n" for _, v in rows])
+        return
+    out.extend([f"{name}{labels[vals]} {values[v]}\n" for vals, v in rows])
 
 
 def render(families: Iterable[AnyFamily]) -> bytes:
     """Prometheus text exposition format 0.0.4 of ``families``."""
     out: list[str] = []
     esc = _Escaper()
+    formatted = _Values()
     memos: dict[tuple[str, ...], _Labels] = {}
 
     def labels(names: tuple[str, ...]) -> _Labels | None:
@@ -136,8 +141,8 @@ def render(families: Iterable[AnyFamily]) -> bytes:
         doc = fam.doc.replace("\\", r"\\").replace("\n", r"\n")
         out.append(f"# HELP {fam.name} {doc}\n# TYPE {fam.name} {fam.typ}\n")
         if isinstance(fam, Family):
-            _rows(fam.name, labels(fam.labelnames), fam.rows, out)
+            _rows(fam.name, labels(fam.labelnames), fam.rows, out, formatted)
         else:
             for sample, names, values, value in fam.samples():
-                _rows(sample, labels(names), ((values, value),), out)
+                _rows(sample, labels(names), ((values, value),), out, formatted)
     return "".join(out).encode()

@@ -173,7 +173,9 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
     phase_add, stalled_add = phase.rows.append, stalled.rows.append
     start_add, alloc_add = start.rows.append, alloc.rows.append
     isfinite = math.isfinite
-    starting, running = JOB_PHASES
+    running = JobState.RUNNING
+    starting_v, running_v = (ph.value for ph in JOB_PHASES)
+    uuids_of: dict[str, dict[int, str]] = {}  # node -> GPU index -> uuid, built once a scrape
     for job_id in state.active:
         job = state.jobs[job_id]
         if job.state not in ACTIVE:
@@ -181,8 +183,8 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
         owner = job.owner
         labels = (job_id, owner)
         is_running = job.state is running
-        phase_add(((job_id, owner, starting.value), 0.0 if is_running else 1.0))
-        phase_add(((job_id, owner, running.value), 1.0 if is_running else 0.0))
+        phase_add(((job_id, owner, starting_v), 0.0 if is_running else 1.0))
+        phase_add(((job_id, owner, running_v), 1.0 if is_running else 0.0))
         stalled_add((labels, 1.0 if job.stalled else 0.0))
         if job.started_at is not None:
             start_add((labels, job.started_at))
@@ -197,13 +199,17 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
                 continue
             uuids = p.gpu_uuids
             if len(uuids) < len(p.gpus):
-                node = state.nodes.get(p.node)
-                known = {g.index: g.uuid for g in node.gpus} if node is not None else {}
+                known = uuids_of.get(p.node)
+                if known is None:
+                    node = state.nodes.get(p.node)
+                    known = uuids_of[p.node] = (
+                        {g.index: g.uuid for g in node.gpus} if node is not None else {})
                 uuids = tuple(known.get(g, "") for g in p.gpus)
             rank = str(p.rank)
             for g, uuid in zip(p.gpus, uuids, strict=False):
                 alloc_add(((job_id, p.node, str(g), uuid, rank), 1.0))
     out.extend((phase, stalled, start, step, loss, tput, report, alloc))
+
 
 # ---- nodes --------------------------------------------------------------
 
@@ -228,11 +234,12 @@ def nodes(state: State, samples: Mapping[str, NodeSampleView],
     checks: list[tuple[tuple[str, ...], Counter]] = []
     failures: list[tuple[tuple[str, ...], Counter]] = []
     sampled: list[tuple[str, NodeSampleView]] = []
+    node_states = [(s, s.value) for s in NodeState]
     for name, node in state.nodes.items():
         labels = (name,)
         current = node.state
-        for s in NodeState:
-            st.add((name, s.value), 1.0 if s is current else 0.0)
+        for s, state_name in node_states:
+            st.add((name, state_name), 1.0 if s is current else 0.0)
         info.add((name, node.spec.host, node.spec.transport), 1.0)
         gpu_count.add(labels, float(len(node.gpus)))
         value = scores.get(name)
