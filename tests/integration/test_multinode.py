@@ -131,7 +131,7 @@ def test_ugrod_killed_mid_job_reattaches_and_records_the_end(cluster: Ugrod) -> 
     cluster.start()
     done = cluster.wait_job("survive", timeout_s=120)
     assert done["state"] == "succeeded", done["reason"]
-    steps = [x["step"] for x in metrics(cluster, "survive") if "step" in x]
+    steps = [x["step"] for x in metrics(cluster, "survive") if "loss" in x]
     assert steps == sorted(set(steps)) and steps[-1] == 60  # nothing lost or duplicated
     kinds = [json.loads(line)["type"] for line in
              cluster.api("GET", "/v1/events?job=survive")[1].splitlines()]
