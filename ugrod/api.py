@@ -473,14 +473,12 @@ class Handlers:
         await resp.prepare(request)
         sub = self.d.ledger.subscribe() if follow else None
         try:
-            sent = 0
             last = after
             lines = await asyncio.to_thread(
                 _filtered_history, self.d.ledger, after, job_filter, since, limit)
             for seq, line in lines:
                 await resp.write(line + b"\n")
                 last = seq
-                sent += 1
             while sub is not None:
                 rec = await sub.get()
                 if rec is None:

@@ -147,9 +147,9 @@ class Daemon:
                 await asyncio.to_thread(self.ledger.snapshot)
         with contextlib.suppress(Exception):
             await self.ledger.close()
-        for t in self.transports.values():
+        for transport in self.transports.values():
             with contextlib.suppress(Exception):
-                await t.close()
+                await transport.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
