@@ -1,9 +1,11 @@
 """What a node says about itself: nvidia-smi rows, /proc counters, rank pids, readiness.
 
-Pure parsing only: no I/O, no clock. The node side is two small stdlib Python
+Pure parsing only: no I/O, no clock. The node side is small stdlib Python
 programs (``PROBE_SCRIPT``, ``READINESS_SCRIPT``) run with ``python3 -c`` over
 the node's transport, one round trip each, no shell; each prints one JSON
 object that ``parse_probe`` / ``parse_readiness`` turn into typed values.
+``PROBE_SERVER`` is the probe as a long-lived process (one per node) that
+answers a request line with the same object, so a sweep starts no process.
 
 nvidia-smi facts this parser relies on (docs OBSERVABILITY.md, and real
 captures such as utkuozdemir/nvidia_gpu_exporter internal/captures/
@@ -310,7 +312,7 @@ def _disk(path):
             "free": st.f_bfree * st.f_frsize, "avail": st.f_bavail * st.f_frsize}
 '''
 
-PROBE_SCRIPT = _RUN_HELPER + r'''
+_PROBE_BODY = _RUN_HELPER + r'''
 def _pid(path):
     r = {"file": path, "pid": None, "alive": False, "error": None}
     try:
@@ -344,8 +346,7 @@ def _age():
     except (OSError, ValueError, IndexError):
         return None
 
-def main(args):
-    work_dir, smi, timeout, pid_files = args[0], args[1], float(args[2]), args[3:]
+def sample(work_dir, smi, timeout, pid_files):
     out = {"v": 1, "errors": [], "clock": time.time()}
     path = _which(smi)
     if path is None:
@@ -383,11 +384,54 @@ def main(args):
     except OSError:
         pass
     out["pids"] = [_pid(p) for p in pid_files]
+    return out
+'''.replace("QUERY", repr(nvidia_smi_argv()[1:]))
+
+PROBE_SCRIPT = _PROBE_BODY + r'''
+def main(args):
+    out = sample(args[0], args[1], float(args[2]), args[3:])
     out["age_s"] = _age()
     sys.stdout.write(json.dumps(out) + "\n")
 
 main(sys.argv[1:])
-'''.replace("QUERY", repr(nvidia_smi_argv()[1:]))
+'''
+
+# The long-lived form: ``python3 -c PROBE_SERVER WORK_DIR SMI TIMEOUT_S`` prints
+# {"v":1,"ready":true}, then answers each request line ``{"id": N, "pid_files": [...]}``
+# with one probe line carrying the same "id"; "age_s" is then the time the node spent
+# on that request, so the caller still tells the link's share of the round trip. It
+# exits at EOF on stdin (the head closed the stream or went away). One per node saves
+# the interpreter start-up and the SSH session set-up that a probe per sweep costs.
+PROBE_SERVER = _PROBE_BODY + r'''
+def serve(args):
+    work_dir, smi, timeout = args[0], args[1], float(args[2])
+    out = sys.stdout
+    out.write(json.dumps({"v": 1, "ready": True}) + "\n")
+    out.flush()
+    while True:
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return
+        t0 = time.monotonic()
+        try:
+            req = json.loads(line.decode("utf-8", "replace"))
+            rid, pid_files = req["id"], [str(p) for p in req.get("pid_files", [])]
+        except (ValueError, KeyError, TypeError, AttributeError):
+            out.write(json.dumps({"v": 1, "id": None, "bad_request": line[:200].decode(
+                "utf-8", "replace")}) + "\n")
+            out.flush()
+            continue
+        answer = sample(work_dir, smi, timeout, pid_files)
+        answer["id"] = rid
+        answer["age_s"] = time.monotonic() - t0
+        out.write(json.dumps(answer) + "\n")
+        out.flush()
+
+try:
+    serve(sys.argv[1:])
+except (BrokenPipeError, KeyboardInterrupt):
+    pass
+'''
 
 READINESS_SCRIPT = _RUN_HELPER + r'''
 TORCH = ("import json, torch\n"
@@ -420,6 +464,36 @@ def probe_argv(python: str = "python3", work_dir: str = "~/ugro",
     """argv for one probe round trip (no shell: every part is its own argument)."""
     return [python, "-c", PROBE_SCRIPT, work_dir, smi, repr(float(smi_timeout_s)),
             *pid_files]
+
+
+def probe_server_argv(python: str = "python3", work_dir: str = "~/ugro", *,
+                      smi: str = "nvidia-smi", smi_timeout_s: float = 5.0) -> list[str]:
+    """argv of the long-lived probe process (``PROBE_SERVER``): one per node, a line a request."""
+    return [python, "-c", PROBE_SERVER, work_dir, smi, repr(float(smi_timeout_s))]
+
+
+def probe_request(request_id: int, pid_files: Sequence[str] = ()) -> bytes:
+    """One request line for ``PROBE_SERVER``."""
+    return msgspec.json.encode({"id": request_id, "pid_files": list(pid_files)}) + b"\n"
+
+
+class _Tagged(msgspec.Struct):
+    v: int = 0
+    id: int | None = None
+    ready: bool = False
+
+
+def probe_line_kind(line: bytes) -> tuple[str, int | None]:
+    """What a ``PROBE_SERVER`` line is: ("ready", None), ("answer", id) or ("other", None)."""
+    try:
+        tag = msgspec.json.decode(line, type=_Tagged)
+    except (msgspec.DecodeError, UnicodeError):
+        return "other", None
+    if tag.v != 1:
+        return "other", None
+    if tag.ready:
+        return "ready", None
+    return ("answer", tag.id) if tag.id is not None else ("other", None)
 
 
 def readiness_argv(python: str = "python3", work_dir: str = "~/ugro", *,
@@ -714,8 +788,9 @@ def to_json(sample: NodeSample) -> dict[str, Any]:
 
 
 __all__ = [
-    "PROBE_SCRIPT", "QUERY_FIELDS", "READINESS_SCRIPT", "Check", "GpuQueryFailed",
+    "PROBE_SCRIPT", "PROBE_SERVER", "QUERY_FIELDS", "READINESS_SCRIPT", "Check", "GpuQueryFailed",
     "GpuReading", "GpuSample", "NodeSample", "ProbeError", "RankProcess", "compare_inventory",
     "cpu_percent", "inventory", "nvidia_smi_argv", "parse_nvidia_smi", "parse_probe",
-    "parse_readiness", "probe_argv", "readiness_argv", "sample_summary", "to_json",
+    "parse_readiness", "probe_argv", "probe_line_kind", "probe_request", "probe_server_argv",
+    "readiness_argv", "sample_summary", "to_json",
 ]

@@ -1,9 +1,14 @@
 """Health sweeps: probe every node at once, score, drive breakers, record transitions.
 
 The imperative shell around ``ugrod.health`` and ``ugrod.gpus``. A sweep runs
-one probe per node concurrently (``python3 -c PROBE_SCRIPT``: one round trip,
-no shell), each under its own deadline, and each node records its own
-transitions as soon as it is done, so a slow node never holds up the others.
+one probe per node concurrently, each under its own deadline, and each node
+records its own transitions as soon as it is done, so a slow node never holds
+up the others. The probe is one request line to a long-lived probe process on
+the node (``python3 -c PROBE_SERVER``, started at first contact over the node's
+transport, no shell), so a sweep starts no process and opens no SSH session:
+that is what keeps a 50-node sweep well under a second. Where that process
+cannot be started (no usable Python there), the one-shot ``PROBE_SCRIPT`` runs
+instead, so the failure is reported with its exit code and stderr.
 Sweeps never overlap. Samples go to a bounded buffer per node (read by
 ``/metrics``, ``ugroctl health`` and per-job resource figures), never to the
 event log: only transitions do (health changed, alert raised or cleared,
@@ -37,7 +42,7 @@ from ugrod.ledger import Ledger
 from ugrod.ranks import NodeAgent
 from ugrod.runtime_stats import RuntimeStats
 from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, NodeHealth, State
-from ugrod.transport.base import Transport, TransportError
+from ugrod.transport.base import CommandResult, Stream, Transport, TransportError
 
 logger = logging.getLogger("ugrod.monitor")
 
@@ -133,6 +138,15 @@ class _Watch:
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
 
+class _ProbeLink:
+    """A node's long-lived probe process: its stream and the last request id."""
+
+    def __init__(self, stream: Stream, agent: NodeAgent) -> None:
+        self.stream = stream
+        self.agent = agent
+        self.last_id = 0
+
+
 class Monitor:
     """Owns the per-node breakers and sample buffers; sweeps on an apscheduler job."""
 
@@ -149,6 +163,8 @@ class Monitor:
         self._usage: dict[str, tuple[int, dict[tuple[int, int], _Usage]]] = {}
         self._lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Task[None]] = {}
+        self._links: dict[str, _ProbeLink] = {}
+        self._closing: set[asyncio.Task[None]] = set()
         self._sched: Any = None
         self._interval: float | None = None
         self._closed = False
@@ -166,6 +182,9 @@ class Monitor:
                   transports: Mapping[str, Transport]) -> None:
         """After a reload: new nodes start fresh, removed ones are forgotten."""
         self._agents, self._transports = agents, transports
+        for name, link in list(self._links.items()):
+            if agents.get(name) is not link.agent:
+                self._drop_link(name)
         for name in list(self._watch):
             if name not in agents:
                 del self._watch[name]
@@ -205,6 +224,9 @@ class Monitor:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        for name in list(self._links):
+            self._drop_link(name)
+        await asyncio.gather(*self._closing, return_exceptions=True)
 
     # ---- reading -------------------------------------------------------------------
 
@@ -309,21 +331,16 @@ class Monitor:
             return
         self._set_breaker(name, w, breaker)
         expect_gpus = len(node.gpus)
-        t0 = t1 = time.monotonic()
+        t0 = time.monotonic()
         try:
             async with asyncio.timeout(self._cfg.check_timeout_s):
                 pid_files, running_ranks = await self._rank_pid_files(name, state, agent)
-                work_dir = await agent.work_dir()
-                argv = gpus.probe_argv(agent.python, work_dir, pid_files,
-                                       smi_timeout_s=min(5.0, self._cfg.check_timeout_s / 2))
-                t1 = time.monotonic()
-                res = await agent.transport.run(argv)
+                res, wall = await self._probe(name, agent, pid_files)
         except (TransportError, TimeoutError, OSError) as exc:
             why = str(exc) if not isinstance(exc, TimeoutError) else \
                 f"node {name}: probe did not answer within {self._cfg.check_timeout_s:g} s"
             await self._failed(name, w, breaker, now, time.monotonic() - t0, why)
             return
-        wall = time.monotonic() - t1
         self._set_breaker(name, w, breaker.record(True, now))
         w.last_check = now
         sample: gpus.NodeSample | None = None
@@ -363,6 +380,77 @@ class Monitor:
             w.score = None
             reason = f"{after.failures} consecutive checks failed, last: {why}"
             await self._record(name, w, hl.unreachable(w.prev, reason), None, [])
+
+    # ---- the node's probe process ---------------------------------------------------
+
+    async def _probe(self, name: str, agent: NodeAgent,
+                     pid_files: list[str]) -> tuple[CommandResult, float]:
+        """One probe of the node: (its output as a command result, round-trip seconds).
+
+        Asks the node's long-lived probe process, starting it first if needed. The
+        caller's deadline applies; a request that fails or is cut short takes the
+        process down with it (the next sweep starts a fresh one), so a late answer can
+        never be read as the answer to a later request.
+        """
+        link = self._links.get(name)
+        if link is None:
+            link = await self._start_link(name, agent)
+            if link is None:  # no probe process possible there: the one-shot form says why
+                t1 = time.monotonic()
+                res = await agent.transport.run(gpus.probe_argv(
+                    agent.python, await agent.work_dir(), pid_files,
+                    smi_timeout_s=self._smi_timeout_s()))
+                return res, time.monotonic() - t1
+        link.last_id += 1
+        rid = link.last_id
+        try:
+            t1 = time.monotonic()
+            await link.stream.write(gpus.probe_request(rid, pid_files))
+            while True:
+                line = await link.stream.readline()
+                if not line:
+                    raise TransportError(name, "the probe process ended")
+                if gpus.probe_line_kind(line) == ("answer", rid):
+                    return CommandResult(0, line, b""), time.monotonic() - t1
+        except BaseException:
+            self._drop_link(name)
+            raise
+
+    async def _start_link(self, name: str, agent: NodeAgent) -> _ProbeLink | None:
+        """Start the node's probe process; None when it does not come up (not a link error)."""
+        argv = gpus.probe_server_argv(agent.python, await agent.work_dir(),
+                                      smi_timeout_s=self._smi_timeout_s())
+        try:
+            stream = await agent.transport.open_stream(argv)
+        except TransportError:
+            return None  # a local exec failure lands here too; the one-shot run tells which
+        try:
+            while True:
+                line = await stream.readline()
+                if not line:
+                    break
+                if gpus.probe_line_kind(line)[0] == "ready":
+                    link = self._links[name] = _ProbeLink(stream, agent)
+                    return link
+        except BaseException:
+            self._close_later(stream)
+            raise
+        self._close_later(stream)
+        return None
+
+    def _smi_timeout_s(self) -> float:
+        return min(5.0, self._cfg.check_timeout_s / 2)
+
+    def _drop_link(self, name: str) -> None:
+        link = self._links.pop(name, None)
+        if link is not None:
+            self._close_later(link.stream)
+
+    def _close_later(self, stream: Stream) -> None:
+        """Close a stream without making the caller wait (an SSH close may take seconds)."""
+        task = asyncio.get_running_loop().create_task(stream.close())
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     def _set_breaker(self, name: str, w: _Watch, new: hl.Breaker) -> None:
         if new.state is not w.breaker.state:

@@ -30,7 +30,7 @@ from ugrod.ranks import NodeAgent
 from ugrod.runtime_stats import RuntimeStats
 from ugrod.state import NodeHealth
 from ugrod.transport.base import CommandResult, Transport, TransportError
-from ugrod.transport.local import LocalTransport
+from ugrod.transport.local import LocalStream, LocalTransport
 
 FAKE_DIR = Path(__file__).resolve().parents[1] / "fake_nvidia_smi"
 SCENARIOS = FAKE_DIR / "scenarios"
@@ -107,7 +107,12 @@ RTX4070 = ev.Gpu(index=0, model="RTX 4070", vram_bytes=12 * 1024**3)
 
 
 class FlakyTransport(LocalTransport):
-    """A LocalTransport whose link can be cut or slowed by the test."""
+    """A LocalTransport whose link can be cut or slowed by the test.
+
+    ``calls`` counts probes: a command run, or a request sent on a stream (to the
+    node's long-lived probe process). A stream cannot be opened while the link is cut
+    (the monitor then tries the one-shot probe, which counts).
+    """
 
     def __init__(self, node: str) -> None:
         super().__init__(node)
@@ -115,13 +120,41 @@ class FlakyTransport(LocalTransport):
         self.delay_s = 0.0
         self.calls = 0
 
-    async def run(self, argv: Sequence[str], *, input: bytes | None = None) -> CommandResult:
+    async def _through(self) -> None:
         self.calls += 1
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
         if self.down:
             raise TransportError(self.node, "connection refused")
+
+    async def run(self, argv: Sequence[str], *, input: bytes | None = None) -> CommandResult:
+        await self._through()
         return await super().run(argv, input=input)
+
+    async def open_stream(self, argv: Sequence[str]) -> FlakyStream:
+        if self.down:
+            raise TransportError(self.node, "connection refused")
+        return FlakyStream(self, await super().open_stream(argv))
+
+
+class FlakyStream:
+    """A real LocalStream behind the same cut-able link: a cut breaks open streams too."""
+
+    def __init__(self, transport: FlakyTransport, inner: LocalStream) -> None:
+        self._t = transport
+        self._inner = inner
+
+    async def write(self, data: bytes) -> None:
+        await self._t._through()
+        await self._inner.write(data)
+
+    async def readline(self) -> bytes:
+        if self._t.down:
+            raise TransportError(self._t.node, "connection lost")
+        return await self._inner.readline()
+
+    async def close(self) -> None:
+        await self._inner.close()
 
 
 @pytest.fixture

@@ -57,6 +57,10 @@ class Stream(Protocol):
         """The next line including its newline; ``b""`` at EOF."""
         ...
 
+    async def write(self, data: bytes) -> None:
+        """Send bytes to the command's stdin (a request to a long-lived helper)."""
+        ...
+
     async def close(self) -> None:
         """Stop the command; leaves nothing running on the head side."""
         ...

@@ -49,6 +49,16 @@ class LocalStream:
                 self._node, f"stream line longer than {_STREAM_LINE_LIMIT} bytes"
             ) from exc
 
+    async def write(self, data: bytes) -> None:
+        stdin = self._proc.stdin
+        if stdin is None or stdin.is_closing():
+            raise TransportError(self._node, "stream closed")
+        try:
+            stdin.write(data)
+            await stdin.drain()
+        except (BrokenPipeError, ConnectionResetError) as exc:
+            raise TransportError(self._node, f"stream closed: {exc}") from exc
+
     async def close(self) -> None:
         if self._proc.stdin is not None and not self._proc.stdin.is_closing():
             self._proc.stdin.close()

@@ -108,6 +108,15 @@ class SshStream:
         except (asyncssh.Error, OSError) as exc:
             raise self._transport._lost(exc, "stream") from exc
 
+    async def write(self, data: bytes) -> None:
+        if self._closed:
+            raise TransportError(self._transport.node, "stream closed")
+        try:
+            self._process.stdin.write(data)
+            await self._process.stdin.drain()
+        except (asyncssh.Error, OSError) as exc:
+            raise self._transport._lost(exc, "stream") from exc
+
     async def close(self) -> None:
         if self._closed:
             return
