@@ -174,7 +174,7 @@ class _Scanner:
                     e = find(b"\n", c)
                     if e < 0:
                         break
-                    n = count(b"\n", pos, c)
+                    n = 1 if find(b"\n", pos, c - 1) < 0 else count(b"\n", pos, c)
                     first = last + 1
                     head = _COMMIT_HEAD % (last + n, first, n, crc32(mv[pos:c]))
                     if (n == 0 or e - c != len(head) + 17 or not startswith(head, c)
