@@ -37,8 +37,9 @@ from sshd_nodes import SshdCluster, SshdNode, start_sshd_nodes  # noqa: E402
 
 from ugrod.ranks import NodeAgent, RankExit  # noqa: E402
 
-# The rank: note when it started running, then idle briefly (it is "running").
-RANK = "import sys, time; open(sys.argv[1], 'w').write(repr(time.time())); time.sleep(2)"
+# The rank: note when it started running, then end (an ssh that ran `nohup CMD &` returns
+# only once CMD ends, here as in the seeds; a short rank keeps that out of the baseline).
+RANK = "import sys, time; open(sys.argv[1], 'w').write(repr(time.time()))"
 # A rank that exits after a moment and records the instant it exits.
 EXITING = "import sys, time; time.sleep(0.3); open(sys.argv[1], 'w').write(repr(time.time()))"
 

@@ -36,11 +36,14 @@ _MAX_REPLY = 16 * 1024 * 1024
 # The wrapper needs only the stdlib: no site-packages (.pth files make a big environment's
 # interpreter start several times slower), no PYTHON* variables, no user site.
 _ISOLATED = ("-I", "-S")
-# Prints the installed wrapper's sha256 (or "missing") and makes the given directories.
+# Makes the given directories; prints the interpreter's real path (past any pyenv/conda
+# shim, which would cost every wrapper call another shell) and the installed wrapper's
+# sha256 (or "missing").
 _PREPARE = """\
 import hashlib, os, sys
 for d in sys.argv[2:]:
     os.makedirs(d, exist_ok=True)
+print(sys.executable)
 try:
     print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
 except FileNotFoundError:
@@ -169,6 +172,7 @@ class NodeAgent:
         self._work_dir_setting = work_dir
         self._work_dir: str | None = None
         self._prepared = False
+        self._wrapper_python = python
         self._preparing = asyncio.Lock()
 
     # ---- paths ------------------------------------------------------------------------
@@ -213,7 +217,13 @@ class NodeAgent:
             raise TransportError(
                 self.node, f"{self.python} failed on the node: {result.stderr_line()}"
             )
-        if result.stdout.decode(errors="replace").strip() != WRAPPER_SHA256:
+        lines = result.stdout.decode(errors="replace").split("\n")
+        if len(lines) < 2 or not lines[0].startswith("/"):
+            raise WrapperProtocolError(
+                self.node, f"unexpected answer from {self.python}: {result.stdout[:200]!r}"
+            )
+        self._wrapper_python = lines[0]
+        if lines[1].strip() != WRAPPER_SHA256:
             await self.transport.put_file(wrapper, WRAPPER_SOURCE, 0o755)
         self._prepared = True
 
@@ -222,7 +232,7 @@ class NodeAgent:
             async with self._preparing:
                 if not self._prepared:
                     await self.prepare()
-        return [self.python, *_ISOLATED, await self.wrapper_path(), *args]
+        return [self._wrapper_python, *_ISOLATED, await self.wrapper_path(), *args]
 
     async def _call(self, *args: str, input: bytes | None = None) -> CommandResult:
         result = await self.transport.run(await self._wrapper_argv(*args), input=input)

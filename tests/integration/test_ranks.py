@@ -416,10 +416,20 @@ async def test_malformed_wrapper_output_is_a_clear_error(
 
 async def test_malformed_replies_to_commands_are_clear_errors(tmp_path: Path) -> None:
     class Liar(LocalTransport):
+        """Answers every command with the same lie (the prepare step too, if asked)."""
+
+        lie_to_prepare = True
+
         async def run(self, argv: Sequence[str], *, input: bytes | None = None) -> CommandResult:
+            if "-c" in argv and not self.lie_to_prepare:
+                return await super().run(argv, input=input)
             return await super().run(["printf", "%s", '{"pid": "many", "alive": 3}'])
 
-    agent = NodeAgent(Liar("evil2"), str(tmp_path), python=PY)
+    liar = Liar("evil2")
+    agent = NodeAgent(liar, str(tmp_path), python=PY)
+    with pytest.raises(WrapperProtocolError, match=r"^node evil2: unexpected answer from"):
+        await agent.prepare()
+    liar.lie_to_prepare = False
     with pytest.raises(WrapperProtocolError, match=r"^node evil2: status of"):
         await agent.status("job", 0, 0)
     with pytest.raises(WrapperProtocolError, match=r"^node evil2: starting rank 0 of job"):
