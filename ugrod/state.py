@@ -28,7 +28,8 @@ kept apart from health so undrain restores the health last measured.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+import re
+from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from typing import Any
 
@@ -36,6 +37,8 @@ import immutables
 import msgspec
 
 from ugrod import events as ev
+
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class InvalidEvent(ValueError):
@@ -204,6 +207,7 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     active: immutables.Map[str, int] = immutables.Map()  # non-terminal job -> submit_seq
     requests: immutables.Map[str, str] = immutables.Map()  # client request id -> job
     sweeps: immutables.Map[str, Sweep] = immutables.Map()
+    gpus_held: immutables.Map[tuple[str, int], str] = immutables.Map()  # (node, gpu) -> job
     started_at: float | None = None
 
     def job(self, job_id: str) -> Job:
@@ -225,14 +229,7 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
 
     def allocations(self) -> dict[tuple[str, int], str]:
         """(node, gpu index) -> job holding it; a stopping job still holds its GPUs."""
-        held: dict[tuple[str, int], str] = {}
-        for job_id in self.active:
-            job = self.jobs[job_id]
-            if job.state in ACTIVE:
-                for p in job.placement:
-                    for g in p.gpus:
-                        held[(p.node, g)] = job_id
-        return held
+        return dict(self.gpus_held)
 
     def jobs_on(self, node: str) -> list[str]:
         return sorted(
@@ -245,23 +242,22 @@ def apply(state: State, record: ev.Record) -> State:
     """The one rule per event. Raises InvalidEvent and leaves ``state`` as it was."""
     if record.seq != state.seq + 1:
         raise InvalidEvent(f"event seq {record.seq} does not follow {state.seq}")
-    e, ts = record.event, record.ts
-    allowed = JOB_MOVES.get(type(e))
-    if allowed is not None:
+    e = record.event
+    job_rule = _JOB_RULES.get(type(e))
+    if job_rule is not None:
         job = state.job(e.job)  # type: ignore[attr-defined]
-        if job.state not in allowed:
+        if job.state not in JOB_MOVES[type(e)]:
             raise InvalidEvent(f"job {job.id} is {job.state}: cannot apply {e.kind}")
-        if isinstance(e, ev.JobPlaced | ev.RankStarted | ev.JobRunning | ev.RankExited
-                      | ev.JobStopping | ev.JobEnded | ev.JobStalled):
-            want = job.attempt + 1 if isinstance(e, ev.JobPlaced) else job.attempt
-            if e.attempt != want:
-                raise InvalidEvent(f"job {job.id}: event for attempt {e.attempt}, "
-                                   f"current attempt is {job.attempt}")
-        new_job = _job_rule(state, job, e, ts)
-        state = _put_job(state, new_job)
-    else:
-        state = _other_rule(state, record)
-    return msgspec.structs.replace(state, seq=record.seq)
+        if type(e) in _ATTEMPT_EVENTS:
+            want = job.attempt + 1 if type(e) is ev.JobPlaced else job.attempt
+            if e.attempt != want:  # type: ignore[attr-defined]
+                raise InvalidEvent(f"job {job.id}: event for attempt "
+                                   f"{e.attempt}, current attempt is {job.attempt}")  # type: ignore[attr-defined]
+        return _put_job(state, job, job_rule(state, job, e, record.ts), record.seq)
+    rule = _RULES.get(type(e))
+    if rule is None:
+        raise InvalidEvent(f"no rule for {e.kind}")
+    return msgspec.structs.replace(rule(state, record), seq=record.seq)
 
 
 def replay(state: State, records: Iterable[ev.Record]) -> State:
@@ -271,66 +267,94 @@ def replay(state: State, records: Iterable[ev.Record]) -> State:
     return state
 
 
-def _put_job(state: State, job: Job) -> State:
-    active = state.active
+def _put_job(state: State, old: Job | None, job: Job, seq: int | None = None) -> State:
+    """Store ``job``, keeping the active-job and held-GPU indexes in step."""
+    jobs = state.jobs.set(job.id, job)
+    if old is not None and old.state is job.state and old.placement is job.placement:
+        # The common case (a rank started, a reason recorded): no index changes.
+        return msgspec.structs.replace(state, jobs=jobs, seq=state.seq if seq is None else seq)
+    active, held = state.active, state.gpus_held
     if job.state in TERMINAL:
         if job.id in active:
             active = active.delete(job.id)
     elif job.id not in active:
         active = active.set(job.id, job.submit_seq)
-    return msgspec.structs.replace(state, jobs=state.jobs.set(job.id, job), active=active)
+    was = old is not None and old.state in ACTIVE
+    now = job.state in ACTIVE
+    if was != now or (now and old is not None and old.placement is not job.placement):
+        with held.mutate() as m:
+            if was and old is not None:
+                for key in _gpus_of(old):
+                    m.pop(key, None)
+            if now:
+                for key in _gpus_of(job):
+                    m[key] = job.id
+            held = m.finish()
+    return msgspec.structs.replace(state, jobs=jobs, active=active, gpus_held=held,
+                                   seq=state.seq if seq is None else seq)
 
 
-def _job_rule(state: State, job: Job, e: ev.Event, ts: float) -> Job:
-    rep = msgspec.structs.replace
-    match e:
-        case ev.JobWaiting(reason=reason):
-            return rep(job, waiting_reason=reason)
-        case ev.JobPlaced():
-            _check_placement(state, job, e)
-            return rep(
-                job, state=JobState.STARTING, attempt=e.attempt, placement=e.ranks,
-                rdzv_host=e.rdzv_host, rdzv_port=e.rdzv_port,
-                ranks=tuple(RankRun(rank=p.rank, node=p.node) for p in e.ranks),
-                started_at=ts, running_at=None, ended_at=None, exit_code=None,
-                first_started_at=job.first_started_at if job.first_started_at else ts,
-                resume_from=e.resume_from, reason=e.reason, waiting_reason="",
-                stopping=None, retry_at=None, stalled=False, checkpoint_requested=False,
-            )
-        case ev.RankStarted(rank=rank, pid=pid):
-            return rep(job, ranks=_set_rank(job, rank, pid=pid))
-        case ev.JobRunning():
-            return rep(job, state=JobState.RUNNING, running_at=ts)
-        case ev.RankExited(rank=rank, exit_code=code):
-            return rep(job, ranks=_set_rank(job, rank, exit_code=code))
-        case ev.JobStopping(outcome=outcome, reason=reason):
-            if outcome not in ("failed", "cancelled", "retrying", "succeeded"):
-                raise InvalidEvent(f"job {job.id}: unknown outcome {outcome!r}")
-            if job.stopping is not None and outcome != "cancelled":
-                return job  # already stopping; the first reason stands
-            return rep(job, stopping=outcome, reason=reason)
-        case ev.JobEnded():
-            return _ended(job, e, ts)
-        case ev.JobCancelRequested(reason=reason):
-            return rep(job, state=JobState.CANCELLED, ended_at=ts, reason=reason,
-                       waiting_reason="")
-        case ev.JobPrioritySet(priority=p):
-            return rep(job, priority=p)
-        case ev.JobHeld():
-            return rep(job, held=True)
-        case ev.JobReleased():
-            return rep(job, held=False)
-        case ev.JobResumed(spec=spec, resume_from=resume_from):
-            return rep(job, state=JobState.QUEUED, spec=spec, resume_from=resume_from,
-                       ended_at=None, exit_code=None, reason="resumed", stopping=None,
-                       no_progress_failures=0, retry_at=None)
-        case ev.CheckpointRequested():
-            return rep(job, checkpoint_requested=True)
-        case ev.CheckpointSaved(path=path):
-            return rep(job, checkpoints=(*job.checkpoints, path), checkpoint_requested=False)
-        case ev.JobStalled():
-            return rep(job, stalled=True)
-    raise InvalidEvent(f"no rule for {e.kind}")
+def _gpus_of(job: Job) -> Iterator[tuple[str, int]]:
+    for p in job.placement:
+        for g in p.gpus:
+            yield (p.node, g)
+
+
+_rep = msgspec.structs.replace
+JobRule = Callable[[State, Job, Any, float], Job]
+Rule = Callable[[State, ev.Record], State]
+_ATTEMPT_EVENTS = frozenset({ev.JobPlaced, ev.RankStarted, ev.JobRunning, ev.RankExited,
+                             ev.JobStopping, ev.JobEnded, ev.JobStalled})
+
+
+def _placed(state: State, job: Job, e: ev.JobPlaced, ts: float) -> Job:
+    _check_placement(state, job, e)
+    return _rep(
+        job, state=JobState.STARTING, attempt=e.attempt, placement=e.ranks,
+        rdzv_host=e.rdzv_host, rdzv_port=e.rdzv_port,
+        ranks=tuple(RankRun(rank=p.rank, node=p.node) for p in e.ranks),
+        started_at=ts, running_at=None, ended_at=None, exit_code=None,
+        first_started_at=job.first_started_at if job.first_started_at else ts,
+        resume_from=e.resume_from, reason=e.reason, waiting_reason="",
+        stopping=None, retry_at=None, stalled=False, checkpoint_requested=False,
+    )
+
+
+def _stopping(state: State, job: Job, e: ev.JobStopping, ts: float) -> Job:
+    if e.outcome not in ("failed", "cancelled", "retrying", "succeeded"):
+        raise InvalidEvent(f"job {job.id}: unknown outcome {e.outcome!r}")
+    if job.stopping is not None and e.outcome != "cancelled":
+        return job  # already stopping; the first reason stands
+    return _rep(job, stopping=e.outcome, reason=e.reason)
+
+
+def _resumed(state: State, job: Job, e: ev.JobResumed, ts: float) -> Job:
+    return _rep(job, state=JobState.QUEUED, spec=e.spec, resume_from=e.resume_from,
+                ended_at=None, exit_code=None, reason="resumed", stopping=None,
+                no_progress_failures=0, retry_at=None)
+
+
+_JOB_RULES: dict[type[ev.Event], JobRule] = {
+    ev.JobWaiting: lambda s, j, e, ts: _rep(j, waiting_reason=e.reason),
+    ev.JobPlaced: _placed,
+    ev.RankStarted: lambda s, j, e, ts: _rep(j, ranks=_set_rank(j, e.rank, pid=e.pid)),
+    ev.JobRunning: lambda s, j, e, ts: _rep(j, state=JobState.RUNNING, running_at=ts),
+    ev.RankExited: lambda s, j, e, ts: _rep(j, ranks=_set_rank(j, e.rank,
+                                                               exit_code=e.exit_code)),
+    ev.JobStopping: _stopping,
+    ev.JobEnded: lambda s, j, e, ts: _ended(j, e, ts),
+    ev.JobCancelRequested: lambda s, j, e, ts: _rep(
+        j, state=JobState.CANCELLED, ended_at=ts, reason=e.reason, waiting_reason=""),
+    ev.JobPrioritySet: lambda s, j, e, ts: _rep(j, priority=e.priority),
+    ev.JobHeld: lambda s, j, e, ts: _rep(j, held=True),
+    ev.JobReleased: lambda s, j, e, ts: _rep(j, held=False),
+    ev.JobResumed: _resumed,
+    ev.CheckpointRequested: lambda s, j, e, ts: _rep(j, checkpoint_requested=True),
+    ev.CheckpointSaved: lambda s, j, e, ts: _rep(
+        j, checkpoints=(*j.checkpoints, e.path), checkpoint_requested=False),
+    ev.JobStalled: lambda s, j, e, ts: _rep(j, stalled=True),
+}
+assert set(_JOB_RULES) == set(JOB_MOVES)
 
 
 def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:
@@ -344,7 +368,7 @@ def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:
     failed_nodes = job.failed_nodes
     if e.failed_node and e.failed_node not in failed_nodes:
         failed_nodes = (*failed_nodes, e.failed_node)
-    return msgspec.structs.replace(
+    return _rep(
         job, state=outcome, ended_at=ts, exit_code=e.exit_code, reason=e.reason,
         stopping=None, best_step=best, failed_nodes=failed_nodes,
         failures=job.failures + failed,
@@ -358,8 +382,7 @@ def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:
 def _set_rank(job: Job, rank: int, **changes: Any) -> tuple[RankRun, ...]:
     if not any(r.rank == rank for r in job.ranks):
         raise InvalidEvent(f"job {job.id} has no rank {rank}")
-    return tuple(msgspec.structs.replace(r, **changes) if r.rank == rank else r
-                 for r in job.ranks)
+    return tuple(_rep(r, **changes) if r.rank == rank else r for r in job.ranks)
 
 
 def _check_placement(state: State, job: Job, e: ev.JobPlaced) -> None:
@@ -373,13 +396,15 @@ def _check_placement(state: State, job: Job, e: ev.JobPlaced) -> None:
         raise InvalidEvent(f"job {job.id}: ranks must be 0..{len(e.ranks) - 1}")
     if len({p.node for p in e.ranks}) != len(e.ranks):
         raise InvalidEvent(f"job {job.id}: two ranks on one node")
-    held = state.allocations()
+    held = state.gpus_held
     for p in e.ranks:
         node = state.node(p.node)
         have = {g.index for g in node.gpus}
         if len(p.gpus) != job.spec.gpus_per_node:
             raise InvalidEvent(f"job {job.id}: rank {p.rank} got {len(p.gpus)} GPUs, "
                                f"needs {job.spec.gpus_per_node}")
+        if len(set(p.gpus)) != len(p.gpus):
+            raise InvalidEvent(f"job {job.id}: rank {p.rank} got one GPU twice")
         for g in p.gpus:
             if g not in have:
                 raise InvalidEvent(f"node {p.node} has no GPU {g}")
@@ -387,67 +412,106 @@ def _check_placement(state: State, job: Job, e: ev.JobPlaced) -> None:
                 raise InvalidEvent(f"GPU {g} on {p.node} is held by {held[(p.node, g)]}")
 
 
-def _other_rule(state: State, record: ev.Record) -> State:
-    e, ts, rep = record.event, record.ts, msgspec.structs.replace
-    match e:
-        case ev.JobSubmitted(job=job_id, spec=spec):
-            if job_id in state.jobs:
-                raise InvalidEvent(f"a job named {job_id!r} already exists")
-            job = Job(id=job_id, spec=spec, owner=record.actor.user, uid=record.actor.uid,
-                      priority=e.priority, held=e.held, submit_seq=record.seq,
-                      submitted_at=ts, request_id=e.request_id)
-            state = _put_job(state, job)
-            if e.request_id:
-                state = rep(state, requests=state.requests.set(e.request_id, job_id))
-            return state
-        case ev.SweepCreated(sweep=name):
-            if name in state.sweeps:
-                raise InvalidEvent(f"a sweep named {name!r} already exists")
-            for j in e.jobs:
-                state.job(j)
-            sweep = Sweep(name=name, owner=record.actor.user, jobs=e.jobs, params=e.params,
-                          max_parallel=e.max_parallel, created_at=ts)
-            return rep(state, sweeps=state.sweeps.set(name, sweep))
-        case ev.NodeAdded(node=spec):
-            if spec.name in state.nodes:
-                raise InvalidEvent(f"node {spec.name!r} already exists")
-            return _put_node(state, Node(spec=spec, health_since=ts))
-        case ev.NodeUpdated(node=spec):
-            return _put_node(state, rep(state.node(spec.name), spec=spec))
-        case ev.NodeRemoved(node=name):
-            state.node(name)
-            busy = state.jobs_on(name)
-            if busy:
-                raise InvalidEvent(f"node {name} runs {', '.join(busy)}: drain it and wait "
-                                   f"for the jobs to end before removing it")
-            return rep(state, nodes=state.nodes.delete(name))
-        case ev.NodeInventoried(node=name, gpus=gpus, mismatch=mismatch):
-            return _put_node(state, rep(state.node(name), inventory=gpus,
-                                        inventory_mismatch=mismatch))
-        case ev.NodeHealthChanged(node=name):
-            node = state.node(name)
-            try:
-                health = NodeHealth(e.health)
-            except ValueError:
-                raise InvalidEvent(f"unknown node health {e.health!r}") from None
-            return _put_node(state, rep(node, health=health, score=e.score,
-                                        health_reason=e.reason, health_since=ts))
-        case ev.NodeDrained(node=name, reason=reason):
-            return _put_node(state, rep(state.node(name), drained=True, drain_reason=reason))
-        case ev.NodeUndrained(node=name):
-            return _put_node(state, rep(state.node(name), drained=False, drain_reason=""))
-        case ev.AlertRaised(node=name):
-            node = state.node(name)
-            alert = Alert(alert=e.alert, severity=e.severity, message=e.message, since=ts)
-            kept = tuple(a for a in node.alerts if a.alert != e.alert)
-            return _put_node(state, rep(node, alerts=(*kept, alert)))
-        case ev.AlertCleared(node=name, alert=key):
-            node = state.node(name)
-            return _put_node(state, rep(node, alerts=tuple(a for a in node.alerts
-                                                           if a.alert != key)))
-        case ev.DaemonStarted():
-            return rep(state, started_at=ts)
-    raise InvalidEvent(f"no rule for {e.kind}")
+def _submitted(state: State, record: ev.Record) -> State:
+    e = record.event
+    assert isinstance(e, ev.JobSubmitted)
+    if e.job in state.jobs:
+        raise InvalidEvent(f"a job named {e.job!r} already exists")
+    if not _NAME_RE.fullmatch(e.job):
+        raise InvalidEvent(f"invalid job name {e.job[:60]!r}")
+    job = Job(id=e.job, spec=e.spec, owner=record.actor.user, uid=record.actor.uid,
+              priority=e.priority, held=e.held, submit_seq=record.seq,
+              submitted_at=record.ts, request_id=e.request_id)
+    state = _put_job(state, None, job)
+    if e.request_id:
+        state = _rep(state, requests=state.requests.set(e.request_id, e.job))
+    return state
+
+
+def _sweep(state: State, record: ev.Record) -> State:
+    e = record.event
+    assert isinstance(e, ev.SweepCreated)
+    if e.sweep in state.sweeps:
+        raise InvalidEvent(f"a sweep named {e.sweep!r} already exists")
+    for j in e.jobs:
+        state.job(j)
+    sweep = Sweep(name=e.sweep, owner=record.actor.user, jobs=e.jobs, params=e.params,
+                  max_parallel=e.max_parallel, created_at=record.ts)
+    return _rep(state, sweeps=state.sweeps.set(e.sweep, sweep))
+
+
+def _node_added(state: State, record: ev.Record) -> State:
+    spec = record.event.node  # type: ignore[attr-defined]
+    if spec.name in state.nodes:
+        raise InvalidEvent(f"node {spec.name!r} already exists")
+    return _put_node(state, Node(spec=spec, health_since=record.ts))
+
+
+def _node_removed(state: State, record: ev.Record) -> State:
+    name = record.event.node  # type: ignore[attr-defined]
+    state.node(name)
+    busy = state.jobs_on(name)
+    if busy:
+        raise InvalidEvent(f"node {name} runs {', '.join(busy)}: drain it and wait "
+                           f"for the jobs to end before removing it")
+    return _rep(state, nodes=state.nodes.delete(name))
+
+
+def _health(state: State, record: ev.Record) -> State:
+    e = record.event
+    assert isinstance(e, ev.NodeHealthChanged)
+    node = state.node(e.node)
+    try:
+        health = NodeHealth(e.health)
+    except ValueError:
+        raise InvalidEvent(f"unknown node health {e.health!r}") from None
+    return _put_node(state, _rep(node, health=health, score=e.score,
+                                 health_reason=e.reason, health_since=record.ts))
+
+
+def _alert(state: State, record: ev.Record) -> State:
+    e = record.event
+    assert isinstance(e, ev.AlertRaised)
+    node = state.node(e.node)
+    alert = Alert(alert=e.alert, severity=e.severity, message=e.message, since=record.ts)
+    kept = tuple(a for a in node.alerts if a.alert != e.alert)
+    return _put_node(state, _rep(node, alerts=(*kept, alert)))
+
+
+def _node_change(**fixed: Any) -> Rule:
+    def rule(state: State, record: ev.Record) -> State:
+        e = record.event
+        node = state.node(e.node)  # type: ignore[attr-defined]
+        changes = {k: (getattr(e, v[1:]) if isinstance(v, str) and v.startswith("$") else v)
+                   for k, v in fixed.items()}
+        return _put_node(state, _rep(node, **changes))
+    return rule
+
+
+def _alert_cleared(state: State, record: ev.Record) -> State:
+    e = record.event
+    assert isinstance(e, ev.AlertCleared)
+    node = state.node(e.node)
+    return _put_node(state, _rep(node, alerts=tuple(a for a in node.alerts
+                                                    if a.alert != e.alert)))
+
+
+_RULES: dict[type[ev.Event], Rule] = {
+    ev.JobSubmitted: _submitted,
+    ev.SweepCreated: _sweep,
+    ev.NodeAdded: _node_added,
+    ev.NodeUpdated: lambda s, r: _put_node(s, _rep(s.node(r.event.node.name),  # type: ignore[attr-defined]
+                                                   spec=r.event.node)),  # type: ignore[attr-defined]
+    ev.NodeRemoved: _node_removed,
+    ev.NodeInventoried: _node_change(inventory="$gpus", inventory_mismatch="$mismatch"),
+    ev.NodeHealthChanged: _health,
+    ev.NodeDrained: _node_change(drained=True, drain_reason="$reason"),
+    ev.NodeUndrained: _node_change(drained=False, drain_reason=""),
+    ev.AlertRaised: _alert,
+    ev.AlertCleared: _alert_cleared,
+    ev.DaemonStarted: lambda s, r: _rep(s, started_at=r.ts),
+}
+assert set(_RULES) | set(_JOB_RULES) == set(ev.EVENT_TYPES.values())
 
 
 def _put_node(state: State, node: Node) -> State:
@@ -490,8 +554,10 @@ def from_snapshot(data: bytes) -> State:
         raise ValueError(f"snapshot state version {snap.version}, this ugrod reads "
                          f"{STATE_VERSION}")
     jobs = immutables.Map(snap.jobs)
-    active = immutables.Map({j.id: j.submit_seq for j in snap.jobs.values()
-                             if j.state not in TERMINAL})
+    live = [j for j in snap.jobs.values() if j.state not in TERMINAL]
+    active = immutables.Map({j.id: j.submit_seq for j in live})
+    held: immutables.Map[tuple[str, int], str] = immutables.Map(
+        {key: j.id for j in live if j.state in ACTIVE for key in _gpus_of(j)})
     return State(seq=snap.seq, nodes=immutables.Map(snap.nodes), jobs=jobs, active=active,
                  requests=immutables.Map(snap.requests), sweeps=immutables.Map(snap.sweeps),
-                 started_at=snap.started_at)
+                 gpus_held=held, started_at=snap.started_at)
