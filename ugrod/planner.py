@@ -39,13 +39,14 @@ import bisect
 import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping
+from operator import attrgetter
 from types import MappingProxyType
 from typing import Protocol
 
 import msgspec
 
 from ugrod import events as ev
-from ugrod.state import ACTIVE, Job, JobState, Node, NodeHealth, State
+from ugrod.state import Job, JobState, Node, NodeHealth, State
 
 INF = math.inf
 MAX_RESERVATIONS = 16  # blocked jobs that get a reservation each round (each costs O(GPUs))
@@ -129,10 +130,12 @@ def check_fits(state: State, spec: ev.JobSpec) -> str | None:
         return f"needs {spec.nodes} nodes but names only {len(named)}: {_and(sorted(named))}"
     if not state.nodes:
         return "the cluster has no nodes"
-    fits = [n.name for n in _sorted_nodes(state) if _lower_bound(spec_shape(spec), n) is not None]
+    shape = spec_shape(spec)
+    fits = [n.name for n in _sorted_nodes(state) if _lower_bound(
+        shape, n.name, frozenset(n.spec.labels), sorted(g.vram_bytes for g in n.gpus)) is not None]
     if len(fits) >= spec.nodes:
         return None
-    need = _need(spec_shape(spec))
+    need = _need(shape)
     them = "one" if spec.gpus_per_node == 1 else "them"
     if not fits:
         return f"needs {need}; no node " + (f"has {them}" if spec.gpus_per_node else "qualifies")
@@ -166,15 +169,18 @@ def spec_shape(spec: ev.JobSpec) -> Shape:
 class _Node:
     """A node's GPUs during one round: which are free, until when they are busy, who holds them."""
 
-    __slots__ = ("avail", "degraded", "free", "gpus", "held_by", "node", "pref", "res_at",
-                 "res_by", "sched", "until")
+    __slots__ = ("avail", "degraded", "free", "gpus", "held_by", "labels", "name", "node", "pref",
+                 "res_at", "res_by", "sched", "until", "vrams")
 
     def __init__(self, node: Node, now: float) -> None:
         self.node = node
+        self.name = node.name
+        self.labels = frozenset(node.spec.labels)
         self.sched = node.schedulable
         self.degraded = node.health is NodeHealth.DEGRADED
         self.pref = node.spec.rank
         self.gpus: list[Gpu] = sorted((g.vram_bytes, g.index, g.uuid) for g in node.gpus)
+        self.vrams = [g[0] for g in self.gpus]
         self.free: list[Gpu] = []
         self.held_by: dict[int, str] = {}  # GPU index -> job holding it
         self.until: dict[int, float] = {}  # GPU index -> when its holder is expected to end
@@ -182,13 +188,9 @@ class _Node:
         self.res_at: dict[int, float] = {}  # GPU index -> start of the first reservation on it
         self.res_by: dict[int, str] = {}
 
-    @property
-    def name(self) -> str:
-        return self.node.name
-
 
 class _ShapeInfo:
-    __slots__ = ("cand", "fail_end", "never", "reason", "shape", "static")
+    __slots__ = ("cand", "fail_end", "full", "never", "reason", "shape", "static")
 
     def __init__(self, shape: Shape, static: list[tuple[int, str, _Node]],
                  never: str | None) -> None:
@@ -196,6 +198,7 @@ class _ShapeInfo:
         self.static = static  # every node that could ever take it, by (VRAM given up, name)
         self.cand = [c for c in static if c[2].sched]  # pruned as nodes fill up
         self.fail_end: float | None = None  # jobs ending at or after this did not fit now
+        self.full = False  # too few nodes have enough free GPUs, reservations aside
         self.reason: str | None = None
         self.never = never
 
@@ -238,6 +241,7 @@ class _Round:
         self.reservations: dict[str, Reservation] = {}
         self.unrunnable: dict[str, str] = {}
         self.stopping: set[str] = set()
+        self.clocks: dict[float, str] = {}
         self.free_total = 0  # free GPUs on schedulable nodes not held back indefinitely
         self.finite = 0  # GPUs whose "free for good" time is known
 
@@ -281,10 +285,11 @@ class _Round:
 
     def load(self) -> list[Job]:
         """Mark held GPUs, count usage per user and sweep; return the waiting jobs in order."""
-        state, waiting = self.state, []
+        state, waiting, jobs = self.state, [], self.state.jobs
+        starting, running = JobState.STARTING, JobState.RUNNING
         for job_id in state.active:
-            job = state.jobs[job_id]
-            if job.state in ACTIVE:
+            job = jobs[job_id]
+            if job.state is running or job.state is starting:  # identity: no enum hashing
                 # Reasons quote the expected end as is (stable text across rounds); the
                 # reservation arithmetic never lets a release happen before now.
                 until = self.expected_end(job) if job.stopping is None else -INF
@@ -310,7 +315,8 @@ class _Round:
             if nd.sched:
                 self.free_total += len(nd.free)
             self.finite += sum(1 for t in nd.avail.values() if t < INF)
-        waiting.sort(key=lambda j: (-j.priority, j.submit_seq))
+        waiting.sort(key=attrgetter("submit_seq"))
+        waiting.sort(key=attrgetter("priority"), reverse=True)  # stable: FIFO within a priority
         return waiting
 
     def shape_info(self, shape: Shape) -> _ShapeInfo:
@@ -318,7 +324,7 @@ class _Round:
         if info is None:
             static = []
             for nd in self.nodes:
-                lb = _lower_bound(shape, nd.node)
+                lb = _lower_bound(shape, nd.name, nd.labels, nd.vrams)
                 if lb is not None:
                     static.append((lb, nd.name, nd))
             static.sort(key=lambda c: (c[0], c[1]))
@@ -336,22 +342,41 @@ class _Round:
     def run(self) -> Plan:
         queue = self.load()
         blocked_head: str | None = None  # first job that could not start (backfill off)
+        retrying, shapes, waiting = JobState.RETRYING, self.shapes, self.waiting
+        limited = self.user_limits.keys()
+        everyone_limited = "*" in limited
         for pos, job in enumerate(queue, 1):
-            reason = self.precheck(job)
-            if reason is None and blocked_head is not None:
-                reason = f"queued behind {blocked_head} (backfill is off)"
-            if reason is not None:
-                self.waiting[job.id] = reason
+            spec = job.spec
+            if job.held or spec.after or job.state is retrying:
+                reason = self.precheck(job)
+                if reason is not None:
+                    waiting[job.id] = reason
+                    continue
+            if blocked_head is not None:
+                waiting[job.id] = f"queued behind {blocked_head} (backfill is off)"
                 continue
-            info = self.shape_info(spec_shape(job.spec))
+            shape = (spec.gpus_per_node, spec.nodes, spec.min_vram_bytes, spec.labels_required,
+                     spec.labels_avoided, spec.node_names)
+            info = shapes.get(shape) or self.shape_info(shape)
             if info.never is not None:
-                self.waiting[job.id] = f"cannot run on this cluster as configured: {info.never}"
+                waiting[job.id] = f"cannot run on this cluster as configured: {info.never}"
+                continue
+            # The common case on a busy cluster: nothing of this shape can start now, whoever
+            # asks, no limit to report and no reservation left to give. Say so and move on.
+            if (info.full or (shape[0] and not self.free_total)) and not (
+                    len(self.reservations) < MAX_RESERVATIONS and self.finite) and not (
+                    everyone_limited or spec.sweep is not None or job.owner in limited):
+                if info.reason is None:
+                    info.reason = self.blocked_reason(info, INF)
+                waiting[job.id] = info.reason
+                if not self.backfill:
+                    blocked_head = job.id
                 continue
             rt = self.runtime(job)
             end = INF if rt is None else self.now + rt
             reason = self.quota_reason(job, end)
             if reason is not None:
-                self.waiting[job.id] = reason
+                waiting[job.id] = reason
                 continue
             chosen = self.fit_now(info, end, job.failed_nodes)
             if chosen is not None:
@@ -369,12 +394,12 @@ class _Round:
                     self.estimates[job.id] = res.at
                 else:
                     reason += "; the GPUs it waits for are kept for it"
-            self.waiting[job.id] = reason
+            waiting[job.id] = reason
             if not self.backfill:
                 blocked_head = job.id
-        return Plan(placements=tuple(self.placements), waiting=self.waiting,
+        return Plan(placements=tuple(self.placements), waiting=waiting,
                     estimates=self.estimates, reservations=self.reservations,
-                    unrunnable=self.unrunnable, order=tuple(j.id for j in queue))
+                    unrunnable=self.unrunnable, order=tuple(map(attrgetter("id"), queue)))
 
     def precheck(self, job: Job) -> str | None:
         """Why a job is passed over whatever the cluster looks like: hold, backoff, dependencies."""
@@ -382,7 +407,7 @@ class _Round:
             return f"held: `ugroctl release {job.id}` lets it run"
         if job.state is JobState.RETRYING and job.retry_at is not None and job.retry_at > self.now:
             return (f"retry {job.failures} of {job.spec.max_retries} at "
-                    f"{_clock(job.retry_at, self.now)} (backoff)")
+                    f"{self.clock(job.retry_at)} (backoff)")
         for dep in job.spec.after:
             other = self.state.jobs.get(dep)
             if other is None:
@@ -398,7 +423,9 @@ class _Round:
 
     def quota_reason(self, job: Job, end: float) -> str | None:
         need = job.spec.gpus_per_node * job.spec.nodes
-        uq = self.user_quota(job.owner)
+        uq = self.users.get(job.owner) or self.user_quota(job.owner)
+        if uq.max_jobs is None and uq.max_gpus is None and job.spec.sweep is None:
+            return None
         if uq.max_gpus is not None and need > uq.max_gpus:
             return f"needs {need} GPUs; user {job.owner} may run at most {uq.max_gpus}"
         over = uq.over(need, end)
@@ -458,6 +485,8 @@ class _Round:
             info.cand = keep + cand[i:]
         if len(best) < count:
             info.fail_end = end if info.fail_end is None else min(info.fail_end, end)
+            # every node was looked at: those left in cand are the ones with enough free GPUs
+            info.full = len(info.cand) < count
             return None
         return [(nd, chosen) for _, nd, chosen in best]
 
@@ -501,7 +530,7 @@ class _Round:
         if again:
             words.append(f"on {_and(again)} again, where it failed before: no other node fits")
         if backfilled:
-            words.append(f"backfilled: expected to end by {_clock(end, self.now)}, before "
+            words.append(f"backfilled: expected to end by {self.clock(end)}, before "
                          f"{_and(sorted(backfilled))} needs its GPUs")
         elif self.reservations:
             words.append(f"backfilled on GPUs not kept for {_few(sorted(self.reservations))}")
@@ -576,42 +605,68 @@ class _Round:
 
     def blocked_reason(self, info: _ShapeInfo, end: float) -> str:
         """Why a shape cannot start now, naming the nodes it would use and what holds them."""
-        gpn, min_vram = info.shape[0], info.shape[2]
+        gpn, count, min_vram = info.shape[0], info.shape[1], info.shape[2]
         shown: list[str] = []
         ready: list[str] = []
-        others = 0
-        for _, name, nd in info.static:
-            why = None
+        blocked = 0
+        # A one-node shape that failed has no node ready, and a full cluster none either:
+        # then the first few blockers are all there is to say and the rest are counted.
+        scan_all = count > 1 and (self.free_total > 0 or not gpn)
+        for n, (_, name, nd) in enumerate(info.static):
             if not nd.sched:
-                why = f"{name} is {nd.node.state.value}"
-                if nd.node.drained and nd.node.drain_reason:
-                    why += f" ({nd.node.drain_reason})"
+                is_ready = False
             elif gpn:
-                qual = [g for g in nd.gpus if g[0] >= min_vram]
-                free = [g for g in qual if g[1] not in nd.held_by]
-                if len(free) < gpn:
-                    holders = sorted({nd.held_by[g[1]] for g in qual if g[1] in nd.held_by})
-                    until = sorted(nd.until.get(g[1], -INF) for g in qual)[gpn - 1]
-                    why = f"{name} busy with {_few([self.holder(h) for h in holders])}"
-                    if self.now <= until < INF:
-                        why += f" until about {_clock(until, self.now)}"
-                    elif -INF < until < self.now:
-                        why += f" (expected to end by {_clock(until, self.now)})"
-                elif sum(1 for g in free if nd.res_at.get(g[1], INF) >= end) < gpn:
-                    keepers = sorted({nd.res_by[g[1]] for g in free if g[1] in nd.res_by})
-                    why = f"{name} kept for {_few(keepers)}"
-            if why is None:
-                ready.append(name)
-            elif len(shown) < 3:
-                shown.append(why)
+                usable = 0
+                for g in nd.free:
+                    if g[0] >= min_vram and nd.res_at.get(g[1], INF) >= end:
+                        usable += 1
+                is_ready = usable >= gpn
             else:
-                others += 1
+                is_ready = True
+            if is_ready:
+                ready.append(name)
+                continue
+            blocked += 1
+            if len(shown) < 3:
+                shown.append(self.blocker(nd, gpn, min_vram, end))
+            elif not scan_all:
+                blocked += len(info.static) - n - 1
+                break
         text = f"waiting for {_need(info.shape)}: "
         if ready:
             text += f"only {_and(sorted(ready[:3]))}{' and more' if len(ready) > 3 else ''} free; "
         text += ", ".join(shown)
+        others = blocked - len(shown)
         if others:
             text += f" and {others} more node{'s' if others > 1 else ''} busy"
+        return text
+
+    def blocker(self, nd: _Node, gpn: int, min_vram: int, end: float) -> str:
+        """What keeps one node from taking the shape now, in words."""
+        name = nd.name
+        if not nd.sched:
+            why = f"{name} is {nd.node.state.value}"
+            if nd.node.drained and nd.node.drain_reason:
+                why += f" ({nd.node.drain_reason})"
+            return why
+        qual = [g for g in nd.gpus if g[0] >= min_vram]
+        free = [g for g in qual if g[1] not in nd.held_by]
+        if len(free) >= gpn:
+            keepers = sorted({nd.res_by[g[1]] for g in free if g[1] in nd.res_by})
+            return f"{name} kept for {_few(keepers)}"
+        holders = sorted({nd.held_by[g[1]] for g in qual if g[1] in nd.held_by})
+        until = sorted(nd.until.get(g[1], -INF) for g in qual)[gpn - 1]
+        why = f"{name} busy with {_few([self.holder(h) for h in holders])}"
+        if self.now <= until < INF:
+            why += f" until about {self.clock(until)}"
+        elif -INF < until < self.now:
+            why += f" (expected to end by {self.clock(until)})"
+        return why
+
+    def clock(self, t: float) -> str:
+        text = self.clocks.get(t)
+        if text is None:
+            text = self.clocks[t] = _clock(t, self.now)
         return text
 
 
@@ -622,20 +677,23 @@ def _sorted_nodes(state: State) -> list[Node]:
     return [state.nodes[k] for k in sorted(state.nodes.keys())]
 
 
-def _lower_bound(shape: Shape, node: Node) -> int | None:
-    """VRAM the shape would give up on an idle ``node`` (GPU count for CPU jobs); None: never."""
+def _lower_bound(shape: Shape, name: str, labels: frozenset[str],
+                 vrams: list[int]) -> int | None:
+    """VRAM the shape would give up on an idle node (GPU count for CPU jobs); None: never.
+
+    ``vrams`` is the node's GPUs' VRAM, sorted.
+    """
     gpn, _, min_vram, required, avoided, names = shape
-    spec = node.spec
-    if names and spec.name not in names:
+    if names and name not in names:
         return None
-    if required and not set(required) <= set(spec.labels):
+    if required and not labels.issuperset(required):
         return None
-    if avoided and not set(avoided).isdisjoint(spec.labels):
+    if avoided and not labels.isdisjoint(avoided):
         return None
     if not gpn:
-        return len(node.gpus)
-    fit = sorted(g.vram_bytes for g in node.gpus if g.vram_bytes >= min_vram)
-    return sum(fit[:gpn]) if len(fit) >= gpn else None
+        return len(vrams)
+    pos = bisect.bisect_left(vrams, min_vram)
+    return sum(vrams[pos:pos + gpn]) if len(vrams) - pos >= gpn else None
 
 
 def _need(shape: Shape) -> str:
