@@ -8,6 +8,7 @@ the ledger says they are durable. The connecting process's credentials
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import os
 import pwd
@@ -91,6 +92,11 @@ def peer(request: web.Request) -> ev.Actor:
         raise ApiError(403, "forbidden", "only local Unix-socket clients are accepted")
     creds = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     _pid, uid, _gid = struct.unpack("3i", creds)
+    return _actor(uid)
+
+
+@functools.lru_cache(maxsize=256)
+def _actor(uid: int) -> ev.Actor:
     try:
         user = pwd.getpwuid(uid).pw_name
     except KeyError:

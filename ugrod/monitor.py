@@ -41,7 +41,7 @@ from ugrod.config import Config, HealthConfig
 from ugrod.ledger import Ledger
 from ugrod.ranks import NodeAgent
 from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, NodeHealth, State
+from ugrod.state import InvalidEvent, Job, JobState, NodeHealth, State
 from ugrod.transport.base import CommandResult, Stream, Transport, TransportError
 
 logger = logging.getLogger("ugrod.monitor")
@@ -199,7 +199,7 @@ class Monitor:
 
     def interval(self) -> float:
         state = self._host.ledger.state
-        running = any(j.state in ACTIVE for j in state.active_jobs())
+        running = state.n_running > 0
         return hl.next_interval(self._clock(), self.last_activity, running,
                                 intervals_from(self._cfg))
 

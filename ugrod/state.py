@@ -208,6 +208,7 @@ class State(msgspec.Struct, frozen=True, kw_only=True):
     requests: immutables.Map[str, str] = immutables.Map()  # client request id -> job
     sweeps: immutables.Map[str, Sweep] = immutables.Map()
     gpus_held: immutables.Map[tuple[str, int], str] = immutables.Map()  # (node, gpu) -> job
+    n_running: int = 0  # jobs starting or running
     started_at: float | None = None
 
     def job(self, job_id: str) -> Job:
@@ -281,6 +282,7 @@ def _put_job(state: State, old: Job | None, job: Job, seq: int | None = None) ->
         active = active.set(job.id, job.submit_seq)
     was = old is not None and old.state in ACTIVE
     now = job.state in ACTIVE
+    n_running = state.n_running + now - was
     if was != now or (now and old is not None and old.placement is not job.placement):
         with held.mutate() as m:
             if was and old is not None:
@@ -291,7 +293,7 @@ def _put_job(state: State, old: Job | None, job: Job, seq: int | None = None) ->
                     m[key] = job.id
             held = m.finish()
     return msgspec.structs.replace(state, jobs=jobs, active=active, gpus_held=held,
-                                   seq=state.seq if seq is None else seq)
+                                   n_running=n_running, seq=state.seq if seq is None else seq)
 
 
 def _gpus_of(job: Job) -> Iterator[tuple[str, int]]:
@@ -560,4 +562,5 @@ def from_snapshot(data: bytes) -> State:
         {key: j.id for j in live if j.state in ACTIVE for key in _gpus_of(j)})
     return State(seq=snap.seq, nodes=immutables.Map(snap.nodes), jobs=jobs, active=active,
                  requests=immutables.Map(snap.requests), sweeps=immutables.Map(snap.sweeps),
-                 gpus_held=held, started_at=snap.started_at)
+                 gpus_held=held, n_running=sum(j.state in ACTIVE for j in live),
+                 started_at=snap.started_at)

@@ -1,0 +1,99 @@
+"""Commands per second through the Unix-socket API, against a no-op route of the same app.
+
+Figure (issue 2): durable commands (POST /v1/jobs, answered only after fdatasync)
+with 64 concurrent clients reach ≥ 0.7× the rate of the same aiohttp app answering
+GET /v1/ping (no state change, no disk) in the same run: durability costs ≤ 30 %.
+
+ugrod runs as a subprocess on the built-in cluster; the clients are aiohttp
+sessions over the socket in this process, 64 tasks each sending requests
+back to back on a kept-alive connection.
+
+Usage: python bench/bench_api.py [--clients 64] [--seconds 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+async def load(sock: str, clients: int, seconds: float, command: bool) -> tuple[int, list[float]]:
+    latencies: list[float] = []
+    done = 0
+    stop = time.perf_counter() + seconds
+
+    async def client(n: int) -> None:
+        nonlocal done
+        conn = aiohttp.UnixConnector(path=sock)
+        async with aiohttp.ClientSession(connector=conn) as session:
+            i = 0
+            while time.perf_counter() < stop:
+                t0 = time.perf_counter()
+                if command:
+                    async with session.post("http://ugrod/v1/jobs", json={
+                            "name": f"b{n}-{i}-{os.getpid()}", "argv": ["true"],
+                            "held": True}) as r:
+                        await r.read()
+                        assert r.status == 201, await r.text()
+                else:
+                    async with session.get("http://ugrod/v1/ping") as r:
+                        await r.read()
+                        assert r.status == 200
+                latencies.append(time.perf_counter() - t0)
+                done += 1
+                i += 1
+
+    t0 = time.perf_counter()
+    await asyncio.gather(*(client(n) for n in range(clients)))
+    return int(done / (time.perf_counter() - t0)), latencies
+
+
+def pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(q * len(xs)))] * 1000
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--clients", type=int, default=64)
+    p.add_argument("--seconds", type=float, default=5.0)
+    args = p.parse_args()
+    base = Path(tempfile.mkdtemp(prefix="ugb-", dir="/tmp"))
+    sock = base / "s.sock"
+    env = dict(os.environ, UGRO_STATE_DIR=str(base / "state"), UGRO_SOCKET=str(sock),
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "ugrod.cli", "--log-level", "warning"],
+                            env=env, cwd=ROOT)
+    try:
+        for _ in range(300):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        time.sleep(0.5)
+        noop, noop_lat = asyncio.run(load(str(sock), args.clients, args.seconds, False))
+        cmds, cmd_lat = asyncio.run(load(str(sock), args.clients, args.seconds, True))
+        print(f"no-op GET /v1/ping: {noop:,}/s (p50 {pct(noop_lat, .5):.1f} ms, "
+              f"p99 {pct(noop_lat, .99):.1f} ms) with {args.clients} clients")
+        print(f"durable POST /v1/jobs: {cmds:,}/s (p50 {pct(cmd_lat, .5):.1f} ms, "
+              f"p99 {pct(cmd_lat, .99):.1f} ms)")
+        print(f"ratio: {cmds / noop:.2f}x the no-op route (target ≥ 0.7x)")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
