@@ -733,7 +733,7 @@ def _gpu_words(gpus: list[Gpu]) -> str:
         if len(gpus) == 1:
             return f"GPU {gpus[0][1]}{size}"
         return f"GPUs {','.join(str(g[1]) for g in gpus)}{size}{' each' if size else ''}"
-    return ", ".join(f"GPU {g[1]} {_gb(g[0])}" for g in gpus)
+    return ", ".join(f"GPU {g[1]} {_gb(g[0])}" if g[0] else f"GPU {g[1]}" for g in gpus)
 
 
 def _clock(t: float, now: float) -> str:
