@@ -250,8 +250,9 @@ class _Round:
     def runtime(self, job: Job) -> float | None:
         if job.spec.expected_runtime_s is not None:
             return job.spec.expected_runtime_s
-        if self._runtimes is None:
-            self._runtimes = typical_runtimes(self.state)
+        if self._runtimes is None:  # no finished job yet: nothing to learn from
+            state = self.state
+            self._runtimes = typical_runtimes(state) if len(state.jobs) > len(state.active) else {}
         return self._runtimes.get((job.owner, job.spec.argv))
 
     def expected_end(self, job: Job) -> float:
