@@ -26,6 +26,7 @@ from aiohttp import web
 
 from ugrod import events as ev
 from ugrod import render_json as rj
+from ugrod.log import LogWriteFailed
 from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState
 
 if TYPE_CHECKING:
@@ -155,6 +156,12 @@ def _errors(daemon: Daemon) -> Any:
         except InvalidEvent as exc:
             status = 409
             return _error(409, "conflict", str(exc))
+        except LogWriteFailed as exc:
+            # Never acknowledged; ugrod exits and a restart recovers from disk.
+            status = 503
+            daemon.fatal(exc)
+            return _error(503, "unavailable", f"ugrod could not write its event log and is "
+                          f"stopping; nothing was recorded ({exc})")
         except web.HTTPRequestEntityTooLarge:
             status = 413
             return _error(413, "too_large", f"request body larger than "

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import itertools
 import json
 import logging
@@ -43,18 +44,21 @@ class Daemon:
     """One running ugrod."""
 
     def __init__(self, config: cfgmod.Config, config_path: Path | None, state_dir: Path,
-                 socket_path: Path, *, grace_s: float = 10.0) -> None:
+                 socket_path: Path, *, grace_s: float = 10.0,
+                 log_options: Mapping[str, Any] | None = None) -> None:
         self.config = config
         self.config_path = config_path
         self.state_dir = state_dir
         self.socket_path = socket_path
         self.grace_s = grace_s
+        self._log_options = dict(log_options or {})  # tests inject a failing fdatasync here
         self.stats = RuntimeStats()
         self.ledger: Ledger = None  # type: ignore[assignment]  # set in start()
         self.executor: Executor = None  # type: ignore[assignment]
         self.agents: dict[str, NodeAgent] = {}
         self.transports: dict[str, Transport] = {}
         self.monitor: Any = None
+        self.watchdog: Any = None
         self._runner: web.AppRunner | None = None
         self._metrics_runner: Any = None
         self._scheduler: Any = None
@@ -70,7 +74,10 @@ class Daemon:
     async def start(self) -> None:
         """Recover state, reconcile nodes with the config, re-attach jobs, then listen."""
         t0 = time.perf_counter()
-        self.ledger = await asyncio.to_thread(Ledger.open, self.state_dir)
+        self.ledger = await asyncio.to_thread(
+            functools.partial(Ledger.open, self.state_dir, on_batch=self._on_batch,
+                              **self._log_options))
+        self.ledger.on_failure = self.fatal
         self.stats.replay_done(self.ledger.replay_s, self.ledger.replayed)
         rec = self.ledger.log.recovery
         if rec.truncated_bytes:
@@ -139,6 +146,8 @@ class Daemon:
         if self._planner_task is not None:
             self._planner_task.cancel()
             await asyncio.gather(self._planner_task, return_exceptions=True)
+        if self.watchdog is not None:
+            await self.watchdog.close()
         if self.monitor is not None:
             await self.monitor.close()
         await self.executor.close()
@@ -186,6 +195,10 @@ class Daemon:
 
     metrics_port: int | None = None
 
+    def _on_batch(self, n_events: int, n_bytes: int, fsync_s: float) -> None:
+        # Called from the log's writer thread: plain counter updates only.
+        self.stats.log_batch(n_events, n_bytes, fsync_s)
+
     def _samples(self) -> Mapping[str, Any]:
         return self.monitor.latest_samples() if self.monitor is not None else {}
 
@@ -206,6 +219,9 @@ class Daemon:
                       id="planner-safety-net", max_instances=1, coalesce=True)
         if self.monitor is not None:
             self.monitor.schedule(sched)
+            from ugrod.watchdog import Watchdog  # stalls, vanished ranks, dead nodes
+            self.watchdog = Watchdog(self.ledger, self.executor, self.monitor)
+            self.watchdog.schedule(sched)
         sched.start()
         self._scheduler = sched
 

@@ -38,6 +38,7 @@ class Ledger:
         self._subscribers: set[asyncio.Queue[ev.Record | None]] = set()
         self._listeners: list[Callable[[list[ev.Record], State], None]] = []
         self.failed: BaseException | None = None
+        self.on_failure: Callable[[BaseException], None] | None = None
         self.replay_s = 0.0
         self.replayed = 0
         self.snapshot_seq = state.seq
@@ -107,9 +108,11 @@ class Ledger:
         # the log in seq order, which is what lets the log batch them.
         try:
             await self._log.append(lines)
-        except BaseException as exc:
+        except evlog.LogWriteFailed as exc:
             if self.failed is None:
                 self.failed = exc
+                if self.on_failure is not None:
+                    self.on_failure(exc)
             raise
         if tip.seq > self._committed.seq:
             self._committed = tip
