@@ -168,13 +168,19 @@ class _Scanner:
                 while True:
                     # Fast path: regenerate the commit line this batch must end with
                     # and compare bytes; any difference goes to _diagnose for the why.
-                    c = find(b'\n{"commit":', pos - 1) + 1
-                    if c == 0:
+                    nl = find(b"\n", pos)
+                    if nl < 0:
                         break
+                    if startswith(b'{"commit":', nl + 1):  # a one-event batch: the usual
+                        c, n = nl + 1, 1
+                    else:
+                        c = find(b'\n{"commit":', nl) + 1
+                        if c == 0:
+                            break
+                        n = count(b"\n", pos, c)
                     e = find(b"\n", c)
                     if e < 0:
                         break
-                    n = 1 if find(b"\n", pos, c - 1) < 0 else count(b"\n", pos, c)
                     first = last + 1
                     head = _COMMIT_HEAD % (last + n, first, n, crc32(mv[pos:c]))
                     if (n == 0 or e - c != len(head) + 17 or not startswith(head, c)
