@@ -398,6 +398,10 @@ class Daemon:
                            f"deciding; run `ugroctl nodes trust {name}` again")
         from ugrod.transport import ssh
         ssh.trust(Path(current["known_hosts"]), line)
+        transport = self.transports.get(name)
+        if isinstance(transport, ssh.SshTransport):
+            await transport.close()
+            transport.forget_failures()
         return {"node": name, "trusted": current["fingerprint"]}
 
     def _start_monitor(self) -> None:
@@ -705,6 +709,7 @@ class Daemon:
     def why(self, job_id: str) -> list[dict[str, Any]]:
         from ugrod.why import explain
         out = []
+        steps: dict[str, int | None] = {}  # checkpoint path -> step, as saved so far
         needle = f'"job":{json.dumps(job_id)}'.encode()
         for line in self.ledger.history():
             if needle not in line and b'"sweep_created"' not in line:
@@ -713,8 +718,10 @@ class Daemon:
             e = rec.event
             if getattr(e, "job", None) != job_id and job_id not in getattr(e, "jobs", ()):
                 continue
+            if isinstance(e, ev.CheckpointSaved):
+                steps[e.path] = e.step
             out.append({"seq": rec.seq, "ts": ev.format_ts(rec.ts), "type": e.kind,
-                        "actor": rec.actor.user, "text": explain(rec)})
+                        "actor": rec.actor.user, "text": explain(rec, steps)})
         return out
 
     # ---- sweeps --------------------------------------------------------------------------

@@ -17,6 +17,7 @@ import random
 import secrets
 import shlex
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import asyncssh
@@ -94,12 +95,26 @@ def trust(known_hosts: Path, line: str) -> int:
     return len(old) - len(kept)
 
 
+@dataclass(eq=False)
+class _Lane:
+    """An extra connection that carries only streams (see SshTransport.open_stream)."""
+
+    conn: asyncssh.SSHClientConnection
+    streams: int = 0
+
+
 class SshStream:
     """stdout of a command on a node; close() closes the channel and frees its slot."""
 
-    def __init__(self, transport: SshTransport, process: asyncssh.SSHClientProcess[bytes]) -> None:
+    def __init__(
+        self,
+        transport: SshTransport,
+        process: asyncssh.SSHClientProcess[bytes],
+        lane: _Lane | None = None,
+    ) -> None:
         self._transport = transport
         self._process = process
+        self._lane = lane
         self._closed = False
 
     async def readline(self) -> bytes:
@@ -127,7 +142,7 @@ class SshStream:
                 async with asyncio.timeout(2.0):
                     await self._process.wait_closed()
         finally:
-            self._transport._release_stream()
+            self._transport._release_stream(self._lane)
 
     async def __aenter__(self) -> SshStream:
         return self
@@ -180,12 +195,21 @@ class SshTransport:
         self._retry_at = 0.0
         self._last_error: TransportError | None = None
         self._home: str | None = None
+        self._max_concurrency = max_concurrency
         self._channels = asyncio.Semaphore(max_concurrency)
+        self._lanes: list[_Lane] = []
+        self._lanes_lock = asyncio.Lock()
         self._stream_slots = asyncio.Semaphore(max(1, max_concurrency - _RESERVED_FOR_RUN))
 
     @property
     def where(self) -> str:
         return f"{self.host}:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """SSH connections open now: the main one plus extras carrying overflow streams."""
+        main = self._conn is not None and not self._conn.is_closed()
+        return int(main) + sum(1 for lane in self._lanes if not lane.conn.is_closed())
 
     def __repr__(self) -> str:
         return f"SshTransport({self.node!r}, {self.user}@{self.where})"
@@ -364,14 +388,24 @@ class SshTransport:
             )
         return TransportError(self.node, f"{what}: SSH connection to {self.where} lost: {exc}")
 
+    def forget_failures(self) -> None:
+        """Let the next call connect at once (e.g. after its host key was trusted)."""
+        self._last_error = None
+        self._failures = 0
+        self._retry_at = 0.0
+
     async def close(self) -> None:
         task, self._connecting = self._connecting, None
         if task is not None:
             task.cancel()
             with contextlib.suppress(BaseException):
                 await task
-        conn, self._conn = self._conn, None
-        if conn is not None:
+        conns = [lane.conn for lane in self._lanes]
+        if self._conn is not None:
+            conns.append(self._conn)
+        self._conn = None
+        self._lanes.clear()
+        for conn in conns:
             conn.close()
             with contextlib.suppress(TimeoutError, asyncssh.Error, OSError):
                 async with asyncio.timeout(2.0):
@@ -410,25 +444,49 @@ class SshTransport:
     async def open_stream(self, argv: Sequence[str]) -> SshStream:
         command = shlex.join(argv)
         conn = await self._connection()
-        await self._stream_slots.acquire()
-        try:
-            await self._channels.acquire()
-        except BaseException:
-            self._stream_slots.release()
-            raise
+        lane: _Lane | None = None
+        if self._stream_slots.locked():
+            # sshd allows ~10 sessions per connection: long-lived streams past our share of
+            # the main connection go over extra connections instead of waiting for a slot.
+            lane = await self._overflow_lane()
+            conn = lane.conn
+        else:
+            await self._stream_slots.acquire()  # free: returns at once
+            try:
+                await self._channels.acquire()
+            except BaseException:
+                self._stream_slots.release()
+                raise
         try:
             # stdin stays open until close(): a command can watch it to notice the head leave.
             process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
         except BaseException as exc:
-            self._release_stream()
+            self._release_stream(lane)
             if isinstance(exc, asyncssh.Error | OSError):
                 raise self._lost(exc, f"starting {argv[0]}") from exc
             raise
-        return SshStream(self, process)
+        return SshStream(self, process, lane)
 
-    def _release_stream(self) -> None:
-        self._channels.release()
-        self._stream_slots.release()
+    async def _overflow_lane(self) -> _Lane:
+        """An extra connection with a free channel (opened if needed); its count is taken."""
+        async with self._lanes_lock:
+            for lane in self._lanes:
+                if lane.streams < self._max_concurrency and not lane.conn.is_closed():
+                    lane.streams += 1
+                    return lane
+            lane = _Lane(await self._open(), streams=1)
+            self._lanes.append(lane)
+            return lane
+
+    def _release_stream(self, lane: _Lane | None) -> None:
+        if lane is None:
+            self._channels.release()
+            self._stream_slots.release()
+            return
+        lane.streams -= 1
+        if lane.streams == 0 and lane in self._lanes:  # idle extra connections are not kept
+            self._lanes.remove(lane)
+            lane.conn.close()
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
         if path.startswith("~/"):
