@@ -15,7 +15,9 @@ import json
 import logging
 import math
 import os
+import posixpath
 import signal
+from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -23,12 +25,16 @@ from typing import Any
 from ugrod import events as ev
 from ugrod import log as evlog
 from ugrod.ledger import Ledger
-from ugrod.ranks import LogChunk, MetricLine, NodeAgent, RankExit
+from ugrod.ranks import CheckpointFile, LogChunk, MetricLine, NodeAgent, RankExit
 from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, State
 from ugrod.transport.base import TransportError
 
 logger = logging.getLogger("ugrod.executor")
 
+# The exit code of a rank whose processes vanished without an exit status (its supervisor
+# died with it: node reboot, OOM killer, kill -9 of the tree); the rank wrapper's LOST.
+VANISHED_EXIT_CODE = -1
+MAX_CHECKPOINT_COPY_BYTES = 2 << 30  # staged through ugrod's memory: see _stage_checkpoint
 OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError",
                "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory")
 
@@ -51,6 +57,10 @@ class Executor:
         self.rank0_bind: Callable[[str], str] = lambda node: ""
         self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
+        # job -> (attempt, loop times of its last step advances): the watchdog's step interval
+        self.step_times: dict[str, tuple[int, deque[float]]] = {}
+        # attempt -> its supervision's queue of rank exits (the watchdog's abandon() feeds it)
+        self._exits: dict[tuple[str, int], asyncio.Queue[tuple[ev.RankPlacement, int | None]]] = {}
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stop_now: dict[tuple[str, int], asyncio.Event] = {}
         self._closing = False
@@ -152,8 +162,9 @@ class Executor:
                 if job.spec.torchrun and len(agents) > 1:
                     await self._precheck_rendezvous(job, agents)
                 checkpoint_dir = await agents[0].checkpoint_dir(job.id)
+                resume_from = await self._stage_checkpoint(job, agents[0], checkpoint_dir)
                 results = await asyncio.gather(
-                    *(self._spawn_rank(job, p, agents[i], checkpoint_dir)
+                    *(self._spawn_rank(job, p, agents[i], checkpoint_dir, resume_from)
                       for i, p in enumerate(job.placement)),
                     return_exceptions=True)
         except TimeoutError:
@@ -212,9 +223,9 @@ class Executor:
         return True
 
     async def _spawn_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
-                          checkpoint_dir: str) -> int:
+                          checkpoint_dir: str, resume_from: str | None = None) -> int:
         run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
-        env = self.rank_env(job, p, run_dir, checkpoint_dir)
+        env = self.rank_env(job, p, run_dir, checkpoint_dir, resume_from)
         argv = self.rank_argv(job, p, agent)
         return await agent.spawn(job.id, job.attempt, p.rank, argv, env, job.spec.cwd)
 
@@ -241,7 +252,8 @@ class Executor:
         ]
 
     def rank_env(self, job: Job, p: ev.RankPlacement, run_dir: str,
-                 checkpoint_dir: str) -> dict[str, str]:
+                 checkpoint_dir: str, resume_from: str | None = None) -> dict[str, str]:
+        """``resume_from``: rank 0's node's copy of ``job.resume_from`` (default: that path)."""
         spec = job.spec
         nnodes = len(job.placement)
         nproc = max(spec.gpus_per_node, 1) if spec.gpus_per_node else spec.nproc_per_node
@@ -256,12 +268,72 @@ class Executor:
             "CUDA_VISIBLE_DEVICES": ",".join(str(g) for g in p.gpus),
             "PYTHONUNBUFFERED": "1",
         })
-        if job.resume_from:
-            env["UGRO_RESUME_FROM"] = job.resume_from
+        if resume_from or job.resume_from:
+            env["UGRO_RESUME_FROM"] = resume_from or job.resume_from or ""
         if self.network_interface:
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
             env["GLOO_SOCKET_IFNAME"] = self.network_interface
         return env
+
+    async def _stage_checkpoint(self, job: Job, agent: NodeAgent,
+                                checkpoint_dir: str) -> str | None:
+        """The checkpoint to resume from as rank 0's node can read it: copied there if needed.
+
+        Checkpoints are saved on the node of rank 0. A retry that avoids the node it
+        failed on (or a resume placed elsewhere) would otherwise be told to resume from
+        a file that exists only on another machine. The copy goes through ugrod (tar
+        over both SSH links), so it is capped; past the cap, or when no node has the
+        file, the path is passed on as is (shared storage) and the job reports it.
+        """
+        path = job.resume_from
+        if not path:
+            return None
+        name = posixpath.basename(path.rstrip("/"))
+        here = await agent.list_checkpoints(job.id)
+        if any(f.path == path for f in here):
+            return path
+        found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []
+        for other in self.agents.values():
+            if other is agent:
+                continue
+            try:
+                async with asyncio.timeout(15):
+                    files = await other.list_checkpoints(job.id)
+            except (TransportError, TimeoutError):
+                continue
+            for f in files:
+                if f.path == path or posixpath.basename(f.path) == name:
+                    found.append((f.path == path, f.mtime, other, f))
+        local = next((f.path for f in here if posixpath.basename(f.path) == name), None)
+        if local is not None and not any(exact for exact, *_ in found):
+            return local
+        if not found:
+            logger.warning("job %s: checkpoint %s is on no node; passing the path as is",
+                           job.id, path)
+            return local or path
+        _, _, source, src = max(found, key=lambda x: (x[0], x[1]))
+        if src.size_bytes > MAX_CHECKPOINT_COPY_BYTES:
+            logger.warning("job %s: checkpoint %s on %s is %d bytes, too big to copy to %s "
+                           "through ugrod (put checkpoints on shared storage); passing the "
+                           "path as is", job.id, src.path, source.node, src.size_bytes,
+                           agent.node)
+            return path
+        parent, base = posixpath.split(src.path.rstrip("/"))
+        packed = await source.transport.run(["tar", "-C", parent, "-cf", "-", f"./{base}"])
+        if packed.exit_code != 0:
+            raise LaunchError(f"node {source.node}: cannot read checkpoint {src.path}: "
+                              f"{packed.stderr.decode(errors='replace').strip()[-300:]}")
+        unpacked = await agent.transport.run(
+            ["sh", "-c", 'mkdir -p -- "$1" && exec tar -C "$1" -xf -', "sh", checkpoint_dir],
+            input=packed.stdout)
+        if unpacked.exit_code != 0:
+            raise LaunchError(f"node {agent.node}: cannot write checkpoint into "
+                              f"{checkpoint_dir}: "
+                              f"{unpacked.stderr.decode(errors='replace').strip()[-300:]}")
+        dest = posixpath.join(checkpoint_dir, base)
+        logger.info("job %s: copied checkpoint %s from %s to %s:%s", job.id, src.path,
+                    source.node, agent.node, dest)
+        return dest
 
     async def _precheck_rendezvous(self, job: Job, agents: list[NodeAgent]) -> None:
         """Every node must reach rank 0's rendezvous port before anything starts."""
@@ -300,7 +372,9 @@ class Executor:
                          jobdir: Path) -> None:
         job = self.ledger.state.jobs[job_id]
         stop_flag = self._stop_now[(job_id, attempt)]
-        exits: asyncio.Queue[tuple[ev.RankPlacement, int]] = asyncio.Queue()
+        exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]] = asyncio.Queue()
+        self._exits[(job_id, attempt)] = exits
+        lost: dict[int, str] = {}  # rank -> node: abandoned, its end cannot be confirmed
         watchers = [
             asyncio.get_running_loop().create_task(
                 self._watch_rank(job, p, a, jobdir, exits), name=f"watch {job_id} r{p.rank}")
@@ -312,19 +386,23 @@ class Executor:
         try:
             if job.stopping is not None:
                 stop_flag.set()
-            while len(codes) < len(job.placement):
+            while len(codes) + len(lost) < len(job.placement):
                 if stop_flag.is_set() and killer is None:
                     killer = asyncio.get_running_loop().create_task(
                         self._kill_all(job, agents, codes))
                 get = asyncio.ensure_future(exits.get())
-                flag = asyncio.ensure_future(stop_flag.wait())
-                await asyncio.wait({get, flag}, return_when=asyncio.FIRST_COMPLETED)
-                flag.cancel()
-                if not get.done():
-                    get.cancel()
+                if not stop_flag.is_set():  # once set, only exits are waited for
+                    flag = asyncio.ensure_future(stop_flag.wait())
+                    await asyncio.wait({get, flag}, return_when=asyncio.FIRST_COMPLETED)
+                    flag.cancel()
+                    if not get.done():
+                        get.cancel()
+                        continue
+                p, code = await get
+                if p.rank in codes or p.rank in lost:
                     continue
-                p, code = get.result()
-                if p.rank in codes:
+                if code is None:
+                    lost[p.rank] = p.node
                     continue
                 codes[p.rank] = code
                 await self.ledger.record(ev.DAEMON, ev.RankExited(
@@ -336,17 +414,54 @@ class Executor:
                         job=job_id, attempt=attempt, outcome=outcome, reason=reason))
                     stop_flag.set()
             if killer is not None:
-                await killer
+                if lost:  # every other rank is confirmed gone: stop retrying the dead node
+                    killer.cancel()
+                await asyncio.gather(killer, return_exceptions=True)
         finally:
+            self._exits.pop((job_id, attempt), None)
             for w in watchers:
                 w.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
-        await self._finish(job_id, attempt, codes, agents)
+        await self._finish(job_id, attempt, codes, agents, lost)
+
+    def rank_gone(self, job_id: str, attempt: int, rank: int,
+                  exit_code: int = VANISHED_EXIT_CODE) -> bool:
+        """End a rank's watch: the watchdog confirmed its processes are gone, yet no exit
+        status will ever come (its supervisor vanished with it). Recorded as its exit."""
+        exits = self._exits.get((job_id, attempt))
+        job = self.ledger.state.jobs.get(job_id)
+        if exits is None or job is None or job.attempt != attempt:
+            return False
+        p = next((p for p in job.placement if p.rank == rank), None)
+        if p is None:
+            return False
+        exits.put_nowait((p, exit_code))
+        return True
+
+    def abandon(self, job_id: str, attempt: int, node: str) -> list[int]:
+        """Stop waiting for the ranks on ``node``: the watchdog declared it dead.
+
+        Their processes cannot be confirmed gone, so the attempt ends as soon as every
+        other rank is, and its reason says so (``ugrod/watchdog.py`` drains the node and
+        kills the leftovers when it answers again). Returns the ranks given up on.
+        """
+        exits = self._exits.get((job_id, attempt))
+        job = self.ledger.state.jobs.get(job_id)
+        if exits is None or job is None or job.attempt != attempt:
+            return []
+        gone = {r.rank for r in job.ranks if r.exit_code is not None}
+        ranks = [p for p in job.placement if p.node == node and p.rank not in gone]
+        for p in ranks:
+            exits.put_nowait((p, None))
+        return [p.rank for p in ranks]
 
     def _failure(self, job: Job, p: ev.RankPlacement, code: int, jobdir: Path) -> tuple[str, str]:
         tail = _tail_lines(jobdir / f"rank_{p.rank}.log", 20)
         oom = any(m in line for line in tail for m in OOM_MARKERS)
         what = "ran out of GPU memory (CUDA out of memory)" if oom else f"exited with code {code}"
+        if code == VANISHED_EXIT_CODE:
+            what = ("vanished: its processes and their supervisor are gone with no exit status "
+                    "(node reboot, OOM killer or kill -9?)")
         last = " | ".join(line.strip() for line in tail[-5:] if line.strip())
         reason = f"rank {p.rank} on {p.node} {what}"
         if code >= 128 and not oom:
@@ -371,9 +486,20 @@ class Executor:
         await asyncio.gather(*(one(p, a) for p, a in zip(job.placement, agents, strict=True)))
 
     async def _finish(self, job_id: str, attempt: int, codes: dict[int, int],
-                      agents: list[NodeAgent]) -> None:
+                      agents: list[NodeAgent], lost: dict[int, str] | None = None) -> None:
         job = self.ledger.state.jobs[job_id]
         if job.state not in ACTIVE or job.attempt != attempt:
+            return
+        if lost:
+            ranks = ", ".join(f"rank {r} on {n}" for r, n in sorted(lost.items()))
+            nodes = ", ".join(sorted(set(lost.values())))
+            await self._end(job, job.stopping or "failed",
+                            f"{job.reason}; the processes of {ranks} could not be confirmed "
+                            f"gone ({nodes} unreachable): ugrod kills any left when {nodes} "
+                            f"answers again",
+                            exit_code=next((c for c in codes.values() if c), None),
+                            failed_node=lost[min(lost)],
+                            retryable=(job.stopping or "failed") == "failed")
             return
         if job.stopping is None and all(c == 0 for c in codes.values()):
             await self._end(job, "succeeded", "all ranks exited 0", exit_code=0)
@@ -446,7 +572,8 @@ class Executor:
                     await agent.request_checkpoint(job.id, job.attempt, p.rank)
 
     async def _watch_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
-                          exits: asyncio.Queue[tuple[ev.RankPlacement, int]]) -> None:
+                          exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]
+                          ) -> None:
         """Stream one rank's log and metrics into the job dir until it exits; survive link drops."""
         log_path = jobdir / f"rank_{p.rank}.log"
         metrics_path = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
@@ -491,7 +618,12 @@ class Executor:
         latest = self.latest.setdefault(job.id, {})
         step = values.get("step")
         if isinstance(step, int | float) and step != latest.get("step"):
-            self.metric_times[job.id] = asyncio.get_running_loop().time()
+            now = asyncio.get_running_loop().time()
+            self.metric_times[job.id] = now
+            times = self.step_times.get(job.id)
+            if times is None or times[0] != job.attempt:
+                times = self.step_times[job.id] = (job.attempt, deque(maxlen=64))
+            times[1].append(now)
         for k, v in values.items():
             if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) \
                     and math.isfinite(v):
