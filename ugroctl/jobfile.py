@@ -137,6 +137,7 @@ RULES: dict[str, _Rule] = {
     "hold": ("held", _Checker.boolean),
     "env": ("env", _Checker.env),
     "torchrun": ("torchrun", _Checker.boolean),
+    "nproc_per_node": ("nproc_per_node", lambda c, k, v: c.integer(k, v, 1)),
     "cwd": ("cwd", _Checker.string),
     "stall_timeout_s": ("stall_timeout_s", _Checker.positive),
     "stall_action": ("stall_action", lambda c, k, v: c.choice(k, v, ("alert", "requeue"))),

@@ -104,6 +104,9 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                                                   "lets it run."),
         click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env,
                      help="Set an environment variable for every rank (repeatable)."),
+        click.option("--nproc-per-node", type=click.IntRange(min=1), metavar="P",
+                     help="Processes per node under torchrun when the job takes no GPU "
+                          "(a GPU job runs one per GPU) [default 1]."),
         click.option("--torchrun/--no-torchrun", default=None,
                      help="Run the command under torchrun, or as is [default: torchrun when "
                           "--nodes > 1 or --gpus-per-node > 0]."),
@@ -115,7 +118,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      help="Wait until the job ends; exit 0 only if it succeeded."),
     ]
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
-             "priority", "max_retries", "after", "hold", "env", "torchrun", "stall_timeout",
+             "priority", "max_retries", "after", "hold", "env", "nproc_per_node", "torchrun",
+             "stall_timeout",
              "cwd", "wait"]
 
     def decorate(f: F) -> F:
@@ -136,6 +140,7 @@ _SPEC_KEYS = {  # option name -> request body key
     "labels": "labels_required", "avoid_labels": "labels_avoided", "priority": "priority",
     "max_retries": "max_retries", "after": "after", "hold": "held", "env": "env",
     "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
+    "nproc_per_node": "nproc_per_node",
 }
 
 
