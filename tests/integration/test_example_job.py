@@ -23,8 +23,6 @@ REPO = Path(__file__).resolve().parents[2]
 SCRIPT = REPO / "examples" / "train_ddp.py"
 HELPER = REPO / "exporters" / "ugro_metrics.py"
 
-pytestmark = [pytest.mark.slow, pytest.mark.timeout(90)]
-
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -119,6 +117,8 @@ def ok(result: subprocess.CompletedProcess[str]) -> subprocess.CompletedProcess[
     return result
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_two_ranks_train_report_and_checkpoint(job: Job) -> None:
     out = ok(job.run("--steps", "60", "--log-every", "5", "--checkpoint-every", "20"))
     assert "training: world 2, backend gloo" in out.stdout
@@ -147,6 +147,8 @@ def test_two_ranks_train_report_and_checkpoint(job: Job) -> None:
     assert state["optimizer"]["state"], "Adam moments are saved"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_resume_continues_from_the_checkpoint_step(job: Job) -> None:
     ok(job.run("--steps", "20", "--checkpoint-every", "10"))
     fresh = job.progress()
@@ -167,6 +169,8 @@ def test_resume_continues_from_the_checkpoint_step(job: Job) -> None:
     assert job.progress()[-1]["step"] == 27
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_resume_from_a_missing_file_fails_clearly(job: Job) -> None:
     missing = job.checkpoints / "step-000999.pt"
     out = job.run("--steps", "5", UGRO_RESUME_FROM=str(missing))
@@ -174,6 +178,8 @@ def test_resume_from_a_missing_file_fails_clearly(job: Job) -> None:
     assert f"cannot resume from {missing}" in out.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_fail_at_step_exits_non_zero_and_fail_once_only_on_attempt_one(job: Job) -> None:
     args = ("--steps", "12", "--checkpoint-every", "5", "--fail-at-step", "8", "--fail-rank", "1")
     out = job.run(*args, "--fail-once")
@@ -193,6 +199,8 @@ def test_fail_at_step_exits_non_zero_and_fail_once_only_on_attempt_one(job: Job)
     assert out.returncode != 0
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_checkpoint_on_request_under_ddp(job: Job) -> None:
     proc = subprocess.Popen(
         [
@@ -233,6 +241,8 @@ def test_checkpoint_on_request_under_ddp(job: Job) -> None:
             proc.communicate()
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_hang_at_step_stops_advancing(job: Job) -> None:
     proc = subprocess.Popen(
         [sys.executable, str(SCRIPT), "--steps", "50", "--hang-at-step", "4"],
@@ -251,6 +261,8 @@ def test_hang_at_step_stops_advancing(job: Job) -> None:
         proc.communicate(timeout=20)
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_plain_python_outside_ugro_writes_nothing(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("UGRO_")}
     env.update(PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
@@ -270,6 +282,8 @@ def test_plain_python_outside_ugro_writes_nothing(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == [], "no metrics, no checkpoints outside UGRO"
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(90)
 def test_runs_from_a_copy_on_a_node_with_the_helper_beside_it(tmp_path: Path, job: Job) -> None:
     node = tmp_path / "node"
     node.mkdir()
@@ -289,3 +303,25 @@ def test_runs_from_a_copy_on_a_node_with_the_helper_beside_it(tmp_path: Path, jo
     )
     assert [g["step"] for g in job.progress()] == [1, 2, 3, 4, 5, 6]
     assert job.files() == ["step-000003.pt", "step-000006.pt"]
+
+
+@pytest.mark.timeout(60)
+def test_job_file_matches_the_cli_schema_and_the_script() -> None:
+    jobfile = pytest.importorskip("ugroctl.jobfile")
+    body = jobfile.load(str(REPO / "examples" / "job.yaml"))
+    assert body["name"] == "ddp-demo"
+    assert body["torchrun"] is True
+    assert body["argv"][0] == "examples/train_ddp.py"
+    assert body["nodes"] == 2 and body["max_retries"] >= 1
+    done = subprocess.run(
+        [sys.executable, str(SCRIPT), *body["argv"][1:], "--help"],
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        capture_output=True,
+        text=True,
+        timeout=50,
+    )
+    assert done.returncode == 0, done.stderr
+    # every option the job file passes is one the script knows
+    for arg in body["argv"][1:]:
+        if arg.startswith("--"):
+            assert arg in done.stdout, arg
