@@ -15,6 +15,7 @@ sessions) without ever matching processes by name.
 Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   start RUN_DIR [--spec-stdin]          {"pid": N} | {"error": "...", "exit_code": 127}
   watch RUN_DIR LOG_OFFSET METRICS_OFFSET
+  serve                                 the commands below as JSON requests on stdin
   status RUN_DIR                        {"pid", "alive", "exit_code", "pids"}
   kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
@@ -34,7 +35,7 @@ import socket
 import subprocess
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 POLL_S = 0.05
 LOG_CHUNK = 48 * 1024
@@ -43,6 +44,8 @@ MARKER = "UGRO_RUN_DIR"
 # Exit code of a rank that vanished with nobody to record its end (node rebooted,
 # supervisor killed): without it a watch would wait forever.
 LOST = -1
+if TYPE_CHECKING:  # (annotations only: nodes may run Python 3.8)
+    Answer = tuple[int, Any]  # (exit code, JSON answer) of a command
 
 
 def emit(obj: object) -> None:
@@ -140,33 +143,37 @@ def exit_code(run_dir: str) -> int | None:
 # ---- start ---------------------------------------------------------------------------
 
 
-def cmd_start(run_dir: str, spec_stdin: bool) -> int:
+def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
     run_dir = os.path.abspath(run_dir)
     os.makedirs(run_dir, exist_ok=True)
     spec_path = os.path.join(run_dir, "spec.json")
-    if spec_stdin:
-        spec_text = sys.stdin.read()
-        json.loads(spec_text)
-        if not os.path.exists(spec_path):
-            write_atomic(spec_path, spec_text)
-    with open(spec_path) as f:
-        spec = json.load(f)
+    if spec_text is None or os.path.exists(spec_path):  # a retried start: the first spec wins
+        with open(spec_path) as f:
+            spec_text = f.read()
+    spec = json.loads(spec_text)
     argv = spec.get("argv") if isinstance(spec, dict) else None
     if not argv or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise ValueError(f"{spec_path}: argv must be a non-empty list of strings")
+    if not os.path.exists(spec_path):
+        write_atomic(spec_path, spec_text)
     for directory in spec.get("mkdirs") or []:
         os.makedirs(str(directory), exist_ok=True)
     lock = os.open(os.path.join(run_dir, "start.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
-    fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starts of one rank: one runs, one answers
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starts of one rank: one runs, one answers
+        return start_locked(run_dir, spec, lock)
+    finally:
+        os.close(lock)
+
+
+def start_locked(run_dir: str, spec: dict[str, Any], lock: int) -> Answer:
     rec = recorded_pid(run_dir)
     if rec is not None:  # started before (a retried spawn): same answer, no second rank
-        emit({"pid": rec[0], "existing": True})
-        return 0
+        return 0, {"pid": rec[0], "existing": True}
     code = exit_code(run_dir)
     if code is not None:
         error = read_text(os.path.join(run_dir, "start_error")) or "rank already ended"
-        emit({"error": error, "exit_code": code})
-        return code or 1
+        return code or 1, {"error": error, "exit_code": code}
     rfd, wfd = os.pipe()
     child = os.fork()
     if child == 0:  # intermediate: new session, fork the supervisor, vanish
@@ -182,13 +189,10 @@ def cmd_start(run_dir: str, spec_stdin: bool) -> int:
     os.waitpid(child, 0)
     with os.fdopen(rfd, "rb") as pipe:
         answer = pipe.read()
-    os.close(lock)
     if not answer:
-        emit({"error": "the rank supervisor died before starting the rank", "exit_code": 1})
-        return 1
+        return 1, {"error": "the rank supervisor died before starting the rank", "exit_code": 1}
     reply = json.loads(answer)
-    emit(reply)
-    return 0 if "pid" in reply else int(reply.get("exit_code") or 1)
+    return (0 if "pid" in reply else int(reply.get("exit_code") or 1)), reply
 
 
 def supervise(run_dir: str, spec: dict[str, Any], wfd: int) -> None:
@@ -325,15 +329,13 @@ def status(run_dir: str, pids: list[int]) -> dict[str, Any]:
     }
 
 
-def cmd_status(run_dir: str) -> int:
-    emit(status(run_dir, marked_pids([run_dir])[run_dir]))
-    return 0
+def cmd_status(run_dir: str) -> Answer:
+    return 0, status(run_dir, marked_pids([run_dir])[run_dir])
 
 
-def cmd_alive_pids(run_dirs: list[str]) -> int:
+def cmd_alive_pids(run_dirs: list[str]) -> Answer:
     found = marked_pids(run_dirs)
-    emit({d: status(d, found[d])["pids"] for d in run_dirs})
-    return 0
+    return 0, {d: status(d, found[d])["pids"] for d in run_dirs}
 
 
 def parse_signal(text: str) -> int:
@@ -343,7 +345,7 @@ def parse_signal(text: str) -> int:
     return int(getattr(signal, name if name.startswith("SIG") else "SIG" + name))
 
 
-def cmd_kill(run_dir: str, sig_text: str) -> int:
+def cmd_kill(run_dir: str, sig_text: str) -> Answer:
     sig = parse_signal(sig_text)
     rec = recorded_pid(run_dir)
     leader = leader_alive(run_dir)
@@ -367,17 +369,15 @@ def cmd_kill(run_dir: str, sig_text: str) -> int:
             signalled.append(pid)
         except ProcessLookupError:
             pass
-    emit({"pid": rec[0] if rec else None, "group": leader is not None, "signalled": signalled})
-    return 0
+    return 0, {"pid": rec[0] if rec else None, "group": leader is not None, "signalled": signalled}
 
 
-def cmd_checkpoint(run_dir: str) -> int:
+def cmd_checkpoint(run_dir: str) -> Answer:
     write_atomic(os.path.join(run_dir, "checkpoint.request"), f"{time.time():f}\n")
-    emit({"requested": True})
-    return 0
+    return 0, {"requested": True}
 
 
-def cmd_ls_checkpoints(directory: str) -> int:
+def cmd_ls_checkpoints(directory: str) -> Answer:
     found = []
     try:
         entries = list(os.scandir(directory))
@@ -396,11 +396,10 @@ def cmd_ls_checkpoints(directory: str) -> int:
                     size += fst.st_size
                     mtime = max(mtime, fst.st_mtime)
         found.append({"path": entry.path, "size_bytes": size, "mtime": mtime})
-    emit(sorted(found, key=lambda c: (c["mtime"], c["path"])))
-    return 0
+    return 0, sorted(found, key=lambda c: (c["mtime"], c["path"]))
 
 
-def cmd_free_port(low: int, high: int) -> int:
+def cmd_free_port(low: int, high: int) -> Answer:
     candidates = [0] if low == 0 else random.sample(range(low, high + 1), min(64, high - low + 1))
     for port in candidates:
         with socket.socket() as s:
@@ -408,31 +407,22 @@ def cmd_free_port(low: int, high: int) -> int:
                 s.bind(("", port))
             except OSError:
                 continue
-            emit({"port": s.getsockname()[1]})
-            return 0
-    emit({"error": f"no free TCP port in {low}-{high}"})
-    return 1
+            return 0, {"port": s.getsockname()[1]}
+    return 1, {"error": f"no free TCP port in {low}-{high}"}
 
 
-def cmd_reach(host: str, port: int, timeout_s: float) -> int:
+def cmd_reach(host: str, port: int, timeout_s: float) -> Answer:
     try:
         socket.create_connection((host, port), timeout=timeout_s).close()
     except OSError as exc:
-        emit({"ok": False, "error": f"{host}:{port}: {exc.strerror or exc}"})
-        return 1
-    emit({"ok": True})
-    return 0
+        return 1, {"ok": False, "error": f"{host}:{port}: {exc.strerror or exc}"}
+    return 0, {"ok": True}
 
 
-def main(argv: list[str]) -> int:
-    if not argv:
-        sys.stderr.write(__doc__ or "")
-        return 2
-    cmd, args = argv[0], argv[1:]
+def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
+    """Run one (non-streaming) command: (exit code, JSON answer)."""
     if cmd == "start":
-        return cmd_start(args[0], "--spec-stdin" in args[1:])
-    if cmd == "watch":
-        return cmd_watch(args[0], int(args[1]), int(args[2]))
+        return cmd_start(args[0], stdin)
     if cmd == "status":
         return cmd_status(args[0])
     if cmd == "kill":
@@ -447,8 +437,57 @@ def main(argv: list[str]) -> int:
         return cmd_free_port(*(int(a) for a in args[:2])) if args else cmd_free_port(0, 0)
     if cmd == "reach":
         return cmd_reach(args[0], int(args[1]), float(args[2]))
-    sys.stderr.write(f"rank_wrapper: unknown command {cmd!r}\n")
-    return 2
+    raise ValueError(f"unknown command {cmd!r}")
+
+
+def cmd_serve() -> int:
+    """Answer requests, one JSON line each, until stdin ends (the head went away).
+
+    Request {"id", "argv": [cmd, args...], "stdin"?}; answer {"id", "rc", "out", "err"}.
+    One long-lived process per node saves a login shell and an interpreter start per call.
+    """
+    while True:
+        line = sys.stdin.buffer.readline()
+        if not line:
+            return 0
+        rid = None
+        try:
+            req = json.loads(line)
+            rid = req["id"]
+            argv = [str(a) for a in req["argv"]]
+            rc, out = dispatch(argv[0], argv[1:], req.get("stdin"))
+            reply = {"id": rid, "rc": rc, "out": out, "err": ""}
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            reply = {"id": rid, "rc": 1, "out": None, "err": f"{type(exc).__name__}: {exc}"}
+        try:
+            emit(reply)
+        except BrokenPipeError:
+            return 0
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        sys.stderr.write(__doc__ or "")
+        return 2
+    cmd, args = argv[0], argv[1:]
+    if cmd == "watch":
+        return cmd_watch(args[0], int(args[1]), int(args[2]))
+    if cmd == "serve":
+        return cmd_serve()
+    if cmd == "start":
+        args = args[:1]
+        stdin = sys.stdin.read() if "--spec-stdin" in argv else None
+    else:
+        stdin = None
+    try:
+        rc, out = dispatch(cmd, args, stdin)
+    except ValueError as exc:
+        if not str(exc).startswith("unknown command"):
+            raise
+        sys.stderr.write(f"rank_wrapper: {exc}\n")
+        return 2
+    emit(out)
+    return rc
 
 
 if __name__ == "__main__":

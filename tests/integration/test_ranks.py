@@ -64,6 +64,7 @@ async def agent(
     try:
         yield a
     finally:
+        await a.close()
         await a.transport.close()
 
 
@@ -301,6 +302,7 @@ async def test_work_dir_tilde_is_the_login_home(ssh_nodes: SshdCluster) -> None:
     try:
         assert await agent.work_dir() == f"{Path.home()}/ugro-test-work"
     finally:
+        await agent.close()
         await agent.transport.close()
     with pytest.raises(ValueError):
         await agent.run_dir("../etc", 0, 0)
@@ -333,6 +335,7 @@ async def test_ranks_on_three_nodes_started_at_once_survive_the_head(
     )
     assert len(set(pids)) == 3 and sorted(job_processes(job)) == sorted(pids)
     for a in agents:  # the head (ugrod) goes away; the ranks keep running
+        await a.close()
         await a.transport.close()
     await asyncio.sleep(0.3)
     assert sorted(job_processes(job)) == sorted(pids)
@@ -344,6 +347,7 @@ async def test_ranks_on_three_nodes_started_at_once_survive_the_head(
         no_job_processes(job, 2.0)
     finally:
         for a in agents:
+            await a.close()
             await a.transport.close()
 
 
@@ -425,6 +429,9 @@ async def test_malformed_replies_to_commands_are_clear_errors(tmp_path: Path) ->
                 return await super().run(argv, input=input)
             return await super().run(["printf", "%s", '{"pid": "many", "alive": 3}'])
 
+        async def open_stream(self, argv: Sequence[str]) -> LocalStream:
+            return await super().open_stream(["echo", '{"id": "one", "rc": []}'])
+
     liar = Liar("evil2")
     agent = NodeAgent(liar, str(tmp_path), python=PY)
     with pytest.raises(WrapperProtocolError, match=r"^node evil2: unexpected answer from"):
@@ -436,10 +443,46 @@ async def test_malformed_replies_to_commands_are_clear_errors(tmp_path: Path) ->
         await agent.spawn("job", 0, 0, ["x"], {})
 
 
+async def test_commands_share_one_session_and_survive_its_loss(tmp_path: Path) -> None:
+    class Counting(LocalTransport):
+        runs = 0
+
+        async def run(self, argv: Sequence[str], *, input: bytes | None = None) -> CommandResult:
+            self.runs += 1
+            return await super().run(argv, input=input)
+
+    transport = Counting("head")
+    agent = NodeAgent(transport, str(tmp_path / "work"), python=PY)
+    job = new_job()
+    try:
+        await agent.prepare()
+        before = transport.runs
+        pid = await agent.spawn(job, 0, 0, ["sleep", "30"], {"UGRO_JOB_ID": job})
+        for _ in range(5):
+            assert (await agent.status(job, 0, 0)).pid == pid
+        await agent.free_port()
+        assert transport.runs == before  # all through the one serve process
+        # (rank supervisors are forked from it, so they show the same command line)
+        servers = [
+            p
+            for p in watchers_of(str(tmp_path / "work"), b"serve")
+            if Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[1] == str(os.getpid())
+        ]
+        assert len(servers) == 1
+        os.kill(servers[0], signal.SIGKILL)  # the session dies: calls still work
+        assert (await agent.status(job, 0, 0)).alive
+        assert (await agent.status(job, 0, 0)).alive
+        assert transport.runs == before + 1  # one direct call, then a new session
+        await agent.kill(job, 0, 0, signal.SIGKILL)
+    finally:
+        await agent.close()
+
+
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def watchers_of(run_dir: str) -> list[int]:
+def watchers_of(path: str, command: bytes = b"watch") -> list[int]:
+    """Wrapper processes running ``command`` whose argv mentions ``path`` (or a file in it)."""
     found = []
     for name in os.listdir("/proc"):
         if name.isdigit():
@@ -447,7 +490,7 @@ def watchers_of(run_dir: str) -> list[int]:
                 argv = Path(f"/proc/{name}/cmdline").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"watch" in argv and run_dir.encode() in argv:
+            if command in argv and any(a.startswith(path.encode()) for a in argv):
                 found.append(int(name))
     return found
 

@@ -203,6 +203,26 @@ async def test_concurrency_stays_below_max_sessions(ssh_nodes: SshdCluster) -> N
         await t.close()
 
 
+async def test_streams_beyond_one_connection_overflow_to_extra_ones(
+    ssh_nodes: SshdCluster,
+) -> None:
+    """More long-lived streams than sshd's MaxSessions allows on one connection all open."""
+    t = ssh_nodes[0].transport(max_concurrency=3)  # 1 stream on the main connection
+    try:
+        async with asyncio.timeout(30):
+            streams = await asyncio.gather(
+                *(t.open_stream(["sh", "-c", f"echo {i}; exec cat"]) for i in range(7))
+            )
+            assert sorted([int(await s.readline()) for s in streams]) == list(range(7))
+            assert t.connections == 3  # main + two extras of 3 streams each
+            assert (await t.run(["echo", "runs still go"])).ok
+            for s in streams:
+                await s.close()
+        assert t.connections == 1
+    finally:
+        await t.close()
+
+
 async def test_cancelled_ssh_calls_free_their_channels(ssh_nodes: SshdCluster) -> None:
     t = ssh_nodes[0].transport(max_concurrency=3)
     try:

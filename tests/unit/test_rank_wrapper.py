@@ -315,3 +315,28 @@ def test_parse_signal_and_proc_stat() -> None:
 def test_unknown_command_is_usage_error() -> None:
     done = subprocess.run([sys.executable, WRAPPER, "frobnicate"], capture_output=True)
     assert done.returncode == 2 and b"unknown command 'frobnicate'" in done.stderr
+
+
+def test_serve_answers_requests_until_stdin_ends(tmp_path: Path) -> None:
+    spec = json.dumps({"argv": ["sleep", "30"]})
+    requests = [
+        {"id": 1, "argv": ["start", str(tmp_path / "r"), "--spec-stdin"], "stdin": spec},
+        {"id": 2, "argv": ["status", str(tmp_path / "r")]},
+        {"id": 3, "argv": ["frobnicate"]},
+        {"id": 4, "argv": ["start", str(tmp_path / "bad")], "stdin": '{"argv": []}'},
+        {"id": 5, "argv": ["kill", str(tmp_path / "r"), "KILL"]},
+    ]
+    lines = b"".join(json.dumps(r).encode() + b"\n" for r in requests) + b"not json\n"
+    done = subprocess.run(
+        [sys.executable, WRAPPER, "serve"], input=lines, capture_output=True, timeout=10
+    )
+    assert done.returncode == 0
+    replies = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [r["id"] for r in replies] == [1, 2, 3, 4, 5, None]
+    pid = replies[0]["out"]["pid"]
+    assert replies[1]["out"]["pid"] == pid and replies[1]["out"]["alive"] is True
+    assert replies[2]["rc"] == 1 and "unknown command 'frobnicate'" in replies[2]["err"]
+    assert replies[3]["rc"] == 1 and "argv must be a non-empty list" in replies[3]["err"]
+    assert replies[4]["out"]["signalled"] == [pid]
+    assert replies[5]["rc"] == 1 and "JSONDecodeError" in replies[5]["err"]
+    assert wait_for(tmp_path / "r" / "exit_code").strip() == str(128 + signal.SIGKILL)
