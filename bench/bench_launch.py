@@ -8,8 +8,8 @@ Starts three OpenSSH sshd nodes on 127.0.0.1-3 (tests/sshd_nodes.py), then measu
      - baseline: the seeds' way, one `ssh user@host 'cd DIR && nohup CMD > LOG 2>&1 &'`
        subprocess per node, started one after another;
      - ugrod warm: NodeAgent.spawn on all nodes concurrently over the persistent
-       connections ugrod keeps (the steady state);
-     - ugrod cold: new transports, so connect + wrapper check + spawn.
+       connections and wrapper sessions ugrod keeps (the steady state);
+     - ugrod cold: new transports, so connect + wrapper check + session + spawn.
      Target: warm <= 0.3x the baseline.
   2. exit -> event: time from a rank's exit (its last act records time.time()) until
      NodeAgent.watch yields RankExit, median and max over N ranks per node.
@@ -122,7 +122,8 @@ async def main(rounds: int, python: str) -> None:
             base = [seeds_way(cluster, python, f"s{i}") for i in range(rounds)]
 
             agents = [NodeAgent(n.transport(), str(n.work_dir), python=python) for n in nodes]
-            await asyncio.gather(*(a.prepare() for a in agents))
+            # ugrod keeps these up: connection, wrapper checked, wrapper session open
+            await asyncio.gather(*(a.free_port() for a in agents))
             warm = [await ugrod_way(agents, nodes, python) for _ in range(rounds)]
 
             cold = []
@@ -130,6 +131,7 @@ async def main(rounds: int, python: str) -> None:
                 fresh = [NodeAgent(n.transport(), str(n.work_dir), python=python) for n in nodes]
                 cold.append(await ugrod_way(fresh, nodes, python))
                 for a in fresh:
+                    await a.close()
                     await a.transport.close()
 
             lat: list[float] = []
@@ -138,6 +140,7 @@ async def main(rounds: int, python: str) -> None:
                     *(exit_latency(a, n, python) for a, n in zip(agents, nodes, strict=True))
                 )
             for a in agents:
+                await a.close()
                 await a.transport.close()
         finally:
             cluster.close()
