@@ -13,6 +13,7 @@ import signal
 import socket
 import time
 from collections.abc import Mapping
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -215,6 +216,9 @@ class Daemon:
         sched = AsyncIOScheduler(timezone="UTC")
         sched.add_job(self._snapshot_job, "interval", seconds=60, id="snapshot",
                       max_instances=1, coalesce=True)
+        sched.add_job(self._verify_history, "interval", hours=24, id="verify-log",
+                      max_instances=1, coalesce=True,
+                      next_run_time=datetime.now(UTC) + timedelta(minutes=1))
         sched.add_job(self.kick, "interval", seconds=self.config.scheduler.interval_s,
                       id="planner-safety-net", max_instances=1, coalesce=True)
         if self.monitor is not None:
@@ -224,6 +228,17 @@ class Daemon:
             self.watchdog.schedule(sched)
         sched.start()
         self._scheduler = sched
+
+    async def _verify_history(self) -> None:
+        """The whole log, every batch re-checked, off the event loop (an audit, daily)."""
+        from ugrod.ledger import verify_history
+        from ugrod.log import LogError
+        try:
+            n = await asyncio.to_thread(verify_history, self.state_dir)
+            logger.info("event log verified: %d events, every batch's checksum good", n)
+        except LogError as exc:
+            logger.critical("event log damaged (state in memory is intact; restore the "
+                            "damaged segment from a backup): %s", exc)
 
     async def _snapshot_job(self) -> None:
         """Snapshot every 50k events or 10 minutes of changes."""
