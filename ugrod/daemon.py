@@ -36,7 +36,7 @@ from ugrod.transport.local import LocalTransport
 logger = logging.getLogger("ugrod")
 
 # Events after which the planner may decide differently.
-_REPLAN = (ev.JobSubmitted, ev.JobEnded, ev.JobCancelRequested, ev.JobReleased,
+_REPLAN = (ev.JobSubmitted, ev.JobEnded, ev.JobCancelRequested, ev.JobHeld, ev.JobReleased,
            ev.JobPrioritySet, ev.JobResumed, ev.NodeAdded, ev.NodeUpdated, ev.NodeRemoved,
            ev.NodeUndrained, ev.NodeHealthChanged, ev.NodeInventoried, ev.SweepCreated)
 
@@ -436,8 +436,11 @@ class Daemon:
         if any(isinstance(r.event, _REPLAN) for r in records):
             self.kick()
         for r in records:
-            if isinstance(r.event, ev.JobEnded) and r.event.retry_at is not None:
-                self._arm_timer(r.event.retry_at)
+            if isinstance(r.event, ev.JobEnded):
+                if r.event.retry_at is not None:
+                    self._arm_timer(r.event.retry_at)
+                if r.event.outcome == "succeeded":
+                    self._runtimes = None
 
     def _arm_retry_timers(self, state: State) -> None:
         for job in state.active_jobs():
@@ -463,19 +466,22 @@ class Daemon:
     async def _plan_round(self) -> None:
         t0 = time.perf_counter()
         state = self.ledger.state
-        now = time.time()
-        await self._cancel_orphans(state)
-        state = self.ledger.state
-        p = planner.plan(state, now, backfill=self.config.scheduler.backfill,
-                         user_limits=self.config.scheduler.user_limits)
-        self._estimates = p.estimates
-        waits: list[ev.Event] = [
+        if self._runtimes is None:  # median run times; recomputed when a job succeeds
+            self._runtimes = planner.typical_runtimes(state)
+        p = planner.plan(state, time.time(), backfill=self.config.scheduler.backfill,
+                         user_limits=self.config.scheduler.user_limits,
+                         runtimes=self._runtimes)
+        self._estimates, self._order = p.estimates, p.order
+        decided: list[ev.Event] = [
+            ev.JobCancelRequested(job=j, reason=f"will never run: {why}")
+            for j, why in p.unrunnable.items()]
+        decided += [
             ev.JobWaiting(job=j, reason=r) for j, r in p.waiting.items()
-            if j in state.jobs and state.jobs[j].waiting_reason != r
-            and state.jobs[j].state in WAITING]
-        if waits:
+            if j in state.jobs and j not in p.unrunnable
+            and state.jobs[j].waiting_reason != r and state.jobs[j].state in WAITING]
+        if decided:
             with contextlib.suppress(InvalidEvent):
-                await self.ledger.record(ev.DAEMON, *waits)
+                await self.ledger.record(ev.DAEMON, *decided)
         placed = 0
         for placement in p.placements:
             job = self.ledger.state.jobs.get(placement.job)
@@ -492,6 +498,8 @@ class Daemon:
                 logger.warning("cannot reserve a rendezvous port for %s: %s", placement.job, exc)
         self.stats.scheduler_tick(time.perf_counter() - t0, placed)
 
+    _runtimes: dict[tuple[str, tuple[str, ...]], float] | None = None
+    _order: tuple[str, ...] = ()
     _estimates: Mapping[str, float] = {}
 
     def _node_host(self, node: str) -> str:
@@ -530,26 +538,13 @@ class Daemon:
             port = await self.agents[rank0.node].free_port(lo, hi)
         return msgspec.structs.replace(placement, rdzv_host=host, rdzv_port=port)
 
-    async def _cancel_orphans(self, state: State) -> None:
-        """Waiting jobs whose --after dependency failed or was cancelled can never run."""
-        events: list[ev.Event] = []
-        for job in state.active_jobs():
-            if job.state not in WAITING:
-                continue
-            for dep in job.spec.after:
-                d = state.jobs.get(dep)
-                if d is not None and d.state in (JobState.FAILED, JobState.CANCELLED):
-                    events.append(ev.JobCancelRequested(
-                        job=job.id, reason=f"dependency {dep} {d.state}: will never run"))
-                    break
-        if events:
-            with contextlib.suppress(InvalidEvent):
-                await self.ledger.record(ev.DAEMON, *events)
-
     def queue_view(self) -> list[dict[str, Any]]:
+        """Waiting jobs in the planner's queue order, with its reasons and estimates."""
         state = self.ledger.state
+        ranked = {j: i for i, j in enumerate(self._order)}
         waiting = sorted((j for j in state.active_jobs() if j.state in WAITING),
-                         key=lambda j: (-j.priority, j.submit_seq))
+                         key=lambda j: (ranked.get(j.id, len(ranked)), -j.priority,
+                                        j.submit_seq))
         return [{"position": i, "job": rj.job(j), "reason": j.waiting_reason or "waiting for "
                  "the next planner round", "estimated_start": rj.iso(self._estimates.get(j.id))}
                 for i, j in enumerate(waiting, 1)]
