@@ -292,8 +292,11 @@ def test_runs_from_a_copy_on_a_node_with_the_helper_beside_it(tmp_path: Path, jo
     node.mkdir()
     shutil.copy(SCRIPT, node / "train_ddp.py")
     shutil.copy(HELPER, node / "ugro_metrics.py")
-    env = job.env()
-    del env["PYTHONPATH"]
+    # a node without ugro installed: `from exporters import ...` must fail there
+    shadow = tmp_path / "shadow" / "exporters"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('ugro is not installed here')\n")
+    env = job.env(PYTHONPATH=str(shadow.parent))
     ok(
         subprocess.run(
             [*torchrun(2), str(node / "train_ddp.py"), "--steps", "6", "--checkpoint-every", "3"],
@@ -301,7 +304,7 @@ def test_runs_from_a_copy_on_a_node_with_the_helper_beside_it(tmp_path: Path, jo
             cwd=node,
             capture_output=True,
             text=True,
-            timeout=80,
+            timeout=100,
         )
     )
     assert [g["step"] for g in job.progress()] == [1, 2, 3, 4, 5, 6]
