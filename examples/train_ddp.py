@@ -253,7 +253,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
         opt.load_state_dict(resumed["optimizer"])
         step = int(resumed["step"])
         say(d, f"resumed from step {step} ({resumed['path']})")
-    model: nn.Module = DistributedDataParallel(core) if d.enabled else core
+    model: nn.Module = core
+    if d.enabled:
+        on_gpu = d.device.type == "cuda"
+        model = DistributedDataParallel(core, device_ids=[d.local_rank] if on_gpu else None)
 
     sampler: DistributedSampler[int] = DistributedSampler(
         data, num_replicas=d.world, rank=d.rank, shuffle=True, seed=args.seed, drop_last=True
