@@ -216,10 +216,10 @@ def test_outside_ugro_nothing_is_written_or_installed(
 
 def test_outside_ugro_report_costs_almost_nothing() -> None:
     n = 100_000
-    start = time.perf_counter()
+    start = time.process_time()  # CPU time: a busy machine does not make it flaky
     for i in range(n):
         ugro_metrics.report(step=i, loss=0.5, throughput=1.0)
-    per_call = (time.perf_counter() - start) / n
+    per_call = (time.process_time() - start) / n
     assert per_call < 5e-6, f"{per_call * 1e6:.2f} µs per call"
 
 
