@@ -361,7 +361,7 @@ def test_background_thread_collects_on_its_interval_and_stops() -> None:
     time.sleep(0.3)
     exporter.stop()
     calls = source.calls
-    assert 5 <= calls <= 20
+    assert 2 <= calls <= 20, calls  # about 15; never a busy loop
     time.sleep(0.1)
     assert source.calls == calls, "stopped"
 
