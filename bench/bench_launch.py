@@ -40,8 +40,9 @@ from ugrod.ranks import NodeAgent, RankExit  # noqa: E402
 # The rank: note when it started running, then end (an ssh that ran `nohup CMD &` returns
 # only once CMD ends, here as in the seeds; a short rank keeps that out of the baseline).
 RANK = "import sys, time; open(sys.argv[1], 'w').write(repr(time.time()))"
-# A rank that exits after a moment and records the instant it exits.
-EXITING = "import sys, time; time.sleep(0.3); open(sys.argv[1], 'w').write(repr(time.time()))"
+# A rank that exits after a moment and records the instant it exits (a shell: no
+# interpreter teardown between its last act and its exit).
+EXITING = 'sleep 0.3; date +%s.%N > "$0"'
 
 
 def wait_files(paths: list[Path], timeout_s: float = 30) -> float:
@@ -106,7 +107,7 @@ async def exit_latency(agent: NodeAgent, node: SshdNode, python: str) -> float:
     """Seconds from the rank's exit to the RankExit event."""
     job = f"x{uuid.uuid4().hex[:8]}"
     marker = node.work_dir / f"{job}.ended"
-    await agent.spawn(job, 0, 0, [python, "-c", EXITING, str(marker)], {"UGRO_JOB_ID": job})
+    await agent.spawn(job, 0, 0, ["sh", "-c", EXITING, str(marker)], {"UGRO_JOB_ID": job})
     async with aclosing(agent.watch(job, 0, 0)) as events:
         async for event in events:
             if isinstance(event, RankExit):
