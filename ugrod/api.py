@@ -237,7 +237,8 @@ class Handlers:
     async def ping(self, request: web.Request) -> web.Response:
         from ugrod import __version__
         return web.json_response({"ok": True, "version": __version__,
-                                  "seq": self.d.ledger.state.seq, "pid": os.getpid()})
+                                  "seq": self.d.ledger.state.seq, "pid": os.getpid(),
+                                  "metrics_port": self.d.metrics_port})
 
     async def nodes(self, request: web.Request) -> web.Response:
         state = self.d.ledger.state
