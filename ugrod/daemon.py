@@ -35,10 +35,13 @@ from ugrod.transport.local import LocalTransport
 
 logger = logging.getLogger("ugrod")
 
-# Events after which the planner may decide differently.
-_REPLAN = (ev.JobSubmitted, ev.JobEnded, ev.JobCancelRequested, ev.JobHeld, ev.JobReleased,
+# Events after which the planner may decide differently (or word a waiting reason
+# differently: "c1 is running", "busy with x (stopping)").
+_REPLAN = (ev.JobSubmitted, ev.JobRunning, ev.JobStopping, ev.JobEnded, ev.JobCancelRequested,
+           ev.JobHeld, ev.JobReleased,
            ev.JobPrioritySet, ev.JobResumed, ev.NodeAdded, ev.NodeUpdated, ev.NodeRemoved,
-           ev.NodeUndrained, ev.NodeHealthChanged, ev.NodeInventoried, ev.SweepCreated)
+           ev.NodeDrained, ev.NodeUndrained, ev.NodeHealthChanged, ev.NodeInventoried,
+           ev.SweepCreated)
 
 
 class Daemon:

@@ -456,7 +456,7 @@ class Executor:
         return [p.rank for p in ranks]
 
     def _failure(self, job: Job, p: ev.RankPlacement, code: int, jobdir: Path) -> tuple[str, str]:
-        tail = _tail_lines(jobdir / f"rank_{p.rank}.log", 20)
+        tail = own_lines(_tail_lines(jobdir / f"rank_{p.rank}.log", 80))[-20:]
         oom = any(m in line for line in tail for m in OOM_MARKERS)
         what = "ran out of GPU memory (CUDA out of memory)" if oom else f"exited with code {code}"
         if code == VANISHED_EXIT_CODE:
@@ -733,6 +733,21 @@ def _write_atomic(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def own_lines(lines: list[str]) -> list[str]:
+    """A rank log's lines without torchrun's report of a failed worker.
+
+    torchrun ends a failed run with its own traceback, an elastic log line and a
+    ChildFailedError box (~35 lines): left in, they push the worker's real error
+    (a CUDA out-of-memory, the script's last words) out of the tail and the reason.
+    """
+    end = next((i for i, line in enumerate(lines) if "ChildFailedError" in line), None)
+    if end is not None:
+        start = max((i for i in range(end)
+                     if lines[i].startswith("Traceback (most recent call last)")), default=end)
+        lines = lines[:start]
+    return [line for line in lines if "torch/distributed/elastic/" not in line]
 
 
 def _tail_lines(path: Path, n: int) -> list[str]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 from ugrod import events as ev
 
 
@@ -9,9 +11,20 @@ def _at(ts: float | None) -> str:
     return ev.format_ts(ts)[11:16] + " UTC" if ts is not None else "?"
 
 
-def explain(record: ev.Record) -> str:
-    """What happened, in words; pure (the time comes from the event)."""
+def _checkpoint(path: str, steps: Mapping[str, int | None]) -> str:
+    """'step 400 (/ckpt/step-400.pt)' when an earlier checkpoint_saved gave its step."""
+    step = steps.get(path)
+    return f"step {step} ({path})" if step is not None else path
+
+
+def explain(record: ev.Record, steps: Mapping[str, int | None] | None = None) -> str:
+    """What happened, in words; pure (the time comes from the event).
+
+    ``steps``: checkpoint path -> training step, from the job's earlier checkpoint_saved
+    events, so a resume says which step it continues from.
+    """
     e, who = record.event, record.actor.user
+    steps = steps or {}
     match e:
         case ev.JobSubmitted(spec=s):
             gpus = f", {s.gpus_per_node} GPU(s) per node" if s.gpus_per_node else ", CPU only"
@@ -25,7 +38,8 @@ def explain(record: ev.Record) -> str:
         case ev.JobPlaced(attempt=a, ranks=ranks):
             where = ", ".join(f"{r.node}" + (f" (GPU {','.join(map(str, r.gpus))})" if r.gpus
                                              else "") for r in ranks)
-            resume = f", resuming from {e.resume_from}" if e.resume_from else ""
+            resume = f", resuming from {_checkpoint(e.resume_from, steps)}" \
+                if e.resume_from else ""
             return f"attempt {a} placed on {where}{resume}" + (f": {e.reason}" if e.reason
                                                                  else "")
         case ev.RankStarted(rank=r, node=n, pid=pid):
@@ -39,7 +53,8 @@ def explain(record: ev.Record) -> str:
         case ev.JobEnded(outcome=o, reason=reason):
             step = f" at step {e.last_step}" if e.last_step is not None else ""
             retry = f"; retry at {_at(e.retry_at)}" if e.retry_at is not None else ""
-            resume = f" from {e.resume_from}" if e.resume_from and e.retry_at else ""
+            resume = f" from {_checkpoint(e.resume_from, steps)}" \
+                if e.resume_from and e.retry_at else ""
             return f"attempt {e.attempt} {o}{step}: {reason}{retry}{resume}"
         case ev.JobCancelRequested(reason=reason):
             return f"cancelled before it started: {reason}"
@@ -51,7 +66,8 @@ def explain(record: ev.Record) -> str:
             return f"released by {who}"
         case ev.JobResumed(resume_from=r):
             changed = ", ".join(f"{k}={v}" for k, v in e.spec.params.items())
-            return (f"resumed by {who}" + (f" from {r}" if r else " from scratch")
+            return (f"resumed by {who}" + (f" from {_checkpoint(r, steps)}" if r
+                                           else " from scratch")
                     + (f" with {changed}" if changed else ""))
         case ev.CheckpointRequested():
             return f"checkpoint requested by {who}"
