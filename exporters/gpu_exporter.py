@@ -249,13 +249,17 @@ def parse_nvidia_smi(stdout: str) -> Reading:
     return Reading(tuple(sorted(gpus, key=lambda g: g.index)), driver)
 
 
-@dataclass
 class NvidiaSmiSource:
     """Runs nvidia-smi with a timeout; never through a shell."""
 
-    binary: str = "nvidia-smi"
-    timeout_s: float = 10.0
-    name: str = "nvidia-smi"
+    name = "nvidia-smi"
+
+    def __init__(self, binary: str = "nvidia-smi", timeout_s: float = 10.0) -> None:
+        self.binary = binary
+        self.timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._proc: subprocess.Popen[str] | None = None
+        self._aborted = False
 
     def argv(self) -> list[str]:
         return [
@@ -264,33 +268,52 @@ class NvidiaSmiSource:
             "--format=csv,noheader,nounits",
         ]
 
+    def abort(self) -> None:
+        """Kill the nvidia-smi in flight, if any, and refuse to start another."""
+        with self._lock:
+            self._aborted = True
+            if self._proc is not None and self._proc.poll() is None:
+                self._proc.kill()
+
     def read(self) -> Reading:
         try:
-            done = subprocess.run(
-                self.argv(),
-                capture_output=True,
-                text=True,
-                errors="replace",
-                timeout=self.timeout_s,
-                stdin=subprocess.DEVNULL,
-            )
+            with self._lock:
+                if self._aborted:
+                    raise CollectError("timeout", f"{self.binary}: stopping")
+                proc = self._proc = subprocess.Popen(
+                    self.argv(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    errors="replace",
+                )
         except FileNotFoundError:
             raise CollectError("not_found", f"{self.binary}: not found") from None
         except PermissionError as exc:
             raise CollectError("not_found", f"{self.binary}: {exc}") from None
+        try:
+            stdout, stderr = proc.communicate(timeout=self.timeout_s)
         except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.communicate()
             raise CollectError(
                 "timeout", f"{self.binary}: no answer within {self.timeout_s:g} s (killed)"
             ) from None
-        said = (done.stderr.strip() or done.stdout.strip())[:300]
-        if done.returncode != 0:
-            if done.returncode == 6 and NO_DEVICES in said:
+        finally:
+            with self._lock:
+                self._proc = None
+        if self._aborted:
+            raise CollectError("timeout", f"{self.binary}: stopped while it ran")
+        said = (stderr.strip() or stdout.strip())[:300]
+        if proc.returncode != 0:
+            if proc.returncode == 6 and NO_DEVICES in said:
                 return Reading(())
             raise CollectError(
                 "exit_code",
-                f"{self.binary} exited with code {done.returncode}: {said or '(no output)'}",
+                f"{self.binary} exited with code {proc.returncode}: {said or '(no output)'}",
             )
-        return parse_nvidia_smi(done.stdout)
+        return parse_nvidia_smi(stdout)
 
 
 # ---- NVML ------------------------------------------------------------------
@@ -573,7 +596,11 @@ class Exporter:
         self._thread.start()
 
     def stop(self) -> None:
+        """Stop collecting; an nvidia-smi in flight is killed, not waited for."""
         self._stop.set()
+        abort = getattr(self.source, "abort", None)
+        if callable(abort):
+            abort()
         if self._thread is not None:
             self._thread.join(timeout=5)
 

@@ -152,7 +152,9 @@ def ok(s: Series) -> bool:
 
 
 def failed(s: Series) -> bool:
-    return value(s, "ugro_gpu_exporter_collect_success") == 0
+    """The latest collection failed (not just: none has finished yet)."""
+    collections = value(s, "ugro_gpu_exporter_collections_total") or 0
+    return collections >= 1 and value(s, "ugro_gpu_exporter_collect_success") == 0
 
 
 @pytest.fixture
@@ -297,6 +299,31 @@ def test_hung_nvidia_smi_times_out_while_scrapes_stay_fast(
     assert failed(s)
     assert not any(name.startswith("DCGM_") for name in names(s))
     assert any("no answer within 3 s" in ln for ln in e.log), e.log
+
+    # stopping while nvidia-smi hangs: the exporter kills it and exits at once
+    e.wait_for(lambda s: bool(fakes_of(e)), "the next hung nvidia-smi", timeout_s=10)
+    start = time.monotonic()
+    assert e.stop() == 0
+    assert time.monotonic() - start < 2.5
+    assert fakes_of(e) == [], "no nvidia-smi left behind"
+
+
+def fakes_of(e: RunningExporter) -> list[int]:
+    """Live fake nvidia-smi processes reading this exporter's state file."""
+    mine = f"FAKE_NVIDIA_SMI_STATE={e.state}".encode()
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes().split(b"\0")
+            cmdline = (entry / "cmdline").read_bytes()
+            state = (entry / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if mine in environ and b"nvidia-smi" in cmdline and state != "Z":
+            pids.append(int(entry.name))
+    return pids
 
 
 def test_garbage_output_is_a_parse_failure_quoting_the_line(
