@@ -1,7 +1,8 @@
 """Per-node GPU exporter for Prometheus, with DCGM-exporter's metric names and labels.
 
 Run on every worker: ``python -m exporters.gpu_exporter --port 9400 --interval 5``
-(``--once`` prints one exposition and exits). Needs only prometheus-client; it
+(or ``--listen 0.0.0.0:9400``; ``--once`` prints one exposition and exits, status 1
+when the collection failed). Needs only prometheus-client; it
 imports nothing from ugrod, so a worker needs no ugrod install. NVML
 (``nvidia-ml-py``, ``import pynvml``) is used when importable and ``nvmlInit()``
 works, else ``nvidia-smi --query-gpu=... --format=csv,noheader,nounits`` with a
@@ -635,6 +636,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--port", type=int, default=9400, help="default 9400, as dcgm-exporter")
     p.add_argument("--address", default="0.0.0.0", help="listen address (default all)")
+    p.add_argument("--listen", metavar="HOST:PORT", help="address and port in one (overrides both)")
     p.add_argument("--interval", type=float, default=5.0, help="seconds between collections")
     p.add_argument("--timeout", type=float, default=10.0, help="nvidia-smi deadline, seconds")
     p.add_argument("--backend", choices=("auto", "nvml", "nvidia-smi"), default="auto")
@@ -642,6 +644,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--once", action="store_true", help="print one exposition and exit")
     p.add_argument("--log-level", default="INFO")
     args = p.parse_args(argv)
+    if args.listen:
+        host, sep, port = args.listen.rpartition(":")
+        if not sep or not port.isdigit():
+            p.error(f"--listen {args.listen!r}: expected HOST:PORT, e.g. 0.0.0.0:9400")
+        args.address, args.port = host.strip("[]") or "0.0.0.0", int(port)
     if args.interval <= 0 or args.timeout <= 0 or not 0 <= args.port <= 65535:
         p.error("--interval and --timeout must be > 0, --port in 0..65535")
     return args

@@ -388,6 +388,14 @@ def test_missing_nvidia_smi(exporter: Callable[..., RunningExporter], tmp_path: 
     assert any("nvidia-smi: not found" in ln for ln in e.log), e.log
 
 
+def test_listen_option_as_the_systemd_unit_uses_it(
+    exporter: Callable[..., RunningExporter],
+) -> None:
+    e = exporter("one_gpu", "--listen", "127.0.0.1:0")
+    assert e.url.startswith("http://127.0.0.1:")
+    e.wait_for(ok, "a successful collection")
+
+
 def test_sigterm_stops_it_cleanly(exporter: Callable[..., RunningExporter]) -> None:
     e = exporter("two_gpus")
     e.wait_for(ok, "a successful collection")

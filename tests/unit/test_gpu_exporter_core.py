@@ -19,6 +19,7 @@ from exporters.gpu_exporter import (
     NvmlSource,
     Reading,
     choose_source,
+    parse_args,
     parse_nvidia_smi,
 )
 
@@ -371,3 +372,18 @@ def test_the_stand_in_uses_real_pynvml_names() -> None:
     stand_in = fake_pynvml([])
     missing = [name for name in vars(stand_in) if not hasattr(pynvml, name)]
     assert missing == []
+
+
+@pytest.mark.parametrize(
+    ("listen", "address", "port"),
+    [("127.0.0.1:9500", "127.0.0.1", 9500), (":9401", "0.0.0.0", 9401), ("[::]:9400", "::", 9400)],
+)
+def test_listen_host_port(listen: str, address: str, port: int) -> None:
+    args = parse_args(["--listen", listen])
+    assert (args.address, args.port) == (address, port)
+
+
+@pytest.mark.parametrize("listen", ["9400", "host:", "host:http"])
+def test_listen_rejects_what_is_not_host_port(listen: str) -> None:
+    with pytest.raises(SystemExit):
+        parse_args(["--listen", listen])
