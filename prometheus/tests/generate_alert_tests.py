@@ -308,12 +308,12 @@ case(
 )
 case(
     "exporter up but cannot read GPUs: fires",
-    [(lab("up", **E), "1x10"), (lab("ugro_exporter_collect_success", **E), "0x10")],
+    [(lab("up", **E), "1x10"), (lab("ugro_gpu_exporter_collect_success", **E), "0x10")],
     [("6m", "UgroGpuExporterFailing", [alert({"severity": "warning", **E})])],
 )
 case(
     "exporter up and reading: quiet",
-    [(lab("up", **E), "1x10"), (lab("ugro_exporter_collect_success", **E), "1x10")],
+    [(lab("up", **E), "1x10"), (lab("ugro_gpu_exporter_collect_success", **E), "1x10")],
     [("6m", "UgroGpuExporterFailing", [])],
 )
 
