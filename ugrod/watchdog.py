@@ -14,7 +14,8 @@ the monitor already know; it starts no probe of its own. Its decisions:
   health checks in a row failed) and (2) the job's own step counter has not advanced
   for longer than ``silence_limit`` (its ``stall_timeout_s`` when the user set one,
   else max(60 s, 3 x its median step interval)). For a job that reports no steps
-  the silence is counted from when the node stopped answering. The job is stopped
+  (or whose rank 0 has exited) the silence is counted from when the node stopped
+  answering. The job is stopped
   as failed; its processes on the dead node cannot be confirmed gone, so the node
   is drained (reason starting ``ugrod watchdog:``) and the executor is told to stop
   waiting for them (``Executor.abandon``): ``job_ended`` comes once every reachable
@@ -26,7 +27,8 @@ the monitor already know; it starts no probe of its own. Its decisions:
   none is left, the watchdog's own drain is lifted.
 * **Stall.** A running job whose step has not advanced for longer than
   ``stall_timeout`` (``spec.stall_timeout_s``, else max(120 s, 10 x the median step
-  interval) once 5 steps are known; never before the first step) is recorded as
+  interval) once 5 steps are known; never before the first step nor once a rank has
+  exited, as rank 0's steps then say nothing about the rest) is recorded as
   ``job_stalled`` once per stall, with the ranks' Python stacks captured by ``py-spy
   dump`` on every node that has it into ``JOBDIR/stacks-<time>.txt``. Its policy:
   ``alert`` (the event and ``ugro_job_stalled``) or ``requeue`` (stopped as failed,
@@ -70,6 +72,7 @@ STALL_MIN_S = 120.0
 STALL_INTERVALS = 10.0
 STALL_MIN_STEPS = 5
 STACKS_TIMEOUT_S = 20.0
+REAP_RETRY_S = 30.0
 DRAIN_PREFIX = "ugrod watchdog: "
 
 
@@ -231,6 +234,7 @@ class Watchdog:
         self._down_since: dict[str, float] = {}  # node -> when its breaker was first not closed
         self._to_reap: set[str] = set()  # nodes to clear of leftover ranks once they answer
         self._reaping: dict[str, asyncio.Task[None]] = {}
+        self._reap_after: dict[str, float] = {}  # node -> no new attempt before (loop time)
         self._abandoned: set[tuple[str, int, str]] = set()
         self._closed = False
         for node in ledger.state.nodes.values():
@@ -277,7 +281,10 @@ class Watchdog:
 
     async def _check(self, job: Job, now: float) -> None:
         times = self._step_times(job)
-        last = times[-1] if times else None
+        # Steps come from rank 0: once it (or any rank) has exited, the gang is winding
+        # down and a frozen step counter says nothing about progress.
+        winding_down = any(r.exit_code is not None for r in job.ranks)
+        last = times[-1] if times and not winding_down else None
         for node in dict.fromkeys(p.node for p in job.placement):
             why = self._node_dead(job, node, last, times, now)
             if why is not None:
@@ -288,7 +295,7 @@ class Watchdog:
             self._start(job, self._rank_vanished(job, *vanished))
             return
         if last is None:
-            return
+            return  # no step yet (or no more): nothing to call a stall
         limit = stall_timeout(job.spec.stall_timeout_s, times)
         key = (job.id, job.attempt)
         if limit is not None and now - last > limit and self._stalls.get(key) != last:
@@ -540,6 +547,7 @@ class Watchdog:
     # ---- leftovers -------------------------------------------------------------------
 
     def _reap_returned(self, state: State) -> None:
+        now = asyncio.get_running_loop().time()
         for name in list(self._to_reap):
             if name not in state.nodes:
                 self._to_reap.discard(name)
@@ -548,8 +556,10 @@ class Watchdog:
             agent = self._executor.agents.get(name)
             if name in self._reaping or agent is None or b is None \
                     or b.state is not BreakerState.CLOSED \
-                    or name not in self._monitor.latest_samples():
+                    or name not in self._monitor.latest_samples() \
+                    or now < self._reap_after.get(name, 0.0):
                 continue
+            self._reap_after[name] = now + REAP_RETRY_S
             task = asyncio.get_running_loop().create_task(self._reap(name, agent))
             self._reaping[name] = task
             task.add_done_callback(lambda t, n=name: self._reaped(n, t))  # type: ignore[misc]
@@ -565,6 +575,8 @@ class Watchdog:
             async with asyncio.timeout(60):
                 left = await self._leftovers(name, agent)
                 for job_id, attempt, rank in left:
+                    if self._active(job_id, attempt):
+                        continue  # placed while the node was scanned: not a leftover
                     logger.warning("node %s: killing leftover rank %d of %s (attempt %d)",
                                    name, rank, job_id, attempt)
                     await agent.kill(job_id, attempt, rank, signal.SIGKILL)
@@ -580,6 +592,7 @@ class Watchdog:
             logger.warning("node %s: leftover ranks still alive after SIGKILL: %s", name, left)
             return
         self._to_reap.discard(name)
+        self._reap_after.pop(name, None)
         node = self._ledger.state.nodes.get(name)
         if node is not None and node.drained and node.drain_reason.startswith(DRAIN_PREFIX):
             with contextlib.suppress(InvalidEvent):
@@ -598,9 +611,13 @@ class Watchdog:
         out = []
         for d in found.get("run_dirs", []):
             m = _RUN_DIR.fullmatch(posixpath.relpath(str(d), jobs))
-            if m is not None:
+            if m is not None and not self._active(m["job"], int(m["attempt"])):
                 out.append((m["job"], int(m["attempt"]), int(m["rank"])))
         return out
+
+    def _active(self, job_id: str, attempt: int) -> bool:
+        job = self._ledger.state.jobs.get(job_id)
+        return job is not None and job.state in ACTIVE and job.attempt == attempt
 
     # ---- recording -------------------------------------------------------------------
 

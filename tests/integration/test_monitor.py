@@ -313,20 +313,23 @@ async def test_slow_node_does_not_hold_up_the_others(tmp_path: Path, local_bin: 
 async def test_a_node_stuck_in_its_deadline_is_skipped_not_waited_for(
         tmp_path: Path, local_bin: Path) -> None:
     ncs = [local_node(tmp_path, n) for n in ("fast", "stuck")]
-    host = await make_host(tmp_path, ncs, check_timeout_s=4.0, interval_s=0.5)
+    host = await make_host(tmp_path, ncs, check_timeout_s=8.0, interval_s=0.5)
     ts = {n.name: FlakyTransport(n.name) for n in ncs}
     ts["stuck"].delay_s = 30
     agents = {n.name: NodeAgent(ts[n.name], n.work_dir, n.python) for n in ncs}
     monitor = Monitor(host, agents, ts, clock=Clock())
     try:
+        await monitor.sweep()  # starts both probe processes; stuck's first request hangs
+        while "fast" not in monitor.latest_samples():  # python start-up on a busy box
+            await asyncio.sleep(0.05)
         t0 = time.monotonic()
         for _ in range(3):
             await monitor.sweep()
         assert time.monotonic() - t0 < 3.0  # each sweep waited one interval at most
-        assert ts["fast"].calls == 3 and ts["stuck"].calls == 1  # never two checks at once
+        assert ts["fast"].calls == 4 and ts["stuck"].calls == 1  # never two checks at once
         assert "stuck" not in host.stats.health_checks  # still inside its deadline
         while "stuck" not in host.stats.health_checks:
-            assert time.monotonic() - t0 < 10
+            assert time.monotonic() - t0 < 15
             await asyncio.sleep(0.1)
         assert host.stats.health_failures["stuck"].value == 1
     finally:
