@@ -30,7 +30,8 @@ the monitor already know; it starts no probe of its own. Its decisions:
   interval) once 5 steps are known; never before the first step nor once a rank has
   exited, as rank 0's steps then say nothing about the rest) is recorded as
   ``job_stalled`` once per stall, with the ranks' Python stacks captured by ``py-spy
-  dump`` on every node that has it into ``JOBDIR/stacks-<time>.txt``. Its policy:
+  dump`` on every node that has it into ``JOBDIR/stacks-<time>.txt`` (ugrod/stacks.py).
+  Its policy:
   ``alert`` (the event and ``ugro_job_stalled``) or ``requeue`` (stopped as failed,
   so the retry policy requeues it from its newest checkpoint).
 """
@@ -42,17 +43,15 @@ import contextlib
 import itertools
 import json
 import logging
-import os
 import posixpath
 import re
 import signal
 import statistics
 from collections.abc import Coroutine, Sequence
-from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from ugrod import events as ev
+from ugrod import stacks
 from ugrod.executor import Executor
 from ugrod.health import BreakerState
 from ugrod.ledger import Ledger
@@ -71,7 +70,6 @@ SILENCE_INTERVALS = 3.0
 STALL_MIN_S = 120.0
 STALL_INTERVALS = 10.0
 STALL_MIN_STEPS = 5
-STACKS_TIMEOUT_S = 20.0
 REAP_RETRY_S = 30.0
 DRAIN_PREFIX = "ugrod watchdog: "
 
@@ -109,79 +107,6 @@ def silence_limit(spec_timeout_s: float | None, times: Sequence[float]) -> float
 
 
 # ---- node-side helpers (stdlib only, run with ``python3 -c``) ---------------------------
-
-# argv: TIMEOUT_S RUN_DIR...  Finds each rank's processes by UGRO_RUN_DIR in their
-# environment (the rank wrapper sets it; torchrun's workers inherit it) and runs
-# ``py-spy dump --pid`` on each, all at once, within the timeout. Prints one JSON object.
-STACKS_SCRIPT = r'''
-import json, os, shutil, subprocess, sys, time
-
-def spy():
-    found = shutil.which("py-spy")
-    if found:
-        return found
-    beside = os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "py-spy")
-    return beside if os.access(beside, os.X_OK) else None
-
-def marked(run_dirs):
-    want = dict((("UGRO_RUN_DIR=" + d).encode(), d) for d in run_dirs)
-    found = dict((d, []) for d in run_dirs)
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % name, "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        for entry in env:
-            if entry in want:
-                found[want[entry]].append(int(name))
-                break
-    return found
-
-def cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()[:300]
-    except OSError:
-        return ""
-
-def main(args):
-    timeout, run_dirs = float(args[0]), args[1:]
-    tool = spy()
-    out = {"v": 1, "py_spy": tool, "ranks": {}}
-    running = []
-    for d, pids in marked(run_dirs).items():
-        rows = out["ranks"][d] = []
-        for pid in sorted(pids)[:32]:
-            row = {"pid": pid, "cmd": cmdline(pid)}
-            rows.append(row)
-            if tool:
-                try:
-                    p = subprocess.Popen([tool, "dump", "--pid", str(pid)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
-                except OSError as e:
-                    row["error"] = "%s: %s" % (tool, e)
-                    continue
-                running.append((row, p))
-    deadline = time.monotonic() + timeout
-    for row, p in running:
-        try:
-            o, e = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            row["exit_code"] = p.returncode
-            row["stacks"] = o[-200000:].decode("utf-8", "replace")
-            if p.returncode:
-                row["error"] = e[-2000:].decode("utf-8", "replace").strip()
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-            row["error"] = "py-spy dump did not finish within %g s" % timeout
-    sys.stdout.write(json.dumps(out) + "\n")
-
-main(sys.argv[1:])
-'''
 
 # argv: JOBS_DIR KEEP_RUN_DIR...  Run dirs under JOBS_DIR with a live process (found by
 # UGRO_RUN_DIR in its environment), other than the ones to keep. Prints one JSON object.
@@ -463,7 +388,8 @@ class Watchdog:
         what = (f"stalled: no step advance for {idle_s:.0f} s (last step {last}; stall "
                 f"timeout {limit_s:.0f} s)")
         logger.warning("job %s: %s", job.id, what)
-        path = await self.capture_stacks(job, what)
+        path = await stacks.capture(job, self._executor.agents,
+                                    self._executor.job_dir(job.id), what)
         try:
             await self._ledger.record(ev.DAEMON, ev.JobStalled(
                 job=job.id, attempt=job.attempt, step=last, idle_s=round(idle_s, 1),
@@ -475,74 +401,6 @@ class Watchdog:
             await self._stop(job, f"{what}; stall_action requeue: stopped to be retried from "
                                   f"its newest checkpoint"
                              + (f"; stacks in {path}" if path is not None else ""))
-
-    async def capture_stacks(self, job: Job, header: str) -> Path | None:
-        """py-spy dumps of every rank's processes into JOBDIR/stacks-<time>.txt (None: none)."""
-        by_node: dict[str, list[tuple[int, str]]] = {}
-        for p in job.placement:
-            agent = self._executor.agents.get(p.node)
-            if agent is not None:
-                by_node.setdefault(p.node, []).append(
-                    (p.rank, await agent.run_dir(job.id, job.attempt, p.rank)))
-        results = await asyncio.gather(*(
-            self._stacks_on(self._executor.agents[node], ranks)
-            for node, ranks in by_node.items()))
-        captured = False
-        parts = [f"ugro: stacks of job {job.id}, attempt {job.attempt}: {header}",
-                 f"captured {datetime.now(UTC).strftime('%Y-%m-%dT%H:%M:%SZ')} with py-spy dump",
-                 ""]
-        for text, ok in results:
-            parts.append(text)
-            captured = captured or ok
-        if not captured:
-            logger.info("job %s: no stacks captured (py-spy on no node?)", job.id)
-            return None
-        jobdir = self._executor.job_dir(job.id)
-        path = jobdir / f"stacks-{datetime.now(UTC).strftime('%Y%m%dT%H%M%S.%fZ')}.txt"
-        try:
-            await asyncio.to_thread(_write, path, "\n".join(parts).encode())
-        except OSError as exc:
-            logger.error("cannot write %s: %s", path, exc)
-            return None
-        return path
-
-    async def _stacks_on(self, agent: NodeAgent, ranks: list[tuple[int, str]]) -> tuple[str, bool]:
-        """One node's share of the stacks file, and whether any stack was captured there."""
-        node = agent.node
-        try:
-            async with asyncio.timeout(STACKS_TIMEOUT_S + 10):
-                res = await agent.transport.run(
-                    [agent.python, "-c", STACKS_SCRIPT, repr(STACKS_TIMEOUT_S),
-                     *(d for _, d in ranks)])
-            if res.exit_code != 0:
-                raise ValueError(f"exit code {res.exit_code}: {res.stderr_line()}")
-            reply = json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
-            per_dir = reply["ranks"]
-            tool = reply.get("py_spy")
-        except (TransportError, TimeoutError, ValueError, KeyError, IndexError) as exc:
-            why = str(exc) or "no answer"
-            return "\n".join(f"=== rank {r} on {node}: stacks not captured: {why}"
-                             for r, _ in ranks) + "\n", False
-        out: list[str] = []
-        ok = False
-        for rank, d in ranks:
-            rows = per_dir.get(d) or []
-            out.append(f"=== rank {rank} on {node} ({d}) ===")
-            if tool is None:
-                out.append("py-spy is not on this node's PATH nor beside its python "
-                           "(pip install py-spy to get stacks of stalled jobs)")
-            if not rows:
-                out.append("no process of this rank is left")
-            for row in rows if isinstance(rows, list) else []:
-                out.append(f"--- pid {row.get('pid')}: {row.get('cmd', '')}")
-                stacks = str(row.get("stacks") or "").rstrip()
-                if stacks:
-                    out.append(stacks)
-                    ok = ok or row.get("exit_code") == 0
-                if row.get("error"):
-                    out.append(f"(py-spy: {row['error']})")
-            out.append("")
-        return "\n".join(out), ok
 
     # ---- leftovers -------------------------------------------------------------------
 
@@ -630,12 +488,4 @@ class Watchdog:
             logger.info("job %s not stopped: %s", job.id, exc)
             return False
         return True
-
-
-def _write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-    os.replace(tmp, path)
 
