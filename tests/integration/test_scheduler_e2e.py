@@ -510,8 +510,11 @@ def test_user_limits_and_reload(gpu_cluster: GpuCluster) -> None:
     assert d.ctl_json("reload") == {"added": [], "removed": [idle], "changed": []}
     assert idle not in {n["name"] for n in d.ctl_json("nodes")["nodes"]}
     cluster_config(d.config, nodes, scheduler=limits)
-    assert d.ctl_json("reload") == {"added": [idle], "removed": [], "changed": []}
-    back = next(n for n in d.ctl_json("nodes")["nodes"] if n["name"] == idle)
+    assert d.proc is not None
+    d.proc.send_signal(signal.SIGHUP)  # the other way to reload
+    back = wait_for(f"{idle} back", lambda: next(
+        (n for n in d.ctl_json("nodes")["nodes"] if n["name"] == idle and n["gpus"]
+         and n["gpus"][0]["uuid"]), None), 30, d)  # inventoried: the uuid comes from the node
     assert [g["vram_bytes"] >> 30 for g in back["gpus"]] == [11], back
     now = job(d, "u1")
     assert now["state"] == "running" and now["ranks"] == u1["ranks"], now
