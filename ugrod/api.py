@@ -12,7 +12,6 @@ import functools
 import json
 import os
 import pwd
-import re
 import socket
 import struct
 import time
@@ -25,18 +24,14 @@ import msgspec
 from aiohttp import web
 
 from ugrod import events as ev
+from ugrod import jobspec
 from ugrod import render_json as rj
+from ugrod.jobspec import SubmitBody, SweepBody, check_name
 from ugrod.log import LogWriteFailed
 from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState
 
 if TYPE_CHECKING:
     from ugrod.daemon import Daemon
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
-ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
-MAX_ARGV = 4096
-MAX_ARG_BYTES = 128 * 1024
-
 
 class ApiError(Exception):
     """An error for the client: HTTP status, a code word and one line for people."""
@@ -44,46 +39,6 @@ class ApiError(Exception):
     def __init__(self, status: int, code: str, message: str) -> None:
         super().__init__(message)
         self.status, self.code, self.message = status, code, message
-
-
-class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    argv: list[str] | None = None
-    launch: dict[str, str | int | float] | None = None
-    name: str | None = None
-    nodes: int = 1
-    node_names: list[str] = []
-    gpus_per_node: int = 0
-    min_vram_gb: float = 0
-    labels_required: list[str] = []
-    labels_avoided: list[str] = []
-    env: dict[str, str] = {}
-    cwd: str | None = None
-    torchrun: bool | None = None
-    nproc_per_node: int = 1
-    max_retries: int | None = None
-    retry_backoff_s: float | None = None
-    after: list[str] = []
-    priority: int = 0
-    held: bool = False
-    stall_timeout_s: float | None = None
-    stall_action: str = "alert"
-    expected_runtime_s: float | None = None
-    request_id: str | None = None
-
-
-class SweepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    name: str
-    params: dict[str, list[str]]
-    argv: list[str]
-    max_parallel: int = 0
-    nodes: int = 1
-    gpus_per_node: int = 0
-    min_vram_gb: float = 0
-    torchrun: bool | None = None
-    max_retries: int | None = None
-    priority: int = 0
-    env: dict[str, str] = {}
-    request_id: str | None = None
 
 
 def peer(request: web.Request) -> ev.Actor:
@@ -153,6 +108,9 @@ def _errors(daemon: Daemon) -> Any:
         except ApiError as exc:
             status = exc.status
             return _error(exc.status, exc.code, exc.message)
+        except jobspec.SpecError as exc:
+            status = 400
+            return _error(400, "bad_request", str(exc))
         except InvalidEvent as exc:
             status = 409
             return _error(409, "conflict", str(exc))
@@ -194,15 +152,6 @@ async def _body(request: web.Request, cls: type[Any]) -> Any:
         raise ApiError(400, "bad_request", f"invalid request: {exc}") from None
     except msgspec.DecodeError as exc:
         raise ApiError(400, "bad_request", f"request body is not valid JSON: {exc}") from None
-
-
-def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.fullmatch(name):
-        shown = name if len(name) <= 60 else name[:60] + "…"
-        raise ApiError(400, "bad_request",
-                       f"invalid {kind} name {shown!r}: use 1-64 letters, digits, '.', '_' "
-                       f"or '-', starting with a letter or digit")
-    return name
 
 
 class Handlers:
@@ -406,7 +355,7 @@ class Handlers:
         if job.state not in (JobState.FAILED, JobState.CANCELLED):
             raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only failed or "
                            f"cancelled jobs can be resumed")
-        spec = self.d.apply_overrides(job, changes)
+        spec = jobspec.with_overrides(job.spec, changes)
         resume_from = await self.d.executor._newest_checkpoint(job) if job.placement else None
         await self.d.ledger.record(actor, ev.JobResumed(job=job.id, spec=spec,
                                                         resume_from=resume_from))

@@ -20,12 +20,13 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import __version__, planner
+from ugrod import __version__, jobspec, planner, reports
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import render_json as rj
-from ugrod.api import ApiError, SubmitBody, SweepBody, build_app
+from ugrod.api import ApiError, build_app
 from ugrod.executor import Executor
+from ugrod.jobspec import SubmitBody, SweepBody
 from ugrod.ledger import Ledger
 from ugrod.ranks import NodeAgent
 from ugrod.runtime_stats import RuntimeStats
@@ -325,8 +326,12 @@ class Daemon:
             try:
                 async with asyncio.timeout(8):
                     res = await transport.run(argv)
-            except (TransportError, TimeoutError) as exc:
+            except TransportError as exc:
                 logger.warning("node %s: GPU inventory failed: %s", name, exc)
+                return None
+            except TimeoutError:
+                logger.warning("node %s: GPU inventory did not answer within 8 s; the health "
+                               "monitor will read it later", name)
                 return None
             if res.exit_code == 127:
                 found: tuple[ev.Gpu, ...] = ()
@@ -574,121 +579,20 @@ class Daemon:
                 return name
         raise AssertionError("unreachable")
 
-    def job_spec(self, body: SubmitBody) -> ev.JobSpec:
-        """Check a submit body and build the JobSpec (launch: from the training template)."""
-        from ugrod.api import ENV_KEY_RE, MAX_ARG_BYTES, MAX_ARGV, check_name
-        sched = self.config.scheduler
-        if body.launch is not None:
-            if body.argv:
-                raise ApiError(400, "bad_request", "give either argv or launch, not both")
-            argv = self._launch_argv(body.launch)
-            torchrun = True if body.torchrun is None else body.torchrun
-        else:
-            if not body.argv:
-                raise ApiError(400, "bad_request", "missing the command: argv must be a "
-                               "non-empty list of strings")
-            argv = list(body.argv)
-            torchrun = body.nodes > 1 or body.gpus_per_node > 0 if body.torchrun is None \
-                else body.torchrun
-        if len(argv) > MAX_ARGV or sum(len(a) for a in argv) > MAX_ARG_BYTES:
-            raise ApiError(400, "bad_request", "command too long")
-        if any("\x00" in a for a in argv):
-            raise ApiError(400, "bad_request", "command arguments may not contain NUL bytes")
-        n_nodes = len(self.ledger.state.nodes)
-        if not 1 <= body.nodes <= 1024:
-            raise ApiError(400, "bad_request", f"nodes must be 1..1024 (the cluster has "
-                           f"{n_nodes}), got {body.nodes}")
-        if not 0 <= body.gpus_per_node <= 64:
-            raise ApiError(400, "bad_request", "gpus_per_node must be 0..64")
-        if not 1 <= body.nproc_per_node <= 256:
-            raise ApiError(400, "bad_request", "nproc_per_node must be 1..256")
-        if not 0 <= body.min_vram_gb <= 4096:
-            raise ApiError(400, "bad_request", "min_vram_gb must be 0..4096")
-        for k, v in body.env.items():
-            if not ENV_KEY_RE.fullmatch(k) or "\x00" in v:
-                raise ApiError(400, "bad_request", f"invalid environment variable {k[:60]!r}")
-        for n in body.node_names:
-            check_name("node", n)
-        for d in body.after:
-            check_name("job", d)
-        max_retries = sched.default_max_retries if body.max_retries is None else body.max_retries
-        if not 0 <= max_retries <= 100:
-            raise ApiError(400, "bad_request", "max_retries must be 0..100")
-        if body.stall_action not in ("alert", "requeue"):
-            raise ApiError(400, "bad_request", "stall_action must be 'alert' or 'requeue'")
-        if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= 7 * 86400:
-            raise ApiError(400, "bad_request", "stall_timeout_s must be 1 s .. 7 days")
-        nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
-        return ev.JobSpec(
-            argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
-            gpus_per_node=body.gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
-            labels_required=tuple(body.labels_required),
-            labels_avoided=tuple(body.labels_avoided), env=dict(body.env), cwd=body.cwd,
-            torchrun=bool(torchrun), nproc_per_node=body.nproc_per_node,
-            max_retries=max_retries,
-            retry_backoff_s=body.retry_backoff_s if body.retry_backoff_s is not None
-            else sched.retry_backoff_s,
-            after=tuple(body.after), stall_timeout_s=body.stall_timeout_s,
-            stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s)
-
-    def _launch_argv(self, launch: Mapping[str, str | int | float]) -> list[str]:
-        script = self.config.training_script()
-        if not script:
-            raise ApiError(400, "bad_request", "the config has no training.script: `launch` "
-                           "needs one (or use `ugroctl submit -- CMD ...`)")
-        known = {"model", "dataset", "epochs", "lr", "name"}
-        for k in launch:
-            if k not in known:
-                raise ApiError(400, "bad_request", f"launch: unknown parameter {k!r}")
-        try:
-            epochs = int(launch["epochs"]) if "epochs" in launch else None
-            lr = float(launch["lr"]) if "lr" in launch else None
-        except (TypeError, ValueError):
-            raise ApiError(400, "bad_request", "launch: epochs must be an integer and lr a "
-                           "number") from None
-        args = self.config.training.render_args(
-            name=str(launch.get("name", "")), model=str(launch["model"]) if "model" in launch
-            else None, dataset=str(launch["dataset"]) if "dataset" in launch else None,
-            epochs=epochs, lr=lr)
-        return [script, *args]
-
-    def apply_overrides(self, job: Job, changes: Mapping[str, str]) -> ev.JobSpec:
-        """`resume --set k=v`: replace `--k v`/`--k=v` in argv, or append it; env for UPPER."""
-        argv = list(job.spec.argv)
-        env = dict(job.spec.env)
-        params = dict(job.spec.params)
-        for key, value in changes.items():
-            if not key or len(key) > 64 or not key.replace("-", "_").replace(".", "_") \
-                    .isidentifier():
-                raise ApiError(400, "bad_request", f"--set: invalid key {key[:60]!r}")
-            params[key] = value
-            if key.isupper():
-                env[key] = value
-                continue
-            flag = "--" + key.replace("_", "-")
-            flag_u = "--" + key
-            for i, a in enumerate(argv):
-                if a in (flag, flag_u) and i + 1 < len(argv):
-                    argv[i + 1] = value
-                    break
-                if a.startswith(flag + "=") or a.startswith(flag_u + "="):
-                    argv[i] = a.split("=", 1)[0] + "=" + value
-                    break
-            else:
-                argv += [flag, value]
-        return msgspec.structs.replace(job.spec, argv=tuple(argv), env=env, params=params)
-
     def _job_ended(self, job: Job) -> None:
         self._ended_order.append(job.id)
         del self._ended_order[:-200]
 
     def recent_ended(self, n: int) -> list[str]:
+        """The ``n`` jobs that ended last, oldest first."""
         state = self.ledger.state
-        out = [j for j in self._ended_order if j in state.jobs
-               and state.jobs[j].state in TERMINAL]
-        seen: set[str] = set()
-        uniq = [j for j in reversed(out) if not (j in seen or seen.add(j))]  # type: ignore[func-returns-value]
-        return list(reversed(uniq[:n]))
+        out: list[str] = []
+        for j in reversed(self._ended_order):
+            if j not in out and j in state.jobs and state.jobs[j].state in TERMINAL:
+                out.append(j)
+                if len(out) == n:
+                    break
+        return out[::-1]
 
     async def wait_terminal(self, job_id: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -700,7 +604,7 @@ class Daemon:
 
     async def results(self, job: Job) -> dict[str, Any]:
         jobdir = self.executor.job_dir(job.id)
-        summary = await asyncio.to_thread(_summarise_metrics, jobdir / "metrics.jsonl")
+        summary = await asyncio.to_thread(reports.summarise_metrics, jobdir / "metrics.jsonl")
         if job.first_started_at is not None:
             end = job.ended_at if job.ended_at is not None else time.time()
             summary["duration_s"] = round(end - job.first_started_at, 3)
@@ -759,8 +663,7 @@ class Daemon:
                              min_vram_gb=body.min_vram_gb, torchrun=body.torchrun,
                              max_retries=body.max_retries, env=body.env)
             base = self.job_spec(sub)
-            fake = Job(id=job_name, spec=base, owner=actor.user, uid=actor.uid)
-            spec = self.apply_overrides(fake, dict(zip(keys, values, strict=True)))
+            spec = jobspec.with_overrides(base, dict(zip(keys, values, strict=True)))
             spec = msgspec.structs.replace(spec, sweep=name)
             why = self.check_fits(spec)
             if why:
@@ -775,65 +678,12 @@ class Daemon:
         return self.sweep_view(self.ledger.state.sweeps[name])
 
     def sweep_view(self, sweep: Sweep) -> dict[str, Any]:
-        state = self.ledger.state
-        trials = []
-        for job_id in sweep.jobs:
-            job = state.jobs[job_id]
-            summary = _summarise_metrics(self.executor.job_dir(job_id) / "metrics.jsonl")
-            latest = self.executor.latest.get(job_id, {})
-            duration = (job.ended_at or time.time()) - job.first_started_at \
-                if job.first_started_at else None
-            trials.append({"job": job_id, "params": dict(job.spec.params),
-                           "state": job.state.value,
-                           "latest_loss": latest.get("loss", summary.get("final_loss")),
-                           "final_loss": summary.get("final_loss")
-                           if job.state in TERMINAL else None,
-                           "duration_s": round(duration, 3) if duration else None})
+        return reports.sweep_view(self.ledger.state, sweep, self.executor.job_dir,
+                                  self.executor.latest)
 
-        def key(t: dict[str, Any]) -> tuple[int, float]:
-            loss = t["final_loss"] if t["final_loss"] is not None else t["latest_loss"]
-            return (0, loss) if isinstance(loss, int | float) else (1, 0.0)
-        trials.sort(key=key)
-        states = [state.jobs[j].state for j in sweep.jobs]
-        return {"sweep": {"name": sweep.name, "owner": sweep.owner, "params": {
-            k: list(v) for k, v in sweep.params.items()}, "max_parallel": sweep.max_parallel,
-            "created_at": rj.iso(sweep.created_at),
-            "done": sum(s in TERMINAL for s in states), "total": len(states)},
-            "trials": trials}
-
-
-def _summarise_metrics(path: Path) -> dict[str, Any]:
-    """final loss, steps, steps/s from a job's metrics.jsonl (bad lines are skipped)."""
-    first_ts = last_ts = None
-    first_step = last_step = None
-    final_loss = None
-    lines = 0
-    try:
-        with open(path, "rb") as f:
-            for raw in f:
-                try:
-                    m = json.loads(raw)
-                except ValueError:
-                    continue
-                if not isinstance(m, dict) or m.get("event"):
-                    continue
-                lines += 1
-                ts, step, loss = m.get("ts"), m.get("step"), m.get("loss")
-                if isinstance(ts, int | float):
-                    first_ts = ts if first_ts is None else first_ts
-                    last_ts = ts
-                if isinstance(step, int | float):
-                    first_step = step if first_step is None else first_step
-                    last_step = step
-                if isinstance(loss, int | float):
-                    final_loss = loss
-    except FileNotFoundError:
-        pass
-    out: dict[str, Any] = {"final_loss": final_loss, "steps": last_step, "reports": lines}
-    if first_ts is not None and last_ts is not None and last_ts > first_ts \
-            and first_step is not None and last_step is not None:
-        out["steps_per_s"] = round((last_step - first_step) / (last_ts - first_ts), 3)
-    return out
+    def job_spec(self, body: SubmitBody) -> ev.JobSpec:
+        """Check a submit body and build its JobSpec (SpecError: the API answers 400)."""
+        return jobspec.build(body, self.config, len(self.ledger.state.nodes))
 
 
 def _socket_alive(path: Path) -> bool:

@@ -38,7 +38,7 @@ import msgspec
 
 from ugrod import events as ev
 
-_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 
 
 class InvalidEvent(ValueError):
@@ -419,7 +419,7 @@ def _submitted(state: State, record: ev.Record) -> State:
     assert isinstance(e, ev.JobSubmitted)
     if e.job in state.jobs:
         raise InvalidEvent(f"a job named {e.job!r} already exists")
-    if not _NAME_RE.fullmatch(e.job):
+    if not NAME_RE.fullmatch(e.job):
         raise InvalidEvent(f"invalid job name {e.job[:60]!r}")
     job = Job(id=e.job, spec=e.spec, owner=record.actor.user, uid=record.actor.uid,
               priority=e.priority, held=e.held, submit_seq=record.seq,

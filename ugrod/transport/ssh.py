@@ -275,11 +275,14 @@ class SshTransport:
             )
         except asyncssh.HostKeyNotVerifiable as exc:
             raise await self._host_key_error(known) from exc
-        except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost) as exc:
-            # A server without any of the recorded key types hangs up during key exchange.
+        except (asyncssh.KeyExchangeFailed, asyncssh.ConnectionLost,
+                ConnectionResetError) as exc:
+            # A server without any of the recorded key types hangs up during key exchange
+            # (seen as a lost connection or a reset, depending on timing).
             if await self._key_changed(known):
                 raise await self._host_key_error(known) from exc
-            raise TransportError(self.node, f"SSH to {self.where} failed: {exc.reason}") from exc
+            why = exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or str(exc))
+            raise TransportError(self.node, f"SSH to {self.where} failed: {why}") from exc
         except asyncssh.PermissionDenied as exc:
             who = (
                 f"key {self.identity_file}" if self.identity_file else "the SSH agent/default keys"

@@ -1,0 +1,180 @@
+"""Job specs from requests: checked, complete, and nothing run through a shell.
+
+A submit body becomes a frozen ``JobSpec``; ``launch`` fills the config's training
+template; ``resume --set`` and sweeps rewrite ``--key value`` flags in argv.
+Everything here is pure: errors are ``SpecError`` (the API answers 400).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+
+import msgspec
+
+from ugrod import config as cfgmod
+from ugrod import events as ev
+from ugrod.state import NAME_RE
+
+
+class SpecError(ValueError):
+    """A request that cannot become a job; the message says why, for people."""
+
+
+ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+MAX_ARGV = 4096
+MAX_ARG_BYTES = 128 * 1024
+
+
+class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    argv: list[str] | None = None
+    launch: dict[str, str | int | float] | None = None
+    name: str | None = None
+    nodes: int = 1
+    node_names: list[str] = []
+    gpus_per_node: int = 0
+    min_vram_gb: float = 0
+    labels_required: list[str] = []
+    labels_avoided: list[str] = []
+    env: dict[str, str] = {}
+    cwd: str | None = None
+    torchrun: bool | None = None
+    nproc_per_node: int = 1
+    max_retries: int | None = None
+    retry_backoff_s: float | None = None
+    after: list[str] = []
+    priority: int = 0
+    held: bool = False
+    stall_timeout_s: float | None = None
+    stall_action: str = "alert"
+    expected_runtime_s: float | None = None
+    request_id: str | None = None
+
+
+class SweepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    params: dict[str, list[str]]
+    argv: list[str]
+    max_parallel: int = 0
+    nodes: int = 1
+    gpus_per_node: int = 0
+    min_vram_gb: float = 0
+    torchrun: bool | None = None
+    max_retries: int | None = None
+    priority: int = 0
+    env: dict[str, str] = {}
+    request_id: str | None = None
+
+
+def check_name(kind: str, name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        shown = name if len(name) <= 60 else name[:60] + "…"
+        raise SpecError(
+            f"invalid {kind} name {shown!r}: use 1-64 letters, digits, '.', '_' "
+                       f"or '-', starting with a letter or digit")
+    return name
+
+
+def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
+    """Check a submit body and build the JobSpec (launch: from the training template)."""
+    sched = config.scheduler
+    if body.launch is not None:
+        if body.argv:
+            raise SpecError("give either argv or launch, not both")
+        argv = launch_argv(body.launch, config)
+        torchrun = True if body.torchrun is None else body.torchrun
+    else:
+        if not body.argv:
+            raise SpecError("missing the command: argv must be a "
+                           "non-empty list of strings")
+        argv = list(body.argv)
+        torchrun = body.nodes > 1 or body.gpus_per_node > 0 if body.torchrun is None \
+            else body.torchrun
+    if len(argv) > MAX_ARGV or sum(len(a) for a in argv) > MAX_ARG_BYTES:
+        raise SpecError("command too long")
+    if any("\x00" in a for a in argv):
+        raise SpecError("command arguments may not contain NUL bytes")
+    if not 1 <= body.nodes <= 1024:
+        raise SpecError(f"nodes must be 1..1024 (the cluster has {n_nodes}), got {body.nodes}")
+    if not 0 <= body.gpus_per_node <= 64:
+        raise SpecError("gpus_per_node must be 0..64")
+    if not 1 <= body.nproc_per_node <= 256:
+        raise SpecError("nproc_per_node must be 1..256")
+    if not 0 <= body.min_vram_gb <= 4096:
+        raise SpecError("min_vram_gb must be 0..4096")
+    for k, v in body.env.items():
+        if not ENV_KEY_RE.fullmatch(k) or "\x00" in v:
+            raise SpecError(f"invalid environment variable {k[:60]!r}")
+    for n in body.node_names:
+        check_name("node", n)
+    for d in body.after:
+        check_name("job", d)
+    max_retries = sched.default_max_retries if body.max_retries is None else body.max_retries
+    if not 0 <= max_retries <= 100:
+        raise SpecError("max_retries must be 0..100")
+    if body.stall_action not in ("alert", "requeue"):
+        raise SpecError("stall_action must be 'alert' or 'requeue'")
+    if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= 7 * 86400:
+        raise SpecError("stall_timeout_s must be 1 s .. 7 days")
+    nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
+    return ev.JobSpec(
+        argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
+        gpus_per_node=body.gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
+        labels_required=tuple(body.labels_required),
+        labels_avoided=tuple(body.labels_avoided), env=dict(body.env), cwd=body.cwd,
+        torchrun=bool(torchrun), nproc_per_node=body.nproc_per_node,
+        max_retries=max_retries,
+        retry_backoff_s=body.retry_backoff_s if body.retry_backoff_s is not None
+        else sched.retry_backoff_s,
+        after=tuple(body.after), stall_timeout_s=body.stall_timeout_s,
+        stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s)
+
+
+def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) -> list[str]:
+    script = config.training_script()
+    if not script:
+        raise SpecError("the config has no training.script: `launch` "
+                       "needs one (or use `ugroctl submit -- CMD ...`)")
+    known = {"model", "dataset", "epochs", "lr", "name"}
+    for k in launch:
+        if k not in known:
+            raise SpecError(f"launch: unknown parameter {k!r}")
+    try:
+        epochs = int(launch["epochs"]) if "epochs" in launch else None
+        lr = float(launch["lr"]) if "lr" in launch else None
+    except (TypeError, ValueError):
+        raise SpecError("launch: epochs must be an integer and lr a "
+                       "number") from None
+    args = config.training.render_args(
+        name=str(launch.get("name", "")), model=str(launch["model"]) if "model" in launch
+        else None, dataset=str(launch["dataset"]) if "dataset" in launch else None,
+        epochs=epochs, lr=lr)
+    return [script, *args]
+
+
+def with_overrides(spec: ev.JobSpec, changes: Mapping[str, str]) -> ev.JobSpec:
+    """`resume --set k=v`: replace `--k v`/`--k=v` in argv, or append it; env for UPPER."""
+    argv = list(spec.argv)
+    env = dict(spec.env)
+    params = dict(spec.params)
+    for key, value in changes.items():
+        if not key or len(key) > 64 or not key.replace("-", "_").replace(".", "_") \
+                .isidentifier():
+            raise SpecError(f"--set: invalid key {key[:60]!r}")
+        params[key] = value
+        if key.isupper():
+            env[key] = value
+            continue
+        flag = "--" + key.replace("_", "-")
+        flag_u = "--" + key
+        for i, a in enumerate(argv):
+            if a in (flag, flag_u) and i + 1 < len(argv):
+                argv[i + 1] = value
+                break
+            if a.startswith(flag + "=") or a.startswith(flag_u + "="):
+                argv[i] = a.split("=", 1)[0] + "=" + value
+                break
+        else:
+            argv += [flag, value]
+    return msgspec.structs.replace(spec, argv=tuple(argv), env=env, params=params)
+
