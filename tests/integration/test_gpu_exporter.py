@@ -216,7 +216,6 @@ def test_values_follow_the_gpus(exporter: Callable[..., RunningExporter]) -> Non
     e.wait_for(lambda s: value(s, "DCGM_FI_DEV_GPU_TEMP", **labels) == 91, "the new temperature")
 
 
-@pytest.mark.skipif(PROMTOOL is None, reason="promtool not installed")
 def test_promtool_accepts_the_exposition(exporter: Callable[..., RunningExporter]) -> None:
     e = exporter("sick_gpu")
     e.wait_for(ok, "a successful collection")

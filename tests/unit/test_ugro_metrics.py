@@ -143,8 +143,8 @@ def test_number_like_values_become_json_numbers(ugro: Path) -> None:
 
 
 def test_numpy_and_torch_scalars(ugro: Path) -> None:
-    np = pytest.importorskip("numpy")
-    torch = pytest.importorskip("torch")
+    import numpy as np
+    import torch
     ugro_metrics.report(
         step=np.int64(4),
         a=np.float32(0.5),
