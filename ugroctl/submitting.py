@@ -114,13 +114,16 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      metavar="S", help="Report the job stalled when its step stops "
                                        "advancing for S seconds."),
         click.option("--cwd", metavar="DIR", help="Working directory of every rank."),
+        click.option("--expected-runtime", type=click.FloatRange(min=0, min_open=True),
+                     metavar="S", help="How long the job should run, in seconds: lets "
+                                       "`ugroctl queue` estimate when waiting jobs start."),
         click.option("--wait", is_flag=True,
                      help="Wait until the job ends; exit 0 only if it succeeded."),
     ]
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
              "priority", "max_retries", "after", "hold", "env", "nproc_per_node", "torchrun",
              "stall_timeout",
-             "cwd", "wait"]
+             "cwd", "expected_runtime", "wait"]
 
     def decorate(f: F) -> F:
         for name, opt in reversed(list(zip(names, opts, strict=True))):
@@ -140,7 +143,7 @@ _SPEC_KEYS = {  # option name -> request body key
     "labels": "labels_required", "avoid_labels": "labels_avoided", "priority": "priority",
     "max_retries": "max_retries", "after": "after", "hold": "held", "env": "env",
     "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
-    "nproc_per_node": "nproc_per_node",
+    "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
 }
 
 

@@ -310,3 +310,27 @@ def test_torn_tail_is_cut_kept_and_reported(short_tmp: Path) -> None:
         assert "torn" in d.log().lower() or "broken" in d.log().lower()
     finally:
         d.stop()
+
+
+@pytest.mark.parametrize(("line", "why"), [
+    (b'{"seq":%d,"v":1,"type":"job_teleported","ts":"2026-11-22T10:00:00.000000Z",'
+     b'"actor":{"user":"x","uid":1},"data":{}}', "unknown event type 'job_teleported'"),
+    (b'{"seq":%d,"v":7,"type":"job_held","ts":"2026-11-22T10:00:00.000000Z",'
+     b'"actor":{"user":"x","uid":1},"data":{"job":"h1"}}', "newer than this ugrod knows"),
+], ids=["unknown-type", "newer-version"])
+def test_events_this_ugrod_cannot_read_make_it_refuse_to_start(
+        short_tmp: Path, line: bytes, why: str) -> None:
+    from ugrod.log import EventLog
+    d = Ugrod(short_tmp)
+    d.start()
+    submit(d, ["true"], name="h1", held=True)
+    d.stop()
+    for p in (d.state_dir / "snapshots").glob("*"):
+        p.unlink()
+    log = EventLog.open(d.state_dir)
+    log.append_sync([line % (log.last_seq + 1)])  # a committed batch, checksums and all
+    log.close_sync()
+    res = subprocess.run([PY, "-m", "ugrod.cli"], env=d.env, capture_output=True, text=True,
+                         timeout=30)
+    assert res.returncode != 0
+    assert why in res.stderr and "refusing to start" in res.stderr, res.stderr
