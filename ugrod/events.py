@@ -28,7 +28,7 @@ class EventError(ValueError):
     """A line that is valid JSON but not an event this code can read."""
 
 
-class Actor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class Actor(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     """Who caused an event: the client's user and uid (from SO_PEERCRED), or ugrod."""
 
     user: str
@@ -38,7 +38,7 @@ class Actor(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
 DAEMON = Actor(user="ugrod")
 
 
-class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Event(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
     """Base of every event payload (the envelope's ``data``)."""
 
     kind: ClassVar[str]
@@ -48,14 +48,14 @@ class Event(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=Tru
 # ---- shared value types ---------------------------------------------------
 
 
-class Gpu(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class Gpu(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
     index: int
     model: str = ""
     vram_bytes: int = 0
     uuid: str = ""
 
 
-class NodeSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class NodeSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
     """What the planner and executor need of a node; the config's node, minus secrets."""
 
     name: str
@@ -70,7 +70,7 @@ class NodeSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=
     rank: int | None = None  # preferred node_rank (the seeds' "rank"); 0 = rendezvous host
 
 
-class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
     """What a user asked for. ``argv`` runs under torchrun when ``torchrun`` is true."""
 
     argv: tuple[str, ...]
@@ -94,7 +94,7 @@ class JobSpec(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=T
     expected_runtime_s: float | None = None
 
 
-class RankPlacement(msgspec.Struct, frozen=True, kw_only=True, forbid_unknown_fields=True):
+class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
     rank: int
     node: str
     gpus: tuple[int, ...] = ()
@@ -331,7 +331,7 @@ UPCASTERS: dict[tuple[str, int], Callable[[dict[str, Any]], dict[str, Any]]] = {
 # ---- records and the canonical codec --------------------------------------
 
 
-class Record(msgspec.Struct, frozen=True, kw_only=True):
+class Record(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     """An event as it stands in the log: its seq, time, actor and payload."""
 
     seq: int
@@ -340,7 +340,7 @@ class Record(msgspec.Struct, frozen=True, kw_only=True):
     event: Event
 
 
-class _Envelope(msgspec.Struct, frozen=True, forbid_unknown_fields=True):
+class _Envelope(msgspec.Struct, frozen=True, gc=False, forbid_unknown_fields=True):
     seq: int
     v: int
     type: str

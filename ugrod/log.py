@@ -705,8 +705,10 @@ class EventLog:
     def close_sync(self) -> None:
         """Release the files and the lock (after append_sync only; no event loop)."""
         with self._cv:
-            if self._futs or self._full or not self._idle:
+            if self._futs or self._full:
                 raise LogError("events: close_sync with async appends pending; use close()")
+            while not self._idle:  # the writer is finishing a batch already answered
+                self._cv.wait(0.01)
             self._closing = True
             self._cv.notify()
         if self._thread is not None:

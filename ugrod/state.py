@@ -100,14 +100,14 @@ JOB_MOVES: dict[type[ev.Event], frozenset[JobState]] = {
 }
 
 
-class RankRun(msgspec.Struct, frozen=True, kw_only=True):
+class RankRun(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     rank: int
     node: str
     pid: int | None = None
     exit_code: int | None = None
 
 
-class Job(msgspec.Struct, frozen=True, kw_only=True):
+class Job(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     id: str
     spec: ev.JobSpec
     owner: str
@@ -154,14 +154,14 @@ class Job(msgspec.Struct, frozen=True, kw_only=True):
         return sum(len(p.gpus) for p in self.placement)
 
 
-class Alert(msgspec.Struct, frozen=True, kw_only=True):
+class Alert(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     alert: str
     severity: str
     message: str
     since: float
 
 
-class Node(msgspec.Struct, frozen=True, kw_only=True):
+class Node(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     spec: ev.NodeSpec
     health: NodeHealth = NodeHealth.HEALTHY
     score: float | None = None
@@ -191,7 +191,7 @@ class Node(msgspec.Struct, frozen=True, kw_only=True):
         return not self.drained and self.health in (NodeHealth.HEALTHY, NodeHealth.DEGRADED)
 
 
-class Sweep(msgspec.Struct, frozen=True, kw_only=True):
+class Sweep(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     name: str
     owner: str
     jobs: tuple[str, ...]
@@ -200,7 +200,7 @@ class Sweep(msgspec.Struct, frozen=True, kw_only=True):
     created_at: float = 0.0
 
 
-class State(msgspec.Struct, frozen=True, kw_only=True):
+class State(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     seq: int = 0
     nodes: immutables.Map[str, Node] = immutables.Map()
     jobs: immutables.Map[str, Job] = immutables.Map()
@@ -525,7 +525,7 @@ def _put_node(state: State, node: Node) -> State:
 STATE_VERSION = 1
 
 
-class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
+class _Snapshot(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     version: int
     seq: int
     nodes: dict[str, Node]
@@ -535,7 +535,9 @@ class _Snapshot(msgspec.Struct, frozen=True, kw_only=True):
     started_at: float | None
 
 
-_snapshot_decoder = msgspec.json.Decoder(_Snapshot)
+# MessagePack, not JSON: snapshots are a cache of the log (which stays plain JSONL),
+# and start-up reads them ~3x faster in this form.
+_snapshot_decoder = msgspec.msgpack.Decoder(_Snapshot)
 
 
 def to_snapshot(state: State) -> bytes:
@@ -543,7 +545,7 @@ def to_snapshot(state: State) -> bytes:
     snap = _Snapshot(version=STATE_VERSION, seq=state.seq, nodes=dict(state.nodes),
                      jobs=dict(state.jobs), requests=dict(state.requests),
                      sweeps=dict(state.sweeps), started_at=state.started_at)
-    return msgspec.json.encode(snap)
+    return msgspec.msgpack.encode(snap)
 
 
 def from_snapshot(data: bytes) -> State:
