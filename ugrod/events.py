@@ -94,7 +94,8 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknow
     expected_runtime_s: float | None = None
 
 
-class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
+class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True,
+                    forbid_unknown_fields=True):
     rank: int
     node: str
     gpus: tuple[int, ...] = ()
