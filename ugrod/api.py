@@ -135,8 +135,14 @@ def _errors(daemon: Daemon) -> Any:
     return middleware
 
 
+def _json(data: Any, status: int = 200) -> web.Response:
+    """A JSON answer, encoded by msgspec (several times faster than the stdlib here)."""
+    return web.Response(body=msgspec.json.encode(data), status=status,
+                        content_type="application/json")
+
+
 def _error(status: int, code: str, message: str) -> web.Response:
-    return web.json_response({"error": message, "code": code}, status=status)
+    return _json({"error": message, "code": code}, status=status)
 
 
 async def _body(request: web.Request, cls: type[Any]) -> Any:
@@ -178,20 +184,20 @@ class Handlers:
         return rj.job(job, self.d.executor.latest.get(job.id))
 
     async def _job_answer(self, job_id: str, status: int = 200) -> web.Response:
-        return web.json_response({"job": self._job_json(self.d.ledger.state.jobs[job_id])},
+        return _json({"job": self._job_json(self.d.ledger.state.jobs[job_id])},
                                  status=status)
 
     # ---- daemon and nodes --------------------------------------------------
 
     async def ping(self, request: web.Request) -> web.Response:
         from ugrod import __version__
-        return web.json_response({"ok": True, "version": __version__,
+        return _json({"ok": True, "version": __version__,
                                   "seq": self.d.ledger.state.seq, "pid": os.getpid(),
                                   "metrics_port": self.d.metrics_port})
 
     async def nodes(self, request: web.Request) -> web.Response:
         state = self.d.ledger.state
-        return web.json_response({"nodes": [
+        return _json({"nodes": [
             rj.node(n, state.jobs_on(n.name), self.d.node_view(n.name))
             for n in sorted(state.nodes.values(), key=lambda n: n.name)]})
 
@@ -206,26 +212,24 @@ class Handlers:
         body = await _body(request, dict[str, str])
         state = await self.d.ledger.record(actor, ev.NodeDrained(
             node=name, reason=body.get("reason", "")[:500]))
-        self.d.kick()
-        return web.json_response({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
+        return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
 
     async def undrain(self, request: web.Request) -> web.Response:
         actor, name = peer(request), self._node_name(request)
         if not self.d.ledger.state.nodes[name].drained:
             raise ApiError(409, "conflict", f"node {name} is not drained")
         state = await self.d.ledger.record(actor, ev.NodeUndrained(node=name))
-        self.d.kick()
-        return web.json_response({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
+        return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
 
     async def check(self, request: web.Request) -> web.Response:
         name = self._node_name(request)
         body = await _body(request, dict[str, bool])
         checks = await self.d.check_node(name, deep=bool(body.get("deep")))
-        return web.json_response({"node": name, "checks": checks})
+        return _json({"node": name, "checks": checks})
 
     async def hostkey(self, request: web.Request) -> web.Response:
         name = self._node_name(request)
-        return web.json_response(await self.d.host_key(name))
+        return _json(await self.d.host_key(name))
 
     async def trust(self, request: web.Request) -> web.Response:
         actor, name = peer(request), self._node_name(request)
@@ -235,11 +239,11 @@ class Handlers:
         line = body.get("line")
         if not isinstance(line, str) or not line:
             raise ApiError(400, "bad_request", "missing 'line': the known_hosts line to trust")
-        return web.json_response(await self.d.trust_host_key(name, line))
+        return _json(await self.d.trust_host_key(name, line))
 
     async def reload(self, request: web.Request) -> web.Response:
         peer(request)
-        return web.json_response(await self.d.reload())
+        return _json(await self.d.reload())
 
     # ---- jobs ----------------------------------------------------------------
 
@@ -251,10 +255,10 @@ class Handlers:
             active = list(state.active_jobs())
             ended = [state.jobs[j] for j in self.d.recent_ended(50)]
             chosen = ended + active
-        return web.json_response({"jobs": [self._job_json(j) for j in chosen]})
+        return _json({"jobs": [self._job_json(j) for j in chosen]})
 
     async def job(self, request: web.Request) -> web.Response:
-        return web.json_response({"job": self._job_json(self._job(request))})
+        return _json({"job": self._job_json(self._job(request))})
 
     async def submit(self, request: web.Request) -> web.Response:
         actor = peer(request)
@@ -280,7 +284,6 @@ class Handlers:
         await self.d.ledger.record(actor, ev.JobSubmitted(
             job=name, spec=spec, priority=body.priority, held=body.held,
             request_id=body.request_id))
-        self.d.kick()
         return await self._job_answer(name, status=201)
 
     async def cancel(self, request: web.Request) -> web.Response:
@@ -291,7 +294,6 @@ class Handlers:
         reason = f"cancelled by {actor.user}"
         if job.state in WAITING:
             await self.d.ledger.record(actor, ev.JobCancelRequested(job=job.id, reason=reason))
-            self.d.kick()
             return await self._job_answer(job.id)
         await self.d.ledger.record(actor, ev.JobStopping(
             job=job.id, attempt=job.attempt, outcome="cancelled", reason=reason))
@@ -308,7 +310,6 @@ class Handlers:
         if not isinstance(p, int) or isinstance(p, bool) or not -1000 <= p <= 1000:
             raise ApiError(400, "bad_request", "priority must be an integer from -1000 to 1000")
         await self.d.ledger.record(actor, ev.JobPrioritySet(job=job.id, priority=p))
-        self.d.kick()
         return await self._job_answer(job.id)
 
     async def hold(self, request: web.Request) -> web.Response:
@@ -326,7 +327,6 @@ class Handlers:
         if not job.held:
             raise ApiError(409, "conflict", f"job {job.id} is not held")
         await self.d.ledger.record(actor, ev.JobReleased(job=job.id))
-        self.d.kick()
         return await self._job_answer(job.id)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
@@ -359,7 +359,6 @@ class Handlers:
         resume_from = await self.d.executor._newest_checkpoint(job) if job.placement else None
         await self.d.ledger.record(actor, ev.JobResumed(job=job.id, spec=spec,
                                                         resume_from=resume_from))
-        self.d.kick()
         return await self._job_answer(job.id)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
@@ -411,15 +410,15 @@ class Handlers:
 
     async def results(self, request: web.Request) -> web.Response:
         job = self._job(request)
-        return web.json_response(await self.d.results(job))
+        return _json(await self.d.results(job))
 
     async def why(self, request: web.Request) -> web.Response:
         job = self._job(request)
         history = await asyncio.to_thread(self.d.why, job.id)
-        return web.json_response({"job": self._job_json(job), "history": history})
+        return _json({"job": self._job_json(job), "history": history})
 
     async def queue(self, request: web.Request) -> web.Response:
-        return web.json_response({"queue": self.d.queue_view()})
+        return _json({"queue": self.d.queue_view()})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -463,14 +462,14 @@ class Handlers:
         body: SweepBody = await _body(request, SweepBody)
         name = check_name("sweep", body.name)
         sweep = await self.d.create_sweep(actor, name, body)
-        return web.json_response({"sweep": sweep}, status=201)
+        return _json({"sweep": sweep}, status=201)
 
     async def sweep_status(self, request: web.Request) -> web.Response:
         name = request.match_info["sweep"]
         sweep = self.d.ledger.state.sweeps.get(name)
         if sweep is None:
             raise ApiError(404, "not_found", f"no sweep named {name!r}")
-        return web.json_response(self.d.sweep_view(sweep))
+        return _json(self.d.sweep_view(sweep))
 
     async def sweep_cancel(self, request: web.Request) -> web.Response:
         actor = peer(request)
@@ -488,8 +487,7 @@ class Handlers:
                 await self.d.ledger.record(actor, ev.JobStopping(
                     job=job.id, attempt=job.attempt, outcome="cancelled",
                     reason=f"sweep {name} cancelled by {actor.user}"))
-        self.d.kick()
-        return web.json_response(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
+        return _json(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
 
 
 def _iso_z(text: str) -> str:

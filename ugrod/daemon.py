@@ -441,7 +441,10 @@ class Daemon:
         self._kick.set()
 
     def _committed(self, records: list[ev.Record], state: State) -> None:
-        if any(isinstance(r.event, _REPLAN) for r in records):
+        # A job submitted held changes no decision: no planner round for it.
+        if any(isinstance(r.event, _REPLAN)
+               and not (isinstance(r.event, ev.JobSubmitted) and r.event.held)
+               for r in records):
             self.kick()
         for r in records:
             if isinstance(r.event, ev.JobEnded):
@@ -485,7 +488,7 @@ class Daemon:
             for j, why in p.unrunnable.items()]
         decided += [
             ev.JobWaiting(job=j, reason=r) for j, r in p.waiting.items()
-            if j in state.jobs and j not in p.unrunnable
+            if j in state.jobs and j not in p.unrunnable and not state.jobs[j].held
             and state.jobs[j].waiting_reason != r and state.jobs[j].state in WAITING]
         if decided:
             with contextlib.suppress(InvalidEvent):
@@ -553,8 +556,12 @@ class Daemon:
         waiting = sorted((j for j in state.active_jobs() if j.state in WAITING),
                          key=lambda j: (ranked.get(j.id, len(ranked)), -j.priority,
                                         j.submit_seq))
-        return [{"position": i, "job": rj.job(j), "reason": j.waiting_reason or "waiting for "
-                 "the next planner round", "estimated_start": rj.iso(self._estimates.get(j.id))}
+        def reason(j: Job) -> str:
+            if j.held:
+                return f"held: `ugroctl release {j.id}` lets it run"
+            return j.waiting_reason or "waiting for the next planner round"
+        return [{"position": i, "job": rj.job(j), "reason": reason(j),
+                 "estimated_start": rj.iso(self._estimates.get(j.id))}
                 for i, j in enumerate(waiting, 1)]
 
     def check_fits(self, spec: ev.JobSpec) -> str | None:

@@ -361,11 +361,20 @@ def format_ts(ts: float) -> str:
     micros = round((ts - whole) * 1_000_000)
     if micros == 1_000_000:
         whole, micros = whole + 1, 0
-    days, rem = divmod(whole, 86400)
-    y, m, d = _civil_from_days(days)
-    hh, rem = divmod(rem, 3600)
-    mm, ss = divmod(rem, 60)
-    return f"{y:04d}-{m:02d}-{d:02d}T{hh:02d}:{mm:02d}:{ss:02d}.{micros:06d}Z"
+    minute, ss = divmod(whole, 60)
+    prefix = _minute_prefixes.get(minute)
+    if prefix is None:
+        days, rem = divmod(minute * 60, 86400)
+        y, m, d = _civil_from_days(days)
+        hh, mm = divmod(rem // 60, 60)
+        prefix = f"{y:04d}-{m:02d}-{d:02d}T{hh:02d}:{mm:02d}:"
+        if len(_minute_prefixes) > 4096:
+            _minute_prefixes.clear()
+        _minute_prefixes[minute] = prefix
+    return f"{prefix}{ss:02d}.{micros:06d}Z"
+
+
+_minute_prefixes: dict[int, str] = {}
 
 
 _minutes: dict[str, int] = {}
