@@ -29,6 +29,7 @@ kept apart from health so undrain restores the health last measured.
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
 from typing import Any
@@ -309,15 +310,28 @@ _ATTEMPT_EVENTS = frozenset({ev.JobPlaced, ev.RankStarted, ev.JobRunning, ev.Ran
                              ev.JobStopping, ev.JobEnded, ev.JobStalled})
 
 
+# Memory: 100k jobs repeat a few node names, commands and reasons. Every decoded
+# event brings its own copies; interning them keeps one of each (values unchanged).
+_intern = sys.intern
+_NO_STRINGS: dict[str, str] = {}
+
+
+def _shared_spec(spec: ev.JobSpec) -> ev.JobSpec:
+    return _rep(spec, argv=tuple(map(_intern, spec.argv)),
+                env=spec.env or _NO_STRINGS, params=spec.params or _NO_STRINGS)
+
+
 def _placed(state: State, job: Job, e: ev.JobPlaced, ts: float) -> Job:
     _check_placement(state, job, e)
+    placement = tuple(_rep(p, node=_intern(p.node),
+                           gpu_uuids=tuple(map(_intern, p.gpu_uuids))) for p in e.ranks)
     return _rep(
-        job, state=JobState.STARTING, attempt=e.attempt, placement=e.ranks,
-        rdzv_host=e.rdzv_host, rdzv_port=e.rdzv_port,
-        ranks=tuple(RankRun(rank=p.rank, node=p.node) for p in e.ranks),
+        job, state=JobState.STARTING, attempt=e.attempt, placement=placement,
+        rdzv_host=_intern(e.rdzv_host), rdzv_port=e.rdzv_port,
+        ranks=tuple(RankRun(rank=p.rank, node=p.node) for p in placement),
         started_at=ts, running_at=None, ended_at=None, exit_code=None,
         first_started_at=job.first_started_at if job.first_started_at else ts,
-        resume_from=e.resume_from, reason=e.reason, waiting_reason="",
+        resume_from=e.resume_from, reason=_intern(e.reason), waiting_reason="",
         stopping=None, retry_at=None, stalled=False, checkpoint_requested=False,
     )
 
@@ -331,13 +345,14 @@ def _stopping(state: State, job: Job, e: ev.JobStopping, ts: float) -> Job:
 
 
 def _resumed(state: State, job: Job, e: ev.JobResumed, ts: float) -> Job:
-    return _rep(job, state=JobState.QUEUED, spec=e.spec, resume_from=e.resume_from,
+    return _rep(job, state=JobState.QUEUED, spec=_shared_spec(e.spec),
+                resume_from=e.resume_from,
                 ended_at=None, exit_code=None, reason="resumed", stopping=None,
                 no_progress_failures=0, retry_at=None)
 
 
 _JOB_RULES: dict[type[ev.Event], JobRule] = {
-    ev.JobWaiting: lambda s, j, e, ts: _rep(j, waiting_reason=e.reason),
+    ev.JobWaiting: lambda s, j, e, ts: _rep(j, waiting_reason=_intern(e.reason)),
     ev.JobPlaced: _placed,
     ev.RankStarted: lambda s, j, e, ts: _rep(j, ranks=_set_rank(j, e.rank, pid=e.pid)),
     ev.JobRunning: lambda s, j, e, ts: _rep(j, state=JobState.RUNNING, running_at=ts),
@@ -371,7 +386,7 @@ def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:
     if e.failed_node and e.failed_node not in failed_nodes:
         failed_nodes = (*failed_nodes, e.failed_node)
     return _rep(
-        job, state=outcome, ended_at=ts, exit_code=e.exit_code, reason=e.reason,
+        job, state=outcome, ended_at=ts, exit_code=e.exit_code, reason=_intern(e.reason),
         stopping=None, best_step=best, failed_nodes=failed_nodes,
         failures=job.failures + failed,
         no_progress_failures=(0 if e.made_progress else job.no_progress_failures + 1)
@@ -421,7 +436,8 @@ def _submitted(state: State, record: ev.Record) -> State:
         raise InvalidEvent(f"a job named {e.job!r} already exists")
     if not NAME_RE.fullmatch(e.job):
         raise InvalidEvent(f"invalid job name {e.job[:60]!r}")
-    job = Job(id=e.job, spec=e.spec, owner=record.actor.user, uid=record.actor.uid,
+    job = Job(id=e.job, spec=_shared_spec(e.spec), owner=_intern(record.actor.user),
+              uid=record.actor.uid,
               priority=e.priority, held=e.held, submit_seq=record.seq,
               submitted_at=record.ts, request_id=e.request_id)
     state = _put_job(state, None, job)
