@@ -300,6 +300,15 @@ class JobStalled(Event, frozen=True, kw_only=True):
     stacks: str | None = None
 
 
+class JobProgressed(Event, frozen=True, kw_only=True):
+    """A stalled job's step counter advances again."""
+
+    kind: ClassVar[str] = "job_progressed"
+    job: str
+    attempt: int
+    step: int | None = None
+
+
 class SweepCreated(Event, frozen=True, kw_only=True):
     kind: ClassVar[str] = "sweep_created"
     sweep: str
@@ -321,7 +330,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobSubmitted, JobWaiting, JobPlaced, RankStarted, JobRunning, RankExited,
         JobStopping, JobEnded, JobPrioritySet, JobHeld, JobReleased,
         JobCancelRequested, JobResumed, CheckpointRequested, CheckpointSaved,
-        JobStalled, SweepCreated, DaemonStarted,
+        JobStalled, JobProgressed, SweepCreated, DaemonStarted,
     )
 }
 

@@ -98,6 +98,7 @@ JOB_MOVES: dict[type[ev.Event], frozenset[JobState]] = {
     ev.CheckpointRequested: frozenset({JobState.RUNNING}),
     ev.CheckpointSaved: frozenset(JobState),
     ev.JobStalled: frozenset({JobState.RUNNING}),
+    ev.JobProgressed: frozenset({JobState.RUNNING}),
 }
 
 
@@ -307,7 +308,8 @@ _rep = msgspec.structs.replace
 JobRule = Callable[[State, Job, Any, float], Job]
 Rule = Callable[[State, ev.Record], State]
 _ATTEMPT_EVENTS = frozenset({ev.JobPlaced, ev.RankStarted, ev.JobRunning, ev.RankExited,
-                             ev.JobStopping, ev.JobEnded, ev.JobStalled})
+                             ev.JobStopping, ev.JobEnded, ev.JobStalled,
+                             ev.JobProgressed})
 
 
 # Memory: 100k jobs repeat a few node names, commands and reasons. Every decoded
@@ -370,6 +372,7 @@ _JOB_RULES: dict[type[ev.Event], JobRule] = {
     ev.CheckpointSaved: lambda s, j, e, ts: _rep(
         j, checkpoints=(*j.checkpoints, e.path), checkpoint_requested=False),
     ev.JobStalled: lambda s, j, e, ts: _rep(j, stalled=True),
+    ev.JobProgressed: lambda s, j, e, ts: _rep(j, stalled=False),
 }
 assert set(_JOB_RULES) == set(JOB_MOVES)
 

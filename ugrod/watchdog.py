@@ -156,6 +156,7 @@ class Watchdog:
         self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # attempt -> its handling
         self._dead_seen: dict[tuple[str, int, int], float] = {}  # rank -> first seen gone
         self._stalls: dict[tuple[str, int], float] = {}  # attempt -> last advance reported
+        self._progress_sent: set[tuple[str, int]] = set()
         self._down_since: dict[str, float] = {}  # node -> when its breaker was first not closed
         self._to_reap: set[str] = set()  # nodes to clear of leftover ranks once they answer
         self._reaping: dict[str, asyncio.Task[None]] = {}
@@ -223,6 +224,11 @@ class Watchdog:
             return  # no step yet (or no more): nothing to call a stall
         limit = stall_timeout(job.spec.stall_timeout_s, times)
         key = (job.id, job.attempt)
+        if job.stalled and limit is not None and now - last <= limit \
+                and self._stalls.get(key) != last and key not in self._progress_sent:
+            self._progress_sent.add(key)  # steps advance again: the stall is over
+            self._start(job, self._progressed(job))
+            return
         if limit is not None and now - last > limit and self._stalls.get(key) != last:
             self._stalls[key] = last
             self._start(job, self._stalled(job, now - last, limit))
@@ -381,6 +387,17 @@ class Watchdog:
             await asyncio.sleep(1.0)
 
     # ---- stalls ----------------------------------------------------------------------
+
+    async def _progressed(self, job: Job) -> None:
+        step = self._executor.latest.get(job.id, {}).get("step")
+        try:
+            await self._ledger.record(ev.DAEMON, ev.JobProgressed(
+                job=job.id, attempt=job.attempt,
+                step=int(step) if isinstance(step, int | float) else None))
+        except InvalidEvent as exc:
+            logger.info("progress of %s not recorded: %s", job.id, exc)
+        finally:
+            self._progress_sent.discard((job.id, job.attempt))
 
     async def _stalled(self, job: Job, idle_s: float, limit_s: float) -> None:
         step = self._executor.latest.get(job.id, {}).get("step")

@@ -76,6 +76,8 @@ def explain(record: ev.Record, steps: Mapping[str, int | None] | None = None) ->
         case ev.JobStalled(step=s, idle_s=idle):
             return f"stalled: no step advance for {idle:.0f} s (last step {s})" + (
                 f"; stacks in {e.stacks}" if e.stacks else "")
+        case ev.JobProgressed(step=s):
+            return "progressing again" + (f" at step {s}" if s is not None else "")
         case ev.SweepCreated(sweep=name):
             return f"created as a trial of sweep {name}"
     return e.kind.replace("_", " ")

@@ -122,6 +122,28 @@ def test_stall_alert_only_flags_the_job_once_and_keeps_it_running(ugrod: Ugrod) 
     assert ugrod.wait_job("alertme", timeout_s=60)["state"] == "cancelled"
 
 
+def test_a_stall_that_ends_clears_the_flag_and_a_new_stall_is_reported_again(
+        ugrod: Ugrod) -> None:
+    # Steps 1-3, a 4 s pause, steps 4-6, another pause, then the end.
+    script = ("import json, os, time\n"
+              "f = open(os.environ['UGRO_METRICS_FILE'], 'a')\n"
+              "def step(n):\n"
+              "    f.write(json.dumps({'ts': time.time(), 'step': n, 'loss': 1.0 / n}) + '\\n')\n"
+              "    f.flush(); time.sleep(0.2)\n"
+              "for n in (1, 2, 3): step(n)\n"
+              "time.sleep(4)\n"
+              "for n in (4, 5, 6): step(n)\n"
+              "time.sleep(4)\n")
+    submit(ugrod, "pauses", [PY, "-c", script], stall_timeout_s=1.5)
+    wait_event(ugrod, "pauses", "job_stalled", timeout_s=30)
+    progressed = wait_event(ugrod, "pauses", "job_progressed", timeout_s=30)
+    assert progressed["data"]["step"] >= 4
+    wait_event(ugrod, "pauses", "job_stalled", timeout_s=30, n=2)
+    assert ugrod.wait_job("pauses", timeout_s=60)["state"] == "succeeded"
+    kinds = [e["type"] for e in events(ugrod, "pauses")]
+    assert kinds.count("job_stalled") == 2 and kinds.count("job_progressed") == 1
+
+
 def test_job_without_steps_is_never_called_stalled(ugrod: Ugrod) -> None:
     submit(ugrod, "quiet", [PY, "-c", "import time; time.sleep(4)"], stall_timeout_s=1)
     assert ugrod.wait_job("quiet", timeout_s=60)["state"] == "succeeded"
