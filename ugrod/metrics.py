@@ -24,7 +24,6 @@ from importlib import metadata
 os.environ.setdefault("PROMETHEUS_DISABLE_CREATED_SERIES", "True")
 
 from aiohttp import web
-from aiohttp.typedefs import Middleware
 from prometheus_client import exposition as client_exposition
 from prometheus_client import metrics as client_metrics
 from prometheus_client.core import Metric
@@ -47,7 +46,6 @@ __all__ = [
     "NodeSampleView",
     "RuntimeStats",
     "UgroCollector",
-    "api_middleware",
     "bound_port",
     "make_metrics_app",
     "make_registry",
@@ -215,23 +213,3 @@ def bound_port(runner: web.AppRunner) -> int:
 _Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-def api_middleware(stats: RuntimeStats) -> Middleware:
-    """aiohttp middleware recording each API request by route template, method and status."""
-
-    @web.middleware
-    async def record(request: web.Request, handler: _Handler) -> web.StreamResponse:
-        t0 = time.perf_counter()
-        status = 500
-        try:
-            response = await handler(request)
-            status = response.status
-            return response
-        except web.HTTPException as exc:
-            status = exc.status
-            raise
-        finally:
-            resource = request.match_info.route.resource
-            route = resource.canonical if resource is not None else "unmatched"
-            stats.api_request(route, request.method, status, time.perf_counter() - t0)
-
-    return record

@@ -162,7 +162,7 @@ class RuntimeStats:
     def snapshot_failed(self) -> None:
         self.snapshot_failures.inc()
 
-    # ---- API (ugrod/api.py; or use ugrod.metrics.api_middleware) ------------
+    # ---- API (ugrod/api.py's middleware) ------------------------------------
 
     def api_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """``route`` is the route template (``/v1/jobs/{id}``), never the raw path."""

@@ -7,8 +7,6 @@ from collections.abc import Mapping
 
 import aiohttp
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -18,7 +16,6 @@ from ugrod.gpus import GpuSample, NodeSample
 from ugrod.metrics import (
     NodeSampleView,
     UgroCollector,
-    api_middleware,
     bound_port,
     make_registry,
     start_metrics_server,
@@ -376,27 +373,6 @@ async def test_metrics_listener_serves_text_format(cluster: Cluster) -> None:
         await runner.cleanup()
     names = {f.name for f in text_string_to_metric_families(body)}
     assert {"ugro_jobs", "ugro_node_state", "process_resident_memory_bytes"} <= names
-
-
-async def test_api_middleware_labels_by_route_template() -> None:
-    stats = RuntimeStats()
-
-    async def job(request: web.Request) -> web.Response:
-        if request.match_info["id"] == "missing":
-            raise web.HTTPNotFound()
-        return web.json_response({"ok": True})
-
-    app = web.Application(middlewares=[api_middleware(stats)])
-    app.router.add_get("/v1/jobs/{id}", job)
-    async with TestClient(TestServer(app)) as client:
-        assert (await client.get("/v1/jobs/a")).status == 200
-        assert (await client.get("/v1/jobs/b")).status == 200
-        assert (await client.get("/v1/jobs/missing")).status == 404
-        assert (await client.get("/nowhere")).status == 404
-    counts = {k: c.value for k, c in stats.api_requests.items()}
-    assert counts == {("/v1/jobs/{id}", "GET", "200"): 2, ("/v1/jobs/{id}", "GET", "404"): 1,
-                      ("unmatched", "GET", "404"): 1}
-    assert stats.api_latency["/v1/jobs/{id}"].count == 3
 
 
 def test_docs_list_every_metric(cluster: Cluster) -> None:
