@@ -105,3 +105,13 @@ def test_every_event_type_round_trips() -> None:
     for i, e in enumerate(samples, 1):
         r = rec(e, seq=i)
         assert ev.decode(ev.encode(r)) == r
+
+
+@pytest.mark.parametrize("text", [
+    "2026-11-22T10:00:00.00000xZ", "2026-11-22T10:00:61.000000Z", "2026-11-22T10:00:00.000000",
+    "x" * 27, "2026-11-22T10:00:00,000000Z", "2026-11-22T10:0\u0663:00.000000Z",
+    "2026-13-22T10:00:00.000000Z", "2026-11-22T24:00:00.000000Z", "", "2026-11-22 10:00:00Z",
+])
+def test_malformed_timestamps_are_refused(text: str) -> None:
+    with pytest.raises(ev.EventError, match="bad timestamp"):
+        ev.parse_ts(text)
