@@ -67,8 +67,16 @@ class Ledger:
                 try:
                     state = from_snapshot(payload)
                 except ValueError as exc:
-                    raise ReplayError(f"snapshot at seq {seq}: {exc}") from exc
-                if state.seq != seq or seq > log.last_seq:
+                    # A snapshot is a cache of the log: one this ugrod cannot read (an
+                    # older state version after an upgrade) is passed over, not trusted.
+                    if log.first_seq != 1:
+                        raise ReplayError(f"snapshot at seq {seq}: {exc}; the log before seq "
+                                          f"{log.first_seq} is archived, so it cannot be "
+                                          "replayed instead") from exc
+                    logger.warning("snapshot at seq %d: %s; replaying the whole log instead",
+                                   seq, exc)
+                    state = State()
+                if state.seq and (state.seq != seq or seq > log.last_seq):
                     raise ReplayError(f"snapshot at seq {seq} is ahead of the log "
                                       f"(last seq {log.last_seq}): was the log replaced?")
             snap_seq = state.seq

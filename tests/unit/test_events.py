@@ -115,3 +115,35 @@ def test_every_event_type_round_trips() -> None:
 def test_malformed_timestamps_are_refused(text: str) -> None:
     with pytest.raises(ev.EventError, match="bad timestamp"):
         ev.parse_ts(text)
+
+
+def test_integers_at_the_64_bit_edges_are_written_and_past_them_refused() -> None:
+    for pid in (2**63 - 1, 2**64 - 1, -(2**63), 10**18):  # 19-20 digits that fit
+        r = rec(ev.RankStarted(job="a", attempt=1, rank=0, node="n", pid=pid))
+        assert ev.decode(ev.encode(r)) == r
+    for pid in (2**64, -(2**63) - 1, 10**30):
+        with pytest.raises(ev.EventError, match="64 bits"):
+            ev.encode(rec(ev.RankStarted(job="a", attempt=1, rank=0, node="n", pid=pid)))
+
+
+@given(st.sampled_from([
+    b'{"seq":3,"v":1,"type":"job_held","ts":"2026-01-01T00:00:00.000000Z",'
+    b'"actor":{"user":"x","uid":5},"data":{"job":"a"}}',
+    b'{"seq":4,"v":1,"type":"rank_exited","ts":"2026-01-01T00:00:00.500000Z",'
+    b'"actor":{"user":"ugrod","uid":null},"data":{"job":"a","attempt":1,"rank":0,'
+    b'"node":"n","exit_code":-9}}',
+]), st.integers(min_value=0, max_value=200), st.binary(min_size=0, max_size=3))
+def test_the_one_pass_decoder_agrees_with_the_checked_one(line: bytes, at: int,
+                                                            junk: bytes) -> None:
+    # The fast path must accept exactly what the two-step path accepts, and read
+    # it the same: splice junk anywhere into valid lines and compare.
+    mutated = line[:at] + junk + line[at + len(junk):]
+    try:
+        want: ev.Record | str = ev._decode_checked(mutated)
+    except ev.EventError as exc:
+        want = str(exc)
+    try:
+        got: ev.Record | str = ev.decode(mutated)
+    except ev.EventError as exc:
+        got = str(exc)
+    assert got == want
