@@ -246,21 +246,27 @@ def apply(state: State, record: ev.Record) -> State:
     if record.seq != state.seq + 1:
         raise InvalidEvent(f"event seq {record.seq} does not follow {state.seq}")
     e = record.event
-    job_rule = _JOB_RULES.get(type(e))
-    if job_rule is not None:
-        job = state.job(e.job)  # type: ignore[attr-defined]
-        if job.state not in JOB_MOVES[type(e)]:
-            raise InvalidEvent(f"job {job.id} is {job.state}: cannot apply {e.kind}")
-        if type(e) in _ATTEMPT_EVENTS:
-            want = job.attempt + 1 if type(e) is ev.JobPlaced else job.attempt
-            if e.attempt != want:  # type: ignore[attr-defined]
-                raise InvalidEvent(f"job {job.id}: event for attempt "
-                                   f"{e.attempt}, current attempt is {job.attempt}")  # type: ignore[attr-defined]
-        return _put_job(state, job, job_rule(state, job, e, record.ts), record.seq)
-    rule = _RULES.get(type(e))
-    if rule is None:
+    # Replay runs this a million times: one table lookup gives the rule, the job
+    # states it may apply to and the attempt it must name (see _DISPATCH).
+    how = _DISPATCH.get(e.__class__)
+    if how is None:
         raise InvalidEvent(f"no rule for {e.kind}")
-    return msgspec.structs.replace(rule(state, record), seq=record.seq)
+    rule, allowed, attempt = how
+    if allowed is None:
+        return _rep(rule(state, record), seq=record.seq)  # type: ignore[no-any-return]
+    job = state.jobs.get(e.job)  # type: ignore[attr-defined]
+    if job is None:
+        raise InvalidEvent(f"no job named {e.job!r}")  # type: ignore[attr-defined]
+    if job.state not in allowed:
+        raise InvalidEvent(f"job {job.id} is {job.state}: cannot apply {e.kind}")
+    if attempt is not None and e.attempt != job.attempt + attempt:  # type: ignore[attr-defined]
+        raise InvalidEvent(f"job {job.id}: event for attempt "
+                           f"{e.attempt}, current attempt is {job.attempt}")  # type: ignore[attr-defined]
+    new: Job = rule(state, job, e, record.ts)
+    if new.state is job.state and new.placement is job.placement:
+        # The common case (a rank started, a reason recorded): no index changes.
+        return _rep(state, jobs=state.jobs.set(job.id, new), seq=record.seq)
+    return _put_job(state, job, new, record.seq)
 
 
 def replay(state: State, records: Iterable[ev.Record]) -> State:
@@ -400,9 +406,13 @@ def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:
 
 
 def _set_rank(job: Job, rank: int, **changes: Any) -> tuple[RankRun, ...]:
-    if not any(r.rank == rank for r in job.ranks):
+    ranks = job.ranks
+    # Ranks are stored in placement order, which is almost always rank order.
+    i = rank if 0 <= rank < len(ranks) and ranks[rank].rank == rank else next(
+        (k for k, r in enumerate(ranks) if r.rank == rank), -1)
+    if i < 0:
         raise InvalidEvent(f"job {job.id} has no rank {rank}")
-    return tuple(_rep(r, **changes) if r.rank == rank else r for r in job.ranks)
+    return (*ranks[:i], _rep(ranks[i], **changes), *ranks[i + 1:])
 
 
 def _check_placement(state: State, job: Job, e: ev.JobPlaced) -> None:
@@ -443,10 +453,11 @@ def _submitted(state: State, record: ev.Record) -> State:
               uid=record.actor.uid,
               priority=e.priority, held=e.held, submit_seq=record.seq,
               submitted_at=record.ts, request_id=e.request_id)
-    state = _put_job(state, None, job)
-    if e.request_id:
-        state = _rep(state, requests=state.requests.set(e.request_id, e.job))
-    return state
+    # A new job is queued: it joins the active index and holds no GPU (_put_job's
+    # rules, written out once for the event submitted most often).
+    requests = state.requests.set(e.request_id, e.job) if e.request_id else state.requests
+    return _rep(state, jobs=state.jobs.set(e.job, job),
+                active=state.active.set(e.job, record.seq), requests=requests)
 
 
 def _sweep(state: State, record: ev.Record) -> State:
@@ -533,6 +544,15 @@ _RULES: dict[type[ev.Event], Rule] = {
     ev.DaemonStarted: lambda s, r: _rep(s, started_at=r.ts),
 }
 assert set(_RULES) | set(_JOB_RULES) == set(ev.EVENT_TYPES.values())
+
+# type -> (rule, job states it applies to (None: not a job event), the attempt it
+# must name relative to the job's current one (None: names none; JobPlaced: +1)).
+_DISPATCH: dict[type[ev.Event], tuple[Callable[..., Any], frozenset[JobState] | None,
+                                      int | None]] = {
+    **{t: (r, None, None) for t, r in _RULES.items()},
+    **{t: (r, JOB_MOVES[t], (1 if t is ev.JobPlaced else 0) if t in _ATTEMPT_EVENTS else None)
+       for t, r in _JOB_RULES.items()},
+}
 
 
 def _put_node(state: State, node: Node) -> State:
