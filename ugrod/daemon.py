@@ -73,6 +73,7 @@ class Daemon:
         self._exit_code = 0
         self._timers: list[asyncio.TimerHandle] = []
         self._ended_order: list[str] = []
+        self._fits: dict[planner.Shape, tuple[Any, str | None]] = {}
 
     # ---- life cycle ------------------------------------------------------------
 
@@ -565,7 +566,18 @@ class Daemon:
                 for i, j in enumerate(waiting, 1)]
 
     def check_fits(self, spec: ev.JobSpec) -> str | None:
-        return planner.check_fits(self.ledger.state, spec)
+        """Why ``spec`` can never run here (None: it can); remembered per shape and node set."""
+        # The answer depends only on the nodes (a new Map whenever one changes) and
+        # the spec's shape: a burst of submits of one kind asks once.
+        nodes, shape = self.ledger.state.nodes, planner.spec_shape(spec)
+        hit = self._fits.get(shape)
+        if hit is not None and hit[0] is nodes:
+            return hit[1]
+        why = planner.check_fits(self.ledger.state, spec)
+        if len(self._fits) >= 256:
+            self._fits.clear()
+        self._fits[shape] = (nodes, why)
+        return why
 
     def check_user_limits(self, actor: ev.Actor, spec: ev.JobSpec) -> None:
         limits = self.config.scheduler.limits_for(actor.user)

@@ -401,6 +401,19 @@ def format_ts(ts: float) -> str:
 _minute_prefixes: dict[int, str] = {}
 
 
+def stamp_ts(ts: float) -> float:
+    """``parse_ts(format_ts(ts))`` (the time as the log will read it back), computed directly.
+
+    The arithmetic is the very same as the round trip's (an int plus the
+    microseconds over 1e6), so a live state equals its replay to the bit.
+    """
+    whole = math.floor(ts)
+    micros = round((ts - whole) * 1_000_000)
+    if micros == 1_000_000:
+        whole, micros = whole + 1, 0
+    return whole + micros / 1_000_000
+
+
 _minutes: dict[str, int] = {}
 
 

@@ -105,7 +105,7 @@ class Ledger:
 
     def stamp(self) -> float:
         """Now, at the log's microsecond precision, so live state equals replayed state."""
-        return ev.parse_ts(ev.format_ts(self._clock()))
+        return ev.stamp_ts(self._clock())
 
     async def record(self, actor: ev.Actor, *events: ev.Event) -> State:
         """Apply, append durably, publish; returns the committed state that includes them."""

@@ -86,3 +86,24 @@ async def test_a_snapshot_ahead_of_the_log_still_stops_start_up(tmp_path: Path) 
     write_snapshot(tmp_path, ahead.seq, to_snapshot(ahead))
     with pytest.raises(ReplayError, match="ahead of the log"):
         Ledger.open(tmp_path)
+
+
+async def test_the_daemons_fits_answer_follows_the_nodes(tmp_path: Path) -> None:
+    # check_fits is remembered per spec shape; a change of nodes must change the answer.
+    from ugrod import config as cfgmod
+    from ugrod.daemon import Daemon
+    d = Daemon(cfgmod.builtin(), None, tmp_path / "state", tmp_path / "s.sock")
+    d.ledger = Ledger.open(tmp_path / "state")
+    try:
+        await d.ledger.record(ev.DAEMON, ev.NodeAdded(node=ev.NodeSpec(name="cpu", host="h1")))
+        spec = ev.JobSpec(argv=("train.py",), gpus_per_node=1)
+        assert d.check_fits(spec) == "needs a GPU; no node has one"
+        assert d.check_fits(ev.JobSpec(argv=("other.py",), gpus_per_node=1)) == \
+            "needs a GPU; no node has one"  # same shape, other command: same answer
+        gpu = ev.NodeSpec(name="gpu", host="h2", gpus=(ev.Gpu(index=0, vram_bytes=8 << 30),))
+        await d.ledger.record(ev.DAEMON, ev.NodeAdded(node=gpu))
+        assert d.check_fits(spec) is None
+        await d.ledger.record(ev.DAEMON, ev.NodeRemoved(node="gpu"))
+        assert d.check_fits(spec) == "needs a GPU; no node has one"
+    finally:
+        await d.ledger.close()

@@ -147,3 +147,8 @@ def test_the_one_pass_decoder_agrees_with_the_checked_one(line: bytes, at: int,
     except ev.EventError as exc:
         got = str(exc)
     assert got == want
+
+
+@given(st.floats(min_value=0, max_value=4e9, allow_nan=False))
+def test_stamp_is_the_time_as_the_log_reads_it_back(ts: float) -> None:
+    assert ev.stamp_ts(ts) == ev.parse_ts(ev.format_ts(ts))
