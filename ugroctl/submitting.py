@@ -119,11 +119,14 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                                        "`ugroctl queue` estimate when waiting jobs start."),
         click.option("--wait", is_flag=True,
                      help="Wait until the job ends; exit 0 only if it succeeded."),
+        click.option("--dry-run", is_flag=True,
+                     help="Check the job and show it as it would be queued, with the "
+                          "reason if it could never run here; record nothing."),
     ]
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
              "priority", "max_retries", "after", "hold", "env", "nproc_per_node", "torchrun",
              "stall_timeout",
-             "cwd", "expected_runtime", "wait"]
+             "cwd", "expected_runtime", "wait", "dry_run"]
 
     def decorate(f: F) -> F:
         for name, opt in reversed(list(zip(names, opts, strict=True))):
@@ -166,8 +169,19 @@ def spec_body(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
-def _submit(ctx: click.Context, body: dict[str, Any], as_json: bool, wait: bool) -> None:
+def _submit(ctx: click.Context, body: dict[str, Any], as_json: bool, wait: bool,
+            dry_run: bool = False) -> None:
     client = ctl().client
+    if dry_run:
+        if wait:
+            raise click.UsageError("--dry-run queues nothing to --wait for")
+        import shlex
+
+        job = client.post("/v1/jobs", body, {"dry_run": 1})["job"]
+        emit(job, as_json, lambda: f"dry run: would queue {job_line(job)}\n"
+                                    f"command: {shlex.join(job.get('argv') or [])}\n"
+                                    "nothing was recorded; drop --dry-run to queue it")
+        return
     job = client.post("/v1/jobs", body, idempotent=True)["job"]
     if not wait:
         emit(job, as_json, lambda: f"submitted {job_line(job)}\n"
@@ -250,7 +264,7 @@ def submit(ctx: click.Context, /, command: tuple[str, ...], as_json: bool, wait:
         body = {"argv": argv, **spec_body(ctx, params)}
     if params.get("name") is not None:
         body["name"] = params["name"]
-    _submit(ctx, body, want_json(as_json), wait)
+    _submit(ctx, body, want_json(as_json), wait, params.get("dry_run", False))
 
 
 @cli.command(epilog=examples(
@@ -272,7 +286,7 @@ def launch(ctx: click.Context, /, as_json: bool, wait: bool, **params: Any) -> N
     body: dict[str, Any] = {"launch": settings, **spec_body(ctx, params)}
     if params["name"] is not None:
         body["name"] = params["name"]
-    _submit(ctx, body, want_json(as_json), wait)
+    _submit(ctx, body, want_json(as_json), wait, params.get("dry_run", False))
 
 
 

@@ -281,9 +281,14 @@ class Handlers:
         if why:
             raise ApiError(400, "bad_request", f"job can never run here: {why}")
         self.d.check_user_limits(actor, spec)
-        await self.d.ledger.record(actor, ev.JobSubmitted(
-            job=name, spec=spec, priority=body.priority, held=body.held,
-            request_id=body.request_id))
+        submitted = ev.JobSubmitted(job=name, spec=spec, priority=body.priority,
+                                    held=body.held, request_id=body.request_id)
+        if request.query.get("dry_run") in ("1", "true"):
+            # Every check a submit makes, and the job as it would be queued; nothing
+            # is recorded (the same rule builds it, on a state that is then dropped).
+            preview = self.d.ledger.preview(actor, submitted).jobs[name]
+            return _json({"job": self._job_json(preview), "dry_run": True})
+        await self.d.ledger.record(actor, submitted)
         return await self._job_answer(name, status=201)
 
     async def cancel(self, request: web.Request) -> web.Response:

@@ -107,6 +107,13 @@ class Ledger:
         """Now, at the log's microsecond precision, so live state equals replayed state."""
         return ev.stamp_ts(self._clock())
 
+    def preview(self, actor: ev.Actor, *events: ev.Event) -> State:
+        """The state ``record`` would commit, without recording anything (InvalidEvent if not)."""
+        ts, tip = self.stamp(), self._tip
+        for e in events:
+            tip = apply(tip, ev.Record(seq=tip.seq + 1, ts=ts, actor=actor, event=e))
+        return tip
+
     async def record(self, actor: ev.Actor, *events: ev.Event) -> State:
         """Apply, append durably, publish; returns the committed state that includes them."""
         if self.failed is not None:

@@ -80,3 +80,23 @@ def test_replay_reads_the_log_with_the_daemon_stopped(short_tmp: Path) -> None:
                          capture_output=True, text=True, timeout=60)
     assert now.returncode == 0, now.stderr
     assert {j["id"]: j for j in json.loads(now.stdout)["jobs"]}["r1"]["state"] == "cancelled"
+
+
+def test_dry_run_checks_and_shows_the_job_and_records_nothing(ugrod: Ugrod) -> None:
+    job = ugrod.ctl_json("submit", "--dry-run", "--name", "dry1", "--priority", "5", "--",
+                         "python3", "train.py", "--lr", "1e-4")
+    assert JOB_KEYS <= set(job) and job["name"] == "dry1" and job["state"] == "queued"
+    assert job["priority"] == 5 and job["argv"] == ["python3", "train.py", "--lr", "1e-4"]
+    out = ugrod.ctl("submit", "--dry-run", "--name", "dry1", "--", "true", check=True).stdout
+    assert out.startswith("dry run: would queue dry1") and "nothing was recorded" in out
+    res = ugrod.ctl("submit", "--dry-run", "--gpus-per-node", "1", "--", "train.py")
+    assert res.returncode == 1 and "can never run here" in res.stderr  # builtin: no GPU
+    res = ugrod.ctl("submit", "--dry-run", "--wait", "--", "true")
+    assert res.returncode == 2 and "--dry-run" in res.stderr
+    assert ugrod.ctl("status", "dry1").returncode == 4  # no such job
+    events = ugrod.ctl_json("events")
+    events = events["events"] if isinstance(events, dict) else events
+    assert not [e for e in events if e["type"] == "job_submitted"]  # nothing was written
+    ugrod.ctl("submit", "--name", "dry1", "--hold", "--", "true", check=True)
+    res = ugrod.ctl("submit", "--dry-run", "--name", "dry1", "--", "true")
+    assert res.returncode == 1 and "already exists" in res.stderr

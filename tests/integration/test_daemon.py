@@ -120,6 +120,9 @@ def test_jobs_queue_fifo_on_one_gpu_less_node(ugrod: Ugrod) -> None:
 def test_bad_submissions_get_a_clear_error_and_change_nothing(
         ugrod: Ugrod, body: dict[str, object], status: int, needle: str) -> None:
     seq = ugrod.api("GET", "/v1/ping")[1]["seq"]
+    dry, dry_answer = ugrod.api("POST", "/v1/jobs?dry_run=1", body)  # the same checks
+    assert dry == (200 if status == 201 else status), dry_answer
+    assert (needle in dry_answer["error"]) if status != 201 else dry_answer["dry_run"]
     got, answer = ugrod.api("POST", "/v1/jobs", body)
     assert got == status, answer
     if status != 201:
