@@ -228,3 +228,15 @@ def test_gpus_never_double_booked(ops: list[tuple[str, int]]) -> None:
                 for g in p.gpus:
                     assert (p.node, g) not in seen
                     seen[(p.node, g)] = job_id
+
+
+def test_snapshot_rebuilds_indexes_and_a_reused_request_id_goes_to_the_later_job() -> None:
+    s = fold(node("n1", 8, 8), submit("a", request_id="r1"), submit("b", request_id="r1"),
+             submit("c", request_id="r2"), place("c", 1, ("n1", (1,))),
+             ev.JobCancelRequested(job="a"))
+    assert s.requests["r1"] == "b"  # apply: the later submit's
+    back = from_snapshot(to_snapshot(s))
+    assert back == s
+    assert dict(back.requests) == {"r1": "b", "r2": "c"}
+    assert dict(back.gpus_held) == {("n1", 1): "c"} and back.n_running == 1
+    assert set(back.active) == {"b", "c"}
