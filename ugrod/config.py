@@ -72,6 +72,8 @@ class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
     rdzv_port_range: tuple[int, int] = (29500, 29599)
     known_hosts: Path = Path("~/.ssh/known_hosts")  # expanded by the loader
     network_interface: str | None = None  # NCCL_SOCKET_IFNAME / GLOO_SOCKET_IFNAME
+    # SSH keepalive interval; a node silent for 3 of them is dropped and reconnected.
+    ssh_keepalive_s: float = 15.0
     state_dir: Path | None = None
     socket: Path | None = None
 
@@ -335,6 +337,7 @@ def _read_cluster(r: Reader, raw: Any) -> ClusterConfig:
         network_interface=r.get(m, w, "network_interface", r.matching(
             IFNAME_RE, "a network interface name such as 'eth0' (NCCL_SOCKET_IFNAME syntax)"),
             None),
+        ssh_keepalive_s=r.get(m, w, "ssh_keepalive_s", r.number(1, 300), 15.0),
         state_dir=r.get(m, w, "state_dir", r.local_path, None),
         socket=r.get(m, w, "socket", r.local_path, None),
     )

@@ -276,7 +276,8 @@ class Daemon:
             transport = SshTransport(
                 spec.name, spec.host, spec.port, spec.user,
                 known_hosts=Path(self.config.cluster.known_hosts).expanduser(),
-                identity_file=node_cfg.identity_file)
+                identity_file=node_cfg.identity_file,
+                keepalive_s=self.config.cluster.ssh_keepalive_s)
         self.transports[spec.name] = transport
         work_dir = spec.work_dir
         if spec.transport == "local" and self.config.source is None:

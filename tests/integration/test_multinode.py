@@ -22,9 +22,14 @@ pytestmark = pytest.mark.timeout(240)
 
 
 def write_config(path: Path, nodes: SshdCluster, *, known_hosts: Path | None = None,
-                 user: str | None = None, only: list[int] | None = None) -> Path:
+                 user: str | None = None, only: list[int] | None = None,
+                 keepalive_s: float | None = None) -> Path:
+    cluster: dict[str, object] = {"name": "test",
+                                  "known_hosts": str(known_hosts or nodes.known_hosts)}
+    if keepalive_s is not None:
+        cluster["ssh_keepalive_s"] = keepalive_s
     cfg = {
-        "cluster": {"name": "test", "known_hosts": str(known_hosts or nodes.known_hosts)},
+        "cluster": cluster,
         "nodes": {
             n.name: {"host": n.host, "port": n.port, "user": user or n.user,
                      "identity_file": str(n.identity), "work_dir": str(n.work_dir),
@@ -180,8 +185,9 @@ def test_node_faults_give_one_clear_error_naming_the_node(
             for n in node_guard))
     elif fault == "wrong_user":
         user = "nobody-such-user"
+    # A frozen node is noticed after 3 keepalives without an answer: 3 x 2 s here.
     d = Ugrod(short_tmp, config=write_config(short_tmp / "c.yaml", node_guard, known_hosts=known,
-                                             user=user), grace_s=2.0)
+                                             user=user, keepalive_s=2), grace_s=2.0)
     d.start()
     try:
         if fault == "stopped":

@@ -373,6 +373,10 @@ CASES: list[tuple[str, list[str]]] = [
     ("cluster: {network_interface: 'eth0; rm -rf'}\n" + ONE_NODE,
      ["cluster.network_interface: expected a network interface name such as 'eth0' "
       "(NCCL_SOCKET_IFNAME syntax), got 'eth0; rm -rf'"]),
+    ("cluster: {ssh_keepalive_s: 0}\n" + ONE_NODE,
+     ["cluster.ssh_keepalive_s: expected a number of at least 1, got 0"]),
+    ("cluster: {ssh_keepalive_s: 'often'}\n" + ONE_NODE,
+     ["cluster.ssh_keepalive_s: expected a number of at least 1, got 'often'"]),
     ("cluster: {name: ''}\n" + ONE_NODE, ["cluster.name: expected a non-empty string"]),
     ("cluster: lab\n" + ONE_NODE, ["cluster: expected a mapping, got 'lab'"]),
     (ONE_NODE + "training: {batch_size_per_gpu: 0, epochs: 1.5, lr: -1}\n",
