@@ -4,9 +4,15 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
-echo "== installing ugro (and the CPU build of torch for the example job)"
-$PY -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
-$PY -m pip install -q --disable-pip-version-check -e . 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
+echo "== installing ugro (the locked set in requirements/run.lock, with the CPU build of torch)"
+# quiet unless pip fails; a failed install stops the script with pip's own output
+pipq() {
+  local log; log=$(mktemp)
+  if ! $PY -m pip "$@" -q --disable-pip-version-check >"$log" 2>&1; then cat "$log" >&2; exit 1; fi
+  rm -f "$log"
+}
+pipq install --require-hashes -r requirements/run.lock
+pipq install --no-deps -e .
 
 DEMO=${UGRO_DEMO_DIR:-$(mktemp -d /tmp/ugro-demo.XXXX)}
 export UGRO_STATE_DIR=$DEMO/state UGRO_SOCKET=$DEMO/ugrod.sock

@@ -11,6 +11,8 @@ command -v promtool >/dev/null 2>&1 || need_apt+=(prometheus)
 command -v systemd-analyze >/dev/null 2>&1 || need_apt+=(systemd)
 command -v jq >/dev/null 2>&1 || need_apt+=(jq)
 command -v npm >/dev/null 2>&1 || need_apt+=(npm)
+command -v chromium >/dev/null 2>&1 || need_apt+=(chromium)
+command -v amtool >/dev/null 2>&1 || need_apt+=(prometheus-alertmanager)
 if [ ${#need_apt[@]} -gt 0 ]; then
   echo "== apt-get install ${need_apt[*]}"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -19,9 +21,15 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 PY=${PYTHON:-python3}
-echo "== pip install (torch CPU build, ugro with test extras)"
-$PY -m pip install -q --disable-pip-version-check torch==2.13.0 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
-$PY -m pip install -q --disable-pip-version-check -e '.[test]' 2>&1 | grep -v -E '^WARNING: (Location|Running pip)' || true
+echo "== pip install (the locked test set: requirements/test.lock, then ugro itself)"
+# quiet unless pip fails; a failed install stops the script with pip's own output
+pipq() {
+  local log; log=$(mktemp)
+  if ! $PY -m pip "$@" -q --disable-pip-version-check >"$log" 2>&1; then cat "$log" >&2; exit 1; fi
+  rm -f "$log"
+}
+pipq install --require-hashes -r requirements/test.lock
+pipq install --no-deps -e .
 
 if [ -f grafana/schema-check/package.json ]; then
   echo "== npm ci (pinned @grafana/schema for the dashboard typecheck)"

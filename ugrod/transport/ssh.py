@@ -16,13 +16,22 @@ import posixpath
 import random
 import secrets
 import shlex
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncssh
+from cryptography.utils import CryptographyDeprecationWarning
 
 from ugrod.transport.base import CommandResult, HostKeyError, TransportError, exit_code_of
+
+with warnings.catch_warnings():
+    # cryptography >= 47 deprecates DSA and asyncssh touches its DSA types at import
+    # (asyncssh.crypto.misc); we never offer DSA keys. Only that warning, only there.
+    warnings.filterwarnings(
+        "ignore", category=CryptographyDeprecationWarning, module=r"asyncssh\.", message="DSA"
+    )
+    import asyncssh
 
 BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
