@@ -12,6 +12,8 @@ pipq() {
   rm -f "$log"
 }
 pipq install --require-hashes -r requirements/run.lock
+# the dashboard's chart library (uPlot, pinned by package-lock.json) into the package
+bash scripts/dashboard_assets.sh || echo "(no npm: \`ugroctl dashboard\` will say how to add it)"
 pipq install --no-deps -e .
 
 DEMO=${UGRO_DEMO_DIR:-$(mktemp -d /tmp/ugro-demo.XXXX)}

@@ -20,6 +20,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
+# a second local user: tests check that another user's requests meet ugrod's owner checks
+if ! id ugro-other >/dev/null 2>&1; then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO useradd --system --no-create-home --shell /usr/sbin/nologin ugro-other
+fi
+
 PY=${PYTHON:-python3}
 echo "== pip install (the locked test set: requirements/test.lock, then ugro itself)"
 # quiet unless pip fails; a failed install stops the script with pip's own output
@@ -29,6 +35,8 @@ pipq() {
   rm -f "$log"
 }
 pipq install --require-hashes -r requirements/test.lock
+echo "== npm ci + copy of the dashboard's chart library (uPlot) into the package"
+bash scripts/dashboard_assets.sh
 pipq install --no-deps -e .
 
 if [ -f grafana/schema-check/package.json ]; then

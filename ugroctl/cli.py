@@ -2,7 +2,8 @@
 
 The group and shared helpers are in ``base.py``; the commands, by concept, in
 ``submitting.py`` (submit, launch, sweep), ``jobs.py`` (everything about a job that
-exists) and ``cluster.py`` (health, nodes, drain, reload, replay, prometheus-config).
+exists) and ``cluster.py`` (health, nodes, drain, reload, replay, prometheus-config) and
+``dashboard/`` (the web page).
 Importing this module registers them all on ``cli``.
 """
 
@@ -13,7 +14,12 @@ from collections.abc import Sequence
 
 import click
 
-from ugroctl import cluster, jobs, submitting  # noqa: F401  (they register the commands)
+from ugroctl import (  # noqa: F401  (they register the commands)
+    cluster,
+    dashboard,
+    jobs,
+    submitting,
+)
 from ugroctl.base import cli
 from ugroctl.client import EXIT_FAILED, EXIT_USAGE
 from ugroctl.jobs import find_batch_size

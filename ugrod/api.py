@@ -90,6 +90,8 @@ def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Applicati
     r.add_post("/v1/sweeps", h.sweep_create)
     r.add_get("/v1/sweeps/{sweep}", h.sweep_status)
     r.add_post("/v1/sweeps/{sweep}/cancel", h.sweep_cancel)
+    # ---- reads for `ugroctl dashboard` (issue 12) ----
+    r.add_get("/v1/jobs/{job}/metrics", h.metrics_series)
     return app
 
 
@@ -493,6 +495,34 @@ class Handlers:
                     job=job.id, attempt=job.attempt, outcome="cancelled",
                     reason=f"sweep {name} cancelled by {actor.user}"))
         return _json(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
+
+    # ---- reads for `ugroctl dashboard` (issue 12) --------------------------------------
+
+    async def metrics_series(self, request: web.Request) -> web.Response:
+        """A job's metrics.jsonl as chart columns, from byte ``after``, at most ``max_points``.
+
+        The owner (or root, or ugrod's user) only: metrics are the job's own data.
+        Bounded: 64 MiB read per call, 64 keys, ``max_points`` 0 (every point) to 20,000.
+        """
+        from ugrod.series import read_series
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, "read the metrics of")
+        q = request.query
+        try:
+            after = int(q.get("after", "0"))
+            max_points = int(q.get("max_points", "2000"))
+            rank = int(q.get("rank", "0"))
+        except ValueError:
+            raise ApiError(400, "bad_request", "after, max_points and rank must be integers"
+                           ) from None
+        if after < 0 or not 0 <= max_points <= 20000 or not 0 <= rank < 4096:
+            raise ApiError(400, "bad_request", "after must be >= 0, max_points 0-20000 "
+                           "(0: every point) and rank 0-4095")
+        keys = [k for k in q.get("keys", "").split(",") if k][:8] or None
+        name = "metrics.jsonl" if rank == 0 else f"metrics_rank_{rank}.jsonl"
+        path = self.d.executor.job_dir(job.id) / name
+        out = await asyncio.to_thread(read_series, path, after, max_points, keys)
+        return _json({"job": job.id, "rank": rank, **out})
 
 
 def _iso_z(text: str) -> str:
