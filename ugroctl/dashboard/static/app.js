@@ -79,6 +79,8 @@ function elapsed(j) {
   if (!start) return null;
   return (ts(j.ended_at) || now()) - start;
 }
+/** A word as a POSIX shell would need it (Python's shlex.quote), for copying. */
+const shellQuote = (a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : "'" + String(a).replace(/'/g, "'\"'\"'") + "'");
 const badge = (state, extra) => h("span.badge.s-" + String(state).replace(/[^a-z]/g, ""),
   null, extra || state);
 
@@ -581,7 +583,7 @@ function renderJobDetail() {
   const spec = j.spec || {};
   const params = Object.entries(spec.params || {});
   $("#command").replaceChildren(
-    h("pre.cmd", null, (j.argv || []).map((a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : JSON.stringify(a))).join(" ")),
+    h("pre.cmd", null, (j.argv || []).map(shellQuote).join(" ")),
     h("dl.spec", null,
       [["nodes", spec.nodes], ["GPUs per node", spec.gpus_per_node], ["torchrun", spec.torchrun],
         ["max retries", spec.max_retries], ["sweep", spec.sweep], ["submitted", fmtTime(j.submitted_at)],
@@ -832,15 +834,17 @@ function drawCharts() {
     else if (s && s.downsampled) note.push(`${jid}: ${s.points} points, drawn as ${s.x.length} (every peak and dip kept)`);
   }
   $("#chart-note").textContent = note.join(" · ");
-  draw("chart", el, main, names, J.metricSel.join(", ") || "value");
-  draw("tchart", tel, tput, tnames, "per second");
+  const errors = ids.map((jid) => (J.series.get(jid) || {}).error).filter(Boolean);
+  const yLabel = J.metricSel.length === 1 && J.metricSel[0].length <= 24 ? J.metricSel[0] : "value";
+  draw("chart", el, main, names, yLabel, errors[0]);
+  draw("tchart", tel, tput, tnames, "per second", errors[0]);
 }
 
-function draw(which, el, list, names, yLabel) {
+function draw(which, el, list, names, yLabel, error) {
   const data = list.length ? aligned(list) : [[]];
   if (!list.length) {
     if (J[which]) { J[which].destroy(); J[which] = null; }
-    el.replaceChildren(h("div.muted.empty", null, "no metrics reported yet"));
+    el.replaceChildren(h("div.muted.empty", null, error || "no metrics reported yet"));
     return;
   }
   if (J[which] && J[which].series.length === names.length + 1) {
