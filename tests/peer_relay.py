@@ -10,6 +10,7 @@ other users. Standard library only (it runs under the system python3).
 Usage: peer_relay.py LISTEN_PATH TARGET_PATH   (prints "ready" once listening)
 """
 
+import contextlib
 import os
 import socket
 import sys
@@ -27,10 +28,8 @@ def pipe(src: socket.socket, dst: socket.socket) -> None:
         pass
     finally:
         for s in (src, dst):
-            try:
+            with contextlib.suppress(OSError):
                 s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
 
 
 def serve(listen: str, target: str) -> None:

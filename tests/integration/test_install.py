@@ -67,6 +67,11 @@ def test_wheel_installs_and_runs_a_job_from_a_fresh_venv(venv: Path, short_tmp: 
     helptext = subprocess.run([str(bin_dir / "ugroctl"), "--help"], cwd=work, env=env,
                               capture_output=True, text=True, check=True)
     assert "submit" in helptext.stdout and "status" in helptext.stdout
+    # the dashboard's page and its chart library (copied from npm before the build) ship
+    code = "import ugroctl.dashboard.server as s; print(sorted(s.static_files()))"
+    static = subprocess.run([str(bin_dir / "python"), "-c", code], cwd=work, env=env,
+                            capture_output=True, text=True, check=True)
+    assert "vendor/uPlot.iife.min.js" in static.stdout and "app.js" in static.stdout, static
 
     (work / "job.py").write_text("import os\nprint('hello from', os.environ['UGRO_JOB_ID'])\n")
     stderr = short_tmp / "ugrod.stderr"
