@@ -19,9 +19,11 @@ Lines appended to ``$UGRO_METRICS_FILE``, one JSON object each::
   (ugrod) must never see them; null was rejected because every consumer would
   then have to special-case it. A diverged loss therefore shows as "no new
   loss" while ``step`` keeps advancing.
-* A value that is not a number, or a name that is not ``[A-Za-z_][A-Za-z0-9_]*``
-  or is reserved (ts, step, event, rank, path), is dropped with one warning on
-  stderr per name. This module never raises into the training loop; write
+* Names are normalised to ``[A-Za-z_][A-Za-z0-9_]*`` (at most 64 characters):
+  every run of other characters becomes ``_``, so ``train/loss`` is written as
+  ``train_loss``. A value that is not a number, or a name that normalises to
+  nothing or to a reserved name (ts, step, event, rank, path), is dropped with
+  one warning on stderr per name. This module never raises into the training loop; write
   errors (disk full, ...) are reported on stderr once per error and retried
   on the next call.
 * Each line is written with a single ``write(2)`` on a file opened with
@@ -30,11 +32,17 @@ Lines appended to ``$UGRO_METRICS_FILE``, one JSON object each::
 * Only global rank 0 (``RANK`` unset or ``0``, as torchrun sets it) writes,
   unless ``all_ranks=True``; such lines carry ``"rank": N``.
 
-Checkpoint requests: ``ugroctl checkpoint JOB`` makes ugrod create
-``$UGRO_JOB_DIR/checkpoint.request`` (on the node of global rank 0), or send
-SIGUSR1 to the rank processes. ``checkpoint_requested()`` returns True once
-per request. Note that torchrun itself dies on SIGUSR1 (it does not handle
-it), so the file is the way to reach a job started under torchrun.
+Checkpoint requests: ``ugroctl checkpoint JOB`` makes ugrod write
+``$UGRO_JOB_DIR/checkpoint.request`` on every node of the job (a new file each
+time), or send SIGUSR1 to the rank processes. ``checkpoint_requested()`` returns
+True once per request in each process that asks (the file is not consumed, so
+every rank on a node sees it). Note that torchrun itself dies on SIGUSR1 (it does
+not handle it), so the file is the way to reach a job started under torchrun.
+``exporters/ugro_torch.should_checkpoint()`` makes all ranks agree (a collective),
+which the Trainer and Lightning integrations use: every rank saves together.
+
+``report_run(**params)`` records what was run (model, dataset, epochs, learning
+rate, ...: strings or numbers) with the digest of the script, for ``ugroctl results``.
 """
 
 from __future__ import annotations
@@ -58,7 +66,9 @@ __all__ = [
     "checkpoint_dir",
     "checkpoint_requested",
     "enabled",
+    "normalise_name",
     "report",
+    "report_run",
     "resume_from",
     "saved_checkpoint",
 ]
@@ -66,6 +76,8 @@ __all__ = [
 REQUEST_FILE = "checkpoint.request"
 _RESERVED = frozenset({"ts", "step", "event", "rank", "path"})
 _NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+_NON_NAME = re.compile(r"[^A-Za-z0-9_]+")
+MAX_NAME = 64
 
 _lock = threading.Lock()
 _fd = -1
@@ -74,6 +86,7 @@ _warned: set[str] = set()
 _signal_seen = False
 _handler_installed = False
 _previous_handler: Any = None
+_seen_request: tuple[int, int, int] | None = None
 
 
 def enabled() -> bool:
@@ -96,9 +109,10 @@ def report(step: int | None = None, *, all_ranks: bool = False, **values: object
             line["step"] = step_n
     if all_ranks:
         line["rank"] = rank
-    for name, value in values.items():
-        if not _NAME.match(name) or name in _RESERVED:
-            _warn(f"name:{name}", f"metric name {name!r} is not allowed; dropped")
+    for raw, value in values.items():
+        name = normalise_name(raw)
+        if name is None:
+            _warn(f"name:{raw}", f"metric name {raw!r} is not allowed; dropped")
             continue
         number = _number(value)
         if number is _NOT_A_NUMBER:
@@ -108,6 +122,58 @@ def report(step: int | None = None, *, all_ranks: bool = False, **values: object
             line[name] = number
     if len(line) > (2 if all_ranks else 1):
         _append(path, line)
+
+
+def normalise_name(name: str) -> str | None:
+    """``train/loss`` -> ``train_loss``; None when nothing usable (or a reserved name) is left."""
+    if not isinstance(name, str) or not name or len(name) > 4 * MAX_NAME:
+        return None
+    out = _NON_NAME.sub("_", name).strip("_")
+    if not out or len(out) > MAX_NAME or not _NAME.match(out) or out in _RESERVED:
+        return None
+    return out
+
+
+def report_run(**params: object) -> None:
+    """Record what this run is (``{"event": "params", ...}``): strings and finite numbers.
+
+    Adds ``code_sha256``, the digest of the script being run (``__main__``), when found.
+    Rank 0 only; strings are cut at 256 characters, at most 64 parameters.
+    """
+    path = os.environ.get("UGRO_METRICS_FILE")
+    if not path or _rank() != 0:
+        return
+    line: dict[str, object] = {"ts": round(time.time(), 6), "event": "params"}
+    for raw, value in list(params.items())[:64]:
+        name = normalise_name(raw)
+        if name is None:
+            continue
+        if isinstance(value, str):
+            line[name] = value[:256]
+        elif value is not None:
+            number = _number(value)
+            if isinstance(number, int | float):
+                line[name] = number
+            elif number is _NOT_A_NUMBER:
+                line[name] = str(value)[:256]
+    digest = _script_digest()
+    if digest:
+        line.setdefault("code_sha256", digest)
+    _append(path, line)
+
+
+def _script_digest() -> str | None:
+    main = sys.modules.get("__main__")
+    script = getattr(main, "__file__", None)
+    if not script:
+        return None
+    import hashlib
+
+    try:
+        with open(script, "rb") as f:
+            return hashlib.sha256(f.read(64 << 20)).hexdigest()
+    except OSError:
+        return None
 
 
 def saved_checkpoint(path: str | os.PathLike[str], step: int, *, all_ranks: bool = False) -> None:
@@ -132,14 +198,15 @@ def saved_checkpoint(path: str | os.PathLike[str], step: int, *, all_ranks: bool
 
 
 def checkpoint_requested(*, all_ranks: bool = False) -> bool:
-    """True once per checkpoint request (request file or SIGUSR1); consumes the request.
+    """True once per checkpoint request (request file or SIGUSR1) in this process.
 
     Only global rank 0 (the rank that saves in DDP) sees requests; other ranks
-    get False unless ``all_ranks=True``, and then the caller must make the
-    ranks agree (e.g. a broadcast). The SIGUSR1 handler is installed on the
-    first call, on every rank, when under UGRO and in the main thread.
+    get False unless ``all_ranks=True``, and then every rank sees each request
+    once; the caller must make the ranks agree on the step (``ugro_torch.
+    should_checkpoint`` does). The SIGUSR1 handler is installed on the first
+    call, on every rank, when under UGRO and in the main thread.
     """
-    global _signal_seen
+    global _signal_seen, _seen_request
     if not enabled():
         return False
     _install_handler()
@@ -149,14 +216,18 @@ def checkpoint_requested(*, all_ranks: bool = False) -> bool:
     _signal_seen = False
     job_dir = os.environ.get("UGRO_JOB_DIR")
     if job_dir:
-        # unlink is the atomic "consume": of two processes racing, one wins.
+        # ugrod replaces the file at each request (a new inode): each process remembers
+        # the last one it saw instead of deleting it, so every rank on the node sees it.
         try:
-            os.unlink(os.path.join(job_dir, REQUEST_FILE))
-            requested = True
+            st = os.stat(os.path.join(job_dir, REQUEST_FILE))
+            token = (st.st_ino, st.st_mtime_ns, st.st_size)
+            if token != _seen_request:
+                _seen_request = token
+                requested = True
         except FileNotFoundError:
             pass
         except OSError as exc:
-            _warn(f"request:{exc.errno}", f"cannot consume {REQUEST_FILE} in {job_dir}: {exc}")
+            _warn(f"request:{exc.errno}", f"cannot read {REQUEST_FILE} in {job_dir}: {exc}")
     return requested
 
 
@@ -281,7 +352,8 @@ def _install_handler() -> None:
 
 def _reset() -> None:
     """Forget open files, warnings and the signal handler (for tests)."""
-    global _signal_seen, _handler_installed, _previous_handler
+    global _signal_seen, _handler_installed, _previous_handler, _seen_request
+    _seen_request = None
     with _lock:
         _close()
     _warned.clear()

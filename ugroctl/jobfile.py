@@ -142,6 +142,10 @@ RULES: dict[str, _Rule] = {
     "stall_timeout_s": ("stall_timeout_s", _Checker.positive),
     "stall_action": ("stall_action", lambda c, k, v: c.choice(k, v, ("alert", "requeue"))),
     "expected_runtime_s": ("expected_runtime_s", _Checker.positive),
+    "progress": ("progress", _Checker.strings),
+    "progress_rank": ("progress_rank", _Checker.integer),
+    "loss_key": ("loss_key", _Checker.string),
+    "stop_grace_s": ("stop_grace_s", _Checker.positive),
 }
 ALIASES = {"argv": "command", "node": "node_names", "label": "labels",
            "avoid_label": "avoid_labels", "held": "hold"}

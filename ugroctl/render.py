@@ -363,6 +363,11 @@ def results_view(doc: Mapping[str, Any], now: float) -> str:
     if job.get("reason"):
         pairs.append(("reason", job["reason"]))
     out = [fields(pairs)]
+    for title, key in (("run", "run"), ("last values", "values")):
+        part = summary.get(key)
+        if isinstance(part, Mapping) and part:
+            out.append(f"{title}:\n" + fields(
+                [(str(k), number(v) if _is_number(v) else str(v)) for k, v in part.items()]))
     ckpts = [c for c in doc.get("checkpoints") or [] if isinstance(c, Mapping)]
     errors = [c["error"] for c in ckpts if c.get("error")]
     ckpts = [c for c in ckpts if not c.get("error")]

@@ -78,6 +78,21 @@ def parse_params(ctx: click.Context, param: click.Parameter, values: Sequence[st
     return out
 
 
+FORMATS = ("hf", "json", "tqdm", "kv")
+
+
+def parse_formats(ctx: click.Context, param: click.Parameter, value: str | None
+                  ) -> list[str] | None:
+    if value is None:
+        return None
+    parts = [p.strip() for p in value.split(",") if p.strip()]
+    bad = [p for p in parts if p not in (*FORMATS, "none")]
+    if bad or not parts:
+        raise click.BadParameter(f"{value!r}: expected some of {', '.join(FORMATS)} "
+                                 f"(comma-separated), or none", ctx, param)
+    return parts
+
+
 def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
     """Resources and policy shared by submit, launch and sweep (only given ones are sent)."""
     opts = [
@@ -117,6 +132,17 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
         click.option("--expected-runtime", type=click.FloatRange(min=0, min_open=True),
                      metavar="S", help="How long the job should run, in seconds: lets "
                                        "`ugroctl queue` estimate when waiting jobs start."),
+        click.option("--progress", "progress", metavar="FORMATS", callback=parse_formats,
+                     help="Progress formats ugrod reads in the output: some of hf, json, "
+                          "tqdm, kv (comma-separated), or none [default hf,json,tqdm]."),
+        click.option("--progress-rank", type=click.IntRange(min=0), metavar="R",
+                     help="Read progress from node rank R's output [default 0]."),
+        click.option("--loss-key", metavar="NAME",
+                     help="The metric that is the job's loss [default loss, train_loss, "
+                          "train/loss]."),
+        click.option("--stop-grace", type=click.FloatRange(min=0.1, max=3600), metavar="S",
+                     help="On cancel: SIGINT, SIGTERM after S/2 seconds, SIGKILL after S "
+                          "[default: ugrod's --grace]."),
         click.option("--wait", is_flag=True,
                      help="Wait until the job ends; exit 0 only if it succeeded."),
         click.option("--dry-run", is_flag=True,
@@ -126,7 +152,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
              "priority", "max_retries", "after", "hold", "env", "nproc_per_node", "torchrun",
              "stall_timeout",
-             "cwd", "expected_runtime", "wait", "dry_run"]
+             "cwd", "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
+             "wait", "dry_run"]
 
     def decorate(f: F) -> F:
         for name, opt in reversed(list(zip(names, opts, strict=True))):
@@ -147,6 +174,8 @@ _SPEC_KEYS = {  # option name -> request body key
     "max_retries": "max_retries", "after": "after", "hold": "held", "env": "env",
     "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
     "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
+    "progress": "progress", "progress_rank": "progress_rank", "loss_key": "loss_key",
+    "stop_grace": "stop_grace_s",
 }
 
 

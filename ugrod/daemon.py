@@ -20,9 +20,10 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import __version__, jobspec, planner, reports
+from ugrod import __version__, job_results, jobspec, planner, reports
 from ugrod import config as cfgmod
 from ugrod import events as ev
+from ugrod import progress_formats as pf
 from ugrod import render_json as rj
 from ugrod.api import ApiError, build_app
 from ugrod.executor import Executor
@@ -74,6 +75,7 @@ class Daemon:
         self._timers: list[asyncio.TimerHandle] = []
         self._ended_order: list[str] = []
         self._fits: dict[planner.Shape, tuple[Any, str | None]] = {}
+        self._storing: dict[str, asyncio.Task[dict[str, Any]]] = {}  # job -> result.json write
 
     # ---- life cycle ------------------------------------------------------------
 
@@ -435,6 +437,7 @@ class Daemon:
         except ImportError:
             return
         self.monitor = Monitor(self, self.agents, self.transports)
+        self.monitor.job_dir = self.executor.job_dir
 
     # ---- planning ------------------------------------------------------------------
 
@@ -602,6 +605,9 @@ class Daemon:
     def _job_ended(self, job: Job) -> None:
         self._ended_order.append(job.id)
         del self._ended_order[:-200]
+        if job.state in TERMINAL:  # result.json now, whether or not anyone asks
+            task = asyncio.get_running_loop().create_task(self.results(job))
+            task.add_done_callback(_result_stored)
 
     def recent_ended(self, n: int) -> list[str]:
         """The ``n`` jobs that ended last, oldest first."""
@@ -623,8 +629,35 @@ class Daemon:
             await asyncio.sleep(0.1)
 
     async def results(self, job: Job) -> dict[str, Any]:
+        """A running job's figures now; an ended job's from its result.json (written once)."""
+        if job.state not in TERMINAL:
+            return await self._results(job)
         jobdir = self.executor.job_dir(job.id)
-        summary = await asyncio.to_thread(reports.summarise_metrics, jobdir / "metrics.jsonl")
+        stored = await asyncio.to_thread(job_results.load, jobdir, job.attempt, job.ended_at)
+        if stored is not None:
+            return stored
+        task = self._storing.get(job.id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._store_results(job))
+            self._storing[job.id] = task
+        return await asyncio.shield(task)
+
+    async def _store_results(self, job: Job) -> dict[str, Any]:
+        try:
+            doc = await self._results(job)
+            doc.update(results_version=job_results.VERSION, attempt=job.attempt,
+                       ended_at_ts=job.ended_at)
+            jobdir = self.executor.job_dir(job.id)
+            if jobdir.is_dir():
+                await asyncio.to_thread(job_results.store, jobdir, doc)
+            return doc
+        finally:
+            self._storing.pop(job.id, None)
+
+    async def _results(self, job: Job) -> dict[str, Any]:
+        jobdir = self.executor.job_dir(job.id)
+        loss_key = job.spec.progress.loss_key if job.spec.progress else None
+        summary = await asyncio.to_thread(job_results.summarise, jobdir, pf.loss_keys(loss_key))
         if job.first_started_at is not None:
             end = job.ended_at if job.ended_at is not None else time.time()
             summary["duration_s"] = round(end - job.first_started_at, 3)
@@ -704,6 +737,11 @@ class Daemon:
     def job_spec(self, body: SubmitBody) -> ev.JobSpec:
         """Check a submit body and build its JobSpec (SpecError: the API answers 400)."""
         return jobspec.build(body, self.config, len(self.ledger.state.nodes))
+
+
+def _result_stored(task: asyncio.Task[Any]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("could not write result.json", exc_info=task.exception())
 
 
 def _socket_alive(path: Path) -> bool:

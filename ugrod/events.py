@@ -69,6 +69,15 @@ class NodeSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unkno
     rank: int | None = None  # preferred node_rank (the seeds' "rank"); 0 = rendezvous host
 
 
+class ProgressSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True,
+                   forbid_unknown_fields=True):
+    """What ugrod reads as training progress from a rank's output (ugrod/progress_formats.py)."""
+
+    formats: tuple[str, ...] = ("hf", "json", "tqdm")
+    rank: int = 0
+    loss_key: str | None = None
+
+
 class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknown_fields=True):
     """What a user asked for. ``argv`` runs under torchrun when ``torchrun`` is true."""
 
@@ -91,6 +100,8 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknow
     stall_timeout_s: float | None = None
     stall_action: str = "alert"  # "alert" | "requeue"
     expected_runtime_s: float | None = None
+    progress: ProgressSpec | None = None  # None: the default formats, rank 0
+    stop_grace_s: float | None = None  # None: the daemon's --grace
 
 
 class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True,

@@ -24,6 +24,7 @@ from typing import Any
 
 from ugrod import events as ev
 from ugrod import log as evlog
+from ugrod import progress_formats as pf
 from ugrod.ledger import Ledger
 from ugrod.ranks import CheckpointFile, LogChunk, MetricLine, NodeAgent, RankExit
 from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, State
@@ -34,6 +35,7 @@ logger = logging.getLogger("ugrod.executor")
 # The exit code of a rank whose processes vanished without an exit status (its supervisor
 # died with it: node reboot, OOM killer, kill -9 of the tree); the rank wrapper's LOST.
 VANISHED_EXIT_CODE = -1
+_DEFAULT_PROGRESS = ev.ProgressSpec()
 MAX_CHECKPOINT_COPY_BYTES = 2 << 30  # staged through ugrod's memory: see _stage_checkpoint
 OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError",
                "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory")
@@ -357,13 +359,22 @@ class Executor:
                 await self._kill_rank(job, p, a)
 
     async def _kill_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> None:
-        await agent.kill(job.id, job.attempt, p.rank, signal.SIGTERM)
-        deadline = asyncio.get_running_loop().time() + self.grace_s
-        while asyncio.get_running_loop().time() < deadline:
-            st = await agent.status(job.id, job.attempt, p.rank)
-            if not st.alive and st.exit_code is not None:
-                return
-            await asyncio.sleep(0.1)
+        """SIGINT, SIGTERM after half the job's grace, SIGKILL after all of it.
+
+        SIGINT first because frameworks stop cleanly on it (Lightning and the HF Trainer
+        turn it into KeyboardInterrupt and shut down), while Lightning catches SIGTERM
+        and would keep going until SIGKILL.
+        """
+        grace = job.spec.stop_grace_s or self.grace_s
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        for sig, until in ((signal.SIGINT, grace / 2), (signal.SIGTERM, grace)):
+            await agent.kill(job.id, job.attempt, p.rank, sig)
+            while loop.time() < start + until:
+                st = await agent.status(job.id, job.attempt, p.rank)
+                if not st.alive and st.exit_code is not None:
+                    return
+                await asyncio.sleep(0.1)
         await agent.kill(job.id, job.attempt, p.rank, signal.SIGKILL)
 
     # ---- supervision ---------------------------------------------------------
@@ -579,6 +590,9 @@ class Executor:
         metrics_path = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
         base = self._bases(job, jobdir)[p.rank]
         delay = 0.5
+        progress = job.spec.progress or _DEFAULT_PROGRESS
+        reader = pf.ProgressReader(progress.formats, resumed=_size(log_path) > base["log"]) \
+            if p.rank == progress.rank and progress.formats else None
         while True:
             log_off = _size(log_path) - base["log"]
             met_off = _size(metrics_path) - base["metrics"]
@@ -588,6 +602,8 @@ class Executor:
                     delay = 0.5
                     if isinstance(item, LogChunk):
                         _append(log_path, item.data)
+                        if reader is not None:
+                            self._progress(job, jobdir, reader.feed(item.data))
                     elif isinstance(item, MetricLine):
                         _append(metrics_path, item.data.rstrip(b"\n") + b"\n")
                         if p.rank == 0:
@@ -615,6 +631,21 @@ class Executor:
                     job=job.id, path=values["path"][:4096],
                     step=step if isinstance(step, int) else None))
             return
+        if "event" not in values:
+            self._values(job, values)
+
+    def _progress(self, job: Job, jobdir: Path, records: list[dict[str, int | float]]) -> None:
+        """Progress read from the rank's output: to progress.jsonl and the job's latest."""
+        if not records:
+            return
+        ts = round(self.ledger.stamp(), 3)
+        lines = b"".join(json.dumps({"ts": ts, **r}, separators=(",", ":")).encode() + b"\n"
+                         for r in records)
+        _append(jobdir / "progress.jsonl", lines)
+        for r in records:
+            self._values(job, {"ts": ts, **r})
+
+    def _values(self, job: Job, values: Mapping[str, Any]) -> None:
         latest = self.latest.setdefault(job.id, {})
         step = values.get("step")
         if isinstance(step, int | float) and step != latest.get("step"):
@@ -624,10 +655,10 @@ class Executor:
             if times is None or times[0] != job.attempt:
                 times = self.step_times[job.id] = (job.attempt, deque(maxlen=64))
             times[1].append(now)
-        for k, v in values.items():
-            if isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool) \
-                    and math.isfinite(v):
-                latest[k] = v
+        progress = job.spec.progress or _DEFAULT_PROGRESS
+        pf.merge(latest, values, pf.loss_keys(progress.loss_key))
+        if isinstance(values.get("ts"), int | float) and math.isfinite(values["ts"]):
+            latest["ts"] = values["ts"]
 
     # ---- job directory ---------------------------------------------------------
 

@@ -14,6 +14,7 @@ import msgspec
 
 from ugrod import config as cfgmod
 from ugrod import events as ev
+from ugrod import progress_formats as pf
 from ugrod.state import NAME_RE
 
 
@@ -48,6 +49,10 @@ class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     stall_timeout_s: float | None = None
     stall_action: str = "alert"
     expected_runtime_s: float | None = None
+    progress: list[str] | None = None
+    progress_rank: int | None = None
+    loss_key: str | None = None
+    stop_grace_s: float | None = None
     request_id: str | None = None
 
 
@@ -117,6 +122,8 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
     if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= 7 * 86400:
         raise SpecError("stall_timeout_s must be 1 s .. 7 days")
     nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
+    if body.stop_grace_s is not None and not 0.1 <= body.stop_grace_s <= 3600:
+        raise SpecError("stop_grace_s must be 0.1 s .. 1 hour")
     return ev.JobSpec(
         argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
         gpus_per_node=body.gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
@@ -127,7 +134,27 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         retry_backoff_s=body.retry_backoff_s if body.retry_backoff_s is not None
         else sched.retry_backoff_s,
         after=tuple(body.after), stall_timeout_s=body.stall_timeout_s,
-        stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s)
+        stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s,
+        progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s)
+
+
+def progress_spec(body: SubmitBody, nodes: int) -> ev.ProgressSpec | None:
+    """The job's progress settings (None: all defaults); SpecError names a bad one."""
+    if body.progress is None and body.progress_rank is None and body.loss_key is None:
+        return None
+    default = ev.ProgressSpec()
+    try:
+        formats = default.formats if body.progress is None else pf.check_formats(
+            part.strip() for item in body.progress[:16] for part in item.split(","))
+    except ValueError as exc:
+        raise SpecError(str(exc)) from None
+    rank = 0 if body.progress_rank is None else body.progress_rank
+    if not 0 <= rank < nodes:
+        raise SpecError(f"progress_rank must be a node rank of the job: 0..{nodes - 1}")
+    if body.loss_key is not None and pf.normalise_name(body.loss_key) is None:
+        raise SpecError(f"loss_key {body.loss_key[:80]!r} is not a metric name: use letters, "
+                        f"digits, '_' and '/', at most {pf.MAX_NAME} characters")
+    return ev.ProgressSpec(formats=formats, rank=rank, loss_key=body.loss_key)
 
 
 def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) -> list[str]:

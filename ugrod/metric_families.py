@@ -22,6 +22,10 @@ JOB = ("job", "owner")
 NODE = ("node",)
 GPU = ("node", "gpu", "UUID", "model_name")
 USER_HZ = 100.0  # /proc/stat ticks per second on every Linux build that matters
+# Other numbers a job reports (its own names, e.g. grad_norm, learning_rate) are exported as
+# ugro_job_training_value{name=...}: at most this many names per job, in the order reported.
+MAX_VALUE_NAMES = 32
+_OWN_KEYS = frozenset({"step", "loss", "throughput", "ts"})
 
 
 class GpuSampleView(Protocol):
@@ -164,6 +168,10 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
                   "Latest throughput the job reported (its own unit, e.g. samples/s).", JOB)
     report = gauge("ugro_job_training_last_report_timestamp_seconds",
                     "When the job last reported training metrics, Unix time.", JOB)
+    other = gauge("ugro_job_training_value",
+                  f"Latest value of another number the job reported, by name "
+                  f"(at most {MAX_VALUE_NAMES} names a job).", (*JOB, "name"))
+    other_add = other.rows.append
     alloc = gauge("ugro_job_gpu_allocation",
                    "1 per GPU an active job holds: join GPU metrics on (node, gpu).",
                    ("job", "node", "gpu", "UUID", "rank"))
@@ -194,6 +202,14 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
                 v = values.get(key)
                 if isinstance(v, int | float) and isfinite(v):
                     add((labels, float(v)))
+            n = 0
+            for name, v in values.items():
+                if name in _OWN_KEYS or not isinstance(v, int | float) or not isfinite(v):
+                    continue
+                other_add(((job_id, owner, name), float(v)))
+                n += 1
+                if n == MAX_VALUE_NAMES:
+                    break
         for p in job.placement:
             if not p.gpus:
                 continue
@@ -208,7 +224,7 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
             rank = str(p.rank)
             for g, uuid in zip(p.gpus, uuids, strict=False):
                 alloc_add(((job_id, p.node, str(g), uuid, rank), 1.0))
-    out.extend((phase, stalled, start, step, loss, tput, report, alloc))
+    out.extend((phase, stalled, start, step, loss, tput, report, other, alloc))
 
 
 # ---- nodes --------------------------------------------------------------

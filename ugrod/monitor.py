@@ -30,12 +30,13 @@ from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Protocol
 
 import msgspec
 
 from ugrod import events as ev
-from ugrod import gpus
+from ugrod import gpus, job_results
 from ugrod import health as hl
 from ugrod.config import Config, HealthConfig
 from ugrod.ledger import Ledger
@@ -117,6 +118,24 @@ class _Usage:
             self.mem_n += 1
             self.mem_peak = max(self.mem_peak or 0, g.memory_used_bytes)
 
+    def saved(self) -> dict[str, Any]:
+        """The running figures as gpu_use.json keeps them (``from_saved`` reads them back)."""
+        return {"rank": self.rank, "node": self.node, "gpu": self.gpu, "samples": self.samples,
+                "util_sum": self.util_sum, "util_n": self.util_n, "util_peak": self.util_peak,
+                "mem_sum": self.mem_sum, "mem_n": self.mem_n, "mem_peak": self.mem_peak}
+
+    @classmethod
+    def from_saved(cls, d: dict[str, Any]) -> _Usage | None:
+        try:
+            return cls(rank=int(d["rank"]), node=str(d["node"]), gpu=int(d["gpu"]),
+                       samples=int(d["samples"]), util_sum=float(d["util_sum"]),
+                       util_n=int(d["util_n"]), util_peak=None if d["util_peak"] is None
+                       else float(d["util_peak"]), mem_sum=float(d["mem_sum"]),
+                       mem_n=int(d["mem_n"]),
+                       mem_peak=None if d["mem_peak"] is None else int(d["mem_peak"]))
+        except (KeyError, TypeError, ValueError):
+            return None
+
     def view(self) -> dict[str, Any]:
         return {"rank": self.rank, "node": self.node, "gpu": self.gpu, "samples": self.samples,
                 "util_avg": round(self.util_sum / self.util_n, 1) if self.util_n else None,
@@ -161,6 +180,9 @@ class Monitor:
         self._jitter = jitter
         self._watch: dict[str, _Watch] = {}
         self._usage: dict[str, tuple[int, dict[tuple[int, int], _Usage]]] = {}
+        self._usage_dirty: set[str] = set()
+        # job -> its directory on the head: GPU use is kept there (gpu_use.json) for restarts
+        self.job_dir: Callable[[str], Path] | None = None
         self._lock = asyncio.Lock()
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._links: dict[str, _ProbeLink] = {}
@@ -263,7 +285,9 @@ class Monitor:
         """Average and peak GPU use per rank and GPU over the job's current attempt."""
         entry = self._usage.get(job.id)
         if entry is None or entry[0] != job.attempt:
-            return {"ranks": []}
+            entry = self._saved_usage(job)
+            if entry is None:
+                return {"ranks": []}
         rows = sorted(entry[1].values(), key=lambda u: (u.rank, u.gpu))
         return {"ranks": [u.view() for u in rows], "attempt": job.attempt}
 
@@ -293,6 +317,7 @@ class Monitor:
                 await asyncio.wait(started, timeout=self._interval or self.interval())
             self.sweeps += 1
             self._prune_usage(self._host.ledger.state)
+            self._save_usage()
         self._reschedule()
 
     def _landed(self, name: str, task: asyncio.Task[None]) -> None:
@@ -500,10 +525,12 @@ class Monitor:
             job = state.jobs[job_id]
             if job.state is not JobState.RUNNING:
                 continue
-            attempt, table = self._usage.get(job.id, (job.attempt, {}))
+            attempt, table = self._usage.get(job.id) or self._saved_usage(job) \
+                or (job.attempt, {})
             if attempt != job.attempt:
                 table = {}
             self._usage[job.id] = (job.attempt, table)
+            self._usage_dirty.add(job.id)
             for p in job.placement:
                 if p.node != name:
                     continue
@@ -515,6 +542,32 @@ class Monitor:
                     u = table.setdefault((p.rank, index), _Usage(rank=p.rank, node=name,
                                                                  gpu=index))
                     u.add(g)
+
+    def _saved_usage(self, job: Job) -> tuple[int, dict[tuple[int, int], _Usage]] | None:
+        """A job's figures as gpu_use.json kept them (after a restart), or None."""
+        if self.job_dir is None:
+            return None
+        table = {}
+        for row in job_results.load_usage(self.job_dir(job.id), job.attempt):
+            u = _Usage.from_saved(row)
+            if u is not None:
+                table[(u.rank, u.gpu)] = u
+        return (job.attempt, table) if table else None
+
+    def _save_usage(self) -> None:
+        """Write the figures that changed this sweep (per job: gpu_use.json)."""
+        dirty, self._usage_dirty = self._usage_dirty, set()
+        if self.job_dir is None:
+            return
+        for job_id in dirty:
+            entry = self._usage.get(job_id)
+            if entry is None:
+                continue
+            rows = [u.saved() for u in entry[1].values()]
+            try:
+                job_results.store_usage(self.job_dir(job_id), entry[0], rows)
+            except OSError as exc:
+                logger.warning("cannot save the GPU use of %s: %s", job_id, exc)
 
     def _prune_usage(self, state: State) -> None:
         for job_id in list(self._usage):

@@ -162,14 +162,14 @@ def test_bad_values_and_names_are_dropped_with_one_warning_each(
     ugro: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     for _ in range(3):
-        bad_name: dict[str, object] = {"a-b": 1}
+        bad_name: dict[str, object] = {"//": 1, "rank": 2}
         ugro_metrics.report(step=1, loss=1.0, note="text", blob=b"x", nested=[1.0], ts=5)
         ugro_metrics.report(step=1, loss=1.0, **bad_name)  # type: ignore[arg-type]
     for got in lines(ugro):
         assert set(got) == {"ts", "step", "loss"}
         assert got["ts"] != 5
     err = capsys.readouterr().err.splitlines()
-    assert len(err) == 5, err
+    assert len(err) == 6, err
     assert all(line.startswith("ugro_metrics: ") for line in err)
     assert any("'note'" in line and "str" in line for line in err)
     assert any("'ts'" in line for line in err)
@@ -286,25 +286,39 @@ def test_saved_checkpoint_writes_an_event_line_with_absolute_path(
     assert list(got) == ["ts", "event", "path", "step"]
 
 
-def test_checkpoint_request_file_is_consumed_once(ugro: Path) -> None:
-    request = ugro.parent / "checkpoint.request"
-    assert ugro_metrics.checkpoint_requested() is False
-    request.touch()
-    assert ugro_metrics.checkpoint_requested() is True
-    assert not request.exists()
-    assert ugro_metrics.checkpoint_requested() is False
-    request.touch()
-    assert ugro_metrics.checkpoint_requested() is True
+def _request(run_dir: Path, n: int) -> None:
+    """What the rank wrapper does at each request: a new file replaces the old one."""
+    tmp = run_dir / "checkpoint.request.tmp"
+    tmp.write_text(f"{n}\n")
+    os.replace(tmp, run_dir / "checkpoint.request")
 
 
-def test_checkpoint_request_is_for_rank_zero(ugro: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_checkpoint_request_is_seen_once_per_request_and_not_consumed(ugro: Path) -> None:
     request = ugro.parent / "checkpoint.request"
-    request.touch()
+    assert ugro_metrics.checkpoint_requested() is False
+    _request(ugro.parent, 1)
+    assert ugro_metrics.checkpoint_requested() is True
+    assert request.exists(), "the file stays for the other ranks on the node"
+    assert ugro_metrics.checkpoint_requested() is False
+    _request(ugro.parent, 2)
+    assert ugro_metrics.checkpoint_requested() is True
+    assert ugro_metrics.checkpoint_requested() is False
+
+
+def test_checkpoint_request_reaches_other_ranks_with_all_ranks(
+        ugro: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _request(ugro.parent, 1)
     monkeypatch.setenv("RANK", "1")
-    assert ugro_metrics.checkpoint_requested() is False
-    assert request.exists(), "a non-zero rank must leave the request to rank 0"
+    assert ugro_metrics.checkpoint_requested() is False  # the default: rank 0 saves
     assert ugro_metrics.checkpoint_requested(all_ranks=True) is True
-    assert not request.exists()
+    assert ugro_metrics.checkpoint_requested(all_ranks=True) is False
+
+
+def test_names_are_normalised(ugro: Path) -> None:
+    ugro_metrics.report(step=3, **{"train/loss": 0.5, "eval/f1@0.5": 0.9, "lr": 1e-4})
+    (got,) = lines(ugro)
+    assert got == {"ts": got["ts"], "step": 3, "train_loss": 0.5, "eval_f1_0_5": 0.9,
+                   "lr": 1e-4}
 
 
 def test_sigusr1_requests_a_checkpoint_once(ugro: Path) -> None:
