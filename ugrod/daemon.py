@@ -645,8 +645,8 @@ class Daemon:
     async def _store_results(self, job: Job) -> dict[str, Any]:
         try:
             doc = await self._results(job)
-            doc.update(results_version=job_results.VERSION, attempt=job.attempt,
-                       ended_at_ts=job.ended_at)
+            doc.update(results_version=job_results.VERSION, state=job.state.value,
+                       attempt=job.attempt, ended_at_ts=job.ended_at)
             jobdir = self.executor.job_dir(job.id)
             if jobdir.is_dir():
                 await asyncio.to_thread(job_results.store, jobdir, doc)
