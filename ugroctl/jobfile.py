@@ -11,26 +11,57 @@ Example::
     max_retries: 2
 
 ``command`` is an argv list; a string is split with ``shlex.split`` (no shell
-ever runs it). Unknown keys are rejected, with the nearest known key suggested.
-The result is the body of ``POST /v1/jobs``.
+ever runs it). The file is read by the same hardened YAML reader as ugrod's
+cluster.yaml (``ugrod.config_reader``: no tags, alias and size limits, duplicate
+keys refused, bounded nesting), and every problem is reported at once, each as
+``FILE: KEY: problem``, with the nearest known key suggested for unknown ones.
+Numbers carry the same bounds ugrod enforces (``ugrod.jobspec``), so a bad value
+is named here, in the file's own terms. The result is the body of ``POST /v1/jobs``.
 """
 
 from __future__ import annotations
 
+import math
 import re
 import shlex
 from collections.abc import Callable
 from typing import Any
 
-ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\Z")
+ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
+MAX_FILE_BYTES = 1 << 20
+# The same bounds as ugrod/jobspec.py (not imported: that module pulls in the daemon's
+# config); a test checks they agree.
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
+MAX_BACKOFF_S = 86400.0
+MAX_STALL_S = 7 * 86400.0
+MAX_RUNTIME_S = 366 * 86400.0
+MAX_TEXT = 4096
 
 
 class JobFileError(Exception):
-    """``FILE: KEY: problem``: what is wrong and where."""
+    """Everything wrong with one job file: one ``FILE: KEY: problem`` line per problem."""
 
-    def __init__(self, path: str, key: str | None, problem: str) -> None:
+    def __init__(self, path: str, key: str | None, problem: str,
+                 more: list[tuple[str | None, str]] | None = None) -> None:
         self.path, self.key, self.problem = path, key, problem
-        super().__init__(f"{path}: {key}: {problem}" if key else f"{path}: {problem}")
+        self.problems: list[tuple[str | None, str]] = [(key, problem), *(more or [])]
+        super().__init__("\n".join(self.lines()))
+
+    def lines(self) -> list[str]:
+        return [f"{self.path}: {k}: {p}" if k else f"{self.path}: {p}"
+                for k, p in self.problems]
+
+
+class _Bad(Exception):
+    """One value's problem (recorded under its key)."""
+
+
+class _Many(_Bad):
+    """Problems inside a list or mapping: (key path suffix like ``[2]`` or ``.NAME``, problem)."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__(problems[0][1])
+        self.problems = problems
 
 
 def _type_name(value: Any) -> str:
@@ -45,160 +76,203 @@ def _show(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-class _Checker:
-    def __init__(self, path: str) -> None:
-        self.path = path
+def _string(v: Any, what: str = "a non-empty string") -> str:
+    if not isinstance(v, str) or not v:
+        raise _Bad(f"expected {what}, got {_show(v)}")
+    if "\x00" in v or len(v) > MAX_TEXT:
+        raise _Bad(f"expected a string without NUL of at most {MAX_TEXT} characters")
+    return v
 
-    def fail(self, key: str, problem: str) -> JobFileError:
-        return JobFileError(self.path, key, problem)
 
-    def string(self, key: str, v: Any) -> str:
-        if not isinstance(v, str) or not v:
-            raise self.fail(key, f"expected a non-empty string, got {_show(v)}")
-        return v
-
-    def integer(self, key: str, v: Any, minimum: int = 0) -> int:
+def _integer(lo: int, hi: int) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
-            raise self.fail(key, f"expected a whole number, got {_type_name(v)} {_show(v)}")
-        if v < minimum:
-            raise self.fail(key, f"expected a number ≥ {minimum}, got {v}")
+            raise _Bad(f"expected a whole number, got {_type_name(v)} {_show(v)}")
+        if not lo <= v <= hi:
+            raise _Bad(f"expected a whole number from {lo} to {hi}, got {_show(v)}")
         return v
+    return check
 
-    def positive(self, key: str, v: Any) -> float:
-        if isinstance(v, bool) or not isinstance(v, int | float) or not v > 0:
-            raise self.fail(key, f"expected a positive number, got {_show(v)}")
-        if v != v or v == float("inf"):
-            raise self.fail(key, f"expected a finite number, got {v}")
+
+def _seconds(lo: float, hi: float, *, positive: bool = False) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise _Bad(f"expected a number of seconds, got {_type_name(v)} {_show(v)}")
+        if not math.isfinite(v) or not lo <= v <= hi or (positive and v <= 0):
+            low = "more than 0" if positive else f"{lo:g}"
+            raise _Bad(f"expected a number from {low} to {hi:g}, got {_show(v)}")
         return float(v)
+    return check
 
-    def boolean(self, key: str, v: Any) -> bool:
-        if not isinstance(v, bool):
-            raise self.fail(key, f"expected true or false, got {_show(v)}")
-        return v
 
-    def strings(self, key: str, v: Any) -> list[str]:
-        if isinstance(v, str):
-            v = [v]
-        if not isinstance(v, list):
-            raise self.fail(key, f"expected a list of strings, got {_type_name(v)}")
-        return [self.string(f"{key}[{i}]", x) for i, x in enumerate(v)]
+def _vram(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise _Bad(f"expected a positive number, got {_show(v)}")
+    if not math.isfinite(v) or not 0 < v <= 4096:
+        raise _Bad(f"expected a positive number of GB up to 4096, got {_show(v)}")
+    return float(v)
 
-    def argv(self, key: str, v: Any) -> list[str]:
-        if isinstance(v, str):
-            try:
-                parts = shlex.split(v)
-            except ValueError as exc:
-                raise self.fail(key, f"cannot split the command: {exc}") from None
-        elif isinstance(v, list):
-            parts = []
-            for i, x in enumerate(v):
-                if isinstance(x, bool) or not isinstance(x, str | int | float):
-                    raise self.fail(f"{key}[{i}]", f"expected a string, got {_type_name(x)}")
-                parts.append(x if isinstance(x, str) else str(x))
+
+def _boolean(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise _Bad(f"expected true or false, got {_show(v)}")
+    return v
+
+
+def _strings(v: Any) -> list[str]:
+    if isinstance(v, str):
+        v = [v]
+    if not isinstance(v, list):
+        raise _Bad(f"expected a list of strings, got {_type_name(v)}")
+    out, bad = [], []
+    for i, x in enumerate(v):
+        try:
+            out.append(_string(x))
+        except _Bad as exc:
+            bad.append((f"[{i}]", str(exc)))
+    if bad:
+        raise _Many(bad[:20])
+    return out
+
+
+def _argv(v: Any) -> list[str]:
+    if isinstance(v, str):
+        try:
+            parts = shlex.split(v)
+        except ValueError as exc:
+            raise _Bad(f"cannot split the command: {exc}") from None
+    elif isinstance(v, list):
+        parts = []
+        for i, x in enumerate(v):
+            if isinstance(x, bool) or not isinstance(x, str | int | float):
+                raise _Many([(f"[{i}]", f"expected a string, got {_type_name(x)}")])
+            parts.append(x if isinstance(x, str) else str(x))
+    else:
+        raise _Bad(f"expected a list of arguments, got {_type_name(v)}")
+    if not parts or not parts[0]:
+        raise _Bad("the command is empty")
+    if any("\x00" in p for p in parts):
+        raise _Bad("command arguments may not contain NUL bytes")
+    return parts
+
+
+def _env(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise _Bad(f"expected a mapping of NAME: value, got {_type_name(v)}")
+    out, bad = {}, []
+    for name, value in v.items():
+        where = f".{str(name)[:40]}"
+        if not isinstance(name, str) or not ENV_NAME.match(name):
+            bad.append((where, "not a valid environment variable name"))
+        elif isinstance(value, bool) or not isinstance(value, str | int | float):
+            bad.append((where, f"expected a string, got {_type_name(value)}"))
+        elif isinstance(value, str) and "\x00" in value:
+            bad.append((where, "may not contain NUL bytes"))
         else:
-            raise self.fail(key, f"expected a list of arguments, got {_type_name(v)}")
-        if not parts or not parts[0]:
-            raise self.fail(key, "the command is empty")
-        return parts
-
-    def env(self, key: str, v: Any) -> dict[str, str]:
-        if not isinstance(v, dict):
-            raise self.fail(key, f"expected a mapping of NAME: value, got {_type_name(v)}")
-        out = {}
-        for name, value in v.items():
-            if not isinstance(name, str) or not ENV_NAME.match(name):
-                raise self.fail(f"{key}.{name}", "not a valid environment variable name")
-            if isinstance(value, bool) or not isinstance(value, str | int | float):
-                raise self.fail(f"{key}.{name}", f"expected a string, got {_type_name(value)}")
             out[name] = value if isinstance(value, str) else str(value)
-        return out
+    if bad:
+        raise _Many(bad[:20])
+    return out
 
-    def choice(self, key: str, v: Any, allowed: tuple[str, ...]) -> str:
+
+def _choice(*allowed: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
         if v not in allowed:
-            raise self.fail(key, f"expected one of {', '.join(allowed)}, got {_show(v)}")
+            raise _Bad(f"expected one of {', '.join(allowed)}, got {_show(v)}")
         return str(v)
+    return check
 
 
 # key in the file -> (key in the request body, how to check and convert it)
-_Rule = tuple[str, Callable[[_Checker, str, Any], Any]]
-RULES: dict[str, _Rule] = {
-    "name": ("name", _Checker.string),
-    "command": ("argv", _Checker.argv),
-    "nodes": ("nodes", lambda c, k, v: c.integer(k, v, 1)),
-    "node_names": ("node_names", _Checker.strings),
-    "gpus_per_node": ("gpus_per_node", _Checker.integer),
-    "min_vram_gb": ("min_vram_gb", _Checker.positive),
-    "labels": ("labels_required", _Checker.strings),
-    "avoid_labels": ("labels_avoided", _Checker.strings),
-    "priority": ("priority", lambda c, k, v: c.integer(k, v, -(2**31))),
-    "max_retries": ("max_retries", _Checker.integer),
-    "retry_backoff_s": ("retry_backoff_s", _Checker.positive),
-    "after": ("after", _Checker.strings),
-    "hold": ("held", _Checker.boolean),
-    "env": ("env", _Checker.env),
-    "torchrun": ("torchrun", _Checker.boolean),
-    "nproc_per_node": ("nproc_per_node", lambda c, k, v: c.integer(k, v, 1)),
-    "cwd": ("cwd", _Checker.string),
-    "stall_timeout_s": ("stall_timeout_s", _Checker.positive),
-    "stall_action": ("stall_action", lambda c, k, v: c.choice(k, v, ("alert", "requeue"))),
-    "expected_runtime_s": ("expected_runtime_s", _Checker.positive),
-    "progress": ("progress", _Checker.strings),
-    "progress_rank": ("progress_rank", _Checker.integer),
-    "loss_key": ("loss_key", _Checker.string),
-    "stop_grace_s": ("stop_grace_s", _Checker.positive),
+RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
+    "name": ("name", _string),
+    "command": ("argv", _argv),
+    "nodes": ("nodes", _integer(1, 1024)),
+    "node_names": ("node_names", _strings),
+    "gpus_per_node": ("gpus_per_node", _integer(0, 64)),
+    "min_vram_gb": ("min_vram_gb", _vram),
+    "labels": ("labels_required", _strings),
+    "avoid_labels": ("labels_avoided", _strings),
+    "priority": ("priority", _integer(PRIORITY_MIN, PRIORITY_MAX)),
+    "max_retries": ("max_retries", _integer(0, 100)),
+    "retry_backoff_s": ("retry_backoff_s", _seconds(0, MAX_BACKOFF_S)),
+    "after": ("after", _strings),
+    "hold": ("held", _boolean),
+    "env": ("env", _env),
+    "torchrun": ("torchrun", _boolean),
+    "nproc_per_node": ("nproc_per_node", _integer(1, 256)),
+    "cwd": ("cwd", _string),
+    "stall_timeout_s": ("stall_timeout_s", _seconds(1, MAX_STALL_S)),
+    "stall_action": ("stall_action", _choice("alert", "requeue")),
+    "expected_runtime_s": ("expected_runtime_s", _seconds(0, MAX_RUNTIME_S, positive=True)),
+    "progress": ("progress", _strings),
+    "progress_rank": ("progress_rank", _integer(0, 1023)),
+    "loss_key": ("loss_key", _string),
+    "stop_grace_s": ("stop_grace_s", _seconds(0.1, 3600)),
 }
 ALIASES = {"argv": "command", "node": "node_names", "label": "labels",
            "avoid_label": "avoid_labels", "held": "hold"}
 
 
-def parse(text: str, path: str) -> dict[str, Any]:
-    """YAML text -> a ``POST /v1/jobs`` body; raises JobFileError naming the file and key."""
-    import yaml  # only here: yaml costs ~20 ms to import
+def parse(text: str | bytes, path: str) -> dict[str, Any]:
+    """YAML text -> a ``POST /v1/jobs`` body; raises JobFileError listing every problem."""
+    from ugrod.config_reader import Refused, parse_yaml  # yaml: ~15 ms, only for job files
 
     try:
-        doc = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise JobFileError(path, None, f"not valid YAML: {where}{problem}") from None
+        doc, duplicates = parse_yaml(text, "a job file", frozenset({"command", "argv"}))
+    except Refused as exc:
+        raise JobFileError(path, exc.where or None, exc.problem) from None
+    problems: list[tuple[str | None, str]] = [(d.where, d.problem) for d in duplicates]
     if not isinstance(doc, dict):
-        raise JobFileError(path, None, f"expected a mapping of job settings at the top, got "
-                           f"{_type_name(doc)}")
-    check = _Checker(path)
+        problems.append((None, f"expected a mapping of job settings at the top, got "
+                               f"{_type_name(doc)}"))
+        _raise(path, problems)
     body: dict[str, Any] = {}
+    given_as: dict[str, str] = {}
     for key, value in doc.items():
-        canonical = ALIASES.get(key, key) if isinstance(key, str) else key
-        rule = RULES.get(canonical) if isinstance(canonical, str) else None
+        shown = str(key)[:60]
+        canonical = ALIASES.get(key, key) if isinstance(key, str) else None
+        rule = RULES.get(canonical) if canonical is not None else None
         if rule is None:
-            raise check.fail(str(key), f"unknown key{_suggest(str(key))}; known keys: "
-                             f"{', '.join(RULES)}")
+            problems.append((shown, f"unknown key{_suggest(shown)}; known keys: "
+                                    f"{', '.join(RULES)}"))
+            continue
         target, convert = rule
-        if target in body:
-            raise check.fail(str(key), f"given twice (also as {canonical!r})")
-        body[target] = convert(check, str(key), value)
-    if "argv" not in body:
-        raise JobFileError(path, "command", "missing: say what to run, e.g. "
-                           "command: [python, train.py]")
+        if target in given_as:
+            problems.append((shown, f"given twice (also as {given_as[target]!r})"))
+            continue
+        given_as[target] = shown
+        try:
+            body[target] = convert(value)
+        except _Many as exc:
+            problems.extend((shown + suffix, problem) for suffix, problem in exc.problems)
+        except _Bad as exc:
+            problems.append((shown, str(exc)))
+    if "argv" not in body and "argv" not in given_as:
+        problems.append(("command", "missing: say what to run, e.g. "
+                                    "command: [python, train.py]"))
+    if problems:
+        _raise(path, problems)
     if "node_names" in body and "nodes" not in body:
         body["nodes"] = len(body["node_names"])
     return body
+
+
+def _raise(path: str, problems: list[tuple[str | None, str]]) -> None:
+    (key, problem), *more = problems
+    raise JobFileError(path, key, problem, more)
 
 
 def load(path: str) -> dict[str, Any]:
     """Read and parse a job file; an unreadable file is a JobFileError too."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(1_000_001)
+            raw = f.read(MAX_FILE_BYTES + 1)
     except OSError as exc:
         raise JobFileError(path, None, f"cannot read: {exc.strerror}") from None
-    if len(raw) > 1_000_000:
-        raise JobFileError(path, None, "larger than 1 MB: not a job file")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise JobFileError(path, None, f"not UTF-8 text (byte {exc.start})") from None
-    return parse(text, path)
+    if len(raw) > MAX_FILE_BYTES:
+        raise JobFileError(path, None, "larger than 1 MiB: not a job file")
+    return parse(raw, path)
 
 
 def _suggest(key: str) -> str:

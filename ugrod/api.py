@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import json
+import math
 import os
 import pwd
 import socket
@@ -95,6 +96,8 @@ def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Applicati
     return app
 
 
+MAX_PENDING_LINE = 1 << 20  # a log line longer than this is passed on in pieces
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -155,11 +158,39 @@ async def _body(request: web.Request, cls: type[Any]) -> Any:
     if not raw:
         raw = b"{}"
     try:
-        return msgspec.json.decode(raw, type=cls)
+        value = msgspec.json.decode(raw, type=cls)
     except msgspec.ValidationError as exc:
         raise ApiError(400, "bad_request", f"invalid request: {exc}") from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise ApiError(400, "bad_request", f"request body is not valid JSON: {exc}") from None
+    duplicate = _duplicate_key(raw)
+    if duplicate is not None:
+        # JSON parsers disagree on which of two equal keys wins; a body that says
+        # "priority" twice is refused rather than read one way here and another in a log.
+        raise ApiError(400, "bad_request", f"invalid request: key {duplicate[:60]!r} is "
+                       f"given twice")
+    return value
+
+
+def _duplicate_key(raw: bytes) -> str | None:
+    """The first key that appears twice in one JSON object of ``raw`` (already valid JSON)."""
+    if raw.count(b":") < 2:
+        return None  # fewer than two keys anywhere: the common tiny body costs nothing
+    found: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen and not found:
+                found.append(k)
+            seen.add(k)
+        return {}
+
+    try:
+        json.loads(raw, object_pairs_hook=pairs)
+    except (ValueError, RecursionError):
+        return None  # msgspec already accepted it; nothing more to say
+    return found[0] if found else None
 
 
 class Handlers:
@@ -313,9 +344,7 @@ class Handlers:
         actor, job = peer(request), self._job(request)
         self._own(actor, job, "change the priority of")
         body = await _body(request, dict[str, int])
-        p = body.get("priority")
-        if not isinstance(p, int) or isinstance(p, bool) or not -1000 <= p <= 1000:
-            raise ApiError(400, "bad_request", "priority must be an integer from -1000 to 1000")
+        p = jobspec.check_priority(body.get("priority"))
         await self.d.ledger.record(actor, ev.JobPrioritySet(job=job.id, priority=p))
         return await self._job_answer(job.id)
 
@@ -342,9 +371,9 @@ class Handlers:
         if job.state is not JobState.RUNNING:
             raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only a running job "
                            f"can be asked to checkpoint")
+        wait_s = _query_number(request, "wait", 0.0, 0.0, 600.0)
         before = len(job.checkpoints)
         await self.d.ledger.record(actor, ev.CheckpointRequested(job=job.id))
-        wait_s = float(request.query.get("wait", "0") or 0)
         if wait_s > 0:
             deadline = time.monotonic() + min(wait_s, 600)
             while time.monotonic() < deadline:
@@ -383,30 +412,45 @@ class Handlers:
                                f"(ranks: {', '.join(map(str, ranks))})")
             ranks = [rank]
         follow = request.query.get("follow") in ("1", "true")
-        tail = request.query.get("tail")
+        tail_q = request.query.get("tail")
+        tail = None if tail_q is None or tail_q == "" \
+            else int(_query_number(request, "tail", 0, 0, 100_000))
         resp = web.StreamResponse(headers={"Content-Type": "text/plain; charset=utf-8"})
         await resp.prepare(request)
         jobdir = self.d.executor.job_dir(job.id)
         files = {r: jobdir / f"rank_{r}.log" for r in ranks}
-        offsets = {r: _start_offset(f, int(tail) if tail and tail.isdigit() else None)
-                   for r, f in files.items()}
+        offsets = {r: _start_offset(f, tail) for r, f in files.items()}
+        # Without follow, the whole log as it is now, streamed 1 MiB at a time (the
+        # client sees the end of the stream, not a silent cut at the first chunk).
+        ends = {r: _size(f) for r, f in files.items()}
         prefix = len(ranks) > 1
         pending = {r: b"" for r in ranks}
         while True:
             for r, f in files.items():
                 chunk = _read_from(f, offsets[r])
+                if not follow:
+                    chunk = chunk[:max(0, ends[r] - offsets[r])]
+                    if not chunk:
+                        ends[r] = offsets[r]  # done, or the file shrank under us
                 if chunk:
                     offsets[r] += len(chunk)
                     data = pending[r] + chunk
                     lines = data.split(b"\n")
                     pending[r] = lines.pop()
+                    if len(pending[r]) > MAX_PENDING_LINE:  # a line without end: pass it on
+                        lines.append(pending[r])
+                        pending[r] = b""
                     if lines:
                         out = b"".join((f"[rank {r}] ".encode() if prefix else b"") + ln + b"\n"
                                        for ln in lines)
                         await resp.write(out)
+            if not follow:
+                if all(offsets[r] >= ends[r] for r in files):
+                    break
+                continue  # more of the log as it was: no pause between chunks
             current = self.d.ledger.state.jobs[job.id]
-            if not follow or (current.state in TERMINAL | {JobState.RETRYING}
-                              and all(_size(f) <= offsets[r] for r, f in files.items())):
+            if current.state in TERMINAL | {JobState.RETRYING} \
+                    and all(_size(f) <= offsets[r] for r, f in files.items()):
                 break
             await asyncio.sleep(0.25)
         for r, rest in pending.items():
@@ -434,9 +478,13 @@ class Handlers:
             after = int(q.get("after", "0"))
             limit = int(q["limit"]) if "limit" in q else None
             since = ev.parse_ts(_iso_z(q["since"])) if "since" in q else None
-        except (ValueError, ev.EventError):
-            raise ApiError(400, "bad_request", "after/limit must be integers and since an "
-                           "ISO-8601 UTC time like 2026-11-22T10:00:00Z") from None
+            if after < 0 or after >= 1 << 63 or (limit is not None
+                                                 and not 0 < limit <= 10_000_000):
+                raise ValueError("out of range")
+        except (ValueError, OverflowError, ev.EventError):
+            raise ApiError(400, "bad_request", "after must be a non-negative integer, limit "
+                           "an integer from 1 to 10000000, and since an ISO-8601 UTC time "
+                           "like 2026-11-22T10:00:00Z") from None
         follow = q.get("follow") in ("1", "true")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         await resp.prepare(request)
@@ -523,6 +571,22 @@ class Handlers:
         path = self.d.executor.job_dir(job.id) / name
         out = await asyncio.to_thread(read_series, path, after, max_points, keys)
         return _json({"job": job.id, "rank": rank, **out})
+
+
+def _query_number(request: web.Request, key: str, default: float, lo: float,
+                  hi: float) -> float:
+    """A finite number from the query string, ``lo <= x <= hi``, else 400 (before any change)."""
+    text = request.query.get(key)
+    if text is None or text == "":
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value) or not lo <= value <= hi:
+        raise ApiError(400, "bad_request", f"{key} must be a number from {lo:g} to {hi:g}, "
+                       f"got {text[:40]!r}")
+    return value
 
 
 def _iso_z(text: str) -> str:

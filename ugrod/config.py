@@ -35,6 +35,7 @@ from ugrod.config_reader import (
     show,
 )
 from ugrod.events import Gpu, NodeSpec
+from ugrod.names import NAME_RE, NAME_RULE
 from ugrod.paths import default_socket_path, default_state_dir, expand_user_path, home_dir
 
 __all__ = [
@@ -45,7 +46,6 @@ __all__ = [
 ]
 
 GIB: Final = 1 << 30
-NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}")
 LABEL_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:=/-]{0,62}")
 USER_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\$?")
 IFNAME_RE: Final = re.compile(r"[A-Za-z0-9_.:,^=-]{1,64}")
@@ -357,8 +357,7 @@ def _read_nodes(r: Reader, raw: Any) -> tuple[NodeConfig, ...]:
             continue
         where = join_key("nodes", name)
         if not NAME_RE.fullmatch(name):
-            r.fail(where, "invalid node name: expected 1-63 letters, digits, '.', '_' or '-', "
-                          "starting with a letter or digit")
+            r.fail(where, f"invalid node name: expected {NAME_RULE}")
         node = _read_node(r, name, body, where)
         if node is not None:
             nodes.append(node)

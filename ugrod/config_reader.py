@@ -10,16 +10,14 @@ stopping at the first; ``ugrod.config`` holds the schema that drives it.
 
 from __future__ import annotations
 
-import difflib
-import ipaddress
 import math
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, NoReturn, TypeVar
 
-import msgspec
 import yaml
 
 from ugrod.paths import expand_user_path
@@ -32,7 +30,8 @@ MAX_INT: Final = 1 << 31
 # ---- errors ---------------------------------------------------------------
 
 
-class Problem(msgspec.Struct, frozen=True):
+@dataclass(frozen=True, slots=True)
+class Problem:
     """One thing wrong: ``where`` is a key path (``nodes.gpu1.vram_gb``), a line, or ""."""
 
     where: str
@@ -83,10 +82,11 @@ _FLOAT_12 = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
 class _Loader(yaml.SafeLoader):
     """SafeLoader that refuses tags and duplicate keys and bounds nesting."""
 
-    def __init__(self, stream: str) -> None:
+    def __init__(self, stream: str, what: str = "cluster.yaml") -> None:
         super().__init__(stream)
         self.duplicates: list[Problem] = []
         self._depth = 0
+        self.what = what
 
     def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
         # The composer recurses once per level: stop long before Python's stack does.
@@ -118,7 +118,7 @@ class _Loader(yaml.SafeLoader):
 
     def _refuse_tag(self, node: yaml.Node) -> NoReturn:
         tag = node.tag.replace("tag:yaml.org,2002:", "!!")
-        raise Refused(node.start_mark, f"tag {show(tag)} is not allowed: cluster.yaml is "
+        raise Refused(node.start_mark, f"tag {show(tag)} is not allowed: {self.what} is "
                                         f"plain YAML (mappings, lists, strings, numbers)")
 
 
@@ -169,8 +169,15 @@ def _check_graph(root: yaml.Node) -> None:
         stack.extend((k, False) for k in kids if id(k) not in size)
 
 
-def parse_yaml(data: str | bytes) -> tuple[Any, list[Problem]]:
-    """Plain data from YAML text, plus duplicate-key problems; raises Refused."""
+def parse_yaml(data: str | bytes, what: str = "cluster.yaml",
+               text_lists: frozenset[str] = frozenset()) -> tuple[Any, list[Problem]]:
+    """Plain data from YAML text, plus duplicate-key problems; raises Refused.
+
+    The one hardened reader of every YAML file UGRO reads: ugrod's cluster.yaml and
+    ``ugroctl``'s job files (``what`` names the kind of file in messages). The scalars
+    of a list under a top-level key in ``text_lists`` are kept as written (a command's
+    ``--lr 2e-4`` stays ``'2e-4'``, not ``'0.0002'``).
+    """
     if isinstance(data, bytes):
         if len(data) > MAX_BYTES:
             raise Refused(None, f"the file is larger than {MAX_BYTES} bytes (1 MiB)")
@@ -186,11 +193,18 @@ def parse_yaml(data: str | bytes) -> tuple[Any, list[Problem]]:
         text = data.removeprefix("\ufeff")
     loader: _Loader | None = None
     try:
-        loader = _Loader(text)
+        loader = _Loader(text, what)
         node = loader.get_single_node()
         if node is None:
             return None, []
         _check_graph(node)
+        if text_lists and isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode) and key_node.value in text_lists \
+                        and isinstance(value_node, yaml.SequenceNode):
+                    for item in value_node.value:
+                        if isinstance(item, yaml.ScalarNode) and not item.tag.endswith(":null"):
+                            item.tag = "tag:yaml.org,2002:str"
         data = loader.construct_document(node)
         return data, sorted(loader.duplicates, key=lambda p: _line_of(p.where))
     except yaml.reader.ReaderError as exc:
@@ -261,6 +275,8 @@ def join_key(parent: str, key: str) -> str:
 
 
 def _is_host(text: str) -> bool:
+    import ipaddress  # here: ugroctl's job files import this module and never need it
+
     try:
         ipaddress.ip_address(text)
         return True
@@ -318,6 +334,8 @@ class Reader:
             elif key in allowed:
                 out[key] = item
             else:
+                import difflib  # only for a misspelt key
+
                 close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
                 hint = (f"did you mean {close[0]!r}?" if close
                         else "expected one of: " + ", ".join(sorted(allowed)))

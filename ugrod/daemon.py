@@ -106,6 +106,7 @@ class Daemon:
         self._build_agents()
         self.executor.agents = self.agents
         self.executor.rank0_bind = self._node_host
+        self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
         await self._reconcile_nodes(self.config)
         await self._inventory(self.config)
@@ -700,12 +701,9 @@ class Daemon:
         state = self.ledger.state
         if name in state.sweeps:
             raise ApiError(409, "conflict", f"a sweep named {name!r} already exists")
-        if not body.params or any(not v for v in body.params.values()):
-            raise ApiError(400, "bad_request", "a sweep needs at least one --param with values")
+        jobspec.check_sweep(body)  # sized before anything is built (SpecError: 400)
         keys = sorted(body.params)
         grid = list(itertools.product(*(body.params[k] for k in keys)))
-        if len(grid) > 1000:
-            raise ApiError(400, "bad_request", f"sweep has {len(grid)} trials; at most 1000")
         events: list[ev.Event] = []
         names = []
         for i, values in enumerate(grid):

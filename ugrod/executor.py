@@ -22,6 +22,8 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from ugrod import events as ev
 from ugrod import log as evlog
 from ugrod import progress_formats as pf
@@ -56,6 +58,10 @@ class Executor:
         self.rdzv_join_timeout_s = rdzv_join_timeout_s
         self.network_interface = network_interface
         self.on_job_end = on_job_end
+        self.on_metric_dropped: Callable[[], None] | None = None
+        self.dropped_metrics: dict[str, int] = {}  # job -> metrics lines dropped
+        # (job, attempt, rank) -> why its watch and status both failed: supervision ends it
+        self._watch_failures: dict[tuple[str, int, int], BaseException] = {}
         self.rank0_bind: Callable[[str], str] = lambda node: ""
         self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
@@ -126,15 +132,33 @@ class Executor:
         except (asyncio.CancelledError, evlog.LogWriteFailed):
             raise
         except Exception as exc:
-            # A bug must not leave a job "running" forever: end it, loudly.
+            # Any failure on a supervision path ends the job with a reason instead of
+            # leaving it "starting" or "running (stopping)" forever, across restarts too:
+            # kill what may run (each step guarded: the failure may repeat in it), end.
             logger.exception("supervision of %s attempt %d failed", job_id, attempt)
-            job = self.ledger.state.jobs[job_id]
-            if job.state in ACTIVE and job.attempt == attempt:
-                agents = [self.agents[p.node] for p in job.placement if p.node in self.agents]
-                if len(agents) == len(job.placement):
-                    await self._kill_started(job, agents, {r.rank: r.pid or 0
-                                                           for r in job.ranks})
-                await self._end(job, "failed", f"ugrod internal error: {exc!r}")
+            await self._end_after_crash(job_id, attempt, exc)
+
+    async def _end_after_crash(self, job_id: str, attempt: int, exc: BaseException) -> None:
+        job = self.ledger.state.jobs.get(job_id)
+        if job is None or job.state not in ACTIVE or job.attempt != attempt:
+            return
+        note = ""
+        agents = [self.agents[p.node] for p in job.placement if p.node in self.agents]
+        if len(agents) == len(job.placement):
+            try:
+                async with asyncio.timeout(self.grace_s + 30):
+                    await self._kill_started(job, agents, {p.rank: 0 for p in job.placement})
+            except (asyncio.CancelledError, evlog.LogWriteFailed):
+                raise
+            except Exception as kill_exc:
+                logger.warning("job %s: could not kill its ranks after %r: %r", job_id, exc,
+                               kill_exc)
+                note = f"; its processes could not be confirmed gone ({_short(kill_exc)})"
+        what = exc.args[0] if isinstance(exc, ValueError | OSError) and exc.args else repr(exc)
+        reason = (job.reason + "; " if job.stopping is not None and job.reason else "") + \
+            f"ugrod could not supervise the job: {_short(what)}{note}"
+        outcome = job.stopping if job.stopping in ("cancelled", "failed") else "failed"
+        await self._end(self.ledger.state.jobs[job_id], outcome, reason)
 
     async def _run_attempt(self, job_id: str, attempt: int, *, fresh: bool) -> None:
         job = self.ledger.state.jobs[job_id]
@@ -400,7 +424,7 @@ class Executor:
             while len(codes) + len(lost) < len(job.placement):
                 if stop_flag.is_set() and killer is None:
                     killer = asyncio.get_running_loop().create_task(
-                        self._kill_all(job, agents, codes))
+                        self._kill_all(job, agents, codes, exits))
                 get = asyncio.ensure_future(exits.get())
                 if not stop_flag.is_set():  # once set, only exits are waited for
                     flag = asyncio.ensure_future(stop_flag.wait())
@@ -413,6 +437,9 @@ class Executor:
                 if p.rank in codes or p.rank in lost:
                     continue
                 if code is None:
+                    failure = self._watch_failures.pop((job_id, attempt, p.rank), None)
+                    if failure is not None:
+                        raise failure  # ends the attempt with the reason (see _attempt)
                     lost[p.rank] = p.node
                     continue
                 codes[p.rank] = code
@@ -482,8 +509,14 @@ class Executor:
             reason += f"; last lines: {last[-600:]}"
         return "failed", reason
 
-    async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int]) -> None:
-        """SIGTERM every live rank's group, SIGKILL after the grace period; retry on link errors."""
+    async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int],
+                        exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]) -> None:
+        """SIGTERM every live rank's group, SIGKILL after the grace period; retry on link errors.
+
+        A rank that cannot be killed (its node stays unreachable through every retry, or
+        the kill fails outright) is given up on, so that a cancel always ends the job: it
+        ends with the reason that those processes could not be confirmed gone.
+        """
         async def one(p: ev.RankPlacement, a: NodeAgent) -> None:
             for delay in (0.5, 1, 2, 4, 8, 15, 30):
                 if p.rank in codes:
@@ -494,6 +527,17 @@ class Executor:
                 except TransportError as exc:
                     logger.warning("kill %s rank %d: %s; retrying", job.id, p.rank, exc)
                     await asyncio.sleep(delay)
+                except (asyncio.CancelledError, evlog.LogWriteFailed):
+                    raise
+                except Exception as exc:
+                    logger.exception("kill %s rank %d failed", job.id, p.rank)
+                    self._watch_failures[(job.id, job.attempt, p.rank)] = exc
+                    exits.put_nowait((p, None))
+                    return
+            if p.rank not in codes:
+                logger.warning("kill %s rank %d: %s unreachable; giving up on it", job.id,
+                               p.rank, p.node)
+                exits.put_nowait((p, None))
         await asyncio.gather(*(one(p, a) for p, a in zip(job.placement, agents, strict=True)))
 
     async def _finish(self, job_id: str, attempt: int, codes: dict[int, int],
@@ -529,7 +573,8 @@ class Executor:
         """Record job_ended: decide retry (progress-aware) and find the checkpoint to resume."""
         latest = self.latest.get(job.id, {})
         step = latest.get("step")
-        last_step = int(step) if isinstance(step, int | float) and math.isfinite(step) else None
+        last_step = int(step) if isinstance(step, int | float) and math.isfinite(step) \
+            and 0 <= step <= MAX_STEP else None
         made_progress = last_step is not None and (job.best_step is None
                                                    or last_step > job.best_step)
         retry_at = None
@@ -538,8 +583,11 @@ class Executor:
             budget_used = job.no_progress_failures + (0 if made_progress else 1)
             if budget_used <= job.spec.max_retries and job.failures < 4 * job.spec.max_retries + 4:
                 outcome = "retrying"
-                backoff = job.spec.retry_backoff_s * (2 ** max(budget_used - 1, 0))
-                retry_at = self.ledger.stamp() + min(backoff, 600.0)
+                backoff = job.spec.retry_backoff_s * (2 ** min(max(budget_used - 1, 0), 30))
+                # Bounded both ways even for a spec recorded before submit checked it
+                # (a backoff of -1e308 once made a retry time no event could hold).
+                backoff = min(max(backoff, 0.0), 600.0) if math.isfinite(backoff) else 600.0
+                retry_at = self.ledger.stamp() + backoff
                 reason = f"{reason}; retry {job.failures + 1} " + (
                     "(made progress: budget kept)" if made_progress else
                     f"({budget_used} of {job.spec.max_retries} retries without progress used)")
@@ -547,7 +595,12 @@ class Executor:
                 reason = (f"{reason}; not retried: {job.spec.max_retries} retries without "
                           f"progress used up (crash loop)")
         if outcome == "retrying":
-            resume_from = await self._newest_checkpoint(job)
+            try:
+                resume_from = await self._newest_checkpoint(job)
+            except (asyncio.CancelledError, evlog.LogWriteFailed):
+                raise
+            except Exception as exc:
+                logger.warning("job %s: cannot list its checkpoints: %r", job.id, exc)
         ended = ev.JobEnded(job=job.id, attempt=job.attempt, outcome=outcome, reason=reason[:4000],
                             exit_code=exit_code, failed_rank=failed_rank, failed_node=failed_node,
                             last_step=last_step, made_progress=made_progress, retry_at=retry_at,
@@ -555,8 +608,24 @@ class Executor:
         try:
             state = await self.ledger.record(ev.DAEMON, ended)
         except InvalidEvent as exc:
-            logger.warning("could not end %s: %s", job.id, exc)
-            return
+            current = self.ledger.state.jobs.get(job.id)
+            if current is None or current.state not in ACTIVE or current.attempt != job.attempt:
+                logger.info("job %s already ended: %s", job.id, exc)
+                return
+            # The full record was refused (a value it carries): end the job plainly rather
+            # than leave it holding its GPUs, and say why.
+            logger.warning("could not end %s with %s: %s; ending it plainly", job.id, outcome,
+                           exc)
+            plain = ev.JobEnded(job=job.id, attempt=job.attempt,
+                                outcome="cancelled" if outcome == "cancelled" else "failed",
+                                reason=f"{reason[:3000]} (recorded plainly: {_short(exc)})",
+                                exit_code=exit_code if exit_code is None
+                                or -(1 << 31) <= exit_code < 1 << 31 else None)
+            try:
+                state = await self.ledger.record(ev.DAEMON, plain)
+            except InvalidEvent as exc2:
+                logger.error("could not end %s at all: %s", job.id, exc2)
+                return
         done = state.jobs[job.id]
         self._write_result(done)
         if self.on_job_end is not None:
@@ -586,6 +655,30 @@ class Executor:
                           exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]
                           ) -> None:
         """Stream one rank's log and metrics into the job dir until it exits; survive link drops."""
+        try:
+            await self._stream_rank(job, p, agent, jobdir, exits)
+        except (asyncio.CancelledError, evlog.LogWriteFailed):
+            raise
+        except Exception as exc:
+            # The stream broke in a way a reconnect will not mend: keep supervising the
+            # rank by its status alone (its output is no longer copied), so that its exit
+            # still ends the job; if even that fails, supervision ends the job.
+            logger.exception("watching %s rank %d on %s failed; polling its status instead",
+                             job.id, p.rank, p.node)
+            try:
+                code = await self._poll_exit(job, p, agent)
+            except (asyncio.CancelledError, evlog.LogWriteFailed):
+                raise
+            except Exception as exc2:
+                self._watch_failures[(job.id, job.attempt, p.rank)] = exc2
+                await exits.put((p, None))
+                return
+            logger.warning("job %s rank %d: %r; its exit was found by polling", job.id, p.rank,
+                           exc)
+            await exits.put((p, code))
+
+    async def _stream_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
+                           exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]) -> None:
         log_path = jobdir / f"rank_{p.rank}.log"
         metrics_path = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
         base = self._bases(job, jobdir)[p.rank]
@@ -601,11 +694,11 @@ class Executor:
                                               max(met_off, 0)):
                     delay = 0.5
                     if isinstance(item, LogChunk):
-                        _append(log_path, item.data)
+                        _append_kept(log_path, item.data)
                         if reader is not None:
                             self._progress(job, jobdir, reader.feed(item.data))
                     elif isinstance(item, MetricLine):
-                        _append(metrics_path, item.data.rstrip(b"\n") + b"\n")
+                        _append_kept(metrics_path, item.data.rstrip(b"\n") + b"\n")
                         if p.rank == 0:
                             await self._metric(job, item.data)
                     elif isinstance(item, RankExit):
@@ -617,19 +710,43 @@ class Executor:
             await asyncio.sleep(delay)
             delay = min(delay * 2, 15.0)
 
+    async def _poll_exit(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> int:
+        """A rank's exit code by polling its status (the fallback when its stream fails)."""
+        delay, gone_without_code = 0.5, 0
+        while True:
+            try:
+                st = await agent.status(job.id, job.attempt, p.rank)
+            except TransportError:
+                st = None
+            if st is not None and not st.alive:
+                if st.exit_code is not None:
+                    return st.exit_code
+                gone_without_code += 1
+                if gone_without_code >= 3:
+                    return VANISHED_EXIT_CODE
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, 5.0)
+
+    def _drop_metric(self, job: Job, why: str) -> None:
+        """A metrics line that cannot be used: counted, and said once per job (then every 1000)."""
+        n = self.dropped_metrics[job.id] = self.dropped_metrics.get(job.id, 0) + 1
+        if self.on_metric_dropped is not None:
+            self.on_metric_dropped()
+        if n == 1 or n % 1000 == 0:
+            logger.warning("job %s: dropped a training metrics line (%d so far): %s",
+                           job.id, n, why)
+
     async def _metric(self, job: Job, raw: bytes) -> None:
-        try:
-            values = json.loads(raw)
-        except ValueError:
-            return
-        if not isinstance(values, dict):
+        values = parse_metric_line(raw)
+        if isinstance(values, str):
+            self._drop_metric(job, values)
             return
         if values.get("event") == "checkpoint" and isinstance(values.get("path"), str):
             step = values.get("step")
             with contextlib.suppress(InvalidEvent):
                 await self.ledger.record(ev.DAEMON, ev.CheckpointSaved(
                     job=job.id, path=values["path"][:4096],
-                    step=step if isinstance(step, int) else None))
+                    step=int(step) if isinstance(step, int | float) else None))
             return
         if "event" not in values:
             self._values(job, values)
@@ -641,7 +758,7 @@ class Executor:
         ts = round(self.ledger.stamp(), 3)
         lines = b"".join(json.dumps({"ts": ts, **r}, separators=(",", ":")).encode() + b"\n"
                          for r in records)
-        _append(jobdir / "progress.jsonl", lines)
+        _append_kept(jobdir / "progress.jsonl", lines)
         for r in records:
             self._values(job, {"ts": ts, **r})
 
@@ -709,6 +826,40 @@ class LaunchError(Exception):
     """A launch pre-check failed (message names the node)."""
 
 
+MAX_METRIC_LINE = 64 * 1024   # a metrics line is a few hundred bytes; past this it is garbage
+MAX_STEP = (1 << 63) - 1      # steps are recorded in events: a signed 64-bit integer
+MAX_METRIC_ABS = 1e300        # finite with room: sums and rates of it stay finite
+
+
+def parse_metric_line(raw: bytes) -> dict[str, Any] | str:
+    """A training metrics line as a JSON object, or why it is dropped (pure; never raises).
+
+    Bounded in length and nesting (msgspec stops deep nesting with RecursionError, where
+    the stdlib parser once killed the rank watcher); ``step`` must be an integer from 0 to
+    2^63-1 (1e300 would not fit the event that records it) and numbers finite.
+    """
+    if len(raw) > MAX_METRIC_LINE:
+        return f"longer than {MAX_METRIC_LINE} bytes"
+    try:
+        values = msgspec.json.decode(raw)
+    except (msgspec.DecodeError, RecursionError, ValueError):
+        return "not JSON (or nested too deeply)"
+    if not isinstance(values, dict):
+        return "not a JSON object"
+    step = values.get("step")
+    if step is not None:
+        if isinstance(step, bool) or not isinstance(step, int | float) \
+                or not math.isfinite(step) or step != int(step) or not 0 <= step <= MAX_STEP:
+            return f"step must be an integer from 0 to {MAX_STEP}, got {str(step)[:40]}"
+        values["step"] = int(step)
+    for k, v in values.items():
+        if isinstance(v, float) and (not math.isfinite(v) or abs(v) > MAX_METRIC_ABS):
+            return f"{str(k)[:40]}: number out of range"
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > MAX_STEP:
+            return f"{str(k)[:40]}: integer out of range"
+    return dict(values)
+
+
 # Listens on the rank-0 node where torchrun's store will, until ugrod closes the stream.
 # It accepts the expected number of connections, or gives up after 20 s, then exits.
 _LISTENER = (
@@ -737,6 +888,11 @@ async def _listening(agent: NodeAgent, bind: Callable[[str], str], port: int,
         await stream.close()
 
 
+def _short(what: object) -> str:
+    text = str(what)
+    return text if len(text) <= 300 else text[:300] + "…"
+
+
 def _log_failure(task: asyncio.Task[Any]) -> None:
     if not task.cancelled() and task.exception() is not None:
         logger.error("background task failed", exc_info=task.exception())
@@ -755,6 +911,28 @@ def _append(path: Path, data: bytes) -> None:
         os.write(fd, data)
     finally:
         os.close(fd)
+
+
+def _append_kept(path: Path, data: bytes) -> None:
+    """Append to a file of the central job directory, making it again if it was removed.
+
+    Someone deleting the job directory while the job runs must not stop its supervision
+    (the watcher once died on FileNotFoundError and the job never ended); a write that
+    still fails (disk full, permissions) drops that piece of output with a warning.
+    """
+    try:
+        _append(path, data)
+        return
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        logger.warning("cannot write %s: %s; output dropped", path, exc)
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        _append(path, data)
+    except OSError as exc:
+        logger.warning("cannot write %s: %s; output dropped", path, exc)
 
 
 def _write_atomic(path: Path, data: bytes) -> None:

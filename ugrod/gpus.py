@@ -46,6 +46,7 @@ ABSENT = frozenset({
 GPU_ERRORS = frozenset({"[Unknown Error]", "[GPU requires reset]", "[GPU is lost]"})
 NO_DEVICES = "No devices were found"  # nvidia-smi's words, with exit code 6
 _QUOTE_MAX = 200
+MAX_READING = 1e9  # any value nvidia-smi reports (MiB, %, W, °C) is far below this
 
 
 def nvidia_smi_argv(binary: str = "nvidia-smi") -> list[str]:
@@ -103,6 +104,11 @@ def _number(field: str, cell: str, line: str) -> float:
     if not math.isfinite(value):
         raise _BadRow(f"nvidia-smi: {field} {cell!r} is not a finite number in line "
                       f"{_quote(line)}")
+    if not -MAX_READING <= value <= MAX_READING:
+        # 1e308 MiB is finite but its bytes are not: the sweep raised on every round and
+        # the node kept its last "healthy" score, unmonitored.
+        raise _BadRow(f"nvidia-smi: {field} {cell!r} is out of range (at most "
+                      f"{MAX_READING:g}) in line {_quote(line)}")
     return value
 
 
@@ -120,6 +126,9 @@ def _row(line: str) -> GpuSample:
     except ValueError:
         raise _BadRow(f"nvidia-smi: index {index_cell!r} is not an integer in line "
                       f"{_quote(line)}") from None
+    if not 0 <= index < 1024:
+        raise _BadRow(f"nvidia-smi: index {index_cell!r} is out of range in line "
+                      f"{_quote(line)}")
     if uuid in ABSENT or " " in uuid:
         raise _BadRow(f"nvidia-smi: no usable uuid {uuid!r} in line {_quote(line)}")
     values: dict[str, float | None] = {}
@@ -263,7 +272,27 @@ def compare_inventory(configured: Sequence[Gpu], found: Sequence[Gpu]) -> str | 
 # hung driver call is the usual way a GPU node fails).
 
 _RUN_HELPER = r'''
-import json, os, shutil, signal, subprocess, sys, time
+import json, os, shutil, signal, subprocess, sys, threading, time
+
+OUT_CAP = 65536  # what is kept of stdout; the rest is read and dropped (never held)
+ERR_CAP = 4096   # the end of stderr is kept
+
+def _drain(pipe, keep, cap, tail):
+    # Reads a pipe to its end holding at most ``cap`` bytes (the first, or with
+    # ``tail`` the last): 200 MB from a broken nvidia-smi costs no memory here.
+    try:
+        while True:
+            b = pipe.read(65536)
+            if not b:
+                return
+            if tail:
+                keep[0] = (keep[0] + b)[-cap:]
+            elif len(keep[0]) < cap:
+                keep[0] = keep[0] + b[:cap - len(keep[0])]
+            else:
+                keep[1] = True
+    except (OSError, ValueError):
+        pass
 
 def _run(argv, timeout):
     t0 = time.monotonic()
@@ -278,8 +307,14 @@ def _run(argv, timeout):
     except OSError as e:
         res["error"] = "%s: %s" % (argv[0], e)
         return res
+    out, err = [b"", False], [b"", False]
+    readers = [threading.Thread(target=_drain, args=(p.stdout, out, OUT_CAP, False)),
+               threading.Thread(target=_drain, args=(p.stderr, err, ERR_CAP, True))]
+    for t in readers:
+        t.daemon = True
+        t.start()
     try:
-        out, err = p.communicate(timeout=timeout)
+        p.wait(timeout=timeout)
         res["exit_code"] = p.returncode
     except subprocess.TimeoutExpired:
         res["timed_out"] = True
@@ -288,11 +323,15 @@ def _run(argv, timeout):
         except OSError:
             pass
         try:
-            out, err = p.communicate(timeout=2)
+            p.wait(timeout=2)
         except subprocess.TimeoutExpired:
-            out, err = b"", b""
-    res["stdout"] = out[:65536].decode("utf-8", "replace")
-    res["stderr"] = err[-4096:].decode("utf-8", "replace")
+            pass
+    for t in readers:
+        t.join(2)
+    if out[1]:
+        res["stdout_truncated"] = True
+    res["stdout"] = out[0].decode("utf-8", "replace")
+    res["stderr"] = err[0].decode("utf-8", "replace")
     res["elapsed_s"] = time.monotonic() - t0
     return res
 
@@ -564,6 +603,7 @@ class _Run(msgspec.Struct, frozen=True):
     timed_out: bool = False
     error: str | None = None
     elapsed_s: float | None = None
+    stdout_truncated: bool = False
 
 
 class _Disk(msgspec.Struct, frozen=True):
@@ -631,6 +671,9 @@ def _gpu_check(smi: _Run, expect_gpus: int, *, timeout_hint: str = "") -> GpuRea
         return ()
     if smi.timed_out or smi.exit_code is None:
         return GpuQueryFailed(f"nvidia-smi did not answer in time{timeout_hint} (hung driver?)")
+    if smi.stdout_truncated:
+        return GpuQueryFailed("nvidia-smi printed more than 64 KiB: not the answer to the "
+                              "query (the rest was read and dropped on the node)")
     return parse_nvidia_smi(smi.stdout, smi.exit_code, smi.stderr, expect_gpus=expect_gpus)
 
 

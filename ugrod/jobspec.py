@@ -7,6 +7,7 @@ Everything here is pure: errors are ``SpecError`` (the API answers 400).
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Mapping
 
@@ -15,7 +16,7 @@ import msgspec
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import progress_formats as pf
-from ugrod.state import NAME_RE
+from ugrod.names import name_problem
 
 
 class SpecError(ValueError):
@@ -25,6 +26,16 @@ class SpecError(ValueError):
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
 MAX_ARGV = 4096
 MAX_ARG_BYTES = 128 * 1024
+# The bounds of every number a request may carry: finite, and small enough that any sum,
+# backoff doubling or timestamp built from them stays a finite float or a 64-bit integer.
+PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
+MAX_BACKOFF_S = 86400.0            # one day between retries
+MAX_STALL_S = 7 * 86400.0
+MAX_RUNTIME_S = 366 * 86400.0
+MAX_SWEEP_TRIALS = 1000
+MAX_PATH_CHARS = 4096
+MAX_TEXT_CHARS = 4096              # a sweep value, an environment value
+MAX_LABEL_CHARS = 128
 
 
 class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -72,17 +83,56 @@ class SweepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
 
 
 def check_name(kind: str, name: str) -> str:
-    if not NAME_RE.fullmatch(name):
-        shown = name if len(name) <= 60 else name[:60] + "…"
-        raise SpecError(
-            f"invalid {kind} name {shown!r}: use 1-64 letters, digits, '.', '_' "
-                       f"or '-', starting with a letter or digit")
+    problem = name_problem(kind, name)
+    if problem is not None:
+        raise SpecError(problem)
     return name
+
+
+def check_priority(value: object) -> int:
+    """A priority is an integer from -1000 to 1000, wherever it is given."""
+    if isinstance(value, bool) or not isinstance(value, int) \
+            or not PRIORITY_MIN <= value <= PRIORITY_MAX:
+        raise SpecError(f"priority must be an integer from {PRIORITY_MIN} to {PRIORITY_MAX}, "
+                        f"got {str(value)[:40]}")
+    return value
+
+
+def check_seconds(what: str, value: float | None, lo: float, hi: float) -> None:
+    """A duration: finite, ``lo <= value <= hi`` (None: not given)."""
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int | float) \
+            or not math.isfinite(value) or not lo <= value <= hi:
+        raise SpecError(f"{what} must be a number of seconds from {lo:g} to {hi:g}, "
+                        f"got {str(value)[:40]}")
+
+
+def check_text(what: str, value: str, limit: int = MAX_TEXT_CHARS) -> str:
+    """A string that reaches a file, an argv or an environment: no NUL, bounded."""
+    if "\x00" in value:
+        raise SpecError(f"{what} may not contain NUL bytes")
+    if len(value) > limit:
+        raise SpecError(f"{what} is longer than {limit} characters")
+    return value
+
+
+def check_request_id(value: str | None) -> None:
+    if value is not None:
+        check_text("request_id", value, 128)
 
 
 def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
     """Check a submit body and build the JobSpec (launch: from the training template)."""
     sched = config.scheduler
+    check_priority(body.priority)
+    check_request_id(body.request_id)
+    check_seconds("retry_backoff_s", body.retry_backoff_s, 0, MAX_BACKOFF_S)
+    check_seconds("expected_runtime_s", body.expected_runtime_s, 0, MAX_RUNTIME_S)
+    if body.cwd is not None:
+        check_text("cwd", body.cwd, MAX_PATH_CHARS)
+    for label in (*body.labels_required, *body.labels_avoided):
+        check_text("a label", label, MAX_LABEL_CHARS)
     if body.launch is not None:
         if body.argv:
             raise SpecError("give either argv or launch, not both")
@@ -105,7 +155,7 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         raise SpecError("gpus_per_node must be 0..64")
     if not 1 <= body.nproc_per_node <= 256:
         raise SpecError("nproc_per_node must be 1..256")
-    if not 0 <= body.min_vram_gb <= 4096:
+    if not math.isfinite(body.min_vram_gb) or not 0 <= body.min_vram_gb <= 4096:
         raise SpecError("min_vram_gb must be 0..4096")
     for k, v in body.env.items():
         if not ENV_KEY_RE.fullmatch(k) or "\x00" in v:
@@ -119,7 +169,7 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         raise SpecError("max_retries must be 0..100")
     if body.stall_action not in ("alert", "requeue"):
         raise SpecError("stall_action must be 'alert' or 'requeue'")
-    if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= 7 * 86400:
+    if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= MAX_STALL_S:
         raise SpecError("stall_timeout_s must be 1 s .. 7 days")
     nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
     if body.stop_grace_s is not None and not 0.1 <= body.stop_grace_s <= 3600:
@@ -157,6 +207,33 @@ def progress_spec(body: SubmitBody, nodes: int) -> ev.ProgressSpec | None:
     return ev.ProgressSpec(formats=formats, rank=rank, loss_key=body.loss_key)
 
 
+def check_sweep(body: SweepBody) -> int:
+    """Check a sweep body before anything is built; the number of trials it makes.
+
+    The grid is sized by the product of the value counts, stopping as soon as it
+    passes the limit: 40 parameters of 2 values are refused here, instead of making
+    2^40 combinations first (ugrod once built them: 5.4 GB, unresponsive).
+    """
+    check_priority(body.priority)
+    check_request_id(body.request_id)
+    if not 0 <= body.max_parallel <= MAX_SWEEP_TRIALS:
+        raise SpecError(f"max_parallel must be 0..{MAX_SWEEP_TRIALS} (0: no limit)")
+    if not body.params or any(not v for v in body.params.values()):
+        raise SpecError("a sweep needs at least one --param with values")
+    trials = 1
+    for key, values in body.params.items():
+        trials *= len(values)
+        if trials > MAX_SWEEP_TRIALS:
+            raise SpecError(f"the sweep would make more than {MAX_SWEEP_TRIALS} trials (the "
+                            f"product of the number of values of each parameter); split it")
+        if not key or len(key) > 64:
+            raise SpecError(f"sweep parameter {key[:60]!r}: 1-64 characters")
+        check_text(f"sweep parameter {key[:60]!r}", key)
+        for v in values:
+            check_text(f"a value of sweep parameter {key!r}", v)
+    return trials
+
+
 def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) -> list[str]:
     script = config.training_script()
     if not script:
@@ -169,9 +246,16 @@ def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) 
     try:
         epochs = int(launch["epochs"]) if "epochs" in launch else None
         lr = float(launch["lr"]) if "lr" in launch else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise SpecError("launch: epochs must be an integer and lr a "
                        "number") from None
+    if epochs is not None and not 1 <= epochs <= 1_000_000:
+        raise SpecError("launch: epochs must be 1..1000000")
+    if lr is not None and not (math.isfinite(lr) and 0 < lr <= 1e6):
+        raise SpecError("launch: lr must be a positive finite number")
+    for k, v in launch.items():
+        if isinstance(v, str):
+            check_text(f"launch: {k}", v)
     args = config.training.render_args(
         name=str(launch.get("name", "")), model=str(launch["model"]) if "model" in launch
         else None, dataset=str(launch["dataset"]) if "dataset" in launch else None,

@@ -406,6 +406,9 @@ def daemon(rt: RuntimeStats, out: list[AnyFamily]) -> None:
             "Bytes appended to the event log since ugrod started.", rt.log_bytes)
     counter("ugro_event_log_torn_tail_repairs_total",
             "Torn tails cut off the event log at start-up.", rt.log_torn_tail_repairs)
+    counter("ugro_metric_lines_dropped_total",
+            "Training metrics lines dropped: too long, nested too deep, not a JSON object, "
+            "or with numbers out of range.", rt.metric_lines_dropped)
     hist("ugro_event_log_fsync_seconds", "fdatasync latency per batch.", rt.log_fsync)
     hist("ugro_event_log_batch_events", "Events per group-committed batch.",
          rt.log_batch_events)

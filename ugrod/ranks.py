@@ -16,7 +16,6 @@ import hashlib
 import json
 import logging
 import posixpath
-import re
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 import msgspec
 
+from ugrod.names import valid_name
 from ugrod.transport.base import CommandResult, Stream, Transport, TransportError
 
 logger = logging.getLogger(__name__)
@@ -33,7 +33,6 @@ WRAPPER_SHA256 = hashlib.sha256(WRAPPER_SOURCE).hexdigest()
 # The exit code of a rank that vanished with nobody left to record how it ended (the node
 # rebooted, or its supervisor was killed); see rank_wrapper.LOST.
 LOST = -1
-_JOB_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _MAX_REPLY = 16 * 1024 * 1024
 
 # The wrapper needs only the stdlib: no site-packages (.pth files make a big environment's
@@ -212,7 +211,7 @@ class NodeAgent:
         return f"{await self.work_dir()}/.ugro/rank_wrapper.py"
 
     async def job_dir(self, job: str) -> str:
-        if not _JOB_ID.fullmatch(job) or ".." in job:
+        if not valid_name(job):
             raise ValueError(f"invalid job id {job!r}")
         return f"{await self.work_dir()}/jobs/{job}"
 

@@ -107,6 +107,7 @@ class RuntimeStats:
         self.log_fsync = Histogram(FSYNC_BUCKETS)
         self.log_batch_events = Histogram(BATCH_BUCKETS)
         self.log_torn_tail_repairs = Counter()
+        self.metric_lines_dropped = Counter()  # training metrics lines too long, deep or bad
         self.replay_seconds: float | None = None
         self.replay_events = 0
         self.snapshot_seconds = Histogram(SNAPSHOT_BUCKETS)

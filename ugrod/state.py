@@ -28,7 +28,6 @@ kept apart from health so undrain restores the health last measured.
 
 from __future__ import annotations
 
-import re
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from enum import StrEnum
@@ -38,8 +37,7 @@ import immutables
 import msgspec
 
 from ugrod import events as ev
-
-NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+from ugrod.names import NAME_RE  # the one naming rule (re-exported for old importers)
 
 
 class InvalidEvent(ValueError):
@@ -465,6 +463,8 @@ def _sweep(state: State, record: ev.Record) -> State:
     assert isinstance(e, ev.SweepCreated)
     if e.sweep in state.sweeps:
         raise InvalidEvent(f"a sweep named {e.sweep!r} already exists")
+    if not NAME_RE.fullmatch(e.sweep):
+        raise InvalidEvent(f"invalid sweep name {e.sweep[:60]!r}")
     for j in e.jobs:
         state.job(j)
     sweep = Sweep(name=e.sweep, owner=record.actor.user, jobs=e.jobs, params=e.params,

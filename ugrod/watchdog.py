@@ -56,6 +56,7 @@ from ugrod.executor import Executor
 from ugrod.health import BreakerState
 from ugrod.ledger import Ledger
 from ugrod.monitor import Monitor
+from ugrod.names import NAME_PATTERN
 from ugrod.ranks import NodeAgent
 from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, State
 from ugrod.transport.base import TransportError
@@ -139,7 +140,7 @@ def main(args):
 main(sys.argv[1:])
 '''
 
-_RUN_DIR = re.compile(r"(?P<job>[A-Za-z0-9][A-Za-z0-9._-]{0,127})/attempt-(?P<attempt>\d+)"
+_RUN_DIR = re.compile(rf"(?P<job>{NAME_PATTERN})/attempt-(?P<attempt>\d+)"
                       r"/rank-(?P<rank>\d+)")
 
 

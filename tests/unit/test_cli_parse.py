@@ -515,7 +515,7 @@ def test_job_file_submit(peer: Peer, sock_dir: Path) -> None:
     ("command: [x]\nnodes: true\n", "nodes: expected a whole number"),
     ("command: [x]\nenv: {1BAD: x}\n", "env.1BAD"),
     ("nodes: 2\n", "command: missing"),
-    ("command: [x\n", "not valid YAML: line"),
+    ("command: [x\n", ": line 2, column 1: invalid YAML"),
     ("- just\n- a list\n", "expected a mapping"),
     ("command: 'python \"unclosed'\n", "command: cannot split"),
 ])

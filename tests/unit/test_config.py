@@ -343,8 +343,8 @@ CASES: list[tuple[str, list[str]]] = [
       "nodes.gpu1.gpus[1]: expected a mapping {model, vram_gb}, got 7",
       "nodes.gpu1.gpus[2].modle: unknown key; did you mean 'model'?"]),
     (node("ip: 10.0.0.1", name="bad name!"),
-     ["nodes.bad name!: invalid node name: expected 1-63 letters, digits, '.', '_' or '-', "
-      "starting with a letter or digit"]),
+     ["nodes.bad name!: invalid node name: expected 1-64 letters, digits, '.', '_' or '-', "
+      "starting with a letter or digit, without '..'"]),
     ("nodes:\n  1: {ip: 10.0.0.1}\n", ["nodes: node names must be strings, got 1"]),
     ("nodes:\n  gpu1:\n", ["nodes.gpu1: expected a mapping of node settings (ip, user, gpu, "
                            "...), got null"]),
@@ -582,8 +582,8 @@ def test_ten_kilobyte_keys_and_values_are_shortened_in_messages() -> None:
     assert all(len(line) < 300 for line in got)
     name = "n" * 10_000
     assert errors(f"nodes:\n  ? {name}\n  : {{ip: 10.0.0.1}}\n") == [
-        f"cluster.yaml: nodes.{'n' * 40}...: invalid node name: expected 1-63 letters, digits, "
-        "'.', '_' or '-', starting with a letter or digit"]
+        f"cluster.yaml: nodes.{'n' * 40}...: invalid node name: expected 1-64 letters, digits, "
+        "'.', '_' or '-', starting with a letter or digit, without '..'"]
 
 
 # ---- state dir and socket ----------------------------------------------------

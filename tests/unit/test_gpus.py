@@ -128,6 +128,11 @@ BAD: list[tuple[str, str, int, str, int, str]] = [
     ("garbage", "Segmentation fault\n", 0, "", 0, "expected 8 columns, got 1 in line "
      "'Segmentation fault'"),
     ("nan", f"0, {U0}, X, nan, 1, 2, 3, 4\n", 0, "", 0, "not a finite number"),
+    # 1e308 MiB is finite, its bytes are not: this raised OverflowError on every sweep
+    ("1e308 MiB", f"0, {U0}, X, 1, 1e308, 1e308, 3, 4\n", 0, "", 0,
+     "memory.used '1e308' is out of range"),
+    ("1e308 watts", f"0, {U0}, X, 1, 1, 2, 3, 1e308\n", 0, "", 0, "power.draw '1e308' is out"),
+    ("huge index", f"{10**30}, {U0}, X, 1, 1, 2, 3, 4\n", 0, "", 0, "out of range"),
     ("no uuid", "0, [N/A], X, 1, 1, 2, 3, 4\n", 0, "", 0, "no usable uuid"),
     ("duplicate uuid", ONE + ONE, 0, "", 0, "listed twice"),
     ("empty, GPUs expected", "", 0, "", 2, "printed nothing, expected 2 GPUs"),
