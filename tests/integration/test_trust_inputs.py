@@ -1,0 +1,223 @@
+"""No input can wedge a job, against a real ugrod subprocess (issue 11, item 2).
+
+Each case was reproduced on the old code: a value accepted by the API and refused
+later (or never), leaving a job ``starting``/``running (stopping)`` forever, or a
+request that answered 500 after changing state. Here each is refused with a clear
+400 that changes nothing, or the job ends (or cancels) within seconds.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.conftest import Ugrod
+
+PY = sys.executable
+
+
+def seq(d: Ugrod) -> int:
+    return int(d.api("GET", "/v1/ping")[1]["seq"])
+
+
+def refused(d: Ugrod, method: str, path: str, body: Any = None, *, raw: bytes | None = None,
+            needle: str) -> dict[str, Any]:
+    """The request answers 400 with ``needle`` in its error, and records nothing."""
+    before = seq(d)
+    status, answer = d.api(method, path, body, raw=raw)
+    assert status == 400, (status, answer)
+    assert needle in answer["error"], answer
+    assert answer["code"] == "bad_request"
+    assert seq(d) == before
+    return dict(answer)
+
+
+def wait_running(d: Ugrod, job: str, marker: bytes = b"") -> None:
+    d.wait_job(job, ("running",), timeout_s=60)
+    if marker:
+        deadline = time.monotonic() + 30
+        while marker not in d.api("GET", f"/v1/jobs/{job}/logs")[1]:
+            assert time.monotonic() < deadline, d.log()
+            time.sleep(0.05)
+
+
+# ---- one rule for names, bounded numbers ----------------------------------------------
+
+
+WEDGES: list[tuple[dict[str, Any], str]] = [
+    ({"argv": ["x"], "name": "a..b"}, "without '..'"),
+    ({"argv": ["x"], "name": "a" * 65}, "invalid job name"),
+    ({"argv": ["x"], "after": ["x..y"]}, "invalid job name"),
+    ({"argv": ["x"], "priority": 2 ** 63}, "priority must be an integer from -1000 to 1000"),
+    ({"argv": ["x"], "priority": 1001}, "priority must be an integer from -1000 to 1000"),
+    ({"argv": ["x"], "priority": -1001}, "priority must be"),
+    ({"argv": ["x"], "retry_backoff_s": -1e308}, "retry_backoff_s must be"),
+    ({"argv": ["x"], "retry_backoff_s": 1e308}, "retry_backoff_s must be"),
+    ({"argv": ["x"], "expected_runtime_s": -1}, "expected_runtime_s must be"),
+    ({"argv": ["x"], "cwd": "/tmp/a\x00b"}, "cwd may not contain NUL"),
+    ({"argv": ["x"], "labels_required": ["a\x00"]}, "NUL"),
+]
+
+
+def test_wedge_values_are_refused_at_submit(ugrod: Ugrod) -> None:
+    for body, needle in WEDGES:
+        refused(ugrod, "POST", "/v1/jobs", body, needle=needle)
+        refused(ugrod, "POST", "/v1/jobs?dry_run=1", body, needle=needle)
+
+
+def test_a_64_character_name_is_accepted_by_every_part(ugrod: Ugrod) -> None:
+    name = "n" * 63 + "1"
+    status, answer = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", "print(1)"],
+                                                    "name": name})
+    assert status == 201, answer
+    assert ugrod.wait_job(name, timeout_s=60)["state"] == "succeeded"
+
+
+def test_priority_verb_and_sweeps_share_the_bounds(ugrod: Ugrod) -> None:
+    status, _ = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", "print(1)"], "name": "p",
+                                               "held": True})
+    assert status == 201
+    refused(ugrod, "POST", "/v1/jobs/p/priority", {"priority": 2 ** 63}, needle="priority must")
+    refused(ugrod, "POST", "/v1/jobs/p/priority", {"priority": 5000}, needle="priority must")
+    sweep = {"name": "s", "argv": [PY, "-c", "print(1)"], "params": {"lr": ["1", "2"]}}
+    refused(ugrod, "POST", "/v1/sweeps", {**sweep, "priority": 2 ** 63}, needle="priority")
+    refused(ugrod, "POST", "/v1/sweeps", {**sweep, "name": "s..t"}, needle="without '..'")
+    refused(ugrod, "POST", "/v1/sweeps", {**sweep, "params": {"lr": ["1\x002"]}}, needle="NUL")
+    refused(ugrod, "POST", "/v1/sweeps", {**sweep, "max_parallel": -1}, needle="max_parallel")
+
+
+def test_duplicate_json_keys_are_refused(ugrod: Ugrod) -> None:
+    raw = b'{"argv": ["true"], "priority": 1, "priority": 900}'
+    refused(ugrod, "POST", "/v1/jobs", raw=raw, needle="'priority' is given twice")
+    raw = b'{"name": "s", "argv": ["true"], "params": {"a": ["1"], "a": ["2"]}}'
+    refused(ugrod, "POST", "/v1/sweeps", raw=raw, needle="'a' is given twice")
+
+
+def test_a_sweep_grid_is_sized_before_it_is_built(ugrod: Ugrod) -> None:
+    # 40 parameters of 2 values: 2^40 trials. The old code built the grid (5.4 GB, stuck).
+    params = {f"p{i}": ["a", "b"] for i in range(40)}
+    t0 = time.monotonic()
+    refused(ugrod, "POST", "/v1/sweeps", {"name": "big", "argv": ["true"], "params": params},
+            needle="more than 1000 trials")
+    assert time.monotonic() - t0 < 5
+    assert ugrod.proc is not None
+    rss_kb = int(next(line.split()[1] for line in
+                      Path(f"/proc/{ugrod.proc.pid}/status").read_text().splitlines()
+                      if line.startswith("VmRSS:")))
+    assert rss_kb < 400_000, rss_kb
+
+
+def test_queries_out_of_range_are_refused_and_checkpoint_wait_records_nothing(
+        ugrod: Ugrod) -> None:
+    # events?limit=-1 once dropped the first event; checkpoint?wait=abc answered 500
+    # after recording checkpoint_requested.
+    for query in ("limit=-1", "limit=0", "after=-5", "limit=abc"):
+        refused(ugrod, "GET", f"/v1/events?{query}", needle="limit")
+    status, _ = ugrod.api("POST", "/v1/jobs", {
+        "argv": [PY, "-c", "import time; print('up', flush=True); time.sleep(600)"],
+        "name": "ck"})
+    assert status == 201
+    wait_running(ugrod, "ck", b"up")
+    for bad in ("abc", "nan", "-1", "1e999"):
+        refused(ugrod, "POST", f"/v1/jobs/ck/checkpoint?wait={bad}", needle="wait must be")
+    kinds = [json.loads(line)["type"] for line in
+             ugrod.api("GET", "/v1/events?job=ck")[1].splitlines()]
+    assert "checkpoint_requested" not in kinds
+    assert ugrod.api("POST", "/v1/jobs/ck/cancel?wait=1")[1]["job"]["state"] == "cancelled"
+
+
+# ---- jobs that once never ended ---------------------------------------------------------
+
+METRICS_JOB = """
+import json, os, sys
+with open(os.environ["UGRO_METRICS_FILE"], "a") as f:
+    f.write(eval(sys.argv[1]) + "\\n")  # the test's own expression: the hostile line
+    f.write(json.dumps({"step": 7, "loss": 0.5}) + "\\n")
+print("wrote", flush=True)
+"""
+
+
+HOSTILE_LINES = [  # Python expressions the job evaluates (argv is bounded, these are big)
+    """'{"step": 1e300}'""",
+    """'{"step": 18446744073709551616}'""",
+    """'{"step": -3}'""",
+    """'{"loss": 1, "x": ' + '[' * 30000 + ']' * 30000 + '}'""",
+    """'[' * 100000 + ']' * 100000""",
+    """'x' * 200000""",
+]
+
+
+def test_hostile_metrics_lines_are_dropped_and_the_jobs_end(ugrod: Ugrod) -> None:
+    # Each once left its job "running (stopping: failed)" or killed the rank watcher.
+    for i, line in enumerate(HOSTILE_LINES):
+        status, _ = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", METRICS_JOB, line],
+                                                   "name": f"m{i}"})
+        assert status == 201
+    for i in range(len(HOSTILE_LINES)):
+        done = ugrod.wait_job(f"m{i}", timeout_s=30)
+        assert done["state"] == "succeeded" and done["exit_code"] == 0, done
+        assert done["metrics"].get("step") == 7, done  # the good line after the bad counts
+    port = ugrod.api("GET", "/v1/ping")[1]["metrics_port"]
+    if port:  # None when another ugrod holds the default port
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        assert f"ugro_metric_lines_dropped_total {len(HOSTILE_LINES)}.0".encode() in text
+
+
+def test_job_directory_removed_while_running_still_ends_and_cancels(ugrod: Ugrod) -> None:
+    script = ("import time\nfor i in range(100000):\n    print('tick', i, flush=True)\n"
+              "    time.sleep(0.05)\n")
+    for name in ("gone", "gone2"):
+        status, _ = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", script], "name": name})
+        assert status == 201
+        wait_running(ugrod, name, b"tick 2")
+        shutil.rmtree(ugrod.state_dir / "jobs" / name)
+    time.sleep(0.3)  # output keeps coming while the directory is gone
+    t0 = time.monotonic()
+    status, body = ugrod.api("POST", "/v1/jobs/gone/cancel")
+    assert status == 202, body
+    assert ugrod.wait_job("gone", timeout_s=20)["state"] == "cancelled"
+    assert time.monotonic() - t0 < 15
+    # and the other one is still supervised: its log is written again, it cancels too
+    assert b"tick" in ugrod.api("GET", "/v1/jobs/gone2/logs")[1]
+    assert ugrod.api("POST", "/v1/jobs/gone2/cancel?wait=1")[1]["job"]["state"] == "cancelled"
+
+
+def test_a_job_whose_directory_cannot_be_made_fails_with_the_reason(ugrod: Ugrod) -> None:
+    # A file where the job's directory goes: the launch raises on the head node.
+    (ugrod.state_dir / "jobs").mkdir(exist_ok=True)
+    (ugrod.state_dir / "jobs" / "blocked").write_text("in the way")
+    status, _ = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", "print(1)"],
+                                               "name": "blocked"})
+    assert status == 201
+    done = ugrod.wait_job("blocked", timeout_s=30)
+    assert done["state"] == "failed", done
+    assert "ugrod could not supervise the job" in str(done["reason"]), done
+
+
+# ---- logs ---------------------------------------------------------------------------------
+
+
+def test_logs_without_follow_return_the_whole_log(ugrod: Ugrod) -> None:
+    # 3 MiB of numbered lines: the old code returned the first 1 MiB, exit 0.
+    script = ("import sys\nw = sys.stdout.write\n"
+              "for i in range(60000):\n    w('line %06d ' % i + 'x' * 40 + '\\n')\n"
+              "w('THE END\\n')\n")
+    status, _ = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", script], "name": "big"})
+    assert status == 201
+    assert ugrod.wait_job("big", timeout_s=60)["state"] == "succeeded"
+    size = (ugrod.state_dir / "jobs" / "big" / "rank_0.log").stat().st_size
+    assert size > 3 << 20
+    res = ugrod.ctl("logs", "big", check=True)
+    lines = res.stdout.splitlines()
+    assert len(lines) == 60001 and lines[-1] == "THE END", (len(lines), lines[-1:])
+    assert lines[12345].startswith("line 012345 ")
+    res = ugrod.ctl("logs", "big", "--tail", "2", check=True)
+    assert res.stdout.splitlines()[-1] == "THE END" and len(res.stdout.splitlines()) == 2
+    refused(ugrod, "GET", "/v1/jobs/big/logs?tail=%C2%B2", needle="tail must be")
