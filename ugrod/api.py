@@ -106,6 +106,9 @@ def _errors(daemon: Daemon) -> Any:
     async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
         t0 = time.perf_counter()
         status = 500
+        gate = daemon.admission
+        if gate is not None:
+            gate.begin(request.transport)  # a connection with a request in progress stays
         try:
             resp = await handler(request)
             status = resp.status
@@ -134,6 +137,8 @@ def _errors(daemon: Daemon) -> Any:
             code = "not_found" if exc.status == 404 else "bad_request"
             return _error(exc.status, code, exc.reason or "bad request")
         finally:
+            if gate is not None:
+                gate.end(request.transport)
             route = request.match_info.route.resource
             name = route.canonical if route is not None else "unmatched"
             daemon.stats.api_request(name, request.method, status, time.perf_counter() - t0)

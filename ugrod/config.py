@@ -216,6 +216,9 @@ class MetricsConfig(msgspec.Struct, frozen=True, kw_only=True):
 
 class ApiConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_body_bytes: int = 1 << 20
+    idle_timeout_s: float = 30.0           # a connection with no request is closed after this
+    max_connections: int = 4096            # in all (also bounded by the descriptor limit)
+    max_connections_per_user: int = 256    # per peer uid; past it: the oldest idle one closes
 
 
 class Config(msgspec.Struct, frozen=True, kw_only=True):
@@ -597,8 +600,14 @@ def _read_metrics(r: Reader, raw: Any) -> MetricsConfig:
 def _read_api(r: Reader, raw: Any) -> ApiConfig:
     w, d = "api", ApiConfig()
     m = r.section(raw, w, _fields(ApiConfig), none_ok=True) or {}
-    return ApiConfig(max_body_bytes=r.get(m, w, "max_body_bytes",
-                                          r.integer(0, 1 << 30, strict=True), d.max_body_bytes))
+    return ApiConfig(
+        max_body_bytes=r.get(m, w, "max_body_bytes", r.integer(0, 1 << 30, strict=True),
+                             d.max_body_bytes),
+        idle_timeout_s=r.get(m, w, "idle_timeout_s", r.number(1, 86400), d.idle_timeout_s),
+        max_connections=r.get(m, w, "max_connections", r.integer(16, 1 << 20),
+                              d.max_connections),
+        max_connections_per_user=r.get(m, w, "max_connections_per_user",
+                                       r.integer(1, 1 << 20), d.max_connections_per_user))
 
 
 # ---- public entry points ------------------------------------------------------

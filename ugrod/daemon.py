@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import __version__, job_results, jobspec, planner, reports
+from ugrod import __version__, admission, job_results, jobspec, planner, reports
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import progress_formats as pf
@@ -66,6 +66,7 @@ class Daemon:
         self.monitor: Any = None
         self.watchdog: Any = None
         self._runner: web.AppRunner | None = None
+        self.admission: admission.Admission | None = None  # the control socket's limits
         self._metrics_runner: Any = None
         self._scheduler: Any = None
         self._kick = asyncio.Event()
@@ -178,13 +179,22 @@ class Daemon:
             if _socket_alive(path):
                 raise SystemExit(f"ugrod: another ugrod answers on {path}")
             path.unlink()
-        app = build_app(self, max_body_bytes=self.config.api.max_body_bytes)
+        api = self.config.api
+        fd_limit = admission.raise_fd_limit()
+        self.admission = admission.Admission(
+            max_total=admission.connection_budget(fd_limit, api.max_connections),
+            per_user=api.max_connections_per_user)
+        logger.info("control socket: at most %d connections (%d per user; descriptor limit "
+                    "%d), idle ones closed after %g s", self.admission.max_total,
+                    self.admission.per_user, fd_limit, api.idle_timeout_s)
+        app = build_app(self, max_body_bytes=api.max_body_bytes)
         self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=10)
+                                     shutdown_timeout=10, keepalive_timeout=api.idle_timeout_s)
         await self._runner.setup()
         old = os.umask(0o117)
         try:
-            site = web.UnixSite(self._runner, str(path))
+            site = admission.gated_unix_site(self.admission)(self._runner, str(path),
+                                                             backlog=1024)
             await site.start()
         finally:
             os.umask(old)
