@@ -454,6 +454,8 @@ class Handlers:
                     break
                 continue  # more of the log as it was: no pause between chunks
             current = self.d.ledger.state.jobs[job.id]
+            if request.transport is None:  # the client went away (a closed page, Ctrl-C)
+                return resp
             if current.state in TERMINAL | {JobState.RETRYING} \
                     and all(_size(f) <= offsets[r] for r, f in files.items()):
                 break

@@ -27,6 +27,8 @@ import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from tests.conftest import ROOT, Ugrod, _kill_leftovers, ugroctl_argv
+from tests.integration.test_remote import ssh_wrapper
+from tests.sshd_nodes import SshdCluster
 
 pytestmark = pytest.mark.timeout(240)
 
@@ -420,3 +422,37 @@ def _other_user_dashboard(d: Ugrod, base: Path) -> Dash:
         return code
     dash.stop = stop_both  # type: ignore[method-assign]
     return dash
+
+
+# ---- from a laptop: --host through ssh ----------------------------------------------------
+
+
+def test_dashboard_through_ssh_host(ugrod: Ugrod, short_tmp: Path,
+                                    ssh_nodes: SshdCluster) -> None:
+    env = {k: v for k, v in os.environ.items() if k not in ("UGRO_SOCKET", "UGRO_HOST")}
+    env["UGRO_SSH"] = str(ssh_wrapper(short_tmp, ssh_nodes))
+    d = start_dashboard(env, "--host", "head", "--remote-socket", str(ugrod.socket))
+    try:
+        ok = {"Cookie": f"ugro_dashboard_{d.port}={d.token}"}
+        status, _, body = request(d, "GET", "/api/v1/ping", ok)
+        assert status == 200 and json.loads(body)["ok"] is True, body
+        ugrod.ctl("submit", "--name", "remote1", "--held", "--", "true", check=True)
+        status, _, body = request(d, "GET", "/api/v1/jobs/remote1", ok)
+        assert status == 200 and json.loads(body)["job"]["owner"] == "root", body
+        # the page's actions reach ugrod as the ssh login's user (SO_PEERCRED on the head)
+        post = {**ok, "Origin": d.base, "X-Ugro-Dashboard": "1",
+                "Content-Type": "application/json"}
+        status, _, body = request(d, "POST", "/api/v1/jobs/remote1/release", post, b"{}")
+        assert status == 200 and json.loads(body)["job"]["held"] is False, body
+        events = ugrod.api("GET", "/v1/events?job=remote1")[1].splitlines()
+        released = [json.loads(e) for e in events if b"job_released" in e]
+        assert released and released[0]["actor"]["user"] == ssh_nodes[1].user, released
+    finally:
+        assert d.stop() == 0
+    # a head that does not answer: exit 3 and one line, no server left behind
+    env["UGRO_SSH"] = "/bin/false"
+    res = subprocess.run([*ugroctl_argv(), "--host", "head", "dashboard", "--no-open"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert res.returncode == 3 and res.stderr.startswith("ugroctl: cannot reach ugrod"), \
+        (res.returncode, res.stderr)
+    assert "http://" not in res.stdout

@@ -225,9 +225,15 @@ class Dashboard:
             lines: asyncio.Queue[bytes | None] = asyncio.Queue()
 
             async def pump() -> None:
+                # Lines split here: aiohttp's readline() refuses lines over 64 KiB, and
+                # an event may carry a long command line.
+                rest = b""
                 try:
-                    while line := await up.content.readline():
-                        await lines.put(line)
+                    async for chunk in up.content.iter_any():
+                        rest += chunk
+                        *done, rest = rest.split(b"\n")
+                        for line in done:
+                            await lines.put(line)
                 except (ClientError, OSError):
                     pass
                 finally:
