@@ -18,6 +18,7 @@ import pwd
 import shlex
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -60,6 +61,15 @@ print("after the gate: LIVE-MARKER", flush=True)
 while True:
     time.sleep(0.2)
 '''
+
+
+# A sweep's trial: three points ending at the loss its parameter says.
+SWEEP_TRIAL = """
+import json, os
+with open(os.environ["UGRO_METRICS_FILE"], "a") as f:
+    for step in range(3):
+        f.write(json.dumps({"step": step, "loss": float(os.environ["LOSS"]) + 2 - step}) + "\\n")
+"""
 
 
 class GpuUgrod(Ugrod):
@@ -377,9 +387,30 @@ def test_cluster_jobs_curves_logs_actions_and_injection(gpu_ugrod: GpuUgrod, das
     page.wait_for_selector("table.events td code")
     assert "job_ended" in page.inner_text("table.events")
     shot(page, "events")
+
+    # a sweep: trials ranked by loss, a hostile parameter value shown as text, and
+    # their curves overlaid
+    trial = short_tmp / "trial.py"
+    trial.write_text(SWEEP_TRIAL)
+    d.ctl("sweep", "--name", "sw", "--param", "LOSS=0.7,0.2,0.5", "--param",
+          f"TAG={HOSTILE.format('param')}", "--", sys.executable, str(trial), check=True)
+    for t in ("sw-0", "sw-1", "sw-2"):
+        ended = d.wait_job(t, timeout_s=60)
+        assert ended["state"] == "succeeded", ended["reason"]
     page.goto(dash.base + "/#/sweeps")
-    page.wait_for_selector("#sweeps")
+    page.wait_for_selector("section.sweep[data-sweep='sw'] table.trials tbody tr")
+    wait_for("the trials ranked", lambda: page.eval_on_selector_all(
+        "section.sweep[data-sweep='sw'] tbody tr td:nth-child(2)",
+        "tds => tds.map(td => td.textContent)") == ["sw-1", "sw-2", "sw-0"], 15)
+    assert HOSTILE.format("param") in page.inner_text("section.sweep[data-sweep='sw']")
     shot(page, "sweeps")
+    page.click("section.sweep[data-sweep='sw'] a.button")
+    wait_for("three curves overlaid", lambda: page.evaluate(
+        "(document.querySelector('#chart-main') || {}).uplot?.series.length") == 4, 15)
+    labels = page.evaluate(
+        "document.querySelector('#chart-main').uplot.series.map(s => s.label)")
+    assert labels[1:] == ["sw-1: loss", "sw-2: loss", "sw-0: loss"], labels
+    shot(page, "sweep-overlay")
     assert page.evaluate(PWNED) is None
     assert console.errors == [], console.errors
 
@@ -436,7 +467,7 @@ def test_dashboard_through_ssh_host(ugrod: Ugrod, short_tmp: Path,
         ok = {"Cookie": f"ugro_dashboard_{d.port}={d.token}"}
         status, _, body = request(d, "GET", "/api/v1/ping", ok)
         assert status == 200 and json.loads(body)["ok"] is True, body
-        ugrod.ctl("submit", "--name", "remote1", "--held", "--", "true", check=True)
+        ugrod.ctl("submit", "--name", "remote1", "--hold", "--", "true", check=True)
         status, _, body = request(d, "GET", "/api/v1/jobs/remote1", ok)
         assert status == 200 and json.loads(body)["job"]["owner"] == "root", body
         # the page's actions reach ugrod as the ssh login's user (SO_PEERCRED on the head)

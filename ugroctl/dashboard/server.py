@@ -189,6 +189,7 @@ class Dashboard:
         headers = {"Accept": "application/json"}
         if body:
             headers["Content-Type"] = "application/json"
+        resp: web.StreamResponse | None = None
         try:
             async with self.session().request(request.method, target, data=body,
                                               headers=headers) as up:
@@ -201,6 +202,8 @@ class Dashboard:
                 await resp.write_eof()
                 return resp
         except (ClientError, OSError) as exc:
+            if resp is not None and resp.prepared:  # cut off midway (the page went away)
+                return resp
             return _json({"error": f"cannot reach ugrod: {exc}", "code": "unavailable"}, 502)
 
     async def stream(self, request: web.Request) -> web.StreamResponse:

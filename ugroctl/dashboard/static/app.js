@@ -143,6 +143,12 @@ async function runRefresh() {
   lastRefresh = performance.now();
   const what = new Set(dirty);
   dirty.clear();
+  // queue-only changes (priority, hold, release) matter to the lists, not the map
+  if (what.has("queue")) {
+    if (S.view === "jobs" || S.view === "job" || S.view === "sweeps") what.add("jobs");
+    else S.queueStale = true;
+  }
+  if (what.has("jobs")) S.queueStale = false;
   try {
     const jobs = what.has("jobs") ? api("/v1/jobs") : null;
     const queue = what.has("jobs") ? api("/v1/queue") : null;
@@ -194,14 +200,24 @@ function onEvent(rec) {
   }
   const what = [];
   if (type.startsWith("node_")) what.push("nodes");
-  if (type.startsWith("job_") || type.startsWith("rank_") || type.startsWith("checkpoint")
+  if (/^job_(priority_set|held|released|waiting)$/.test(type)) what.push("queue");
+  else if (type.startsWith("job_") || type.startsWith("rank_") || type.startsWith("checkpoint")
       || type.startsWith("sweep_")) what.push("jobs");
   if (/^job_(placed|running|ended|stopping)|^rank_/.test(type)) what.push("nodes");
-  if (S.view === "job" && (d.job === S.jobId || (d.jobs || []).includes(S.jobId))) {
-    what.push("job");
-  }
-  renderCurrent(new Set(["events", ...(type === "job_submitted" ? ["jobs"] : [])]));
+  if (S.view === "job" && (d.job === J.id || (d.jobs || []).includes(J.id))) what.push("job");
+  if (S.view === "events") prependEvent(rec);
+  if (type === "job_submitted") renderCurrent(new Set(["jobs"]));
+  else renderTotals();
   if (what.length) scheduleRefresh(what);
+}
+
+/** One new row at the top of the event list (the list is not redrawn per event). */
+function prependEvent(rec) {
+  const body = $("table.events tbody");
+  if (!body) { scheduleEventsRender(); return; }
+  if (body.firstElementChild && !body.firstElementChild.dataset.seq) body.replaceChildren();
+  body.prepend(eventRow(rec));
+  while (body.childElementCount > MAX_EVENTS) body.lastElementChild.remove();
 }
 
 let eventsRenderTimer = null;
@@ -233,10 +249,15 @@ function renderCurrent(what) {
   renderTotals();
   const v = S.view;
   if (v === "cluster" && (what.has("nodes") || what.has("jobs"))) renderCluster();
-  else if (v === "jobs" && what.has("jobs")) renderJobs();
+  else if (v === "jobs" && what.has("jobs")) {
+    // the filters stay as they are (a refresh must not take the focus from them)
+    if ($("#job-tables")) renderJobsTables(); else renderJobs();
+  }
   else if (v === "job" && (what.has("job") || what.has("jobs"))) renderJob(what.has("job"));
   else if (v === "sweeps" && what.has("jobs")) renderSweeps();
-  else if (v === "events" && (what.has("events") || what.has("nodes"))) renderEvents();
+  else if (v === "events" && (what.has("events") || what.has("nodes") || what.has("jobs"))) {
+    renderEvents(what.has("events"));
+  }
 }
 
 function renderTotals() {
@@ -557,7 +578,8 @@ function renderJobDetail() {
     h("p.meta", null, `owner ${j.owner} · priority ${j.priority} · attempt ${j.attempt}`,
       j.nodes && j.nodes.length ? ` · on ${j.nodes.join(", ")}` : "",
       ` · step ${fmtNum(m.step)} · loss ${fmtNum(m.loss)} · elapsed ${fmtDur(elapsed(j))}`),
-    (j.reason || j.waiting_reason) ? h("p.reason", null, j.reason || j.waiting_reason) : null);
+    (j.reason || j.waiting_reason)
+      ? h(j.state === "succeeded" ? "p.muted" : "p.reason", null, j.reason || j.waiting_reason) : null);
   renderActions(j);
   const rankSel = $("#log-rank");
   const ranks = (j.gpus && j.gpus.length ? j.gpus.map((p) => p.rank) : [0]);
@@ -896,7 +918,7 @@ function eventSummary(rec) {
   return parts.join(" · ");
 }
 
-function renderEvents() {
+function renderEvents(full = true) {
   const root = $("#view-events");
   const alerts = [];
   for (const n of S.nodes) {
@@ -905,17 +927,23 @@ function renderEvents() {
     if (n.drained) alerts.push({ sev: "info", what: `${n.name}: drained`, msg: n.drain_reason || "", since: null });
   }
   for (const j of S.jobs.values()) if (j.stalled && !TERMINAL.has(j.state)) alerts.push({ sev: "warning", what: `${j.id}: stalled`, msg: "no training progress reported", since: null, job: j.id });
+  const list = alerts.length ? h("ul.alerts", null, alerts.map((a) => h("li.sev-" + String(a.sev).replace(/[^a-z]/g, ""), null,
+    badge(a.sev), " ", a.job ? h("a", { href: jobHref(a.job) }, a.what) : h("b", null, a.what), " ", a.msg, a.since ? ` (since ${fmtTime(a.since)})` : "")))
+    : h("p.muted", null, "no active alerts");
+  if (!full && $("#alerts")) { $("#alerts").replaceChildren(list); return; }
   root.replaceChildren(
-    h("h2", null, "Alerts"),
-    alerts.length ? h("ul.alerts", null, alerts.map((a) => h("li.sev-" + String(a.sev).replace(/[^a-z]/g, ""), null,
-      badge(a.sev), " ", a.job ? h("a", { href: jobHref(a.job) }, a.what) : h("b", null, a.what), " ", a.msg, a.since ? ` (since ${fmtTime(a.since)})` : "")))
-      : h("p.muted", null, "no active alerts"),
+    h("h2", null, "Alerts"), h("div#alerts", null, list),
     h("h2", null, "Events ", h("span.muted", null, "(live, newest first)")),
-    h("div.scroll", null, table("events", ["seq", "time", "type", "by", "what"], S.events.map((e) => h("tr", { dataset: { seq: e.seq } },
-      h("td.num", null, String(e.seq)), h("td", null, fmtTime(e.ts)), h("td", null, h("code", null, e.type)),
-      h("td", null, (e.actor || {}).user || ""), h("td", null, (e.data && e.data.job && typeof e.data.job === "string")
-        ? [h("a", { href: jobHref(e.data.job) }, e.data.job), " ", eventSummary({ ...e, data: { ...e.data, job: undefined } })]
-        : eventSummary(e)))), "no events yet")));
+    h("div.scroll", null, table("events", ["seq", "time", "type", "by", "what"], S.events.map(eventRow), "no events yet")));
+}
+
+function eventRow(e) {
+  const d = e.data || {};
+  return h("tr", { dataset: { seq: e.seq } },
+    h("td.num", null, String(e.seq)), h("td", null, fmtTime(e.ts)), h("td", null, h("code", null, e.type)),
+    h("td", null, (e.actor || {}).user || ""), h("td", null, typeof d.job === "string"
+      ? [h("a", { href: jobHref(d.job) }, d.job), " ", eventSummary({ ...e, data: { ...d, job: undefined } })]
+      : eventSummary(e)));
 }
 
 // ---- routing, theme, start ------------------------------------------------------------------
@@ -934,6 +962,8 @@ function route() {
     const compare = m[2] ? m[2].split(",").filter(Boolean).map(decodeURIComponent) : [];
     openJob(id, compare);
   } else {
+    if (S.queueStale && (S.view === "jobs" || S.view === "sweeps")) scheduleRefresh(["jobs"]);
+    if (S.view === "jobs") renderJobs();
     renderCurrent(new Set(["nodes", "jobs", "events"]));
   }
 }
