@@ -28,7 +28,7 @@ from ugrod import events as ev
 from ugrod import jobspec
 from ugrod import render_json as rj
 from ugrod.jobspec import SubmitBody, SweepBody, check_name
-from ugrod.log import LogWriteFailed
+from ugrod.log import LogError, LogWriteFailed
 from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState
 
 if TYPE_CHECKING:
@@ -472,7 +472,10 @@ class Handlers:
 
     async def why(self, request: web.Request) -> web.Response:
         job = self._job(request)
-        history = await asyncio.to_thread(self.d.why, job.id)
+        try:
+            history = await asyncio.to_thread(self.d.why, job.id)
+        except LogError as exc:
+            raise _log_damaged(exc) from None
         return _json({"job": self._job_json(job), "history": history})
 
     async def queue(self, request: web.Request) -> web.Response:
@@ -494,12 +497,15 @@ class Handlers:
                            "like 2026-11-22T10:00:00Z") from None
         follow = q.get("follow") in ("1", "true")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
-        await resp.prepare(request)
         sub = self.d.ledger.subscribe() if follow else None
         try:
             last = after
-            lines = await asyncio.to_thread(
-                _filtered_history, self.d.ledger, after, job_filter, since, limit)
+            try:  # read before answering: a damaged segment is a clear error, not a cut stream
+                lines = await asyncio.to_thread(
+                    _filtered_history, self.d.ledger, after, job_filter, since, limit)
+            except LogError as exc:
+                raise _log_damaged(exc) from None
+            await resp.prepare(request)
             for seq, line in lines:
                 await resp.write(line + b"\n")
                 last = seq
@@ -578,6 +584,13 @@ class Handlers:
         path = self.d.executor.job_dir(job.id) / name
         out = await asyncio.to_thread(read_series, path, after, max_points, keys)
         return _json({"job": job.id, "rank": rank, **out})
+
+
+def _log_damaged(exc: Exception) -> ApiError:
+    """A segment of the event log that does not verify: say which, and what to do."""
+    return ApiError(503, "log_damaged", f"the event log is damaged, so its history cannot be "
+                    f"read: {exc}. ugrod's state in memory is intact and new events are "
+                    f"still recorded; restore that segment from a backup (docs/operations.md)")
 
 
 def _query_number(request: web.Request, key: str, default: float, lo: float,

@@ -222,3 +222,36 @@ def test_logs_without_follow_return_the_whole_log(ugrod: Ugrod) -> None:
     res = ugrod.ctl("logs", "big", "--tail", "2", check=True)
     assert res.stdout.splitlines()[-1] == "THE END" and len(res.stdout.splitlines()) == 2
     refused(ugrod, "GET", "/v1/jobs/big/logs?tail=%C2%B2", needle="tail must be")
+
+
+# ---- a damaged sealed segment ------------------------------------------------------------
+
+
+def test_a_damaged_sealed_segment_is_named_by_events_and_why(short_tmp: Path) -> None:
+    d = Ugrod(short_tmp)
+    d.start()
+    for i in range(3):
+        assert d.api("POST", "/v1/jobs", {"argv": ["true"], "name": f"k{i}", "held": True})[0] \
+            == 201
+    d.stop()
+    # a torn tail makes the next start seal segment 1 and write on in segment 2
+    seg1 = d.state_dir / "events" / "events-000001.jsonl"
+    seg1.write_bytes(seg1.read_bytes() + b'{"seq":99,"torn')
+    d.start()
+    assert d.api("POST", "/v1/jobs", {"argv": ["true"], "name": "k3", "held": True})[0] == 201
+    d.stop()  # snapshots: the next start replays nothing from segment 1
+    assert (d.state_dir / "events" / "events-000002.jsonl").exists()
+    data = seg1.read_bytes()
+    seg1.write_bytes(data.replace(b'"job":"k1"', b'"job":"k7"', 1))  # a flipped byte
+    d.start()
+    for path in ("/v1/events", "/v1/events?job=k1", "/v1/jobs/k1/why"):
+        status, body = d.api("GET", path)
+        assert status == 503, (path, status, body)
+        assert body["code"] == "log_damaged"
+        assert "events-000001.jsonl" in body["error"] and "backup" in body["error"], body
+    res = d.ctl("events")
+    assert res.returncode != 0 and "events-000001.jsonl" in res.stderr, res
+    # the daemon still works: new events are recorded and jobs run
+    assert d.api("POST", "/v1/jobs", {"argv": ["true"], "name": "k4"})[0] == 201
+    assert d.wait_job("k4", timeout_s=60)["state"] == "succeeded"
+    d.stop()
