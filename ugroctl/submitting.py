@@ -287,7 +287,7 @@ def submit(ctx: click.Context, /, command: tuple[str, ...], as_json: bool, wait:
         try:
             body = jobfile.load(path)
         except jobfile.JobFileError as exc:
-            fail(str(exc), EXIT_USAGE)
+            fail("\nugroctl: ".join(exc.lines()), EXIT_USAGE)  # every problem, one a line
         body.update(spec_body(ctx, params))
     else:
         body = {"argv": argv, **spec_body(ctx, params)}
