@@ -16,7 +16,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from tests.conftest import Ugrod
+import yaml
+
+from tests.conftest import Ugrod, _kill_leftovers
+from tests.sshd_nodes import SshdCluster
 
 PY = sys.executable
 
@@ -255,3 +258,42 @@ def test_a_damaged_sealed_segment_is_named_by_events_and_why(short_tmp: Path) ->
     assert d.api("POST", "/v1/jobs", {"argv": ["true"], "name": "k4"})[0] == 201
     assert d.wait_job("k4", timeout_s=60)["state"] == "succeeded"
     d.stop()
+
+
+# ---- cancel reaches an end even when the node does not answer -----------------------------
+
+
+def test_cancel_ends_a_job_whose_node_is_unreachable(short_tmp: Path,
+                                                     node_guard: SshdCluster) -> None:
+    node = node_guard[1]
+    cfg = {
+        "cluster": {"name": "t", "known_hosts": str(node_guard.known_hosts)},
+        "nodes": {node.name: {"host": node.host, "port": node.port, "user": node.user,
+                              "identity_file": str(node.identity),
+                              "work_dir": str(node.work_dir), "transport": "ssh",
+                              "python": PY, "rank": 0}},
+        "metrics": {"enabled": False},
+        "health": {"check_timeout_s": 2, "intervals": {"active_s": 1, "recent_s": 1,
+                                                        "idle_s": 1, "long_idle_s": 1}},
+    }
+    (short_tmp / "cluster.yaml").write_text(yaml.safe_dump(cfg))
+    d = Ugrod(short_tmp, config=short_tmp / "cluster.yaml", grace_s=1.0)
+    d.start()
+    try:
+        status, _ = d.api("POST", "/v1/jobs", {
+            "argv": [PY, "-c", "import time; print('up', flush=True); time.sleep(600)"],
+            "name": "far"})
+        assert status == 201
+        wait_running(d, "far", b"up")
+        node.stop()  # its sshd is gone: the rank keeps running, nobody can reach it
+        t0 = time.monotonic()
+        assert d.api("POST", "/v1/jobs/far/cancel")[0] == 202
+        done = d.wait_job("far", timeout_s=60)
+        assert done["state"] == "cancelled", done
+        assert time.monotonic() - t0 < 45
+        assert "could not be confirmed gone" in str(done["reason"]), done
+        assert "unreachable" in str(done["reason"]), done
+    finally:
+        node.start()
+        d.stop()
+        _kill_leftovers(node.work_dir)
