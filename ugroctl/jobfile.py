@@ -32,7 +32,7 @@ MAX_FILE_BYTES = 1 << 20
 # The same bounds as ugrod/jobspec.py (not imported: that module pulls in the daemon's
 # config); a test checks they agree.
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
-MAX_BACKOFF_S = 86400.0
+MAX_BACKOFF_S = 7 * 86400.0
 MAX_STALL_S = 7 * 86400.0
 MAX_RUNTIME_S = 366 * 86400.0
 MAX_TEXT = 4096

@@ -208,7 +208,7 @@ def cancel(jobs: tuple[str, ...], wait: bool, as_json: bool) -> None:
 @cli.command(context_settings={"ignore_unknown_options": True},
              epilog=examples("ugroctl priority exp2 10", "ugroctl priority exp3 -5"))
 @click.argument("job")
-@click.argument("priority", type=int)
+@click.argument("priority", type=click.IntRange(-1000, 1000))
 @json_option
 def priority(job: str, priority: int, as_json: bool) -> None:
     """Set a job's priority (higher runs first; ties run in submission order)."""

@@ -108,8 +108,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      help="Only nodes with label L (repeatable)."),
         click.option("--avoid-label", "avoid_labels", multiple=True, metavar="L",
                      help="Never nodes with label L (repeatable)."),
-        click.option("--priority", type=int, metavar="P",
-                     help="Higher runs first [default 0]."),
+        click.option("--priority", type=click.IntRange(-1000, 1000), metavar="P",
+                     help="Higher runs first, -1000..1000 [default 0]."),
         click.option("--max-retries", type=click.IntRange(min=0), metavar="N",
                      help="Retry a failed job up to N times, resuming from its newest "
                           "checkpoint."),

@@ -515,7 +515,7 @@ def _read_scheduler(r: Reader, raw: Any) -> SchedulerConfig:
         interval_s=r.get(m, w, "interval_s", r.number(0, 86400, strict=True), d.interval_s),
         backfill=r.get(m, w, "backfill", r.boolean, d.backfill),
         user_limits=r.get(m, w, "user_limits", limits, d.user_limits),
-        default_max_retries=r.get(m, w, "default_max_retries", r.integer(0, 1000),
+        default_max_retries=r.get(m, w, "default_max_retries", r.integer(0, 100),
                                   d.default_max_retries),
         retry_backoff_s=r.get(m, w, "retry_backoff_s", r.number(0, 7 * 86400),
                               d.retry_backoff_s),

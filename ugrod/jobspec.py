@@ -29,7 +29,7 @@ MAX_ARG_BYTES = 128 * 1024
 # The bounds of every number a request may carry: finite, and small enough that any sum,
 # backoff doubling or timestamp built from them stays a finite float or a 64-bit integer.
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
-MAX_BACKOFF_S = 86400.0            # one day between retries
+MAX_BACKOFF_S = 7 * 86400.0        # as scheduler.retry_backoff_s (applied capped at 600 s)
 MAX_STALL_S = 7 * 86400.0
 MAX_RUNTIME_S = 366 * 86400.0
 MAX_SWEEP_TRIALS = 1000
@@ -272,6 +272,7 @@ def with_overrides(spec: ev.JobSpec, changes: Mapping[str, str]) -> ev.JobSpec:
         if not key or len(key) > 64 or not key.replace("-", "_").replace(".", "_") \
                 .isidentifier():
             raise SpecError(f"--set: invalid key {key[:60]!r}")
+        check_text(f"--set {key}", value)
         params[key] = value
         if key.isupper():
             env[key] = value

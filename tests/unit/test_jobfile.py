@@ -56,7 +56,7 @@ def test_every_problem_at_once_with_key_paths() -> None:
         + ", ".join(jobfile.RULES),
         "job.yaml: priority: expected a whole number from -1000 to 1000, got "
         "9223372036854775808",
-        "job.yaml: retry_backoff_s: expected a number from 0 to 86400, got -1e+308",
+        "job.yaml: retry_backoff_s: expected a number from 0 to 604800, got -1e+308",
         "job.yaml: env.1BAD: not a valid environment variable name",
         "job.yaml: env.OK: expected a string, got a list",
         "job.yaml: node_names[1]: expected a non-empty string, got ''",
