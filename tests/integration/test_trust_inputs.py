@@ -181,7 +181,9 @@ def test_job_directory_removed_while_running_still_ends_and_cancels(ugrod: Ugrod
         status, _ = ugrod.api("POST", "/v1/jobs", {"argv": [PY, "-c", script], "name": name})
         assert status == 201
         wait_running(ugrod, name, b"tick 2")
-        shutil.rmtree(ugrod.state_dir / "jobs" / name)
+        trash = ugrod.base / f"trash-{name}"  # moved away, then deleted: gone for ugrod
+        (ugrod.state_dir / "jobs" / name).rename(trash)
+        shutil.rmtree(trash)
     time.sleep(0.3)  # output keeps coming while the directory is gone
     t0 = time.monotonic()
     status, body = ugrod.api("POST", "/v1/jobs/gone/cancel")
