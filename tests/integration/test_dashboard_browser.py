@@ -237,7 +237,9 @@ def test_token_host_and_origin_are_checked(dash: Dash, browser: Browser) -> None
                  "Content-Type": "application/json"}
     for method, path in [("POST", "/api/v1/jobs"), ("POST", "/api/v1/nodes/local/drain"),
                          ("POST", "/api/v1/reload"), ("GET", "/api/v1/jobs/../reload"),
-                         ("GET", "/api/v1/nodes/local/hostkey"), ("GET", "/static/../server.py"),
+                         ("GET", "/api/v1/nodes/local/hostkey"),
+                         ("POST", "/api/v1/jobs/%2e%2e/cancel"), ("GET", "/api/v1/jobs/%2E%2e"),
+                         ("GET", "/static/../server.py"),
                          ("GET", "/static/%2e%2e/server.py")]:
         status, _, body = request(d, method, path, page_post, b"{}" if method == "POST" else None)
         assert status == 404, (method, path, status, body)
@@ -411,6 +413,14 @@ def test_cluster_jobs_curves_logs_actions_and_injection(gpu_ugrod: GpuUgrod, das
         "document.querySelector('#chart-main').uplot.series.map(s => s.label)")
     assert labels[1:] == ["sw-1: loss", "sw-2: loss", "sw-0: loss"], labels
     shot(page, "sweep-overlay")
+
+    # a drained node is marked with its reason (text from a person: shown as text)
+    d.ctl("drain", "local", "--reason", HOSTILE.format("drain"), check=True)
+    page.goto(dash.base + "/#/cluster")
+    wait_for("the drain mark", lambda: "drained: " + HOSTILE.format("drain")
+             in page.inner_text("article.node[data-node='local']"), 15)
+    page.set_viewport_size({"width": 390, "height": 844})
+    shot(page, "cluster-drained-phone")
     assert page.evaluate(PWNED) is None
     assert console.errors == [], console.errors
 

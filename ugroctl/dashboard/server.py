@@ -33,6 +33,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 from aiohttp import ClientError, ClientSession, ClientTimeout, UnixConnector, web
 
@@ -180,7 +181,7 @@ class Dashboard:
         raw_path = request.rel_url.raw_path[len("/api"):]
         routes = _GET_ROUTES if request.method == "GET" else _POST_ROUTES
         if request.method not in ("GET", "POST") or not routes.fullmatch(raw_path) \
-                or any(seg in (".", "..") for seg in raw_path.split("/")):
+                or any(unquote(seg) in (".", "..") for seg in raw_path.split("/")):
             return _json({"error": f"{request.method} {raw_path} is not available from the "
                                    f"dashboard (use ugroctl)", "code": "not_found"}, 404)
         query = request.rel_url.raw_query_string

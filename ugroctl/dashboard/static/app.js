@@ -106,14 +106,20 @@ async function api(path, { method = "GET", body, signal } = {}) {
 
 // ---- loading and live updates --------------------------------------------------------------
 
+// The queue (its order, reasons, estimates) is shown by the jobs list only: it is
+// fetched there, and elsewhere only marked stale (it costs ugrod as much as the jobs).
+const wantsQueue = () => S.view === "jobs";
+
 async function loadAll() {
+  const withQueue = (location.hash || "").startsWith("#/jobs");
   const [ping, nodes, jobs, queue] = await Promise.all([
-    api("/v1/ping"), api("/v1/nodes"), api("/v1/jobs"), api("/v1/queue")]);
+    api("/v1/ping"), api("/v1/nodes"), api("/v1/jobs"), withQueue ? api("/v1/queue") : null]);
   S.seq = Math.max(S.seq, ping.seq);
   S.loadedSeq = ping.seq;
   S.nodes = nodes.nodes;
   setJobs(jobs.jobs);
-  S.queue = queue.queue;
+  if (queue) S.queue = queue.queue;
+  S.queueStale = !queue;
   return ping;
 }
 
@@ -144,14 +150,13 @@ async function runRefresh() {
   const what = new Set(dirty);
   dirty.clear();
   // queue-only changes (priority, hold, release) matter to the lists, not the map
-  if (what.has("queue")) {
-    if (S.view === "jobs" || S.view === "job" || S.view === "sweeps") what.add("jobs");
-    else S.queueStale = true;
+  if (what.has("queue") && (S.view === "jobs" || S.view === "job" || S.view === "sweeps")) {
+    what.add("jobs");
   }
-  if (what.has("jobs")) S.queueStale = false;
+  if (what.has("queue") || what.has("jobs")) S.queueStale = !wantsQueue();
   try {
     const jobs = what.has("jobs") ? api("/v1/jobs") : null;
-    const queue = what.has("jobs") ? api("/v1/queue") : null;
+    const queue = what.has("jobs") && wantsQueue() ? api("/v1/queue") : null;
     const nodes = what.has("nodes") ? api("/v1/nodes") : null;
     if (jobs) setJobs((await jobs).jobs);
     if (queue) S.queue = (await queue).queue;
@@ -277,15 +282,15 @@ function renderTotals() {
   busy = used.size;
   const all = S.nodes.reduce((a, n) => a + n.gpus.length, 0);
   const running = [...S.jobs.values()].filter((j) => j.state === "running").length;
-  const oldest = S.queue.reduce((m, q) => Math.min(m, ts(q.job.submitted_at) || Infinity),
-    Infinity);
+  const waiting = [...S.jobs.values()].filter((j) => WAITING.has(j.state));
+  const oldest = waiting.reduce((m, j) => Math.min(m, ts(j.submitted_at) || Infinity), Infinity);
   const up = S.nodes.filter((n) => n.state !== "unreachable").length;
   const t = $("#totals");
   t.replaceChildren(
     h("span", { id: "total-gpus" }, h("b", null, `${Math.max(0, total - busy)}/${all}`), " GPUs free"),
     h("span", null, h("b", null, `${up}/${S.nodes.length}`), " nodes up"),
     h("span", null, h("b", null, String(running)), " running"),
-    h("span", { id: "total-queue" }, h("b", null, String(S.queue.length)), " queued"),
+    h("span", { id: "total-queue" }, h("b", null, String(waiting.length)), " queued"),
     h("span", null, "oldest wait ", h("b", null, Number.isFinite(oldest) ? fmtDur(now() - oldest) : "–")),
   );
 }
@@ -430,7 +435,10 @@ function renderJobsTables() {
   const rec = jobs.filter((j) => TERMINAL.has(j.state) && jobMatches(j))
     .sort((a, b) => (ts(b.ended_at) || 0) - (ts(a.ended_at) || 0));
   const queuedIds = new Set(S.queue.map((q) => q.job.id));
-  const queued = S.queue.filter((q) => jobMatches(S.jobs.get(q.job.id) || q.job)).map((q) => {
+  const queued = S.queue.filter((q) => {
+    const j = S.jobs.get(q.job.id) || q.job;
+    return WAITING.has(j.state) && jobMatches(j);
+  }).map((q) => {
     const j = S.jobs.get(q.job.id) || q.job;
     return jobRow(j, [h("td.num", null, String(q.position)), h("td.reason", null, q.reason),
       h("td", null, q.estimated_start ? fmtTime(q.estimated_start) : "–")]);
@@ -962,7 +970,7 @@ function route() {
     const compare = m[2] ? m[2].split(",").filter(Boolean).map(decodeURIComponent) : [];
     openJob(id, compare);
   } else {
-    if (S.queueStale && (S.view === "jobs" || S.view === "sweeps")) scheduleRefresh(["jobs"]);
+    if (S.queueStale && wantsQueue()) scheduleRefresh(["jobs"]);
     if (S.view === "jobs") renderJobs();
     renderCurrent(new Set(["nodes", "jobs", "events"]));
   }
