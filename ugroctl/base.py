@@ -34,21 +34,65 @@ class Ctl:
     """What the group options decided: where ugrod is and how to print."""
 
     def __init__(self, socket: str | None, host: str | None, remote_socket: str | None,
-                 as_json: bool) -> None:
+                 as_json: bool, config: str | None = None) -> None:
         self.socket, self.host, self.remote_socket = socket, host, remote_socket
         self.as_json = as_json
+        self.config = config
         self._client: Client | None = None
 
     @property
     def client(self) -> Client:
         if self._client is None:
-            self._client = Client(socket_path=self.socket, host=self.host,
-                                  remote_socket=self.remote_socket)
+            socket, origin = self.socket, ""
+            if socket is None and self.host is None:
+                found = socket_from_config(self.config)
+                if found is not None:
+                    socket, origin = found[0], f" (cluster.socket in {found[1]})"
+            self._client = Client(socket_path=socket, host=self.host,
+                                  remote_socket=self.remote_socket, origin=origin)
         return self._client
 
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
+
+
+def socket_from_config(flag: str | None) -> tuple[str, str] | None:
+    """(socket, config file) when the config ugrod would read sets ``cluster.socket``.
+
+    The config is --config, else $UGRO_CONFIG, else /etc/ugro/cluster.yaml when
+    present: ugrod's own rule. Only a file that mentions ``socket`` is parsed (with
+    ugrod's reader, so ``~``, ``${VAR}`` and relative paths mean what they mean to
+    ugrod); every other command start stays free of YAML.
+    """
+    import os
+
+    from ugrod.paths import ROOT_CONFIG
+
+    chosen = flag or os.environ.get("UGRO_CONFIG") or None
+    if chosen is None:
+        if not ROOT_CONFIG.exists():
+            return None
+        chosen = str(ROOT_CONFIG)
+    try:
+        with open(chosen, "rb") as f:
+            head = f.read(1 << 20)
+    except OSError as exc:
+        named = "--config" if flag else "UGRO_CONFIG" if chosen != str(ROOT_CONFIG) else \
+            "the default path"
+        raise CtlError(f"cannot read the config {chosen} (from {named}): "
+                       f"{exc.strerror or exc}; fix the path, or pass --socket PATH") from None
+    if b"socket" not in head:
+        return None
+    from ugrod import config as cfgmod
+
+    try:
+        cfg = cfgmod.load(chosen)
+    except cfgmod.ConfigError as exc:
+        raise CtlError(f"{exc.lines()[0]} (read for cluster.socket; fix it, or pass "
+                       f"--socket PATH)") from None
+    socket = cfg.cluster.socket
+    return (str(socket), chosen) if socket is not None else None
 
 
 def hint_for(exc: CtlError) -> str:
@@ -123,20 +167,24 @@ def examples(*lines: str) -> str:
                               "ugroctl status exp1", "ugroctl logs exp1 -f --rank 0",
                               "ugroctl --host gpu-master status"))
 @click.option("--socket", "socket_path", metavar="PATH", envvar="UGRO_SOCKET",
-              help="ugrod's Unix socket [env UGRO_SOCKET; default /run/ugro/ugrod.sock as "
-                   "root, else $XDG_RUNTIME_DIR/ugro/ugrod.sock].")
+              help="ugrod's Unix socket [env UGRO_SOCKET; else cluster.socket from the config; "
+                   "default /run/ugro/ugrod.sock as root, else "
+                   "$XDG_RUNTIME_DIR/ugro/ugrod.sock].")
 @click.option("--host", metavar="HEAD", envvar="UGRO_HOST",
               help="Reach ugrod on the head node HEAD through an ssh forward (your identity "
                    "there, no TCP port) [env UGRO_HOST].")
 @click.option("--remote-socket", metavar="PATH", envvar="UGRO_REMOTE_SOCKET",
               help="ugrod's socket on HEAD with --host [default /run/ugro/ugrod.sock].")
+@click.option("--config", "config_path", metavar="FILE", envvar="UGRO_CONFIG",
+              help="cluster.yaml, read for cluster.socket when --socket is not given [env "
+                   "UGRO_CONFIG; default /etc/ugro/cluster.yaml when present].")
 @click.option("--json", "as_json", is_flag=True,
               help="Print one JSON document instead of text (every command).")
 @click.version_option(__version__, "--version", prog_name="ugroctl",
                       message="%(prog)s %(version)s")
 @click.pass_context
 def cli(ctx: click.Context, socket_path: str | None, host: str | None,
-        remote_socket: str | None, as_json: bool) -> None:
+        remote_socket: str | None, config_path: str | None, as_json: bool) -> None:
     """Control ugrod, the UGRO GPU cluster daemon: jobs, queue, nodes, health.
 
     \b
@@ -146,7 +194,7 @@ def cli(ctx: click.Context, socket_path: str | None, host: str | None,
     if host and ctx.get_parameter_source("socket_path") is ParameterSource.COMMANDLINE:
         raise click.UsageError("--socket names a local socket; with --host use "
                                "--remote-socket PATH")
-    ctx.obj = Ctl(None if host else socket_path, host, remote_socket, as_json)
+    ctx.obj = Ctl(None if host else socket_path, host, remote_socket, as_json, config_path)
 
 
 
@@ -182,3 +230,16 @@ def iso_utc(ts: float) -> str:
     if micros >= 1_000_000:
         whole, micros = whole + 1, 0
     return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(whole)) + f".{micros:06d}Z"
+
+
+def terminal_width() -> int | None:
+    """Columns to fit: the terminal's, else $COLUMNS, else None (output to a pipe)."""
+    import os
+    import sys
+
+    if sys.stdout.isatty():
+        import shutil
+
+        return shutil.get_terminal_size().columns
+    cols = os.environ.get("COLUMNS", "")
+    return int(cols) if cols.isdigit() and int(cols) > 0 else None

@@ -44,13 +44,17 @@ class DaemonUnreachable(CtlError):
 
     exit_code = EXIT_UNREACHABLE
 
-    def __init__(self, where: str, detail: str = "") -> None:
+    def __init__(self, where: str, detail: str = "", origin: str = "") -> None:
         self.where = where
         self.detail = detail
         extra = f" ({detail})" if detail else ""
+        if where.endswith("(via ssh)"):
+            elsewhere = "if it listens elsewhere there, pass --remote-socket PATH"
+        else:
+            elsewhere = "if it listens elsewhere, pass --socket PATH or set UGRO_SOCKET"
         super().__init__(
-            f"cannot reach ugrod at {where}{extra} (is it running? start it with `ugrod` "
-            f"or `systemctl start ugrod`)"
+            f"cannot reach ugrod at {where}{extra}{origin}: is it running? start it with "
+            f"`ugrod` or `systemctl start ugrod`; {elsewhere}"
         )
 
 
@@ -212,8 +216,10 @@ class Client:
     """One ugrod, one kept-alive connection; JSON in, JSON out, errors as CtlError."""
 
     def __init__(self, socket_path: str | None = None, host: str | None = None,
-                 remote_socket: str | None = None, timeout: float | None = TIMEOUT_S) -> None:
+                 remote_socket: str | None = None, timeout: float | None = TIMEOUT_S,
+                 origin: str = "") -> None:
         self.host = host or None
+        self.origin = origin  # where the socket path came from, for error messages
         self.socket_path = socket_path or (REMOTE_SOCKET if self.host else None)
         self.remote_socket = remote_socket or REMOTE_SOCKET
         self.timeout = timeout
@@ -330,7 +336,7 @@ class Client:
         except (Closed, FileNotFoundError, ConnectionRefusedError, ConnectionResetError,
                 BrokenPipeError) as exc:
             conn.close()
-            raise DaemonUnreachable(self.where, _describe(exc)) from exc
+            raise DaemonUnreachable(self.where, _describe(exc), self.origin) from exc
         except PermissionError as exc:
             conn.close()
             raise CtlError(f"permission denied on ugrod's socket {self.where}: ask an admin "
@@ -345,7 +351,7 @@ class Client:
                                 f"{exc}") from exc
         except OSError as exc:
             conn.close()
-            raise DaemonUnreachable(self.where, _describe(exc)) from exc
+            raise DaemonUnreachable(self.where, _describe(exc), self.origin) from exc
 
     def _json(self, resp: Response) -> Any:
         try:

@@ -83,7 +83,8 @@ def nodes(ctx: click.Context, as_json: bool) -> None:
     if ctx.invoked_subcommand is not None:
         return
     doc = ctl().client.get("/v1/nodes")
-    emit(doc, want_json(as_json), lambda: render.nodes_table(doc.get("nodes") or []))
+    emit(doc, want_json(as_json), lambda: render.nodes_table(doc.get("nodes") or [],
+                                                             doc.get("cluster")))
 
 
 @nodes.command("trust", epilog=examples("ugroctl nodes trust gpu1"))
@@ -176,7 +177,7 @@ def replay(until: str, state_dir: str | None, as_json: bool) -> None:
         doc = replaying.state_at(until, state_dir, user_time)
     except replaying.OfflineError as exc:
         fail(str(exc))
-    emit(doc, want_json(as_json), lambda: replaying.describe(doc, time.time()))
+    emit(doc, want_json(as_json), lambda: replaying.describe(doc))
 
 
 @cli.command("prometheus-config", epilog=examples(
@@ -199,8 +200,17 @@ def prometheus_config(config_path: str | None, rules_dir: str | None,
     from ugroctl import replaying
 
     try:
-        text = replaying.prometheus_config(config_path, rules_dir, exporter_port,
-                                           scrape_interval)
+        text, source = replaying.prometheus_config(config_path, rules_dir, exporter_port,
+                                                   scrape_interval)
     except replaying.OfflineError as exc:
         fail(str(exc))
+    if source is None:
+        from ugrod.paths import ROOT_CONFIG
+
+        # Said twice: on stderr for the person, and in the file for whoever reads it later.
+        note = ("no cluster.yaml given (--config or UGRO_CONFIG) or found at "
+                f"{ROOT_CONFIG}: this describes the built-in one-node cluster "
+                "(this machine alone)")
+        click.echo(f"ugroctl: note: {note}", err=True)
+        text = f"# {note}\n{text}"
     click.echo(text, nl=not text.endswith("\n"))

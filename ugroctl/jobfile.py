@@ -84,6 +84,12 @@ def _string(v: Any, what: str = "a non-empty string") -> str:
     return v
 
 
+def _time_limit(v: Any) -> str | float:
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        return v
+    return _string(v, "a duration such as 1:30:00 or 90m")
+
+
 def _integer(lo: int, hi: int) -> Callable[[Any], int]:
     def check(v: Any) -> int:
         if isinstance(v, bool) or not isinstance(v, int):
@@ -197,6 +203,9 @@ RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "max_retries": ("max_retries", _integer(0, 100)),
     "retry_backoff_s": ("retry_backoff_s", _seconds(0, MAX_BACKOFF_S)),
     "after": ("after", _strings),
+    "after_any": ("after_any", _strings),
+    "after_failed": ("after_failed", _strings),
+    "time": ("time_limit", _time_limit),  # 1:30:00, 90m, or minutes: ugrod checks the form
     "hold": ("held", _boolean),
     "env": ("env", _env),
     "torchrun": ("torchrun", _boolean),

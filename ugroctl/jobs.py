@@ -13,21 +13,22 @@ import click
 
 from ugroctl import render
 from ugroctl.base import (
+    F,
     cli,
     ctl,
     emit,
     examples,
-    hint_for,
     iso_utc,
     job_line,
     json_option,
+    terminal_width,
     user_time,
     want_json,
 )
 from ugroctl.client import (
     EXIT_FAILED,
-    EXIT_UNREACHABLE,
-    CtlError,
+    EXIT_FORBIDDEN,
+    EXIT_NOT_FOUND,
     seg,
 )
 from ugroctl.submitting import parse_set
@@ -44,7 +45,8 @@ def status(job: str | None, show_all: bool, as_json: bool) -> None:
     now = time.time()
     if job is None:
         doc = client.get("/v1/jobs", {"all": show_all})
-        emit(doc, want_json(as_json), lambda: render.jobs_table(doc.get("jobs") or [], now))
+        emit(doc, want_json(as_json), lambda: render.jobs_table(doc.get("jobs") or [], now,
+                                                                terminal_width()))
     else:
         one = client.get(f"/v1/jobs/{seg(job)}")["job"]
         emit(one, want_json(as_json), lambda: render.job_detail(one, now))
@@ -170,66 +172,168 @@ def _job_action(job: str, action: str, body: Mapping[str, Any] | None, as_json: 
     emit(one, want_json(as_json), lambda: done(one))
 
 
-@cli.command(epilog=examples("ugroctl cancel exp1", "ugroctl cancel exp1 exp2 exp3"))
-@click.argument("jobs", nargs=-1, required=True, metavar="JOB...")
-@click.option("--wait", is_flag=True, help="Return only once the processes are gone "
-                                           "(up to 2 minutes a job).")
-@json_option
-def cancel(jobs: tuple[str, ...], wait: bool, as_json: bool) -> None:
-    """Cancel jobs: every rank's processes on every node are killed, then GPUs freed.
+def selection_options(f: F) -> F:
+    """--user/--all-users/--state/--sweep: select jobs for a bulk action (as scancel does)."""
+    for opt in reversed([
+        click.option("--user", metavar="USER",
+                     help="Jobs of USER (with no JOB, --user or --all-users: your own)."),
+        click.option("--all-users", is_flag=True, help="Jobs of every user (root and "
+                                                       "ugrod's user may change them)."),
+        click.option("--state", "states", multiple=True, metavar="STATE",
+                     help="Only jobs in STATE: queued (or pending), retrying, starting, "
+                          "running (repeatable, or comma-separated)."),
+        click.option("--sweep", metavar="S", help="The trials of sweep S."),
+    ]):
+        f = opt(f)
+    return f
 
-    With --json: {"jobs": [...]} of the jobs cancelled; errors go to stderr.
-    """
-    client = ctl().client
-    done: list[Any] = []
-    worst = 0
-    for name in jobs:
-        try:
-            job = client.post(f"/v1/jobs/{seg(name)}/cancel", None,
-                              {"wait": True} if wait else None).get("job", {})
-        except CtlError as exc:
-            if exc.exit_code == EXIT_UNREACHABLE:
-                raise
-            click.echo(f"ugroctl: {exc}{hint_for(exc)}", err=True)
-            worst = max(worst, exc.exit_code)
-            continue
-        done.append(job)
-        if not want_json(as_json):
-            line = job_line(job)
-            if job.get("stopping"):
-                line = f"{render.clean(job.get('id'))}: stopping (killing its processes)"
-            click.echo(line)
+
+def _selection(user: str | None, all_users: bool, states: tuple[str, ...],
+               sweep: str | None) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    if user is not None:
+        out["user"] = user
+    if all_users:
+        if user is not None:
+            raise click.UsageError("--user and --all-users exclude each other")
+        out["all_users"] = True
+    flat = [s.strip().lower() for item in states for s in item.split(",") if s.strip()]
+    if flat:
+        out["states"] = flat
+    if sweep is not None:
+        out["sweep"] = sweep
+    return out
+
+
+_DONE = {"cancel": "cancelled", "hold": "held", "release": "released",
+         "priority": "changed the priority of"}
+_EXIT_FOR = {"not_found": EXIT_NOT_FOUND, "forbidden": EXIT_FORBIDDEN}
+
+
+def _bulk(action: str, jobs: tuple[str, ...], where: Mapping[str, Any], as_json: bool,
+          line: Callable[[Mapping[str, Any]], str], **extra: Any) -> None:
+    """One request changing many jobs; each refusal on stderr, the worst exit code."""
+    body = {"action": action, "jobs": list(jobs), **where, **extra}
+    doc = ctl().client.post("/v1/jobs/actions", body)
+    done = [j for j in doc.get("jobs") or [] if isinstance(j, Mapping)]
+    refused = [r for r in doc.get("refused") or [] if isinstance(r, Mapping)]
     if want_json(as_json):
-        click.echo(render.dump_json({"jobs": done}))
+        click.echo(render.dump_json(doc))
+    else:
+        for job in done:
+            click.echo(line(job))
+    for r in refused:
+        click.echo(f"ugroctl: {render.clean(r.get('job'))}: {render.clean(r.get('reason'))}",
+                   err=True)
+    if not done and not refused:
+        click.echo("ugroctl: no job matches; nothing changed (`ugroctl status --all` lists "
+                   "jobs)", err=True)
+    elif not want_json(as_json) and (len(done) + len(refused) > 1):
+        click.echo(f"{_DONE[action]} {len(done)} job{'s' if len(done) != 1 else ''}"
+                   + (f"; {len(refused)} refused" if refused else ""), err=True)
+    worst = max((_EXIT_FOR.get(str(r.get("code")), EXIT_FAILED) for r in refused), default=0)
     if worst:
         raise click.exceptions.Exit(worst)
 
 
+def _cancel_line(job: Mapping[str, Any]) -> str:
+    if job.get("stopping"):
+        return f"{render.clean(job.get('id'))}: stopping (killing its processes)"
+    return job_line(job)
+
+
+@cli.command(epilog=examples("ugroctl cancel exp1", "ugroctl cancel exp1 exp2 exp3",
+                              "ugroctl cancel --state queued", "ugroctl cancel --sweep lrs",
+                              "ugroctl cancel --user bob --state running   (as root)"))
+@click.argument("jobs", nargs=-1, metavar="[JOB]...")
+@selection_options
+@click.option("--wait", is_flag=True, help="Return only once the processes are gone "
+                                           "(up to 2 minutes).")
+@json_option
+def cancel(jobs: tuple[str, ...], user: str | None, all_users: bool, states: tuple[str, ...],
+           sweep: str | None, wait: bool, as_json: bool) -> None:
+    """Cancel jobs: every rank's processes on every node are killed, then GPUs freed.
+
+    Several jobs, or a filter, go in one request: the jobs that can be cancelled are,
+    together; each refusal is printed with its reason. With --json: {"action",
+    "jobs": [...], "refused": [{"job", "code", "reason"}]}.
+    """
+    where = _selection(user, all_users, states, sweep)
+    if not jobs and not where:
+        raise click.UsageError("name the jobs to cancel, or select them with --user, "
+                               "--all-users, --state or --sweep")
+    if len(jobs) != 1 or where:
+        _bulk("cancel", jobs, where, as_json, _cancel_line, wait=wait)
+        return
+    job = ctl().client.post(f"/v1/jobs/{seg(jobs[0])}/cancel", None,
+                            {"wait": True} if wait else None).get("job", {})
+    if want_json(as_json):
+        click.echo(render.dump_json({"jobs": [job]}))
+    else:
+        click.echo(_cancel_line(job))
+
+
 @cli.command(context_settings={"ignore_unknown_options": True},
-             epilog=examples("ugroctl priority exp2 10", "ugroctl priority exp3 -5"))
-@click.argument("job")
-@click.argument("priority", type=click.IntRange(-1000, 1000))
+             epilog=examples("ugroctl priority exp2 10", "ugroctl priority exp3 -5",
+                             "ugroctl priority exp2 exp3 10", "ugroctl priority --sweep lrs 5"))
+@click.argument("args", nargs=-1, required=True, metavar="[JOB]... PRIORITY")
+@selection_options
 @json_option
-def priority(job: str, priority: int, as_json: bool) -> None:
-    """Set a job's priority (higher runs first; ties run in submission order)."""
-    _job_action(job, "priority", {"priority": priority}, as_json,
-                lambda j: f"{render.clean(j.get('id'))}: priority {j.get('priority')}")
+def priority(args: tuple[str, ...], user: str | None, all_users: bool,
+             states: tuple[str, ...], sweep: str | None, as_json: bool) -> None:
+    """Set jobs' priority, -1000..1000 (higher runs first; ties run in submission order).
+
+    The last argument is the priority; the jobs are those named and/or selected.
+    """
+    *jobs, value = args
+    try:
+        p = int(value)
+    except ValueError:
+        p = None
+    if p is None or not -1000 <= p <= 1000:
+        raise click.UsageError(f"the last argument is the priority, an integer from -1000 to "
+                               f"1000; got {value!r}")
+    where = _selection(user, all_users, states, sweep)
+    if not jobs and not where:
+        raise click.UsageError("name the jobs, or select them with --user, --all-users, "
+                               "--state or --sweep")
+    line = lambda j: f"{render.clean(j.get('id'))}: priority {j.get('priority')}"  # noqa: E731
+    if len(jobs) != 1 or where:
+        _bulk("priority", tuple(jobs), where, as_json, line, priority=p)
+        return
+    _job_action(jobs[0], "priority", {"priority": p}, as_json, line)
 
 
-@cli.command(epilog=examples("ugroctl hold exp2"))
-@click.argument("job")
+def _hold_or_release(action: str, jobs: tuple[str, ...], where: dict[str, Any],
+                     as_json: bool) -> None:
+    if not jobs and not where:
+        raise click.UsageError(f"name the jobs to {action}, or select them with --user, "
+                               "--all-users, --state or --sweep")
+    if len(jobs) != 1 or where:
+        _bulk(action, jobs, where, as_json, job_line)
+        return
+    _job_action(jobs[0], action, None, as_json, job_line)
+
+
+@cli.command(epilog=examples("ugroctl hold exp2", "ugroctl hold --state queued",
+                              "ugroctl hold --sweep lrs"))
+@click.argument("jobs", nargs=-1, metavar="[JOB]...")
+@selection_options
 @json_option
-def hold(job: str, as_json: bool) -> None:
-    """Hold a waiting job: it keeps its place in the queue but does not start."""
-    _job_action(job, "hold", None, as_json, job_line)
+def hold(jobs: tuple[str, ...], user: str | None, all_users: bool, states: tuple[str, ...],
+         sweep: str | None, as_json: bool) -> None:
+    """Hold waiting jobs: they keep their place in the queue but do not start."""
+    _hold_or_release("hold", jobs, _selection(user, all_users, states, sweep), as_json)
 
 
-@cli.command(epilog=examples("ugroctl release exp2"))
-@click.argument("job")
+@cli.command(epilog=examples("ugroctl release exp2", "ugroctl release --sweep lrs"))
+@click.argument("jobs", nargs=-1, metavar="[JOB]...")
+@selection_options
 @json_option
-def release(job: str, as_json: bool) -> None:
-    """Release a held job: it may start when its turn comes."""
-    _job_action(job, "release", None, as_json, job_line)
+def release(jobs: tuple[str, ...], user: str | None, all_users: bool, states: tuple[str, ...],
+            sweep: str | None, as_json: bool) -> None:
+    """Release held jobs: they may start when their turn comes."""
+    _hold_or_release("release", jobs, _selection(user, all_users, states, sweep), as_json)
 
 
 @cli.command(epilog=examples("ugroctl checkpoint exp1", "ugroctl checkpoint exp1 --wait 120"))

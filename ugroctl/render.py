@@ -230,8 +230,18 @@ def _job_when(job: Mapping[str, Any], now: float) -> str:
     return f"submitted {ago(job.get('submitted_at'), now)}"
 
 
-def jobs_table(jobs: Sequence[Mapping[str, Any]], now: float) -> str:
-    """``status`` with no job: active jobs first (submission order), then recent ended ones."""
+NOTE_MIN = 10  # the NOTE column keeps at least this much, however narrow the terminal
+NOTE_MAX = 200  # and at most this much when there is no terminal to fit
+
+
+def jobs_table(jobs: Sequence[Mapping[str, Any]], now: float,
+               width: int | None = None) -> str:
+    """``status`` with no job: active jobs first (submission order), then recent ended ones.
+
+    The NOTE column (reasons can be long: a traceback's last line, a waiting reason)
+    is cut with an ellipsis so each row fits ``width`` columns (a terminal's width),
+    or NOTE_MAX characters when ``width`` is None.
+    """
     if not jobs:
         return "no jobs (submit one with `ugroctl submit -- CMD` or `ugroctl launch`)"
     active = [j for j in jobs if j.get("state") not in TERMINAL_STATES]
@@ -239,10 +249,32 @@ def jobs_table(jobs: Sequence[Mapping[str, Any]], now: float) -> str:
     ended.sort(key=lambda j: parse_time(j.get("ended_at")) or 0.0, reverse=True)
     rows = [
         [j.get("id"), j.get("state"), j.get("owner"), _gpu_summary(j), j.get("attempt"),
-         _job_when(j, now), _job_note(j)]
+         _job_when(j, now), " ".join(_job_note(j).split())]
         for j in (*active, *ended)
     ]
-    return table(["JOB", "STATE", "OWNER", "NODES", "TRY", "WHEN", "NOTE"], rows, right=[4])
+    headers = ["JOB", "STATE", "OWNER", "NODES", "TRY", "WHEN", "NOTE"]
+    room = NOTE_MAX
+    if width is not None:
+        used = sum(max([_width(clean(r[i])) for r in rows] + [len(headers[i])]) + 2
+                   for i in range(len(headers) - 1))
+        room = max(NOTE_MIN, width - used)
+    for r in rows:
+        r[-1] = ellipsize(clean(r[-1]), room)
+    return table(headers, rows, right=[4])
+
+
+def ellipsize(text: str, room: int) -> str:
+    """``text`` cut to ``room`` columns, ending in "…" when cut."""
+    if _width(text) <= room:
+        return text
+    out, used = [], 0
+    for c in text:
+        w = _width(c)
+        if used + w > room - 1:
+            break
+        out.append(c)
+        used += w
+    return "".join(out) + "…"
 
 
 def job_detail(job: Mapping[str, Any], now: float) -> str:
@@ -274,10 +306,12 @@ def job_detail(job: Mapping[str, Any], now: float) -> str:
         ("submitted", _when(job.get("submitted_at"), now)),
         ("started", _when(job.get("started_at"), now)),
         ("ended", _when(job.get("ended_at"), now)),
+        ("time limit", _time_limit(job, now)),
         ("waiting", job.get("waiting_reason") or None),
         ("reason", job.get("reason") or None),
-        ("exit code", job.get("exit_code")),
+        ("exit code", job.get("exit_code") if not job.get("last_attempt") else None),
         ("retry at", _when(job.get("retry_at"), now)),
+        ("last try", _last_attempt(job.get("last_attempt"), now)),
     ]
     if metrics:
         pairs += [("step", number(metrics.get("step")) if "step" in metrics else None),
@@ -300,6 +334,25 @@ def job_detail(job: Mapping[str, Any], now: float) -> str:
             [[r.get("rank"), r.get("node"), r.get("pid"), r.get("exit_code")] for r in ranks],
             right=[0, 2, 3])
     return out
+
+
+def _time_limit(job: Mapping[str, Any], now: float) -> str | None:
+    limit = job.get("time_limit")
+    if not limit:
+        return None
+    end = parse_time(job.get("deadline"))
+    return f"{clean(limit)}" + (f" (cancelled {ago(job['deadline'], now)})" if end is not None
+                                  and end > now else "")
+
+
+def _last_attempt(last: Any, now: float) -> str | None:
+    """The previous attempt of a job waiting for its next one: where it ran, how it ended."""
+    if not isinstance(last, Mapping):
+        return None
+    nodes = ",".join(clean(n) for n in last.get("nodes") or []) or "-"
+    code = last.get("exit_code")
+    return (f"attempt {clean(last.get('attempt'))} on {nodes}, ended "
+            f"{ago(last.get('ended_at'), now)}" + (f" (exit {code})" if code is not None else ""))
 
 
 def _ckpt_path(c: Any) -> str:
@@ -460,8 +513,10 @@ def health_table(nodes: Sequence[Mapping[str, Any]], now: float) -> str:
                  right=[2])
 
 
-def nodes_table(nodes: Sequence[Mapping[str, Any]]) -> str:
-    """``nodes``: where each node is, how it is reached, its GPUs, labels and jobs."""
+def nodes_table(nodes: Sequence[Mapping[str, Any]],
+                cluster: Mapping[str, Any] | None = None) -> str:
+    """``nodes``: where each node is, how it is reached, its GPUs (free/total, as sinfo
+    counts them), labels and jobs; then the cluster's totals."""
     if not nodes:
         return "no nodes configured"
     rows = []
@@ -472,10 +527,34 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]]) -> str:
         addr = f"{n.get('user')}@{n.get('host')}" if n.get("user") else str(n.get("host"))
         if n.get("port") not in (None, 22) and n.get("transport") == "ssh":
             addr += f":{n['port']}"
-        rows.append([n.get("name"), n.get("state"), n.get("transport"), addr, gpu_text,
+        rows.append([n.get("name"), n.get("state"), n.get("transport"), addr,
+                     _free_of_total(n), gpu_text,
                      ",".join(str(x) for x in n.get("labels") or []),
                      ",".join(str(x) for x in n.get("jobs") or [])])
-    return table(["NODE", "STATE", "VIA", "ADDRESS", "GPUS", "LABELS", "JOBS"], rows)
+    out = table(["NODE", "STATE", "VIA", "ADDRESS", "FREE/GPUS", "GPUS", "LABELS", "JOBS"],
+                rows, right=[4])
+    if isinstance(cluster, Mapping):
+        out += "\n\n" + cluster_line(cluster)
+    return out
+
+
+def _free_of_total(n: Mapping[str, Any]) -> str:
+    total, free = n.get("gpus_total"), n.get("gpus_free")
+    if not _is_number(total) or not _is_number(free):
+        return "-"
+    return f"{free}/{total}"
+
+
+def cluster_line(c: Mapping[str, Any]) -> str:
+    """The cluster's totals: nodes taking work, GPUs free/in use/unavailable of all."""
+    nodes, sched = c.get("nodes", 0), c.get("nodes_schedulable", 0)
+    total, free, used = c.get("gpus_total", 0), c.get("gpus_free", 0), c.get("gpus_used", 0)
+    off = c.get("gpus_unavailable", 0)
+    text = (f"cluster: {sched} of {nodes} node{'s' if nodes != 1 else ''} taking work; "
+            f"GPUs {free} free of {total}, {used} in use")
+    if off:
+        text += f", {off} on nodes not taking work"
+    return text
 
 
 def checks_table(doc: Mapping[str, Any]) -> str:
@@ -568,6 +647,22 @@ def sweep_view(doc: Mapping[str, Any], now: float) -> str:
                      duration(t.get("duration_s"))])
     return head + "\n\n" + table(["#", "JOB", "PARAMS", "STATE", "LOSS", "STEP", "TIME"], rows,
                                  right=[0, 4, 5, 6])
+
+
+def sweeps_table(sweeps: Sequence[Mapping[str, Any]], now: float) -> str:
+    """``sweep list``: each sweep, its owner, trials by state, and when it was created."""
+    if not sweeps:
+        return "no sweeps (create one with `ugroctl sweep --name S --param k=v1,v2 -- CMD`)"
+    order = ("running", "starting", "queued", "retrying", "succeeded", "failed", "cancelled")
+    rows = []
+    for w in sweeps:
+        states = w.get("states") if isinstance(w.get("states"), Mapping) else {}
+        assert isinstance(states, Mapping)
+        counts = ", ".join(f"{states[k]} {k}" for k in order if states.get(k))
+        rows.append([w.get("name"), w.get("owner"), w.get("trials"), counts or "-",
+                     w.get("max_parallel") or "-", ago(w.get("created_at"), now)])
+    return table(["SWEEP", "OWNER", "TRIALS", "STATES", "PARALLEL", "CREATED"], rows,
+                 right=[2, 4])
 
 
 def reload_view(doc: Mapping[str, Any]) -> str:

@@ -103,14 +103,17 @@ def state_at(until: str, state_dir: str | None,
     finally:
         log.close_sync()
     jobs = sorted(state.jobs.values(), key=lambda j: j.submit_seq)
-    nodes = sorted(state.nodes.values(), key=lambda n: n.name)
+    held = rj.held_gpus(state)
+    node_docs = [rj.node(n, state.jobs_on(n.name), None, held.get(n.name, ()))
+                 for n in sorted(state.nodes.values(), key=lambda n: n.name)]
     return {
         "state_dir": str(directory),
         "until": {"seq": until_seq, "time": rj.iso(until_ts)},
         "seq": state.seq,
         "last_event_at": rj.iso(last_ts),
         "jobs": [rj.job(j) for j in jobs],
-        "nodes": [rj.node(n, state.jobs_on(n.name), None) for n in nodes],
+        "nodes": node_docs,
+        "cluster": rj.cluster_summary(node_docs),
     }
 
 
@@ -131,19 +134,27 @@ def _from_snapshot(directory: Path, until_seq: int, empty: Any) -> Any:
         return empty
 
 
-def describe(doc: dict[str, Any], now: float) -> str:
-    """The replayed state for people: where it stops, then jobs and nodes."""
+def describe(doc: dict[str, Any]) -> str:
+    """The replayed state for people: where it stops, then jobs and nodes.
+
+    "3m ago" in the tables counts back from the replayed moment (the time asked for,
+    else the last event applied), not from now: it is that moment being shown.
+    """
     when = doc.get("last_event_at")
+    moment = render.parse_time((doc.get("until") or {}).get("time")) \
+        or render.parse_time(when) or 0.0
     head = (f"state after event {doc['seq']}"
             + (f" ({render._clock(when)})" if when else "")
-            + f", replayed from {render.clean(doc['state_dir'])}")
-    return "\n\n".join([head, render.jobs_table(doc["jobs"], now),
-                        render.nodes_table(doc["nodes"])])
+            + f", replayed from {render.clean(doc['state_dir'])}"
+            + f"; times are relative to {render._clock(moment)}")
+    return "\n\n".join([head, render.jobs_table(doc["jobs"], moment),
+                        render.nodes_table(doc["nodes"], doc.get("cluster"))])
 
 
 def prometheus_config(path: str | None, rules_dir: str | None, exporter_port: int | None,
-                      interval: str | None) -> str:
-    """prometheus.yml for the cluster in cluster.yaml (ugrod.prometheus_config writes it)."""
+                      interval: str | None) -> tuple[str, str | None]:
+    """prometheus.yml for the cluster in cluster.yaml (ugrod.prometheus_config writes it),
+    and the file it describes (None: the built-in one-node cluster)."""
     from ugrod import prometheus_config as pc
 
     cfg = load_config(path)
@@ -155,7 +166,7 @@ def prometheus_config(path: str | None, rules_dir: str | None, exporter_port: in
     if interval:
         kwargs["scrape_interval"] = interval
     try:
-        return pc.scrape_config(cfg, **kwargs)
+        return pc.scrape_config(cfg, **kwargs), (str(cfg.source) if cfg.source else None)
     except pc.ScrapeConfigError as exc:
         where = f"{cfg.source}: " if getattr(cfg, "source", None) else ""
         raise OfflineError(f"{where}{exc}") from None

@@ -114,7 +114,16 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      help="Retry a failed job up to N times, resuming from its newest "
                           "checkpoint."),
         click.option("--after", multiple=True, metavar="JOB",
-                     help="Start only after JOB has succeeded (repeatable)."),
+                     help="Start only after JOB has succeeded (repeatable; Slurm's afterok)."),
+        click.option("--after-any", multiple=True, metavar="JOB",
+                     help="Start once JOB has ended, however it ended (repeatable)."),
+        click.option("--after-failed", multiple=True, metavar="JOB",
+                     help="Start only if JOB failed or was cancelled (repeatable; Slurm's "
+                          "afternotok)."),
+        click.option("--time", "time_limit", metavar="LIMIT",
+                     help="Wall-clock limit of each attempt; past it the job is cancelled "
+                          "with the reason 'time limit'. Slurm's forms: minutes, M:S, H:M:S, "
+                          "D-H, D-H:M, D-H:M:S; or 90m, 2h, 1h30m."),
         click.option("--hold", is_flag=True, help="Queue the job held; `ugroctl release` "
                                                   "lets it run."),
         click.option("--env", "env", multiple=True, metavar="K=V", callback=parse_env,
@@ -150,7 +159,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                           "reason if it could never run here; record nothing."),
     ]
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
-             "priority", "max_retries", "after", "hold", "env", "nproc_per_node", "torchrun",
+             "priority", "max_retries", "after", "after_any", "after_failed", "time_limit",
+             "hold", "env", "nproc_per_node", "torchrun",
              "stall_timeout",
              "cwd", "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
              "wait", "dry_run"]
@@ -165,13 +175,14 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
 
 
 SWEEP_OPTIONS = frozenset({"nodes", "gpus_per_node", "min_vram", "priority", "max_retries",
-                           "env", "torchrun"})
+                           "env", "torchrun", "time_limit"})
 
 
 _SPEC_KEYS = {  # option name -> request body key
     "nodes": "nodes", "gpus_per_node": "gpus_per_node", "node_names": "node_names",
     "labels": "labels_required", "avoid_labels": "labels_avoided", "priority": "priority",
-    "max_retries": "max_retries", "after": "after", "hold": "held", "env": "env",
+    "max_retries": "max_retries", "after": "after", "after_any": "after_any",
+    "after_failed": "after_failed", "time_limit": "time_limit", "hold": "held", "env": "env",
     "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
     "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
     "progress": "progress", "progress_rank": "progress_rank", "loss_key": "loss_key",
@@ -334,12 +345,13 @@ class SweepGroup(UgroGroup):
 @cli.group(cls=SweepGroup, epilog=examples(
     "ugroctl sweep --name lrs --param lr=1e-5,2e-5,5e-5 --param lora_r=8,16 "
     "--max-parallel 2 -- train.py --epochs 1",
-    "ugroctl sweep status lrs", "ugroctl sweep cancel lrs"))
+    "ugroctl sweep list", "ugroctl sweep status lrs", "ugroctl sweep cancel lrs"))
 def sweep() -> None:
     """Run a grid of trials as one sweep; rank them by loss.
 
     \b
     ugroctl sweep --name S --param k=v1,v2 [...] [--max-parallel K] -- CMD [ARGS]...
+    ugroctl sweep list
     ugroctl sweep status S
     ugroctl sweep cancel S
 
@@ -374,6 +386,15 @@ def sweep_create(ctx: click.Context, /, name: str, grid: dict[str, list[str]],
         doc = view
     emit(doc, want_json(as_json), lambda: render.sweep_view(doc, time.time())
          + f"\n\nwatch it: ugroctl sweep status {render.clean(name)}")
+
+
+@sweep.command("list", epilog=examples("ugroctl sweep list", "ugroctl sweep list --json"))
+@json_option
+def sweep_list(as_json: bool) -> None:
+    """List every sweep, newest first: owner, trials by state, when it was created."""
+    doc = ctl().client.get("/v1/sweeps")
+    emit(doc, want_json(as_json), lambda: render.sweeps_table(doc.get("sweeps") or [],
+                                                              time.time()))
 
 
 @sweep.command("status", epilog=examples("ugroctl sweep status lrs"))

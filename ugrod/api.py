@@ -24,12 +24,13 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
+from ugrod import commands, jobspec
 from ugrod import events as ev
-from ugrod import jobspec
 from ugrod import render_json as rj
+from ugrod.commands import Refused
 from ugrod.jobspec import SubmitBody, SweepBody, check_name
 from ugrod.log import LogError, LogWriteFailed
-from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState
+from ugrod.state import TERMINAL, InvalidEvent, Job, JobState, State
 
 if TYPE_CHECKING:
     from ugrod.daemon import Daemon
@@ -75,6 +76,7 @@ def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Applicati
     r.add_post("/v1/nodes/{node}/trust", h.trust)
     r.add_get("/v1/jobs", h.jobs)
     r.add_post("/v1/jobs", h.submit)
+    r.add_post("/v1/jobs/actions", h.bulk)
     r.add_get("/v1/jobs/{job}", h.job)
     r.add_post("/v1/jobs/{job}/cancel", h.cancel)
     r.add_post("/v1/jobs/{job}/priority", h.priority)
@@ -88,6 +90,7 @@ def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Applicati
     r.add_get("/v1/queue", h.queue)
     r.add_get("/v1/events", h.events)
     r.add_post("/v1/reload", h.reload)
+    r.add_get("/v1/sweeps", h.sweeps)
     r.add_post("/v1/sweeps", h.sweep_create)
     r.add_get("/v1/sweeps/{sweep}", h.sweep_status)
     r.add_post("/v1/sweeps/{sweep}/cancel", h.sweep_cancel)
@@ -119,6 +122,9 @@ def _errors(daemon: Daemon) -> Any:
         except jobspec.SpecError as exc:
             status = 400
             return _error(400, "bad_request", str(exc))
+        except Refused as exc:
+            status = _STATUS.get(exc.code, 409)
+            return _error(status, exc.code, exc.message)
         except InvalidEvent as exc:
             status = 409
             return _error(409, "conflict", str(exc))
@@ -143,6 +149,9 @@ def _errors(daemon: Daemon) -> Any:
             name = route.canonical if route is not None else "unmatched"
             daemon.stats.api_request(name, request.method, status, time.perf_counter() - t0)
     return middleware
+
+
+_STATUS = {"bad_request": 400, "forbidden": 403, "not_found": 404, "conflict": 409}
 
 
 def _json(data: Any, status: int = 200) -> web.Response:
@@ -198,11 +207,25 @@ def _duplicate_key(raw: bytes) -> str | None:
     return found[0] if found else None
 
 
+class BulkBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """``POST /v1/jobs/actions``: an action over named jobs and/or a filter."""
+
+    action: str
+    jobs: list[str] = []
+    user: str | None = None
+    all_users: bool = False
+    states: list[str] = []
+    sweep: str | None = None
+    priority: int | None = None
+    wait: bool = False
+
+
 class Handlers:
     """Route handlers; thin: parse, check, record, answer."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self.streams = 0  # followers being served now (logs -f, events -f, submit --wait)
 
     # ---- helpers -----------------------------------------------------------
 
@@ -231,13 +254,16 @@ class Handlers:
         from ugrod import __version__
         return _json({"ok": True, "version": __version__,
                                   "seq": self.d.ledger.state.seq, "pid": os.getpid(),
+                                  "streams": self.streams,
                                   "metrics_port": self.d.metrics_port})
 
     async def nodes(self, request: web.Request) -> web.Response:
         state = self.d.ledger.state
-        return _json({"nodes": [
-            rj.node(n, state.jobs_on(n.name), self.d.node_view(n.name))
-            for n in sorted(state.nodes.values(), key=lambda n: n.name)]})
+        held = rj.held_gpus(state)
+        nodes = [rj.node(n, state.jobs_on(n.name), self.d.node_view(n.name),
+                         held.get(n.name, ()))
+                 for n in sorted(state.nodes.values(), key=lambda n: n.name)]
+        return _json({"nodes": nodes, "cluster": rj.cluster_summary(nodes)})
 
     def _node_name(self, request: web.Request) -> str:
         name = request.match_info["node"]
@@ -307,67 +333,111 @@ class Handlers:
             if prior is not None:  # a client retrying after a lost answer: same job, once
                 return await self._job_answer(prior, status=200)
         spec = self.d.job_spec(body)
-        name = check_name("job", body.name) if body.name else self.d.new_job_name()
-        if name in state.jobs:
-            raise ApiError(409, "conflict", f"a job named {name!r} already exists "
-                           f"({state.jobs[name].state}); pick another name, or "
-                           f"`ugroctl resume {name}`")
-        for dep in spec.after:
-            if dep not in state.jobs:
-                raise ApiError(400, "bad_request", f"--after {dep}: no such job")
+        name = check_name("job", body.name) if body.name else ""
         why = self.d.check_fits(spec)
         if why:
             raise ApiError(400, "bad_request", f"job can never run here: {why}")
         self.d.check_user_limits(actor, spec)
         submitted = ev.JobSubmitted(job=name, spec=spec, priority=body.priority,
                                     held=body.held, request_id=body.request_id)
+
+        # The name (when none was given) and the dependencies are decided on the newest
+        # state, inside the writer: concurrent unnamed submits get distinct names.
+        def decide(tip: State) -> tuple[list[ev.Event], str]:
+            events = commands.submit(tip, submitted)
+            return events, events[0].job  # type: ignore[attr-defined]
+
         if request.query.get("dry_run") in ("1", "true"):
             # Every check a submit makes, and the job as it would be queued; nothing
             # is recorded (the same rule builds it, on a state that is then dropped).
-            preview = self.d.ledger.preview(actor, submitted).jobs[name]
-            return _json({"job": self._job_json(preview), "dry_run": True})
-        await self.d.ledger.record(actor, submitted)
-        return await self._job_answer(name, status=201)
+            preview, job_id = self.d.ledger.preview_decided(actor, decide)
+            return _json({"job": self._job_json(preview.jobs[job_id]), "dry_run": True})
+        _, job_id = await self.d.ledger.record_decided(actor, decide)
+        return await self._job_answer(job_id, status=201)
+
+    async def _act(self, request: web.Request, action: str, verb: str,
+                   priority: int | None = None) -> Job:
+        """One action on the job in the path, decided on the newest state (user words)."""
+        actor, job = peer(request), self._job(request)
+        self._own(actor, job, verb)
+
+        def decide(tip: State) -> tuple[list[ev.Event], None]:
+            return [commands.job_action(tip.jobs[job.id], action, actor, priority)], None
+
+        await self.d.ledger.record_decided(actor, decide)
+        return self.d.ledger.state.jobs[job.id]
+
+    async def bulk(self, request: web.Request) -> web.Response:
+        """cancel/hold/release/priority over named jobs and/or a filter, as one batch.
+
+        Each job is judged on its own (owner, state): the ones that can take the action
+        are changed together in one atomic append; the others are listed with why not.
+        """
+        actor = peer(request)
+        body: BulkBody = await _body(request, BulkBody)
+        if body.action not in commands.ACTIONS:
+            raise ApiError(400, "bad_request", f"unknown action {body.action!r}; use one of "
+                           f"{', '.join(commands.ACTIONS)}")
+        if body.action == "priority":
+            jobspec.check_priority(body.priority)
+        where = commands.Filter(user=body.user, all_users=body.all_users,
+                                states=commands.check_states(body.states), sweep=body.sweep)
+        if not body.jobs and where.empty:
+            raise ApiError(400, "bad_request", "name the jobs, or select them with --user, "
+                           "--state or --sweep")
+        if len(body.jobs) > commands.MAX_BATCH:
+            raise ApiError(400, "bad_request", f"at most {commands.MAX_BATCH} jobs at once")
+        for name in body.jobs:
+            check_name("job", name)
+        if body.sweep is not None:
+            check_name("sweep", body.sweep)
+        if body.user is not None and not 1 <= len(body.user) <= 64:
+            raise ApiError(400, "bad_request", "--user: expected a user name (1-64 characters)")
+        may = functools.partial(self._may_change, actor)
+
+        def decide(tip: State) -> tuple[list[ev.Event], tuple[list[str], list[Any]]]:
+            chosen, missing = commands.select(tip, actor, body.jobs, where)
+            events, done, refused = commands.bulk(tip, actor, body.action, chosen, may,
+                                                  body.priority)
+            return events, (done, missing + refused)
+
+        _, (done, refused) = await self.d.ledger.record_decided(actor, decide)
+        if body.action == "cancel" and body.wait:
+            await self.d.wait_terminal_all(done, timeout_s=120)
+        state = self.d.ledger.state
+        return _json({"action": body.action, "jobs": [self._job_json(state.jobs[j])
+                                                      for j in done],
+                      "refused": [ev.to_builtins(r) for r in refused]})
+
+    def _may_change(self, actor: ev.Actor, job: Job) -> bool:
+        try:
+            self._own(actor, job, "change")
+        except ApiError:
+            return False
+        return True
 
     async def cancel(self, request: web.Request) -> web.Response:
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, "cancel")
+        job = await self._act(request, "cancel", "cancel")
         if job.state in TERMINAL:
-            raise ApiError(409, "conflict", f"job {job.id} already {job.state}")
-        reason = f"cancelled by {actor.user}"
-        if job.state in WAITING:
-            await self.d.ledger.record(actor, ev.JobCancelRequested(job=job.id, reason=reason))
             return await self._job_answer(job.id)
-        await self.d.ledger.record(actor, ev.JobStopping(
-            job=job.id, attempt=job.attempt, outcome="cancelled", reason=reason))
         if request.query.get("wait") in ("1", "true"):
             await self.d.wait_terminal(job.id, timeout_s=120)
             return await self._job_answer(job.id)
         return await self._job_answer(job.id, status=202)
 
     async def priority(self, request: web.Request) -> web.Response:
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, "change the priority of")
+        self._job(request)
         body = await _body(request, dict[str, int])
         p = jobspec.check_priority(body.get("priority"))
-        await self.d.ledger.record(actor, ev.JobPrioritySet(job=job.id, priority=p))
+        job = await self._act(request, "priority", "change the priority of", p)
         return await self._job_answer(job.id)
 
     async def hold(self, request: web.Request) -> web.Response:
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, "hold")
-        if job.state not in WAITING:
-            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only waiting jobs "
-                           f"can be held")
-        await self.d.ledger.record(actor, ev.JobHeld(job=job.id))
+        job = await self._act(request, "hold", "hold")
         return await self._job_answer(job.id)
 
     async def release(self, request: web.Request) -> web.Response:
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, "release")
-        if not job.held:
-            raise ApiError(409, "conflict", f"job {job.id} is not held")
-        await self.d.ledger.record(actor, ev.JobReleased(job=job.id))
+        job = await self._act(request, "release", "release")
         return await self._job_answer(job.id)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
@@ -383,7 +453,8 @@ class Handlers:
             deadline = time.monotonic() + min(wait_s, 600)
             while time.monotonic() < deadline:
                 cur = self.d.ledger.state.jobs[job.id]
-                if len(cur.checkpoints) > before or cur.state is not JobState.RUNNING:
+                if len(cur.checkpoints) > before or cur.state is not JobState.RUNNING \
+                        or _gone(request) or self.d.closing.is_set():
                     break
                 await asyncio.sleep(0.2)
         return await self._job_answer(job.id)
@@ -430,6 +501,22 @@ class Handlers:
         ends = {r: _size(f) for r, f in files.items()}
         prefix = len(ranks) > 1
         pending = {r: b"" for r in ranks}
+        self.streams += follow
+        try:
+            await self._send_logs(request, resp, job, files, offsets, ends, pending, prefix,
+                                  follow)
+        except ConnectionError:
+            pass  # the client went away mid-write: nothing more to say to it
+        finally:
+            self.streams -= follow
+        if not _gone(request):
+            await resp.write_eof()
+        return resp
+
+    async def _send_logs(self, request: web.Request, resp: web.StreamResponse, job: Job,
+                         files: dict[int, Path], offsets: dict[int, int],
+                         ends: dict[int, int], pending: dict[int, bytes], prefix: bool,
+                         follow: bool) -> None:
         while True:
             for r, f in files.items():
                 chunk = _read_from(f, offsets[r])
@@ -459,12 +546,23 @@ class Handlers:
             if current.state in TERMINAL | {JobState.RETRYING} \
                     and all(_size(f) <= offsets[r] for r, f in files.items()):
                 break
+            if _gone(request) or self.d.closing.is_set():
+                break  # the client went away, or ugrod is stopping: end this handler
             await asyncio.sleep(0.25)
         for r, rest in pending.items():
-            if rest:
+            if rest and not _gone(request):
                 await resp.write((f"[rank {r}] ".encode() if prefix else b"") + rest + b"\n")
-        await resp.write_eof()
-        return resp
+
+    async def _next(self, sub: asyncio.Queue[ev.Record | None],
+                    request: web.Request) -> ev.Record | None:
+        """The next event for a follower; None once the client is gone or ugrod stops."""
+        while True:
+            try:
+                async with asyncio.timeout(STREAM_CHECK_S):
+                    return await sub.get()
+            except TimeoutError:
+                if _gone(request) or self.d.closing.is_set():
+                    return None
 
     async def results(self, request: web.Request) -> web.Response:
         job = self._job(request)
@@ -498,6 +596,7 @@ class Handlers:
         follow = q.get("follow") in ("1", "true")
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         sub = self.d.ledger.subscribe() if follow else None
+        self.streams += follow
         try:
             last = after
             try:  # read before answering: a damaged segment is a clear error, not a cut stream
@@ -510,17 +609,21 @@ class Handlers:
                 await resp.write(line + b"\n")
                 last = seq
             while sub is not None:
-                rec = await sub.get()
+                rec = await self._next(sub, request)
                 if rec is None:
                     break
                 if rec.seq <= last or not _matches(rec, job_filter, since):
                     continue
                 await resp.write(ev.encode(rec) + b"\n")
                 last = rec.seq
+        except ConnectionError:
+            pass  # the client went away mid-write: nothing more to say to it
         finally:
+            self.streams -= follow
             if sub is not None:
                 self.d.ledger.unsubscribe(sub)
-        await resp.write_eof()
+        if not _gone(request):
+            await resp.write_eof()
         return resp
 
     # ---- sweeps ----------------------------------------------------------------
@@ -545,16 +648,18 @@ class Handlers:
         sweep = self.d.ledger.state.sweeps.get(name)
         if sweep is None:
             raise ApiError(404, "not_found", f"no sweep named {name!r}")
-        for job_id in sweep.jobs:
-            job = self.d.ledger.state.jobs[job_id]
-            self._own(actor, job, "cancel")
-            if job.state in WAITING:
-                await self.d.ledger.record(actor, ev.JobCancelRequested(
-                    job=job.id, reason=f"sweep {name} cancelled by {actor.user}"))
-            elif job.state in ACTIVE and job.stopping is None:
-                await self.d.ledger.record(actor, ev.JobStopping(
-                    job=job.id, attempt=job.attempt, outcome="cancelled",
-                    reason=f"sweep {name} cancelled by {actor.user}"))
+        for job_id in sweep.jobs:  # all or nothing: every trial must be the caller's to stop
+            self._own(actor, self.d.ledger.state.jobs[job_id], "cancel")
+        may = functools.partial(self._may_change, actor)
+
+        def decide(tip: State) -> tuple[list[ev.Event], None]:
+            live = [j for j in sweep.jobs if tip.jobs[j].state not in TERMINAL
+                    and tip.jobs[j].stopping != "cancelled"]
+            events, _, _ = commands.bulk(tip, actor, "cancel", live, may,
+                                         reason=f"sweep {name} cancelled by {actor.user}")
+            return events, None
+
+        await self.d.ledger.record_decided(actor, decide)
         return _json(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
 
     # ---- reads for `ugroctl dashboard` (issue 12) --------------------------------------
@@ -584,6 +689,21 @@ class Handlers:
         path = self.d.executor.job_dir(job.id) / name
         out = await asyncio.to_thread(read_series, path, after, max_points, keys)
         return _json({"job": job.id, "rank": rank, **out})
+
+    async def sweeps(self, request: web.Request) -> web.Response:
+        """Every sweep, newest first, with its trials counted by state."""
+        state = self.d.ledger.state
+        return _json({"sweeps": [rj.sweep_summary(w, state) for w in sorted(
+            state.sweeps.values(), key=lambda w: (w.created_at, w.name), reverse=True)]})
+
+
+STREAM_CHECK_S = 0.5  # how often a quiet stream looks whether its client is still there
+
+
+def _gone(request: web.Request) -> bool:
+    """The client closed its connection (aiohttp drops the transport when it sees that)."""
+    transport = request.transport
+    return transport is None or transport.is_closing()
 
 
 def _log_damaged(exc: Exception) -> ApiError:

@@ -72,6 +72,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.check_config is not None:
         try:
             cfg = cfgmod.load(args.check_config)
+            missing = cfgmod.check_files(cfg)
+            if missing:
+                raise cfgmod.ConfigError(args.check_config, missing)
         except cfgmod.ConfigError as exc:
             print(exc, file=sys.stderr)
             return 1
@@ -88,6 +91,9 @@ def main(argv: list[str] | None = None) -> int:
     except cfgmod.ConfigError as exc:
         print(f"ugrod: {exc}", file=sys.stderr)
         return 1
+    for line in (cfgmod.ConfigError(config_path or "", cfgmod.check_files(cfg)).lines()
+                 if config_path is not None else ()):
+        logging.getLogger("ugrod").warning("%s", line)
     state_dir, socket_path = cfgmod.resolve_paths(cfg, flag_state_dir=args.state_dir,
                                                   flag_socket=args.socket, env=os.environ)
     return asyncio.run(_serve(cfg, config_path, state_dir, socket_path, args.grace))

@@ -644,6 +644,32 @@ def load(path: str | os.PathLike[str], env: Mapping[str, str] | None = None) -> 
     return loads(data, str(path), env, base_dir=absolute.parent, source=absolute)
 
 
+def check_files(cfg: Config) -> list[Problem]:
+    """What the config names on the head node that is not there (``--check-config``).
+
+    Kept out of ``loads`` (which reads no file but the config): a missing key file
+    is found here, with its key path, instead of as a node that cannot be reached.
+    """
+    problems = []
+    for n in cfg.nodes:
+        path = n.identity_file
+        if path is None:
+            continue
+        where = f"{join_key('nodes', n.name)}.identity_file"
+        try:
+            if not path.exists():
+                problems.append(Problem(where, f"no such file: {path} (the SSH private key "
+                                               f"for this node, e.g. ~/.ssh/id_ed25519)"))
+            elif not path.is_file():
+                problems.append(Problem(where, f"{path} is not a file (expected an SSH "
+                                               f"private key)"))
+        except PermissionError:
+            continue  # this user may not look there; ugrod's user may
+        except OSError as exc:
+            problems.append(Problem(where, f"cannot check {path}: {exc.strerror or exc}"))
+    return problems
+
+
 def builtin(hostname: str | None = None, gpus: tuple[Gpu, ...] = (),
             env: Mapping[str, str] | None = None) -> Config:
     """The cluster used without a config file: this machine alone, local transport."""

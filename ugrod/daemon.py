@@ -20,7 +20,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import __version__, admission, job_results, jobspec, planner, reports
+from ugrod import __version__, admission, job_results, jobspec, planner, reports, time_limits
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import progress_formats as pf
@@ -72,6 +72,8 @@ class Daemon:
         self._kick = asyncio.Event()
         self._planner_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
+        self.closing = asyncio.Event()  # set when stopping: streams and waits end at once
+        self._limited: set[str] = set()  # active jobs with a --time limit
         self._exit_code = 0
         self._timers: list[asyncio.TimerHandle] = []
         self._ended_order: list[str] = []
@@ -143,6 +145,11 @@ class Daemon:
     async def stop(self) -> None:
         """Stop accepting, finish in-flight commands, snapshot, release the log."""
         logger.info("stopping")
+        # Followers (events -f, logs -f, submit --wait) end now, cleanly, rather than
+        # being cut off by the runner's shutdown timeout.
+        self.closing.set()
+        if self.ledger is not None:
+            self.ledger.end_streams()
         if self._runner is not None:
             await self._runner.shutdown()
             await self._runner.cleanup()
@@ -464,15 +471,37 @@ class Daemon:
             self.kick()
         for r in records:
             if isinstance(r.event, ev.JobEnded):
+                self._limited.discard(r.event.job)
                 if r.event.retry_at is not None:
                     self._arm_timer(r.event.retry_at)
                 if r.event.outcome == "succeeded":
                     self._runtimes = None
+            elif isinstance(r.event, ev.JobPlaced):
+                self._watch_time_limit(state.jobs[r.event.job])
 
     def _arm_retry_timers(self, state: State) -> None:
         for job in state.active_jobs():
             if job.state is JobState.RETRYING and job.retry_at is not None:
                 self._arm_timer(job.retry_at)
+            elif job.state in ACTIVE:
+                self._watch_time_limit(job)
+
+    def _watch_time_limit(self, job: Job) -> None:
+        """A placed job with --time: checked by every planner round, and one is due then."""
+        end = time_limits.deadline(job.started_at, job.spec.time_limit_s)
+        if end is not None:
+            self._limited.add(job.id)
+            self._arm_timer(end)
+
+    async def _enforce_time_limits(self) -> None:
+        """Cancel the jobs past their --time (the decision is time_limits.expired's)."""
+        if not self._limited:
+            return
+        over = time_limits.expired(self.ledger.state, sorted(self._limited), time.time())
+        for stop in over:
+            logger.info("job %s: %s", stop.job, stop.reason)
+            with contextlib.suppress(InvalidEvent):  # it ended meanwhile
+                await self.ledger.record(ev.DAEMON, stop)
 
     def _arm_timer(self, at: float) -> None:
         loop = asyncio.get_running_loop()
@@ -491,6 +520,7 @@ class Daemon:
             await asyncio.sleep(0.02)  # coalesce bursts of events into one round
 
     async def _plan_round(self) -> None:
+        await self._enforce_time_limits()
         t0 = time.perf_counter()
         state = self.ledger.state
         if self._runtimes is None:  # median run times; recomputed when a job succeeds
@@ -605,14 +635,6 @@ class Daemon:
 
     # ---- jobs --------------------------------------------------------------------------
 
-    def new_job_name(self) -> str:
-        state = self.ledger.state
-        for n in itertools.count(len(state.jobs) + 1):
-            name = f"job-{n}"
-            if name not in state.jobs:
-                return name
-        raise AssertionError("unreachable")
-
     def _job_ended(self, job: Job) -> None:
         self._ended_order.append(job.id)
         del self._ended_order[:-200]
@@ -632,10 +654,15 @@ class Daemon:
         return out[::-1]
 
     async def wait_terminal(self, job_id: str, timeout_s: float) -> None:
+        await self.wait_terminal_all([job_id], timeout_s)
+
+    async def wait_terminal_all(self, job_ids: list[str], timeout_s: float) -> None:
+        """Until every job has ended (or waits to retry), the deadline, or ugrod stopping."""
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            job = self.ledger.state.jobs[job_id]
-            if job.state in TERMINAL or job.state is JobState.RETRYING:
+        while time.monotonic() < deadline and not self.closing.is_set():
+            jobs = self.ledger.state.jobs
+            if all(jobs[j].state in TERMINAL or jobs[j].state is JobState.RETRYING
+                   for j in job_ids):
                 return
             await asyncio.sleep(0.1)
 
@@ -722,7 +749,8 @@ class Daemon:
                 raise ApiError(409, "conflict", f"a job named {job_name!r} already exists")
             sub = SubmitBody(argv=body.argv, nodes=body.nodes, gpus_per_node=body.gpus_per_node,
                              min_vram_gb=body.min_vram_gb, torchrun=body.torchrun,
-                             max_retries=body.max_retries, env=body.env)
+                             max_retries=body.max_retries, env=body.env,
+                             time_limit=body.time_limit)
             base = self.job_spec(sub)
             spec = jobspec.with_overrides(base, dict(zip(keys, values, strict=True)))
             spec = msgspec.structs.replace(spec, sweep=name)

@@ -366,10 +366,16 @@ def _pid(path):
         with open("/proc/%d/stat" % r["pid"]) as f:
             stat = f.read()
     except OSError:
-        return r
+        return _ended(r, path)
     fields = stat[stat.rindex(")") + 2:].split()
     # fields[0] is the state (field 3), fields[19] the start time (field 22)
     r["alive"] = fields[0] not in ("Z", "X") and (want is None or fields[19] == want)
+    return r if r["alive"] else _ended(r, path)
+
+def _ended(r, path):
+    # A rank that is gone but left its exit code ended on its own (a normal end the
+    # daemon has not recorded yet), not a process that vanished.
+    r["ended"] = os.path.exists(os.path.join(os.path.dirname(path), "exit_code"))
     return r
 
 def _age():
@@ -554,6 +560,7 @@ class RankProcess(msgspec.Struct, frozen=True, kw_only=True):
     pid: int | None = None
     alive: bool = False
     error: str | None = None
+    ended: bool = False  # gone, and its exit code is written: it ended, it did not vanish
 
 
 class NodeSample(msgspec.Struct, frozen=True, kw_only=True):

@@ -163,7 +163,9 @@ def score(sample: NodeSample, thresholds: Thresholds = DEFAULT_THRESHOLDS, *,
     check(LATENCY, sample.latency_ms, t.latency_warn_ms, t.latency_crit_ms,
           t.latency_warn_cost, t.latency_crit_cost, "probe latency", " ms")
 
-    if expect_ranks and not any(r.alive for r in sample.ranks):
+    # Ranks that ended with an exit code are a job ending (the daemon records it in a
+    # moment), not a missing process: only ranks gone without one raise this.
+    if expect_ranks and not any(r.alive or r.ended for r in sample.ranks):
         found.append((AlertFinding(RANK_PROCESSES, Severity.WARNING,
                                    "no rank process alive during an active job"
                                    if sample.ranks else

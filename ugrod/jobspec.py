@@ -16,6 +16,7 @@ import msgspec
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import progress_formats as pf
+from ugrod import time_limits
 from ugrod.names import name_problem
 
 
@@ -55,6 +56,9 @@ class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_retries: int | None = None
     retry_backoff_s: float | None = None
     after: list[str] = []
+    after_any: list[str] = []
+    after_failed: list[str] = []
+    time_limit: str | float | None = None  # Slurm's forms (1:30:00, 2-00:00:00), 90m, or seconds
     priority: int = 0
     held: bool = False
     stall_timeout_s: float | None = None
@@ -79,6 +83,7 @@ class SweepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     max_retries: int | None = None
     priority: int = 0
     env: dict[str, str] = {}
+    time_limit: str | float | None = None
     request_id: str | None = None
 
 
@@ -162,8 +167,14 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
             raise SpecError(f"invalid environment variable {k[:60]!r}")
     for n in body.node_names:
         check_name("node", n)
-    for d in body.after:
+    for d in (*body.after, *body.after_any, *body.after_failed):
         check_name("job", d)
+    if len(body.after) + len(body.after_any) + len(body.after_failed) > 100:
+        raise SpecError("at most 100 dependencies (--after, --after-any, --after-failed)")
+    try:
+        time_limit_s = None if body.time_limit is None else time_limits.parse(body.time_limit)
+    except time_limits.BadTimeLimit as exc:
+        raise SpecError(str(exc)) from None
     max_retries = sched.default_max_retries if body.max_retries is None else body.max_retries
     if not 0 <= max_retries <= 100:
         raise SpecError("max_retries must be 0..100")
@@ -183,7 +194,9 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         max_retries=max_retries,
         retry_backoff_s=body.retry_backoff_s if body.retry_backoff_s is not None
         else sched.retry_backoff_s,
-        after=tuple(body.after), stall_timeout_s=body.stall_timeout_s,
+        after=tuple(body.after), after_any=tuple(body.after_any),
+        after_failed=tuple(body.after_failed), time_limit_s=time_limit_s,
+        stall_timeout_s=body.stall_timeout_s,
         stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s,
         progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s)
 

@@ -8,18 +8,22 @@ committed state, so nobody is ever shown a fact that a crash could take back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from ugrod import events as ev
 from ugrod import log as evlog
 from ugrod.state import InvalidEvent, State, apply, from_snapshot, to_snapshot
 
 logger = logging.getLogger("ugrod.ledger")
+
+T = TypeVar("T")
+Decide = Callable[[State], tuple[Sequence[ev.Event], T]]
 
 
 class ReplayError(Exception):
@@ -114,6 +118,24 @@ class Ledger:
             tip = apply(tip, ev.Record(seq=tip.seq + 1, ts=ts, actor=actor, event=e))
         return tip
 
+    def preview_decided(self, actor: ev.Actor, decide: Decide[T]) -> tuple[State, T]:
+        """What ``record_decided`` would commit, without recording anything."""
+        events, answer = decide(self._tip)
+        return self.preview(actor, *events), answer
+
+    async def record_decided(self, actor: ev.Actor, decide: Decide[T]) -> tuple[State, T]:
+        """Decide on the newest state inside the writer, then record: ``decide(tip)`` gives
+        (events, answer) or raises (nothing recorded).
+
+        For commands whose events depend on state that concurrent commands change
+        (the next free job name, a batch over many jobs): deciding on the tip, with no
+        await before the append is queued, means no other command slips in between.
+        """
+        if self.failed is not None:
+            raise evlog.LogWriteFailed(f"event log failed earlier: {self.failed}")
+        events, answer = decide(self._tip)
+        return await self.record(actor, *events), answer
+
     async def record(self, actor: ev.Actor, *events: ev.Event) -> State:
         """Apply, append durably, publish; returns the committed state that includes them."""
         if self.failed is not None:
@@ -175,6 +197,19 @@ class Ledger:
     def unsubscribe(self, q: asyncio.Queue[ev.Record | None]) -> None:
         self._subscribers.discard(q)
 
+    @property
+    def n_subscribers(self) -> int:
+        return len(self._subscribers)
+
+    def end_streams(self) -> None:
+        """Tell every follower the stream is over (ugrod is stopping): each gets None."""
+        for q in list(self._subscribers):
+            if q.full():
+                with contextlib.suppress(asyncio.QueueEmpty):
+                    q.get_nowait()
+            q.put_nowait(None)
+        self._subscribers.clear()
+
     def history(self, after_seq: int = 0) -> Iterator[bytes]:
         """Committed event lines from the log files (for `events`, `why`, `replay`)."""
         last = self._committed.seq
@@ -195,10 +230,7 @@ class Ledger:
 
     async def close(self) -> None:
         await self._log.close()
-        for q in list(self._subscribers):
-            if not q.full():
-                q.put_nowait(None)
-        self._subscribers.clear()
+        self.end_streams()
 
 
 def verify_history(state_dir: Path) -> int:
@@ -215,6 +247,13 @@ def _seq_of(line: bytes) -> int:
     return int(line[7:line.index(b",", 7)])
 
 
+def _kind_of(line: bytes) -> str:
+    """The event type named in a line, for error messages (``?`` if none is readable)."""
+    at = line.find(b'"type":"')
+    end = line.find(b'"', at + 8) if at >= 0 else -1
+    return line[at + 8:end].decode("ascii", "replace") if end > 0 else "?"
+
+
 def _replay(batches: Iterator[list[bytes]], state: State) -> tuple[State, int]:
     decode, n = ev.decode, 0
     for batch in batches:
@@ -223,7 +262,8 @@ def _replay(batches: Iterator[list[bytes]], state: State) -> tuple[State, int]:
                 record = decode(line)
                 state = apply(state, record)
             except (ev.EventError, InvalidEvent) as exc:
-                raise ReplayError(f"event seq {_seq_of(line)}: {exc}; this ugrod cannot "
+                kind = _kind_of(line)
+                raise ReplayError(f"event seq {_seq_of(line)} ({kind}): {exc}; this ugrod cannot "
                                   f"apply it, refusing to start rather than guess") from exc
             n += 1
     return state, n

@@ -49,6 +49,7 @@ from ugrod import events as ev
 from ugrod.state import Job, JobState, Node, NodeHealth, State
 
 INF = math.inf
+_ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 MAX_RESERVATIONS = 16  # blocked jobs that get a reservation each round (each costs O(GPUs))
 _GIB = 1 << 30
 
@@ -348,7 +349,8 @@ class _Round:
         everyone_limited = "*" in limited
         for pos, job in enumerate(queue, 1):
             spec = job.spec
-            if job.held or spec.after or job.state is retrying:
+            if job.held or spec.after or job.state is retrying or spec.after_any \
+                    or spec.after_failed:
                 reason = self.precheck(job)
                 if reason is not None:
                     waiting[job.id] = reason
@@ -420,6 +422,23 @@ class _Round:
                 self.unrunnable[job.id] = f"{dep} {other.state.value}"
                 return f"{dep} {other.state.value}: this job runs only after it succeeds"
             return f"waiting for {dep} to succeed ({dep} is {other.state.value})"
+        for dep in job.spec.after_any:
+            other = self.state.jobs.get(dep)
+            if other is None:
+                self.unrunnable[job.id] = f"{dep} does not exist"
+                return f"waiting for {dep}, which does not exist: it will never run"
+            if other.state not in _ENDED:
+                return f"waiting for {dep} to end ({dep} is {other.state.value})"
+        for dep in job.spec.after_failed:
+            other = self.state.jobs.get(dep)
+            if other is None:
+                self.unrunnable[job.id] = f"{dep} does not exist"
+                return f"waiting for {dep}, which does not exist: it will never run"
+            if other.state is JobState.SUCCEEDED:
+                self.unrunnable[job.id] = f"{dep} succeeded (--after-failed)"
+                return f"{dep} succeeded: this job runs only if it fails or is cancelled"
+            if other.state not in _ENDED:
+                return f"waiting for {dep} to fail ({dep} is {other.state.value})"
         return None
 
     def quota_reason(self, job: Job, end: float) -> str | None:

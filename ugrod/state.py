@@ -100,6 +100,21 @@ JOB_MOVES: dict[type[ev.Event], frozenset[JobState]] = {
 }
 
 
+# What each job event does, in the words of the person whose command it was: the
+# refusal "job x is succeeded: cannot change its priority" may reach them.
+_DOING: dict[type[ev.Event], str] = {
+    ev.JobWaiting: "wait for resources", ev.JobPlaced: "be placed",
+    ev.RankStarted: "start a rank", ev.JobRunning: "be marked running",
+    ev.RankExited: "record a rank's exit", ev.JobStopping: "stop it",
+    ev.JobEnded: "end it", ev.JobCancelRequested: "cancel it before it started",
+    ev.JobPrioritySet: "change its priority", ev.JobHeld: "hold it",
+    ev.JobReleased: "release it", ev.JobResumed: "resume it (only failed or cancelled "
+    "jobs can be resumed)", ev.CheckpointRequested: "ask it for a checkpoint (it is not "
+    "running)", ev.CheckpointSaved: "record a checkpoint", ev.JobStalled: "mark it stalled",
+    ev.JobProgressed: "mark it progressing",
+}
+
+
 class RankRun(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=True):
     rank: int
     node: str
@@ -256,7 +271,8 @@ def apply(state: State, record: ev.Record) -> State:
     if job is None:
         raise InvalidEvent(f"no job named {e.job!r}")  # type: ignore[attr-defined]
     if job.state not in allowed:
-        raise InvalidEvent(f"job {job.id} is {job.state}: cannot apply {e.kind}")
+        raise InvalidEvent(f"job {job.id} is {job.state}: cannot "
+                           f"{_DOING.get(e.__class__, 'change it that way')}")
     if attempt is not None and e.attempt != job.attempt + attempt:  # type: ignore[attr-defined]
         raise InvalidEvent(f"job {job.id}: event for attempt "
                            f"{e.attempt}, current attempt is {job.attempt}")  # type: ignore[attr-defined]
@@ -378,7 +394,7 @@ _JOB_RULES: dict[type[ev.Event], JobRule] = {
     ev.JobStalled: lambda s, j, e, ts: _rep(j, stalled=True),
     ev.JobProgressed: lambda s, j, e, ts: _rep(j, stalled=False),
 }
-assert set(_JOB_RULES) == set(JOB_MOVES)
+assert set(_JOB_RULES) == set(JOB_MOVES) == set(_DOING)
 
 
 def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:

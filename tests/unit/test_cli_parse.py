@@ -355,17 +355,33 @@ def test_job_actions(peer: Peer) -> None:
     assert all("x-request-id" in r["headers"] for r in peer.requests)
 
 
-def test_cancel_many_reports_each_and_exits_with_the_worst(peer: Peer) -> None:
-    peer.on("POST", "/v1/jobs/a/cancel", Answer(200, {"job": {**JOB, "id": "a",
-                                                               "state": "cancelled"}}))
-    peer.on("POST", "/v1/jobs/b/cancel", Answer(202, {"job": {**JOB, "id": "b",
-                                                               "state": "running",
-                                                               "stopping": "cancelled"}}))
+def test_cancel_many_is_one_request_reporting_each_and_exits_with_the_worst(
+        peer: Peer) -> None:
+    peer.on("POST", "/v1/jobs/actions", Answer(200, {
+        "action": "cancel",
+        "jobs": [{**JOB, "id": "a", "state": "cancelled"},
+                 {**JOB, "id": "b", "state": "running", "stopping": "cancelled"}],
+        "refused": [{"job": "nope", "code": "not_found", "reason": "no job named 'nope'"}]}))
     res = run(peer, "cancel", "a", "b", "nope")
     assert res.exit_code == 4
     assert "a: cancelled" in res.output
     assert "b: stopping" in res.output
-    assert "ugroctl: no route" in res.output
+    assert "ugroctl: nope: no job named 'nope'" in res.output
+    assert [r["body"]["jobs"] for r in peer.requests] == [["a", "b", "nope"]]
+
+
+def test_bulk_filters_travel_as_one_request(peer: Peer) -> None:
+    peer.on("POST", "/v1/jobs/actions", Answer(200, {"action": "priority", "jobs": [],
+                                                     "refused": []}))
+    assert run(peer, "priority", "--state", "queued,retrying", "--sweep", "lrs", "7"
+               ).exit_code == 0
+    assert run(peer, "hold", "--user", "bob").exit_code == 0
+    bodies = [r["body"] for r in peer.requests]
+    assert bodies[0] == {"action": "priority", "jobs": [], "states": ["queued", "retrying"],
+                         "sweep": "lrs", "priority": 7}
+    assert bodies[1] == {"action": "hold", "jobs": [], "user": "bob"}
+    assert run(peer, "cancel").exit_code == 2  # nothing named or selected: a usage error
+    assert run(peer, "priority", "a", "high").exit_code == 2
 
 
 def test_sweep_body(peer: Peer) -> None:
@@ -705,9 +721,12 @@ def test_prometheus_config_for_the_builtin_cluster() -> None:
     res = CliRunner().invoke(cli, ["prometheus-config", "--exporter-port", "9500"],
                              env={"UGRO_CONFIG": ""})
     assert res.exit_code == 0, res.output
-    doc = yaml.safe_load(res.output)
+    doc = yaml.safe_load(res.stdout)
     jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
     assert jobs["ugro-gpu"]["static_configs"][0]["targets"] == ["127.0.0.1:9500"]
+    # Not silently: the person and the file both say which cluster this is.
+    assert "describes the built-in one-node cluster" in res.stderr
+    assert res.stdout.startswith("# no cluster.yaml given")
 
 
 def test_prometheus_config_with_a_bad_config_names_the_file(sock_dir: Path) -> None:

@@ -381,3 +381,29 @@ def test_readiness_cpu_node() -> None:
         smi={"present": False})
     got = checks(text)
     assert all(ok for ok, _ in got.values()), got
+
+
+def test_probe_tells_an_ended_rank_from_a_vanished_one(tmp_path: Any) -> None:
+    """The real probe script on real files: a rank gone with its exit code written ended
+    (no "no rank process alive" alert at a normal job end); one gone without vanished."""
+    import subprocess
+    import sys
+
+    from ugrod.health import RANK_PROCESSES, score
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True, check=True)
+    pid = int(dead.stdout)
+    ended, vanished = tmp_path / "rank-0", tmp_path / "rank-1"
+    for d in (ended, vanished):
+        d.mkdir()
+        (d / "pid").write_text(f"{pid}\n")
+    (ended / "exit_code").write_text("0\n")
+    for run_dir, is_ended in ((ended, True), (vanished, False)):
+        res = subprocess.run(probe_argv(sys.executable, str(tmp_path), [str(run_dir / "pid")],
+                                        smi="/nonexistent/nvidia-smi"),
+                             capture_output=True, timeout=30, check=True)
+        s = parse_probe(res.stdout, expect_gpus=0)
+        assert [(r.alive, r.ended) for r in s.ranks] == [(False, is_ended)]
+        alerts = {a.key for a in score(s, expect_ranks=True).alerts}
+        assert (RANK_PROCESSES in alerts) is not is_ended

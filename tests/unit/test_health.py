@@ -123,6 +123,8 @@ def test_everything_wrong_floors_at_zero_and_orders_critical_first() -> None:
     ((RankProcess(file="p", pid=1, alive=False),), True, 90),
     ((RankProcess(file="p", pid=1, alive=False), RankProcess(file="q", pid=2, alive=True)),
      True, 100),
+    # every rank gone but each left its exit code: the job is ending, not a vanished process
+    ((RankProcess(file="p", pid=1, alive=False, ended=True),), True, 100),
 ])
 def test_rank_processes(ranks: tuple[RankProcess, ...], expect: bool, points: float) -> None:
     assert score(sample(ranks=ranks), expect_ranks=expect).score == points

@@ -291,3 +291,80 @@ def test_job_json_has_the_contract_fields() -> None:
     job = _job("exp1", JobState.RUNNING)
     for key in ("id", "name", "state", "owner", "nodes", "exit_code", "submitted_at"):
         assert key in job
+
+
+# ---- day one: bounded notes, requeued jobs, sinfo counts, sweeps, replay ----------------
+
+
+def test_status_note_is_cut_to_the_terminal_with_an_ellipsis() -> None:
+    long = "Traceback (most recent call last):\n  " + "x" * 500 + "\nValueError: boom"
+    jobs = [_job("bad", JobState.FAILED, ended_at=NOW - 60, exit_code=1, reason=long),
+            _job("ok", JobState.SUCCEEDED, ended_at=NOW - 30, exit_code=0, reason="fine")]
+    for width in (80, 120):
+        lines = render.jobs_table(jobs, NOW, width).splitlines()
+        assert all(render._width(ln) <= width for ln in lines), lines
+        assert lines[2].endswith("…") and "exit 1: Tr" in lines[2]
+        assert lines[1].endswith("fine")
+    wide = render.jobs_table(jobs, NOW, 200).splitlines()[2]
+    assert "exit 1: Traceback (most recent call last): xxx" in wide  # one line, no newlines
+    assert wide.endswith("…") and render._width(wide) <= 200
+    unbounded = render.jobs_table(jobs, NOW)  # a pipe: capped, not unlimited
+    assert max(len(ln) for ln in unbounded.splitlines()) < render.NOTE_MAX + 80
+    tiny = render.jobs_table(jobs, NOW, 10).splitlines()[2]  # never less than NOTE_MIN
+    assert len(tiny.split("  ")[-1]) >= render.NOTE_MIN - 1
+
+
+def test_a_requeued_job_shows_no_previous_placement_pids_or_step() -> None:
+    retry = _job("r", JobState.RETRYING, ended_at=NOW - 20, exit_code=1,
+                 reason="rank 1 exited 1; retry 1", retry_at=NOW + 40)
+    assert retry["nodes"] == [] and retry["ranks"] == [] and retry["gpus"] == []
+    assert retry["metrics"] == {} and retry["started_at"] is None
+    assert retry["last_attempt"] == {"attempt": 1, "nodes": ["gpu-master", "gpu1"],
+                                     "exit_code": 1, "ended_at": ev.format_ts(NOW - 20),
+                                     "reason": "rank 1 exited 1; retry 1"}
+    text = render.job_detail(retry, NOW)
+    assert "4242" not in text and "RANK" not in text and "placed" not in text
+    assert re.search(r"^last try: +attempt 1 on gpu-master,gpu1, ended 20s ago \(exit 1\)$",
+                     text, re.M)
+    running = _job("r", JobState.RUNNING)
+    assert running["nodes"] == ["gpu-master", "gpu1"] and running["last_attempt"] is None
+    assert "4242" in render.job_detail(running, NOW)
+
+
+def test_nodes_show_free_of_total_gpus_and_the_cluster_line() -> None:
+    gpus = tuple(ev.Gpu(index=i, model="RTX 3070", vram_bytes=8 * GIB) for i in range(2))
+    busy = Node(spec=ev.NodeSpec(name="gpu1", host="10.0.0.2", gpus=gpus))
+    off = Node(spec=ev.NodeSpec(name="gpu2", host="10.0.0.3", gpus=gpus), drained=True)
+    docs = [rj.node(busy, ["j"], None, {1}), rj.node(off, [], None, ())]
+    assert {k: docs[0][k] for k in ("gpus_total", "gpus_used", "gpus_free")} == {
+        "gpus_total": 2, "gpus_used": 1, "gpus_free": 1}
+    assert docs[1]["gpus_free"] == 0 and docs[1]["gpus_unavailable"] == 2
+    cluster = rj.cluster_summary(docs)
+    assert cluster == {"nodes": 2, "nodes_schedulable": 1, "gpus_total": 4, "gpus_used": 1,
+                       "gpus_free": 1, "gpus_unavailable": 2}
+    out = render.nodes_table(docs, cluster)
+    assert re.search(r"^gpu1 .* 1/2 ", out, re.M) and re.search(r"^gpu2 .* 0/2 ", out, re.M)
+    assert out.endswith("cluster: 1 of 2 nodes taking work; GPUs 1 free of 4, 1 in use, "
+                        "2 on nodes not taking work")
+
+
+def test_sweeps_table() -> None:
+    out = render.sweeps_table([{"name": "lrs", "owner": "alice", "trials": 4,
+                                "states": {"succeeded": 2, "running": 1, "queued": 1},
+                                "max_parallel": 2, "created_at": ev.format_ts(NOW - 600)}],
+                              NOW)
+    assert re.search(r"^lrs\s+alice\s+4\s+1 running, 1 queued, 2 succeeded\s+2\s+10m ago$",
+                     out, re.M)
+    assert "ugroctl sweep --name" in render.sweeps_table([], NOW)
+
+
+def test_replay_times_count_from_the_replayed_moment() -> None:
+    from ugroctl import replaying
+
+    moment = NOW - 30 * 86400  # a month ago
+    doc = {"seq": 9, "state_dir": "/var/lib/ugro", "last_event_at": ev.format_ts(moment - 5),
+           "until": {"seq": None, "time": ev.format_ts(moment)},
+           "jobs": [_job("old", JobState.SUCCEEDED, submitted_at=moment - 900,
+                         ended_at=moment - 120, exit_code=0)], "nodes": []}
+    out = replaying.describe(doc)
+    assert "ended 2m ago" in out and "30d" not in out

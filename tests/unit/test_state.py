@@ -76,7 +76,7 @@ def test_gpus_held_while_stopping_released_at_end() -> None:
 @pytest.mark.parametrize(("events", "message"), [
     ((submit("j"), submit("j")), "already exists"),
     ((ev.JobRunning(job="nope", attempt=1),), "no job named 'nope'"),
-    ((submit("j"), ev.JobRunning(job="j", attempt=1)), "is queued: cannot apply job_running"),
+    ((submit("j"), ev.JobRunning(job="j", attempt=1)), "is queued: cannot be marked running"),
     ((submit("j"), place("j", 2, ("a", (0,)))), "attempt 2"),
     ((submit("j"), place("j", 1, ("a", (5,)))), "has no GPU 5"),
     ((submit("j"), place("j", 1, ("zz", (0,)))), "no node named 'zz'"),
