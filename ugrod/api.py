@@ -276,14 +276,16 @@ class Handlers:
         body = await _body(request, dict[str, str])
         state = await self.d.ledger.record(actor, ev.NodeDrained(
             node=name, reason=body.get("reason", "")[:500]))
-        return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
+        return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None,
+                                      rj.held_gpus(state).get(name, ()))})
 
     async def undrain(self, request: web.Request) -> web.Response:
         actor, name = peer(request), self._node_name(request)
         if not self.d.ledger.state.nodes[name].drained:
             raise ApiError(409, "conflict", f"node {name} is not drained")
         state = await self.d.ledger.record(actor, ev.NodeUndrained(node=name))
-        return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None)})
+        return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None,
+                                      rj.held_gpus(state).get(name, ()))})
 
     async def check(self, request: web.Request) -> web.Response:
         name = self._node_name(request)
