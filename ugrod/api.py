@@ -543,13 +543,11 @@ class Handlers:
                     break
                 continue  # more of the log as it was: no pause between chunks
             current = self.d.ledger.state.jobs[job.id]
-            if request.transport is None:  # the client went away (a closed page, Ctrl-C)
-                return resp
             if current.state in TERMINAL | {JobState.RETRYING} \
                     and all(_size(f) <= offsets[r] for r, f in files.items()):
                 break
             if _gone(request) or self.d.closing.is_set():
-                break  # the client went away, or ugrod is stopping: end this handler
+                break  # the client went away (a closed page, Ctrl-C), or ugrod is stopping
             await asyncio.sleep(0.25)
         for r, rest in pending.items():
             if rest and not _gone(request):
