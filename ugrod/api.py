@@ -345,17 +345,23 @@ class Handlers:
 
         # The name (when none was given) and the dependencies are decided on the newest
         # state, inside the writer: concurrent unnamed submits get distinct names.
-        def decide(tip: State) -> tuple[list[ev.Event], str]:
+        def decide(tip: State) -> tuple[list[ev.Event], tuple[str, int]]:
+            prior = tip.requests.get(body.request_id) if body.request_id else None
+            if prior is not None:  # the same request, still in flight when it came again
+                return [], (prior, 200)
             events = commands.submit(tip, submitted)
-            return events, events[0].job  # type: ignore[attr-defined]
+            return events, (events[0].job, 201)  # type: ignore[attr-defined]
 
         if request.query.get("dry_run") in ("1", "true"):
             # Every check a submit makes, and the job as it would be queued; nothing
             # is recorded (the same rule builds it, on a state that is then dropped).
-            preview, job_id = self.d.ledger.preview_decided(actor, decide)
+            preview, (job_id, _) = self.d.ledger.preview_decided(actor, decide)
             return _json({"job": self._job_json(preview.jobs[job_id]), "dry_run": True})
-        _, job_id = await self.d.ledger.record_decided(actor, decide)
-        return await self._job_answer(job_id, status=201)
+        _, (job_id, status) = await self.d.ledger.record_decided(actor, decide)
+        async with asyncio.timeout(30):  # a twin request's job: answered once it is durable
+            while job_id not in self.d.ledger.state.jobs:
+                await asyncio.sleep(0.01)
+        return await self._job_answer(job_id, status=status)
 
     async def _act(self, request: web.Request, action: str, verb: str,
                    priority: int | None = None) -> Job:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from ugrod import events as ev
+from ugrod import time_limits
 
 
 def _at(ts: float | None) -> str:
@@ -30,6 +31,10 @@ def explain(record: ev.Record, steps: Mapping[str, int | None] | None = None) ->
             gpus = f", {s.gpus_per_node} GPU(s) per node" if s.gpus_per_node else ", CPU only"
             vram = f" ≥ {s.min_vram_bytes / 2**30:.0f} GB" if s.min_vram_bytes else ""
             extra = f", after {', '.join(s.after)}" if s.after else ""
+            extra += f", after any end of {', '.join(s.after_any)}" if s.after_any else ""
+            extra += f", only if {', '.join(s.after_failed)} fails" if s.after_failed else ""
+            extra += f", time limit {time_limits.show(s.time_limit_s)}" \
+                if s.time_limit_s else ""
             held = " (held)" if e.held else ""
             return (f"submitted by {who}: {s.nodes} node(s){gpus}{vram}, priority "
                     f"{e.priority}{extra}{held}")

@@ -71,6 +71,24 @@ def test_unnamed_submits_from_eight_clients_are_all_accepted_with_unique_names(
     names = [b["job"]["id"] for _, b in answers]
     assert len(set(names)) == 200 and all(n.startswith("job-") for n in names)
 
+    # one request sent by 8 clients at once (a retry racing its original): one job
+    twins: list[tuple[int, Any]] = []
+
+    def twin() -> None:
+        got = ugrod.api("POST", "/v1/jobs", {"argv": ["true"], "held": True,
+                                             "request_id": "same-request"})
+        with lock:
+            twins.append(got)
+
+    threads = [threading.Thread(target=twin) for _ in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(s for s, _ in twins) == [200] * 7 + [201]
+    assert len({b["job"]["id"] for _, b in twins}) == 1
+    assert len(ugrod.api("GET", "/v1/jobs?all=1")[1]["jobs"]) == 201
+
 
 # ---- followers -----------------------------------------------------------------------------
 
@@ -143,6 +161,8 @@ def test_time_limit_cancels_a_sleeping_job_with_the_reason_even_across_a_restart
         placed = next(e["ts"] for e in started if e["type"] == "job_placed")
         from ugroctl.render import parse_time
         assert parse_time(t1["ended_at"]) - parse_time(placed) >= 3  # type: ignore[operator]
+        why = d.ctl("why", "t1", check=True).stdout
+        assert "time limit 0:00:03" in why and "time limit: ran past" in why
         # and the live path: a job placed by this ugrod, Slurm's M:S form
         d.ctl("submit", "--name", "t2", "--time", "0:02", "--", "sleep", "300", check=True)
         assert d.wait_job("t2", ("running",))["time_limit"] == "0:00:02"
@@ -186,6 +206,7 @@ def test_dependencies_are_refused_with_the_reason_or_honoured(ugrod: Ugrod) -> N
     d.ctl("release", "h", check=True)
     assert d.wait_job("h")["state"] == "succeeded"
     assert d.wait_job("w")["state"] == "succeeded"
+    assert "after any end of h" in d.ctl("why", "w", check=True).stdout
     w2 = d.wait_job("w2")
     assert w2["state"] == "cancelled" and "h succeeded (--after-failed)" in w2["reason"]
 
