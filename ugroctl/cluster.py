@@ -174,7 +174,7 @@ def replay(until: str, state_dir: str | None, as_json: bool) -> None:
     from ugroctl import replaying
 
     try:
-        doc = replaying.state_at(until, state_dir, user_time)
+        doc = replaying.state_at(until, state_dir, user_time, ctl().config)
     except replaying.OfflineError as exc:
         fail(str(exc))
     emit(doc, want_json(as_json), lambda: replaying.describe(doc))
@@ -200,8 +200,8 @@ def prometheus_config(config_path: str | None, rules_dir: str | None,
     from ugroctl import replaying
 
     try:
-        text, source = replaying.prometheus_config(config_path, rules_dir, exporter_port,
-                                                   scrape_interval)
+        text, source = replaying.prometheus_config(config_path or ctl().config, rules_dir,
+                                                   exporter_port, scrape_interval)
     except replaying.OfflineError as exc:
         fail(str(exc))
     if source is None:

@@ -38,7 +38,7 @@ def load_config(path: str | None) -> Config:
         raise OfflineError(str(exc)) from None
 
 
-def state_dir_for(flag: str | None) -> Path:
+def state_dir_for(flag: str | None, config: str | None = None) -> Path:
     """ugrod's state directory: --state-dir, else $UGRO_STATE_DIR, else the config's, else
     the default (as ugrod resolves it)."""
     from ugrod import config as cfgmod
@@ -46,14 +46,15 @@ def state_dir_for(flag: str | None) -> Path:
     if flag:
         return Path(flag)
     try:
-        cfg = load_config(None)
+        cfg = load_config(config)
     except OfflineError:
         cfg = None
     return cfgmod.resolve_paths(cfg, env=os.environ)[0]
 
 
 def state_at(until: str, state_dir: str | None,
-             parse_time: Callable[[str, float], float]) -> dict[str, Any]:
+             parse_time: Callable[[str, float], float],
+             config: str | None = None) -> dict[str, Any]:
     """Apply the log's events up to a seq (all digits) or a time; the state as the API shows
     it, plus the seq and time of the last event applied."""
     import time
@@ -68,7 +69,7 @@ def state_at(until: str, state_dir: str | None,
             until_ts = parse_time(text, time.time())
         except ValueError as exc:  # click.BadParameter is a ValueError too
             raise OfflineError(str(getattr(exc, "message", exc))) from None
-    directory = state_dir_for(state_dir)
+    directory = state_dir_for(state_dir, config)
     if not (directory / "events").is_dir():
         raise OfflineError(f"no event log in {directory} (pass --state-dir DIR: the "
                            f"directory ugrod runs with)")
