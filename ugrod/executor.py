@@ -38,6 +38,7 @@ logger = logging.getLogger("ugrod.executor")
 # died with it: node reboot, OOM killer, kill -9 of the tree); the rank wrapper's LOST.
 VANISHED_EXIT_CODE = -1
 _DEFAULT_PROGRESS = ev.ProgressSpec()
+_encode = msgspec.json.encode
 MAX_CHECKPOINT_COPY_BYTES = 2 << 30  # staged through ugrod's memory: see _stage_checkpoint
 OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError",
                "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory")
@@ -756,8 +757,7 @@ class Executor:
         if not records:
             return
         ts = round(self.ledger.stamp(), 3)
-        lines = b"".join(json.dumps({"ts": ts, **r}, separators=(",", ":")).encode() + b"\n"
-                         for r in records)
+        lines = b"".join(_encode({"ts": ts, **r}) + b"\n" for r in records)
         _append_kept(jobdir / "progress.jsonl", lines)
         for r in records:
             self._values(job, {"ts": ts, **r})
