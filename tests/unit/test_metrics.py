@@ -142,6 +142,21 @@ def test_active_job_series_and_gpu_allocation(cluster: Cluster) -> None:
     assert one(s, "ugro_jobs", state="running") == 1
 
 
+def test_every_other_reported_number_is_a_value_series_with_a_cap(cluster: Cluster) -> None:
+    cluster.submit("train", gpus=1)
+    cluster.start("train", ("a", (0,)))
+    values: dict[str, float] = {"step": 3, "loss": 0.5, "grad_norm": 1.5, "train_acc": 0.9}
+    values.update({f"m{i}": float(i) for i in range(100)})
+    values["bad"] = float("nan")
+    cluster.training["train"] = values
+    s = cluster.series()
+    series = {dict(k)["name"]: v for k, v in pick(s, "ugro_job_training_value", job="train",
+                                                  owner="alice").items()}
+    assert series["grad_norm"] == 1.5 and series["train_acc"] == 0.9
+    assert len(series) == 32
+    assert not {"step", "loss", "bad"} & set(series)
+
+
 def test_finished_jobs_leave_the_job_labelled_series(cluster: Cluster) -> None:
     cluster.submit("j")
     cluster.start("j", ("a", (0,)))
