@@ -127,9 +127,10 @@ def test_trainer_scripts_progress_checkpoint_cancel_and_lasting_results(
     m = until("the callback's numbers", running_with(d, "hf", "loss", "grad_norm"))
     assert {"learning_rate", "epoch"} <= set(m)
     checkpoint_everywhere(d, "hf")
-    # SIGINT first: the Trainer stops at once, far inside the 40 s grace.
-    cancel_promptly(d, "hf", within_s=15)
-    cancel_promptly(d, "plain", within_s=15)
+    # SIGINT, then SIGTERM at 20 s: a Trainer under torchrun may sit in a collective
+    # until SIGTERM (docs/frameworks.md), but never needs the SIGKILL at 40 s.
+    cancel_promptly(d, "hf", within_s=35)
+    cancel_promptly(d, "plain", within_s=15)  # one process: SIGINT stops it at once
 
     before = d.ctl_json("results", "hf")
     assert before["summary"]["run"]["learning_rate"] == 0.001
