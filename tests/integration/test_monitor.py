@@ -483,3 +483,40 @@ async def test_stopped_sshd_opens_breaker_others_keep_their_pace(
         await asyncio.sleep(0.5)
     assert host.health_events("node1") == [("health", "healthy"), ("health", "unreachable"),
                                            ("health", "healthy")]
+
+
+async def test_gpu_use_per_rank_survives_a_restart(tmp_path: Path, local_bin: Path) -> None:
+    """gpu_use.json: a new Monitor (ugrod restarted) goes on from the saved figures."""
+    gpu1 = ev.Gpu(index=1, model="RTX 4060", vram_bytes=8 * 1024**3,
+                  uuid="GPU-0a1b2c3d-0000-4000-8000-000000000002")
+    nc = local_node(tmp_path, "n1", gpus=(gpu1,))
+    host = await make_host(tmp_path, [nc])
+    t = LocalTransport("n1")
+    agent = NodeAgent(t, nc.work_dir, nc.python)
+    jobs = tmp_path / "jobs"
+    (jobs / "j1").mkdir(parents=True)
+    monitors = [Monitor(host, {"n1": agent}, {"n1": t}, clock=Clock()) for _ in range(2)]
+    for m in monitors:
+        m.job_dir = lambda job: jobs / job
+    try:
+        spec = ev.JobSpec(argv=("train",), gpus_per_node=1)
+        await host.ledger.record(
+            ev.DAEMON, ev.JobSubmitted(job="j1", spec=spec),
+            ev.JobPlaced(job="j1", attempt=1, ranks=(ev.RankPlacement(
+                rank=0, node="n1", gpus=(1,), gpu_uuids=(gpu1.uuid,)),)),
+            ev.RankStarted(job="j1", attempt=1, rank=0, node="n1", pid=os.getpid()),
+            ev.JobRunning(job="j1", attempt=1))
+        await monitors[0].sweep()
+        await monitors[0].sweep()
+        job = host.ledger.state.jobs["j1"]
+        before = monitors[0].job_resources(job)
+        assert before["ranks"][0]["samples"] == 2
+        await monitors[0].close()
+        after = monitors[1].job_resources(job)  # nothing sampled yet by the new one
+        assert after == before
+        await monitors[1].sweep()
+        assert monitors[1].job_resources(job)["ranks"][0]["samples"] == 3
+    finally:
+        for m in monitors:
+            await m.close()
+        await host.ledger.close()
