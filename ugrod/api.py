@@ -96,6 +96,7 @@ def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Applicati
     r.add_post("/v1/sweeps/{sweep}/cancel", h.sweep_cancel)
     # ---- reads for `ugroctl dashboard` (issue 12) ----
     r.add_get("/v1/jobs/{job}/metrics", h.metrics_series)
+    r.add_get("/v1/overview", h.overview)
     return app
 
 
@@ -669,6 +670,28 @@ class Handlers:
         return _json(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
 
     # ---- reads for `ugroctl dashboard` (issue 12) --------------------------------------
+
+    async def overview(self, request: web.Request) -> web.Response:
+        """The page's lists in one answer: jobs as ``/v1/jobs`` chooses them, in a short
+        form (what a row shows), and the queue's order, reasons and estimates."""
+        state = self.d.ledger.state
+        ended = [state.jobs[j] for j in self.d.recent_ended(50)]
+        latest = self.d.executor.latest
+
+        def row(j: Job) -> dict[str, Any]:
+            m = latest.get(j.id) or {}
+            return {"id": j.id, "state": j.state.value, "owner": j.owner, "held": j.held,
+                    "priority": j.priority, "attempt": j.attempt, "nodes": list(j.nodes),
+                    "gpus": [{"node": p.node, "rank": p.rank, "gpus": list(p.gpus)}
+                             for p in j.placement],
+                    "metrics": {k: m[k] for k in ("step", "loss") if k in m},
+                    "reason": j.reason, "waiting_reason": j.waiting_reason,
+                    "submitted_at": rj.iso(j.submitted_at), "started_at": rj.iso(j.started_at),
+                    "running_at": rj.iso(j.running_at), "ended_at": rj.iso(j.ended_at),
+                    "sweep": j.spec.sweep, "stalled": j.stalled, "stopping": j.stopping}
+        return _json({"seq": state.seq,
+                      "jobs": [row(j) for j in [*ended, *state.active_jobs()]],
+                      "queue": self.d.queue_view(render=lambda j: {"id": j.id})})
 
     async def metrics_series(self, request: web.Request) -> web.Response:
         """A job's metrics.jsonl as chart columns, from byte ``after``, at most ``max_points``.

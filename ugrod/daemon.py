@@ -12,7 +12,7 @@ import os
 import signal
 import socket
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -595,8 +595,9 @@ class Daemon:
             port = await self.agents[rank0.node].free_port(lo, hi)
         return msgspec.structs.replace(placement, rdzv_host=host, rdzv_port=port)
 
-    def queue_view(self) -> list[dict[str, Any]]:
-        """Waiting jobs in the planner's queue order, with its reasons and estimates."""
+    def queue_view(self, render: Callable[[Job], Any] = rj.job) -> list[dict[str, Any]]:
+        """Waiting jobs in the planner's queue order, with its reasons and estimates
+        (each job as ``render`` makes it: the API's job object unless told otherwise)."""
         state = self.ledger.state
         ranked = {j: i for i, j in enumerate(self._order)}
         waiting = sorted((j for j in state.active_jobs() if j.state in WAITING),
@@ -606,7 +607,7 @@ class Daemon:
             if j.held:
                 return f"held: `ugroctl release {j.id}` lets it run"
             return j.waiting_reason or "waiting for the next planner round"
-        return [{"position": i, "job": rj.job(j), "reason": reason(j),
+        return [{"position": i, "job": render(j), "reason": reason(j),
                  "estimated_start": rj.iso(self._estimates.get(j.id))}
                 for i, j in enumerate(waiting, 1)]
 

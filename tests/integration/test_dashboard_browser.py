@@ -199,7 +199,8 @@ def wait_for(what: str, pred: Any, timeout_s: float = 30.0) -> Any:
 # ---- the door: token, Host, Origin ------------------------------------------------------
 
 
-def test_token_host_and_origin_are_checked(dash: Dash, browser: Browser) -> None:
+def test_token_host_and_origin_are_checked(gpu_ugrod: GpuUgrod, dash: Dash,
+                                           browser: Browser) -> None:
     d = dash
     cookie = f"ugro_dashboard_{d.port}={d.token}"
     ok = {"Cookie": cookie}
@@ -246,6 +247,10 @@ def test_token_host_and_origin_are_checked(dash: Dash, browser: Browser) -> None
     # security headers on the page
     _, headers, _ = request(d, "GET", "/", ok)
     assert "script-src 'self'" in headers["Content-Security-Policy"]
+    # a port already taken: one line, usage exit code
+    busy = subprocess.run([*ugroctl_argv(), "dashboard", "--no-open", "--port", str(d.port)],
+                          env=gpu_ugrod.env, capture_output=True, text=True, timeout=60)
+    assert busy.returncode == 2 and f"cannot listen on 127.0.0.1:{d.port}" in busy.stderr, busy
 
     # in the browser: the bare address is refused; the printed one loads, and the
     # token is gone from the address bar

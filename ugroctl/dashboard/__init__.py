@@ -62,7 +62,9 @@ def dashboard(port: int, no_open: bool) -> None:
             await dash.ping()
         except Exception as exc:  # aiohttp's errors, OSError: one line for people
             await dash._close_session(None)  # type: ignore[arg-type]
-            raise DaemonUnreachable(where, str(exc) or type(exc).__name__) from exc
+            os_error = getattr(exc, "os_error", None)  # aiohttp's connect error wraps it
+            detail = getattr(os_error, "strerror", None) or str(exc) or type(exc).__name__
+            raise DaemonUnreachable(where, detail) from exc
         await server.serve(dash, port, ready)
 
     try:

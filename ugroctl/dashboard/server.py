@@ -44,7 +44,7 @@ HEARTBEAT_S = 15.0
 
 # The page's reads and a job's actions; nothing else of the API is reachable here.
 _GET_ROUTES = re.compile(
-    r"/v1/(?:ping|nodes|jobs|queue|events"
+    r"/v1/(?:ping|nodes|jobs|queue|events|overview"
     r"|jobs/[^/]+(?:/(?:why|results|metrics|logs))?"
     r"|sweeps/[^/]+)")
 _POST_ROUTES = re.compile(r"/v1/jobs/[^/]+/(?:cancel|hold|release|priority|checkpoint|resume)")

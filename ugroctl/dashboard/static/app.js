@@ -81,6 +81,7 @@ function elapsed(j) {
 }
 /** A word as a POSIX shell would need it (Python's shlex.quote), for copying. */
 const shellQuote = (a) => (/^[\w@%+=:,./-]+$/.test(a) ? a : "'" + String(a).replace(/'/g, "'\"'\"'") + "'");
+const sweepOf = (j) => j.sweep ?? (j.spec || {}).sweep ?? null;
 const badge = (state, extra) => h("span.badge.s-" + String(state).replace(/[^a-z]/g, ""),
   null, extra || state);
 
@@ -106,20 +107,14 @@ async function api(path, { method = "GET", body, signal } = {}) {
 
 // ---- loading and live updates --------------------------------------------------------------
 
-// The queue (its order, reasons, estimates) is shown by the jobs list only: it is
-// fetched there, and elsewhere only marked stale (it costs ugrod as much as the jobs).
-const wantsQueue = () => S.view === "jobs";
-
 async function loadAll() {
-  const withQueue = (location.hash || "").startsWith("#/jobs");
-  const [ping, nodes, jobs, queue] = await Promise.all([
-    api("/v1/ping"), api("/v1/nodes"), api("/v1/jobs"), withQueue ? api("/v1/queue") : null]);
+  const [ping, nodes, overview] = await Promise.all([
+    api("/v1/ping"), api("/v1/nodes"), api("/v1/overview")]);
   S.seq = Math.max(S.seq, ping.seq);
   S.loadedSeq = ping.seq;
   S.nodes = nodes.nodes;
-  setJobs(jobs.jobs);
-  if (queue) S.queue = queue.queue;
-  S.queueStale = !queue;
+  setJobs(overview.jobs);
+  S.queue = overview.queue;
   return ping;
 }
 
@@ -150,16 +145,14 @@ async function runRefresh() {
   const what = new Set(dirty);
   dirty.clear();
   // queue-only changes (priority, hold, release) matter to the lists, not the map
-  if (what.has("queue") && (S.view === "jobs" || S.view === "job" || S.view === "sweeps")) {
-    what.add("jobs");
-  }
-  if (what.has("queue") || what.has("jobs")) S.queueStale = !wantsQueue();
+  if (what.has("queue") && S.view !== "cluster" && S.view !== "events") what.add("jobs");
+  if (what.has("queue") && !what.has("jobs")) S.queueStale = true;
+  if (what.has("jobs")) S.queueStale = false;
   try {
-    const jobs = what.has("jobs") ? api("/v1/jobs") : null;
-    const queue = what.has("jobs") && wantsQueue() ? api("/v1/queue") : null;
+    // the lists in their short form and the queue, in one answer (/v1/overview)
+    const overview = what.has("jobs") ? api("/v1/overview") : null;
     const nodes = what.has("nodes") ? api("/v1/nodes") : null;
-    if (jobs) setJobs((await jobs).jobs);
-    if (queue) S.queue = (await queue).queue;
+    if (overview) { const o = await overview; setJobs(o.jobs); S.queue = o.queue; }
     if (nodes) S.nodes = (await nodes).nodes;
     renderCurrent(what);
   } catch (e) {
@@ -200,7 +193,7 @@ function onEvent(rec) {
     S.jobs.set(d.job, {
       id: d.job, name: d.job, state: d.held ? "queued" : "queued", owner: rec.actor?.user,
       held: !!d.held, nodes: [], gpus: [], metrics: {}, submitted_at: rec.ts,
-      spec: d.spec || {}, priority: d.priority || 0, checkpoints: [],
+      sweep: (d.spec || {}).sweep || null, priority: d.priority || 0,
     });
   }
   const what = [];
@@ -362,7 +355,7 @@ function jobMatches(j) {
   const f = S.filters;
   if (f.user && j.owner !== f.user) return false;
   if (f.state && j.state !== f.state) return false;
-  if (f.sweep && (j.spec || {}).sweep !== f.sweep) return false;
+  if (f.sweep && sweepOf(j) !== f.sweep) return false;
   if (f.text && !j.id.toLowerCase().includes(f.text.toLowerCase())) return false;
   return true;
 }
@@ -411,7 +404,7 @@ function renderJobs() {
   const root = $("#view-jobs");
   const jobs = [...S.jobs.values()];
   const users = [...new Set(jobs.map((j) => j.owner).filter(Boolean))].sort();
-  const sweeps = [...new Set(jobs.map((j) => (j.spec || {}).sweep).filter(Boolean))].sort();
+  const sweeps = [...new Set(jobs.map(sweepOf).filter(Boolean))].sort();
   const states = ["queued", "retrying", "starting", "running", "succeeded", "failed", "cancelled"];
   const f = S.filters;
   const set = (k) => (v) => { f[k] = v; renderJobs(); };
@@ -892,7 +885,7 @@ function draw(which, el, list, names, yLabel, error) {
 
 async function renderSweeps() {
   const root = $("#view-sweeps");
-  const names = [...new Set([...S.jobs.values()].map((j) => (j.spec || {}).sweep).filter(Boolean))].sort();
+  const names = [...new Set([...S.jobs.values()].map(sweepOf).filter(Boolean))].sort();
   if (!root.firstChild) root.append(h("h2", null, "Sweeps"), h("div#sweeps"));
   if (!names.length) { $("#sweeps").replaceChildren(h("p.muted", null, "no sweeps among the current and recent jobs (ugroctl sweep …)")); return; }
   const docs = await Promise.all(names.map((n) => api(`/v1/sweeps/${seg(n)}`).catch((e) => ({ error: e.message, name: n }))));
@@ -970,7 +963,7 @@ function route() {
     const compare = m[2] ? m[2].split(",").filter(Boolean).map(decodeURIComponent) : [];
     openJob(id, compare);
   } else {
-    if (S.queueStale && wantsQueue()) scheduleRefresh(["jobs"]);
+    if (S.queueStale) scheduleRefresh(["jobs"]);
     if (S.view === "jobs") renderJobs();
     renderCurrent(new Set(["nodes", "jobs", "events"]));
   }
