@@ -29,8 +29,15 @@ collection), ``..._last_success_timestamp_seconds``, ``..._collect_duration_seco
 ``..._gpus`` (GPUs in the latest successful collection), ``..._up`` (1 while
 the latest collection succeeded and is fresh, i.e. finished less than
 ``max(3 x interval, interval + timeout)`` ago: a hung NVML call turns it to 0),
-``..._info{backend, driver_version}``. After a failed collection the GPU
-series disappear (never stale values). "No devices were found" is a success
+``..._info{backend, driver_version}``. After a failed collection, and while a
+collection hangs past that freshness limit, the GPU series disappear (never
+stale values; alert on ``..._up``).
+
+Health fields (where the driver or GPU supports them, DCGM's names):
+``DCGM_FI_DEV_ECC_DBE_VOL_TOTAL``, ``DCGM_FI_DEV_ROW_REMAP_FAILURE`` (0/1),
+``DCGM_FI_DEV_CLOCK_THROTTLE_REASONS`` (bitmask) from either backend;
+``DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION`` (mJ) and ``DCGM_FI_DEV_XID_ERRORS``
+(the last XID, from NVML's critical-XID events) with NVML only. "No devices were found" is a success
 with zero GPUs (a CPU-only node).
 
 ``promtool check metrics`` parses the output and lints only the ``UUID`` and
@@ -89,6 +96,13 @@ SMI_FIELDS = (
     "clocks.sm",
     "clocks.mem",
 )
+# Asked for as well where the driver knows them (an older one answers "is not a
+# valid field": the exporter then drops them for good and keeps the rest).
+SMI_HEALTH_FIELDS = (
+    "ecc.errors.uncorrected.volatile.total",
+    "remapped_rows.failure",
+    "clocks_throttle_reasons.active",
+)
 _NUMERIC = {
     "utilization.gpu": "util_percent",
     "utilization.memory": "mem_copy_util_percent",
@@ -99,6 +113,9 @@ _NUMERIC = {
     "power.draw": "power_w",
     "clocks.sm": "sm_clock_mhz",
     "clocks.mem": "mem_clock_mhz",
+    "ecc.errors.uncorrected.volatile.total": "ecc_dbe_volatile",
+    "remapped_rows.failure": "row_remap_failure",
+    "clocks_throttle_reasons.active": "throttle_reasons",
 }
 ABSENT = frozenset(
     {
@@ -124,6 +141,16 @@ GPU_GAUGES = (
     ("DCGM_FI_DEV_POWER_USAGE", "power_w", "Power draw (in W)."),
     ("DCGM_FI_DEV_SM_CLOCK", "sm_clock_mhz", "SM clock frequency (in MHz)."),
     ("DCGM_FI_DEV_MEM_CLOCK", "mem_clock_mhz", "Memory clock frequency (in MHz)."),
+    ("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", "ecc_dbe_volatile",
+     "Total number of double-bit volatile ECC errors."),
+    ("DCGM_FI_DEV_ROW_REMAP_FAILURE", "row_remap_failure",
+     "Whether remapping of rows has failed (1) or not (0)."),
+    ("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", "throttle_reasons",
+     "Current clock throttle reasons (bitmask of NVML's clocks_throttle_reasons)."),
+    ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "energy_mj",
+     "Total energy consumption since boot (in mJ)."),
+    ("DCGM_FI_DEV_XID_ERRORS", "xid",
+     "Value of the last XID error encountered (NVML events; 0: none since start)."),
 )
 
 
@@ -145,6 +172,11 @@ class GpuStats:
     power_w: float | None = None
     sm_clock_mhz: float | None = None
     mem_clock_mhz: float | None = None
+    ecc_dbe_volatile: float | None = None
+    row_remap_failure: float | None = None
+    throttle_reasons: float | None = None
+    energy_mj: float | None = None
+    xid: float | None = None
     error: str | None = None
 
     def labels(self) -> list[str]:
@@ -182,8 +214,17 @@ def _quote(line: str, limit: int = 200) -> str:
     return repr(line if len(line) <= limit else line[:limit] + "...")
 
 
-def parse_nvidia_smi(stdout: str) -> Reading:
-    """Rows of ``nvidia-smi --query-gpu=SMI_FIELDS --format=csv,noheader,nounits``."""
+def _cell_number(cell: str) -> float:
+    """A numeric cell: decimal, hex (``0x...``: throttle reasons) or Yes/No."""
+    if cell in ("Yes", "No"):
+        return 1.0 if cell == "Yes" else 0.0
+    if cell[:2].lower() == "0x":
+        return float(int(cell, 16))
+    return float(cell)
+
+
+def parse_nvidia_smi(stdout: str, fields: Sequence[str] = SMI_FIELDS) -> Reading:
+    """Rows of ``nvidia-smi --query-gpu=FIELDS --format=csv,noheader,nounits``."""
     gpus: list[GpuStats] = []
     driver = ""
     seen: set[str] = set()
@@ -191,13 +232,13 @@ def parse_nvidia_smi(stdout: str) -> Reading:
         if not line.strip():
             continue
         cells = [c.strip() for c in line.split(", ")]
-        if len(cells) != len(SMI_FIELDS):
+        if len(cells) != len(fields):
             raise CollectError(
                 "parse",
-                f"nvidia-smi: expected {len(SMI_FIELDS)} columns, got {len(cells)} "
+                f"nvidia-smi: expected {len(fields)} columns, got {len(cells)} "
                 f"in line {_quote(line)}",
             )
-        row = dict(zip(SMI_FIELDS, cells, strict=True))
+        row = dict(zip(fields, cells, strict=True))
         try:
             index = int(row["index"])
         except ValueError:
@@ -213,14 +254,16 @@ def parse_nvidia_smi(stdout: str) -> Reading:
         values: dict[str, Any] = {}
         error: str | None = None
         for name, attr in _NUMERIC.items():
-            cell = row[name]
+            cell = row.get(name)
+            if cell is None:
+                continue
             if cell in GPU_ERRORS:
                 error = error or cell.strip("[]")
             elif cell in ABSENT or (cell.startswith("[") and cell.endswith("]")):
                 pass  # an unknown bracketed word is nvidia-smi saying "no value"
             else:
                 try:
-                    number = float(cell)
+                    number = _cell_number(cell)
                 except ValueError:
                     raise CollectError(
                         "parse",
@@ -261,11 +304,12 @@ class NvidiaSmiSource:
         self._lock = threading.Lock()
         self._proc: subprocess.Popen[str] | None = None
         self._aborted = False
+        self.fields: tuple[str, ...] = SMI_FIELDS + SMI_HEALTH_FIELDS
 
     def argv(self) -> list[str]:
         return [
             self.binary,
-            "--query-gpu=" + ",".join(SMI_FIELDS),
+            "--query-gpu=" + ",".join(self.fields),
             "--format=csv,noheader,nounits",
         ]
 
@@ -310,11 +354,15 @@ class NvidiaSmiSource:
         if proc.returncode != 0:
             if proc.returncode == 6 and NO_DEVICES in said:
                 return Reading(())
+            if "is not a valid field" in said and self.fields != SMI_FIELDS:
+                log.info("%s: %s; asking without the health fields", self.binary, said)
+                self.fields = SMI_FIELDS
+                return self.read()
             raise CollectError(
                 "exit_code",
                 f"{self.binary} exited with code {proc.returncode}: {said or '(no output)'}",
             )
-        return parse_nvidia_smi(stdout)
+        return parse_nvidia_smi(stdout, self.fields)
 
 
 # ---- NVML ------------------------------------------------------------------
@@ -327,6 +375,9 @@ class NvmlSource:
 
     def __init__(self, nvml: Any) -> None:
         self._nvml = nvml
+        self._events: Any = None  # NVML event set for XID errors, where supported
+        self._xid: dict[str, int] = {}  # uuid -> last XID seen
+        self._watching: set[str] = set()
 
     @classmethod
     def open(cls) -> NvmlSource | None:
@@ -341,6 +392,35 @@ class NvmlSource:
             log.info("NVML unavailable (%s); using nvidia-smi", exc)
             return None
         return cls(pynvml)
+
+    def _watch_xids(self, handle: Any, uuid: str) -> None:
+        """Register the GPU for XID events once (not supported on every GPU: then none)."""
+        nv = self._nvml
+        if uuid in self._watching:
+            return
+        self._watching.add(uuid)
+        try:
+            if self._events is None:
+                self._events = nv.nvmlEventSetCreate()
+            nv.nvmlDeviceRegisterEvents(handle, nv.nvmlEventTypeXidCriticalError, self._events)
+            self._xid.setdefault(uuid, 0)
+        except (nv.NVMLError, AttributeError) as exc:
+            log.info("NVML: no XID events for %s (%s)", uuid, exc)
+
+    def _drain_xids(self) -> None:
+        nv = self._nvml
+        if self._events is None:
+            return
+        for _ in range(1000):  # bounded: a storm of events cannot stall a collection
+            try:
+                data = nv.nvmlEventSetWait_v2(self._events, 0)
+            except nv.NVMLError:  # NVML_ERROR_TIMEOUT: nothing pending
+                return
+            try:
+                uuid = _text(nv.nvmlDeviceGetUUID(data.device))
+            except nv.NVMLError:
+                continue
+            self._xid[uuid] = int(data.eventData)
 
     def close(self) -> None:
         try:
@@ -362,7 +442,11 @@ class NvmlSource:
                 uuid = _text(nv.nvmlDeviceGetUUID(handle))
             except nv.NVMLError as exc:
                 raise CollectError("nvml", f"NVML: GPU {i}: {exc}") from None
+            self._watch_xids(handle, uuid)
             gpus.append(self._gpu(i, handle, uuid))
+        self._drain_xids()
+        gpus = [dataclasses.replace(g, xid=float(self._xid[g.uuid])) if g.uuid in self._xid
+                else g for g in gpus]
         return Reading(tuple(gpus), driver)
 
     def _gpu(self, index: int, handle: Any, uuid: str) -> GpuStats:
@@ -381,6 +465,8 @@ class NvmlSource:
                 if getattr(exc, "value", None) in sick and not errors:
                     errors.append(str(exc))
                 return None
+            except AttributeError:  # an older nvidia-ml-py without this call
+                return None
 
         name = get(lambda: _text(nv.nvmlDeviceGetName(handle))) or ""
         pci = get(lambda: nv.nvmlDeviceGetPciInfo(handle))
@@ -391,6 +477,12 @@ class NvmlSource:
         power_mw = get(lambda: nv.nvmlDeviceGetPowerUsage(handle))
         sm = get(lambda: nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_SM))
         memclk = get(lambda: nv.nvmlDeviceGetClockInfo(handle, nv.NVML_CLOCK_MEM))
+        # Health fields: absent (None) where the GPU or driver does not support them.
+        energy = get(lambda: nv.nvmlDeviceGetTotalEnergyConsumption(handle))
+        dbe = get(lambda: nv.nvmlDeviceGetTotalEccErrors(
+            handle, nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED, nv.NVML_VOLATILE_ECC))
+        remap = get(lambda: nv.nvmlDeviceGetRemappedRows(handle))
+        throttle = get(lambda: nv.nvmlDeviceGetCurrentClocksThrottleReasons(handle))
         return GpuStats(
             index=index,
             uuid=uuid,
@@ -405,6 +497,11 @@ class NvmlSource:
             power_w=_num(power_mw / 1000.0) if power_mw is not None else None,
             sm_clock_mhz=_num(sm),
             mem_clock_mhz=_num(memclk),
+            energy_mj=_num(energy),
+            ecc_dbe_volatile=_num(dbe),
+            row_remap_failure=_num(remap[3]) if isinstance(remap, tuple | list)
+            and len(remap) >= 4 else None,
+            throttle_reasons=_num(throttle),
             error=errors[0] if errors else None,
         )
 
@@ -451,7 +548,15 @@ class GpuCollector:
 
     def collect(self) -> Iterator[Metric]:
         snap = self._get()
-        gpus = snap.reading.gpus if snap.reading is not None else ()
+        ok = snap.reading is not None
+        fresh = (
+            ok
+            and snap.finished_mono is not None
+            and time.monotonic() - snap.finished_mono <= self._fresh_s
+        )
+        # A hung collection (NVML or nvidia-smi stuck) must not keep old values alive:
+        # the GPU series go with freshness, and Prometheus falls back to ugrod's samples.
+        gpus = snap.reading.gpus if fresh and snap.reading is not None else ()
         for metric, attr, help_text in GPU_GAUGES:
             family = GaugeMetricFamily(metric, help_text, labels=LABELS)
             for gpu in gpus:
@@ -471,7 +576,6 @@ class GpuCollector:
         if errors.samples:
             yield errors
 
-        ok = snap.reading is not None
         yield _gauge(
             "ugro_gpu_exporter_collect_success",
             "1 if the latest GPU collection succeeded, else 0.",
@@ -502,17 +606,12 @@ class GpuCollector:
         for reason in FAILURE_REASONS:
             failures.add_metric([reason], snap.failures.get(reason, 0))
         yield failures
-        if ok:
+        if fresh:
             yield _gauge(
                 "ugro_gpu_exporter_gpus",
                 "GPUs seen by the latest successful collection.",
                 len(gpus),
             )
-        fresh = (
-            ok
-            and snap.finished_mono is not None
-            and time.monotonic() - snap.finished_mono <= self._fresh_s
-        )
         yield _gauge(
             "ugro_gpu_exporter_up",
             "1 while the latest GPU collection succeeded and is recent, else 0.",

@@ -9,8 +9,11 @@ script keeps the conventions in one place: the ``datasource`` variable on
 every panel and query, a unit and a description on every panel,
 ``$__rate_interval`` in every rate, a left-to-right 24-column layout.
 
-GPU panels use the ``ugro:gpu_*`` recording rules, which take the node's
+GPU panels use the ``node_gpu:*`` recording rules, which take the node's
 GPU exporter (DCGM names) when it runs and ugrod's own samples otherwise.
+Table rows link to the job and node dashboards; the job variable is
+multi-select (a sweep's loss curves overlaid); annotations mark job ends
+(with the reason), node state changes and ugrod restarts.
 """
 
 from __future__ import annotations
@@ -163,10 +166,40 @@ def datasource_var() -> Json:
             "includeAll": False, "multi": False, "options": []}
 
 
-def query_var(name: str, label: str, query: str) -> Json:
+def query_var(name: str, label: str, query: str, *, multi: bool = False) -> Json:
     return {"name": name, "label": label, "type": "query", "datasource": DS,
             "query": query, "hide": 0, "refresh": 2, "regex": "",
-            "sort": 1, "includeAll": False, "multi": False, "options": []}
+            "sort": 1, "includeAll": False, "multi": multi, "options": []}
+
+
+def link(column: str, title: str, uid: str, var: str) -> Json:
+    """A data link on a table column: the row's value opens another dashboard."""
+    return {"matcher": {"id": "byName", "options": column}, "properties": [{
+        "id": "links", "value": [{
+            "title": title, "targetBlank": False,
+            "url": f"/d/{uid}?var-{var}=${{__value.raw}}"}]}]}
+
+
+# Annotations from what ugrod exports (Grafana places each at the value's time).
+ANNOTATIONS = [
+    {"name": "Job ended", "enable": True, "hide": False, "iconColor": "red",
+     "datasource": DS, "expr": 'ugro_job_ended_timestamp_seconds{outcome!="succeeded"} * 1000',
+     "step": "60s", "titleFormat": "{{job_name}} {{outcome}}", "tagKeys": "outcome,reason",
+     "textFormat": "job {{job_name}} of {{owner}}: {{outcome}} ({{reason}})",
+     "useValueForTime": True},
+    {"name": "Node state changed", "enable": True, "hide": False, "iconColor": "orange",
+     "datasource": DS, "step": "60s",
+     "expr": "ugro_node_state == 1 and changes(ugro_node_state[2m]) > 0",
+     "titleFormat": "{{node}} {{state}}", "tagKeys": "node,state",
+     "textFormat": "node {{node}} became {{state}}", "useValueForTime": False},
+    {"name": "ugrod started", "enable": True, "hide": False, "iconColor": "purple",
+     "datasource": DS, "expr": "max(ugro_daemon_last_start_timestamp_seconds) * 1000",
+     "step": "60s", "titleFormat": "ugrod started", "tagKeys": "",
+     "textFormat": "ugrod (re)started: the event log was replayed", "useValueForTime": True},
+]
+GPU_STATUS = {"0": ("free", "transparent"), "1": ("allocated", "green"),
+              "2": ("allocated, idle", "yellow"), "3": ("hot", "orange"),
+              "4": ("error / missing", "red")}
 
 
 def dashboard(uid: str, title: str, description: str, board: Board, *,
@@ -204,11 +237,11 @@ def cluster_overview() -> Json:
            [q("sum by (state) (ugro_node_state)", "{{state}}", instant=True)], unit="none",
            w=6, text_mode="value_and_name")
     b.stat("GPUs allocated", "GPUs held by running jobs, out of all GPUs ugrod knows.",
-           [q("ugro:cluster_gpus_allocated:count", "allocated", instant=True),
-            q("ugro:cluster_gpus:count", "total", instant=True)], unit="none", w=4,
+           [q("cluster:ugro_gpu_allocated:sum", "allocated", instant=True),
+            q("cluster:ugro_gpus:count", "total", instant=True)], unit="none", w=4,
            text_mode="value_and_name")
     b.stat("Cluster GPU utilisation", "Mean utilisation of every GPU in the cluster.",
-           [q("ugro:cluster_gpu_utilization:ratio")], unit="percentunit", w=3, graph=True,
+           [q("cluster:ugro_gpu_utilization_ratio:avg")], unit="percentunit", w=3, graph=True,
            defaults={"min": 0, "max": 1})
     b.stat("Running jobs", "Jobs whose ranks are all up.",
            [q('sum(ugro_jobs{state="running"})')], unit="none", w=3, graph=True)
@@ -219,16 +252,17 @@ def cluster_overview() -> Json:
            defaults={"thresholds": thresholds(("orange", 900), ("red", 3600))})
     b.stat("Idle allocated GPUs", "GPUs held by a job but under 5 % busy: a job that "
            "is stuck, loading data, or asked for more GPUs than it uses.",
-           [q("ugro:cluster_gpus_allocated_idle:count")], unit="none", w=3,
+           [q("cluster:ugro_gpus_allocated_idle:count")], unit="none", w=3,
            defaults={"thresholds": thresholds(("orange", 1))})
     b.row("Nodes")
     b.timeline("Node state", "Each node's state over time.",
                [q(NODE_STATE_CODE, "{{node}}")], mappings=value_map(NODE_STATES))
     b.table("Node health", "Per node: health score, GPU count and utilisation, memory "
-            "and disk use, and seconds since the last successful health check.", [
+            "and disk use, and seconds since the last successful health check. Click a "
+            "node for its dashboard.", [
                 q("max by (node) (ugro_node_health_score)", instant=True, table=True),
                 q("max by (node) (ugro_node_gpus)", instant=True, table=True),
-                q("ugro:node_gpu_utilization:ratio", instant=True, table=True),
+                q("node:ugro_gpu_utilization_ratio:avg", instant=True, table=True),
                 q("max by (node) (ugro_node_memory_used_ratio)", instant=True, table=True),
                 q("max by (node) (ugro_node_disk_used_ratio)", instant=True, table=True),
                 q("time() - max by (node) (ugro_node_last_check_success_timestamp_seconds)",
@@ -241,57 +275,86 @@ def cluster_overview() -> Json:
             overrides=[unit_override("GPU util", "percentunit"),
                        unit_override("memory", "percentunit"),
                        unit_override("disk", "percentunit"),
-                       unit_override("since last check", "s")])
+                       unit_override("since last check", "s"),
+                       link("node", "Node detail", "ugro-node-detail", "node")])
     b.timeseries("Health score", "Node health score (100 = no findings; healthy >= 80, "
                  "degraded >= 60).", [q("max by (node) (ugro_node_health_score)", "{{node}}")],
                  unit="none", w=10, defaults={"min": 0, "max": 100,
                                               "thresholds": thresholds(("orange", 60),
                                                                        ("green", 80))})
     b.row("GPUs")
+    b.timeline("GPU status", "Every GPU over time: free, allocated, allocated but idle "
+               "(under 5 %), hot (over the warning temperature) or failed (an error, or "
+               "missing from nvidia-smi). One thin row per GPU stays readable at 160 GPUs.",
+               [q("node_gpu:ugro_gpu_status:max", "{{node}}/{{gpu}}")],
+               mappings=value_map(GPU_STATUS), h=10)
     b.bargauge("GPU utilisation now", "Every GPU's utilisation, node by node.",
-               [q("ugro:gpu_utilization:ratio", "{{node}} GPU {{gpu}}", instant=True)],
+               [q("node_gpu:ugro_gpu_utilization_ratio:max", "{{node}} GPU {{gpu}}", instant=True)],
                unit="percentunit", w=8, h=10, defaults={"min": 0, "max": 1})
     b.timeseries("GPU utilisation", "Utilisation per node and GPU.",
-                 [q("ugro:gpu_utilization:ratio", "{{node}}/{{gpu}}")], unit="percentunit",
+                 [q("node_gpu:ugro_gpu_utilization_ratio:max", "{{node}}/{{gpu}}")], unit="percentunit",
                  w=16, h=10, defaults={"min": 0, "max": 1})
     b.timeseries("GPU memory used", "Memory in use per GPU.",
-                 [q("ugro:gpu_memory_used:bytes", "{{node}}/{{gpu}}")], unit="bytes", w=8)
+                 [q("node_gpu:ugro_gpu_memory_used_bytes:max", "{{node}}/{{gpu}}")], unit="bytes", w=8)
     b.timeseries("GPU temperature", "Temperature per GPU; alerts at 80 °C (warning) and "
-                 "85 °C (critical).", [q("ugro:gpu_temperature:celsius", "{{node}}/{{gpu}}")],
+                 "85 °C (critical).", [q("node_gpu:ugro_gpu_temperature_celsius:max", "{{node}}/{{gpu}}")],
                  unit="celsius", w=8, custom={"thresholdsStyle": {"mode": "line"}},
                  defaults={"thresholds": thresholds(("orange", 80), ("red", 85))})
     b.timeseries("GPU power", "Power draw per GPU, and the cluster total.",
-                 [q("ugro:gpu_power:watts", "{{node}}/{{gpu}}"),
-                  q("ugro:cluster_gpu_power:watts", "total")], unit="watt", w=8)
+                 [q("node_gpu:ugro_gpu_power_watts:max", "{{node}}/{{gpu}}"),
+                  q("cluster:ugro_gpu_power_watts:sum", "total")], unit="watt", w=8)
     b.row("Jobs")
     b.timeseries("Jobs by state", "Jobs queued, starting, running and retrying.",
                  [q('sum by (state) (ugro_jobs{state=~"queued|starting|running|retrying"})',
                     "{{state}}")], unit="none", w=8, stack=True)
-    b.timeseries("Queue wait (p50, p90)", "Wait from submission to first placement of "
-                 "jobs that ended in each interval.", [
-                     q("histogram_quantile(0.5, sum by (le) (rate(ugro_job_wait_seconds_bucket"
-                       "[$__rate_interval])))", "p50"),
-                     q("histogram_quantile(0.9, sum by (le) (rate(ugro_job_wait_seconds_bucket"
-                       "[$__rate_interval])))", "p90")], unit="s", w=8)
+    b.timeseries("Queue wait (p50, p90)", "Time jobs waited in the queue, observed when "
+                 "they were placed, over the last hour.", [
+                     q("cluster:ugro_job_wait_seconds:p50_rate1h", "p50"),
+                     q("cluster:ugro_job_wait_seconds:p90_rate1h", "p90")], unit="s", w=8)
     b.timeseries("Jobs finished", "Jobs that ended in each interval, by outcome.",
                  [q("sum by (outcome) (increase(ugro_jobs_finished_total[$__rate_interval]))",
                     "{{outcome}}")], unit="none", w=8, custom={"drawStyle": "bars"})
+    b.timeseries("Failed attempts by reason", "Attempts that ended without success in "
+                 "each interval: oom, exit, lost, stalled, cancelled, time_limit.",
+                 [q("sum by (reason) (increase(ugro_job_attempt_failures_total"
+                    "[$__rate_interval]))", "{{reason}}")], unit="none", w=8,
+                 custom={"drawStyle": "bars"})
+    b.timeseries("GPUs held per user", "GPUs each owner's jobs held (GPU-seconds per "
+                 "second, averaged over 5 minutes).",
+                 [q("owner:ugro_gpu_allocated_seconds:rate5m", "{{owner}}")], unit="none",
+                 w=8, stack=True)
+    b.bargauge("GPU-hours per user", "GPU-hours each owner's jobs held over the "
+               "dashboard's time range.",
+               [q("sum by (owner) (increase(ugro_gpu_allocated_seconds_total[$__range])) "
+                  "/ 3600", "{{owner}}", instant=True)], unit="none", w=8)
     b.table("Running jobs", "Active jobs: owner, state, GPUs held, run time and the "
-            "latest training step, loss and throughput they reported.", [
-                q("max by (job, owner, state) (ugro_job_state == 1)", instant=True,
+            "latest training step, loss and throughput they reported. Click a job for "
+            "its dashboard.", [
+                q("max by (job_name, owner, state) (ugro_job_state == 1)", instant=True,
                   table=True),
-                q("count by (job) (ugro_job_gpu_allocation)", instant=True, table=True),
-                q("time() - max by (job) (ugro_job_start_timestamp_seconds)", instant=True,
+                q("count by (job_name) (ugro_job_gpu_allocation)", instant=True, table=True),
+                q("time() - max by (job_name) (ugro_job_start_timestamp_seconds)",
+                  instant=True, table=True),
+                q("max by (job_name) (ugro_job_training_step)", instant=True, table=True),
+                q("max by (job_name) (ugro_job_training_loss)", instant=True, table=True),
+                q("max by (job_name) (ugro_job_training_throughput)", instant=True,
                   table=True),
-                q("max by (job) (ugro_job_training_step)", instant=True, table=True),
-                q("max by (job) (ugro_job_training_loss)", instant=True, table=True),
-                q("max by (job) (ugro_job_training_throughput)", instant=True, table=True),
             ], transformations=[
                 {"id": "merge", "options": {}},
-                organize({"Value #B": "GPUs", "Value #C": "run time", "Value #D": "step",
-                          "Value #E": "loss", "Value #F": "throughput"},
-                         exclude=("Value #A",))],
-            overrides=[unit_override("run time", "s")])
+                organize({"job_name": "job", "Value #B": "GPUs", "Value #C": "run time",
+                          "Value #D": "step", "Value #E": "loss",
+                          "Value #F": "throughput"},
+                         exclude=("Value #A", "job"))],
+            overrides=[unit_override("run time", "s"),
+                       link("job", "Job detail", "ugro-job-detail", "job")])
+    b.table("Recently ended jobs", "Jobs that ended in the last 30 minutes, how and why "
+            "(reason: oom, exit, lost, stalled, cancelled, time_limit). Click a job for "
+            "its dashboard.",
+            [q("max by (job_name, owner, outcome, reason) "
+               "(ugro_job_ended_timestamp_seconds) * 1000", instant=True, table=True)],
+            transformations=[organize({"job_name": "job", "Value": "ended"}, exclude=("job",))],
+            overrides=[unit_override("ended", "dateTimeAsIso"),
+                       link("job", "Job detail", "ugro-job-detail", "job")])
     b.row("ugrod")
     b.timeseries("API requests", "Requests to ugrod's API per second, by route.",
                  [q("sum by (route) (rate(ugro_api_requests_total[$__rate_interval]))",
@@ -311,12 +374,12 @@ def cluster_overview() -> Json:
     return dashboard(
         "ugro-cluster-overview", "UGRO / Cluster overview",
         "Nodes, GPUs, the queue and running jobs of a UGRO cluster, and ugrod itself.", b,
-        variables=[])
+        variables=[], annotations=ANNOTATIONS)
 
 
 # ---- job detail ------------------------------------------------------------------------
 
-JOB = 'job="$job"'
+JOB = 'job_name=~"$job"'
 
 
 def job_detail() -> Json:
@@ -335,47 +398,55 @@ def job_detail() -> Json:
     b.stat("Stalled", "Whether ugrod's watchdog found the step counter stopped.",
            [q(f"max(ugro_job_stalled{{{JOB}}})")], unit="none",
            defaults={"mappings": value_map({"0": ("no", "green"), "1": ("STALLED", "red")})})
-    b.timeseries("Loss", "Training loss as the job reported it.",
-                 [q(f"max by (job) (ugro_job_training_loss{{{JOB}}})", "loss")], unit="none")
+    b.timeseries("Loss", "Training loss as each selected job reported it (pick several "
+                 "jobs, e.g. a sweep's, to overlay their curves).",
+                 [q(f"max by (job_name) (ugro_job_training_loss{{{JOB}}})", "{{job_name}}")],
+                 unit="none")
     b.timeseries("Throughput", "Throughput as the job reported it (its own unit, "
                  "e.g. samples/s), and steps per second.", [
-                     q(f"max by (job) (ugro_job_training_throughput{{{JOB}}})", "throughput"),
-                     q(f"max by (job) (deriv(ugro_job_training_step{{{JOB}}}"
-                       "[$__rate_interval]))", "steps/s")], unit="short")
+                     q(f"max by (job_name) (ugro_job_training_throughput{{{JOB}}})",
+                       "{{job_name}} throughput"),
+                     q(f"max by (job_name) (deriv(ugro_job_training_step{{{JOB}}}"
+                       "[$__rate_interval]))", "{{job_name}} steps/s")], unit="short")
     b.timeseries("GPU utilisation per rank", "Utilisation of each GPU the job holds.",
-                 [q(f"ugro:job_gpu_utilization:ratio{{{JOB}}}",
-                    "rank {{rank}} {{node}}/{{gpu}}")], unit="percentunit", w=12,
+                 [q(f"job_gpu:ugro_gpu_utilization_ratio:max{{{JOB}}}",
+                    "{{job_name}} rank {{rank}} {{node}}/{{gpu}}")], unit="percentunit", w=12,
                  defaults={"min": 0, "max": 1})
     b.timeseries("GPU memory per rank", "Memory in use on each GPU the job holds.",
-                 [q(f"ugro:job_gpu_memory_used:bytes{{{JOB}}}",
-                    "rank {{rank}} {{node}}/{{gpu}}")], unit="bytes", w=12)
+                 [q(f"job_gpu:ugro_gpu_memory_used_bytes:max{{{JOB}}}",
+                    "{{job_name}} rank {{rank}} {{node}}/{{gpu}}")], unit="bytes", w=12)
     b.timeseries("GPU temperature", "Temperature of the job's GPUs.",
-                 [q(f"ugro:gpu_temperature:celsius * on (node, gpu) group_left (rank) "
-                    f"ugro_job_gpu_allocation{{{JOB}}}", "rank {{rank}} {{node}}/{{gpu}}")],
+                 [q(f"node_gpu:ugro_gpu_temperature_celsius:max * on (node, gpu) group_left (job_name, rank) "
+                    f"ugro_job_gpu_allocation{{{JOB}}}", "{{job_name}} rank {{rank}} {{node}}/{{gpu}}")],
                  unit="celsius", w=12, custom={"thresholdsStyle": {"mode": "line"}},
                  defaults={"thresholds": thresholds(("orange", 80), ("red", 85))})
     b.timeseries("GPU power", "Power draw of the job's GPUs.",
-                 [q(f"ugro:gpu_power:watts * on (node, gpu) group_left (rank) "
-                    f"ugro_job_gpu_allocation{{{JOB}}}", "rank {{rank}} {{node}}/{{gpu}}")],
+                 [q(f"node_gpu:ugro_gpu_power_watts:max * on (node, gpu) group_left (job_name, rank) "
+                    f"ugro_job_gpu_allocation{{{JOB}}}", "{{job_name}} rank {{rank}} {{node}}/{{gpu}}")],
                  unit="watt", w=12)
-    b.table("Placement", "Which node and GPU each rank holds.",
+    b.table("Placement", "Which node and GPU each rank holds. Click a node for its "
+            "dashboard.",
             [q(f"ugro_job_gpu_allocation{{{JOB}}}", instant=True, table=True)],
-            transformations=[organize({}, exclude=("Value", "job"))])
+            transformations=[organize({"job_name": "job name"}, exclude=("Value", "job"))],
+            overrides=[link("node", "Node detail", "ugro-node-detail", "node")])
     annotations = [
         {"name": "Job state", "enable": True, "hide": False, "iconColor": "blue",
          "datasource": DS, "expr": f"ugro_job_state{{{JOB}}} == 1", "step": "15s",
          "titleFormat": "{{state}}", "tagKeys": "state",
-         "textFormat": "job {{job}} {{state}}", "useValueForTime": False},
+         "textFormat": "job {{job_name}} {{state}}", "useValueForTime": False},
         {"name": "Stalled", "enable": True, "hide": False, "iconColor": "red",
          "datasource": DS, "expr": f"ugro_job_stalled{{{JOB}}} == 1", "step": "15s",
-         "titleFormat": "stalled", "tagKeys": "job",
+         "titleFormat": "stalled", "tagKeys": "job_name",
          "textFormat": "ugrod's watchdog: step counter stopped", "useValueForTime": False},
+        {**ANNOTATIONS[0], "expr": f"ugro_job_ended_timestamp_seconds{{{JOB}}} * 1000",
+         "name": "Ended"},
     ]
     return dashboard(
         "ugro-job-detail", "UGRO / Job detail",
         "One job: its state changes (annotations), loss and throughput curves, and the "
         "GPUs each rank uses.", b,
-        variables=[query_var("job", "Job", "label_values(ugro_job_state, job)")],
+        variables=[query_var("job", "Job", "label_values(ugro_job_state, job_name)",
+                             multi=True)],
         annotations=annotations)
 
 
@@ -404,20 +475,20 @@ def node_detail() -> Json:
     b.stat("GPUs", "GPUs on the node (inventory, else config).",
            [q(f"max(ugro_node_gpus{{{NODE}}})")], unit="none")
     b.bargauge("GPU utilisation now", "Each GPU's utilisation.",
-               [q(f"ugro:gpu_utilization:ratio{{{NODE}}}", "GPU {{gpu}}", instant=True)],
+               [q(f"node_gpu:ugro_gpu_utilization_ratio:max{{{NODE}}}", "GPU {{gpu}}", instant=True)],
                unit="percentunit", w=8, defaults={"min": 0, "max": 1})
     b.timeseries("GPU utilisation", "Utilisation per GPU.",
-                 [q(f"ugro:gpu_utilization:ratio{{{NODE}}}", "GPU {{gpu}}")],
+                 [q(f"node_gpu:ugro_gpu_utilization_ratio:max{{{NODE}}}", "GPU {{gpu}}")],
                  unit="percentunit", w=16, defaults={"min": 0, "max": 1})
     b.timeseries("GPU memory used", "Memory in use per GPU, and installed.", [
-        q(f"ugro:gpu_memory_used:bytes{{{NODE}}}", "GPU {{gpu}} used"),
-        q(f"ugro:gpu_memory_total:bytes{{{NODE}}}", "GPU {{gpu}} total")], unit="bytes", w=8)
+        q(f"node_gpu:ugro_gpu_memory_used_bytes:max{{{NODE}}}", "GPU {{gpu}} used"),
+        q(f"node_gpu:ugro_gpu_memory_total_bytes:max{{{NODE}}}", "GPU {{gpu}} total")], unit="bytes", w=8)
     b.timeseries("GPU temperature", "Temperature per GPU; alerts at 80 and 85 °C.",
-                 [q(f"ugro:gpu_temperature:celsius{{{NODE}}}", "GPU {{gpu}}")],
+                 [q(f"node_gpu:ugro_gpu_temperature_celsius:max{{{NODE}}}", "GPU {{gpu}}")],
                  unit="celsius", w=8, custom={"thresholdsStyle": {"mode": "line"}},
                  defaults={"thresholds": thresholds(("orange", 80), ("red", 85))})
     b.timeseries("GPU power", "Power draw per GPU.",
-                 [q(f"ugro:gpu_power:watts{{{NODE}}}", "GPU {{gpu}}")], unit="watt", w=8)
+                 [q(f"node_gpu:ugro_gpu_power_watts:max{{{NODE}}}", "GPU {{gpu}}")], unit="watt", w=8)
     b.timeseries("GPU clocks", "SM and memory clocks from the node's GPU exporter "
                  "(empty where only ugrod's own samples exist).", [
                      q(f"max by (gpu) (DCGM_FI_DEV_SM_CLOCK{{{NODE}}}) * 1e6", "GPU {{gpu}} SM"),
@@ -437,9 +508,16 @@ def node_detail() -> Json:
                      q(f"sum(rate(ugro_health_check_failures_total{{{NODE}}}"
                        "[$__rate_interval]))", "failures/s")], unit="s", w=12,
                  overrides=[unit_override("failures/s", "ops")])
-    b.table("Jobs on this node", "Active jobs holding GPUs here, with how many.",
-            [q(f"count by (job) (ugro_job_gpu_allocation{{{NODE}}})", instant=True,
-               table=True)], w=12, transformations=[organize({"Value": "GPUs"})])
+    b.table("Jobs on this node", "Active jobs holding GPUs here, with how many. Click a "
+            "job for its dashboard.",
+            [q(f"count by (job_name) (ugro_job_gpu_allocation{{{NODE}}})", instant=True,
+               table=True)], w=12,
+            transformations=[organize({"job_name": "job", "Value": "GPUs"})],
+            overrides=[link("job", "Job detail", "ugro-job-detail", "job")])
+    b.timeseries("GPU energy", "Average power from the exporter's energy counter "
+                 "(NVML only; empty with nvidia-smi or without the exporter).",
+                 [q(f"node_gpu:dcgm_fi_dev_total_energy_consumption_watts:rate5m{{{NODE}}}",
+                    "GPU {{gpu}}")], unit="watt", w=12)
     b.table("Active alerts", "Alerts ugrod has raised on this node and not cleared.",
             [q(f"ugro_node_alert{{{NODE}}}", instant=True, table=True)], w=24,
             transformations=[organize({}, exclude=("Value", "job", "node"))])
@@ -447,7 +525,8 @@ def node_detail() -> Json:
         "ugro-node-detail", "UGRO / Node detail",
         "One node: state, health, circuit breaker, every GPU, host resources and the "
         "jobs on it.", b,
-        variables=[query_var("node", "Node", "label_values(ugro_node_state, node)")])
+        variables=[query_var("node", "Node", "label_values(ugro_node_state, node)")],
+        annotations=ANNOTATIONS[1:])
 
 
 DASHBOARDS = {

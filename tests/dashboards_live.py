@@ -337,3 +337,95 @@ class PrometheusServer:
     def __exit__(self, t: type[BaseException] | None, e: BaseException | None,
                  tb: TracebackType | None) -> None:
         self.stop()
+
+
+# ---- Alertmanager and a webhook receiver (alerts that reach people) -------------------
+
+
+class Webhook:
+    """An HTTP receiver on a free loopback port: what Alertmanager posts, kept in order."""
+
+    def __init__(self) -> None:
+        import http.server
+        import threading
+
+        received: list[dict[str, Any]] = []
+        self.received = received
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                length = int(self.headers.get("Content-Length") or 0)
+                received.append(json.loads(self.rfile.read(min(length, 1 << 20))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hook"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+        self.thread.start()
+
+    def alerts(self) -> list[dict[str, Any]]:
+        """Every alert of every notification received so far."""
+        return [a for body in list(self.received) for a in body.get("alerts", [])]
+
+    def stop(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+class AlertmanagerServer:
+    """Debian's prometheus-alertmanager on a free loopback port, routing to ``webhook_url``."""
+
+    def __init__(self, base: Path, webhook_url: str) -> None:
+        self.base = base
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.webhook_url = webhook_url
+        self.binary = (shutil.which("prometheus-alertmanager") or shutil.which("alertmanager")
+                       or "/usr/bin/prometheus-alertmanager")
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log = base / "alertmanager.log"
+
+    def start(self, timeout_s: float = 30.0) -> AlertmanagerServer:
+        self.base.mkdir(parents=True, exist_ok=True)
+        config = self.base / "alertmanager.yml"
+        config.write_text(
+            "route:\n  receiver: hook\n  group_by: [alertname, job_name]\n"
+            "  group_wait: 1s\n  group_interval: 1s\n  repeat_interval: 1h\n"
+            f"receivers:\n  - name: hook\n    webhook_configs:\n"
+            f"      - url: {self.webhook_url}\n")
+        with self.log.open("wb") as log:
+            self.proc = subprocess.Popen(
+                [self.binary, f"--config.file={config}",
+                 f"--storage.path={self.base / 'data'}",
+                 f"--web.listen-address=127.0.0.1:{self.port}",
+                 "--cluster.listen-address=", "--log.level=warn"],
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"alertmanager exited {self.proc.returncode}: "
+                                   f"{self.log.read_text()[-2000:]}")
+            try:
+                with urllib.request.urlopen(f"{self.url}/-/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"alertmanager not ready after {timeout_s} s: "
+                           f"{self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.proc = None

@@ -182,6 +182,8 @@ def replay(until: str, state_dir: str | None, as_json: bool) -> None:
 
 @cli.command("prometheus-config", epilog=examples(
     "ugroctl prometheus-config > /etc/prometheus/prometheus.yml",
+    "ugroctl prometheus-config --alertmanager http://127.0.0.1:9093 "
+    "--rules-out /etc/prometheus/ugro --runbook-base https://wiki.lan/ugro/operations.md",
     "ugroctl prometheus-config --config /etc/ugro/cluster.yaml --exporter-port 9400"))
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), envvar="UGRO_CONFIG",
               metavar="FILE", help="cluster.yaml [env UGRO_CONFIG; default "
@@ -191,17 +193,30 @@ def replay(until: str, state_dir: str | None, as_json: bool) -> None:
 @click.option("--exporter-port", type=click.IntRange(1, 65535), metavar="PORT",
               help="The nodes' GPU exporter port [default 9400].")
 @click.option("--scrape-interval", metavar="DURATION", help="e.g. 15s [default 15s].")
+@click.option("--alertmanager", "alertmanagers", multiple=True, metavar="URL",
+              help="Send alerts to this Alertmanager (writes the alerting: section; "
+                   "repeatable).")
+@click.option("--rules-out", type=click.Path(file_okay=False), metavar="DIR",
+              help="Also write the rule files there, with cluster.yaml's "
+                   "health.thresholds in the alerts.")
+@click.option("--runbook-base", metavar="URL",
+              help="Absolute URL of docs/operations.md for the alerts' runbook links "
+                   "[default file:///opt/ugro/share/doc/ugro/operations.md].")
 def prometheus_config(config_path: str | None, rules_dir: str | None,
-                      exporter_port: int | None, scrape_interval: str | None) -> None:
-    """Print a Prometheus scrape config for ugrod and every node's GPU exporter.
+                      exporter_port: int | None, scrape_interval: str | None,
+                      alertmanagers: tuple[str, ...], rules_out: str | None,
+                      runbook_base: str | None) -> None:
+    """Print a Prometheus config for ugrod and the nodes' GPU exporters.
 
-    Generated from cluster.yaml (works without ugrod running).
+    Generated from cluster.yaml (works without ugrod running). With --rules-out,
+    the recording and alert rules are written too, thresholds from cluster.yaml.
     """
     from ugroctl import replaying
 
     try:
-        text, source = replaying.prometheus_config(config_path or ctl().config, rules_dir,
-                                                   exporter_port, scrape_interval)
+        text, source = replaying.prometheus_config(
+            config_path or ctl().config, rules_dir, exporter_port, scrape_interval,
+            alertmanagers=alertmanagers, rules_out=rules_out, runbook_base=runbook_base)
     except replaying.OfflineError as exc:
         fail(str(exc))
     if source is None:

@@ -9,7 +9,7 @@ no lock, no repair, nothing written, so it works beside a running ugrod too.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -153,13 +153,16 @@ def describe(doc: dict[str, Any]) -> str:
 
 
 def prometheus_config(path: str | None, rules_dir: str | None, exporter_port: int | None,
-                      interval: str | None) -> tuple[str, str | None]:
+                      interval: str | None, *, alertmanagers: Sequence[str] = (),
+                      rules_out: str | None = None, runbook_base: str | None = None
+                      ) -> tuple[str, str | None]:
     """prometheus.yml for the cluster in cluster.yaml (ugrod.prometheus_config writes it),
-    and the file it describes (None: the built-in one-node cluster)."""
+    and the file it describes (None: the built-in one-node cluster); with ``rules_out``,
+    the rule files are written there too."""
     from ugrod import prometheus_config as pc
 
     cfg = load_config(path)
-    kwargs: dict[str, Any] = {}
+    kwargs: dict[str, Any] = {"alertmanagers": alertmanagers}
     if rules_dir:
         kwargs["rules_dir"] = rules_dir
     if exporter_port is not None:
@@ -167,7 +170,16 @@ def prometheus_config(path: str | None, rules_dir: str | None, exporter_port: in
     if interval:
         kwargs["scrape_interval"] = interval
     try:
-        return pc.scrape_config(cfg, **kwargs), (str(cfg.source) if cfg.source else None)
+        text = pc.scrape_config(cfg, **kwargs)
+        base: dict[str, str] = {"runbook_base": runbook_base} if runbook_base else {}
+        if rules_out is not None:
+            pc.write_rules(cfg, Path(rules_out), **base)
+        elif runbook_base is not None:
+            raise pc.ScrapeConfigError("--runbook-base goes into the rule files: "
+                                       "add --rules-out DIR")
+        return text, (str(cfg.source) if cfg.source else None)
     except pc.ScrapeConfigError as exc:
         where = f"{cfg.source}: " if getattr(cfg, "source", None) else ""
         raise OfflineError(f"{where}{exc}") from None
+    except OSError as exc:
+        raise OfflineError(f"--rules-out {rules_out}: {exc.strerror or exc}") from None

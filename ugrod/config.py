@@ -94,6 +94,7 @@ class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
     role: str | None = None  # "master" | "worker"
     labels: tuple[str, ...] = ()
     hostname: str | None = None  # informational, as in the seeds
+    gpu_exporter: bool = False  # runs exporters/gpu_exporter.py (a Prometheus target)
 
     def spec(self) -> NodeSpec:
         return NodeSpec(name=self.name, host=self.host, port=self.port, user=self.user,
@@ -276,7 +277,8 @@ def node_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[s
 SECTIONS: Final = ("cluster", "nodes", "training", "paths", "scheduler", "health", "metrics",
                    "api")
 NODE_KEYS: Final = ("ip", "host", "hostname", "port", "user", "identity_file", "work_dir",
-                    "transport", "python", "gpu", "vram_gb", "gpus", "rank", "role", "labels")
+                    "transport", "python", "gpu", "vram_gb", "gpus", "rank", "role", "labels",
+                    "gpu_exporter")
 PORT_PHRASE: Final = "an integer from 1 to 65535"
 _PROGRAM_RE: Final = re.compile(r"[^-\s].*", re.DOTALL)
 
@@ -418,6 +420,7 @@ def _read_node(r: Reader, name: str, raw: Any, w: str) -> NodeConfig | None:
             "python3"),
         rank=r.get(m, w, "rank", r.integer(0, 65535), None),
         role=r.get(m, w, "role", r.choice("master", "worker"), None),
+        gpu_exporter=r.get(m, w, "gpu_exporter", r.boolean, False),
     )
 
 

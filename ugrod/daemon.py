@@ -9,6 +9,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import time
@@ -240,7 +241,7 @@ class Daemon:
         from apscheduler.schedulers.asyncio import AsyncIOScheduler
         sched = AsyncIOScheduler(timezone="UTC")
         sched.add_job(self._snapshot_job, "interval", seconds=60, id="snapshot",
-                      max_instances=1, coalesce=True)
+                      max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
         sched.add_job(self._verify_history, "interval", hours=24, id="verify-log",
                       max_instances=1, coalesce=True,
                       next_run_time=datetime.now(UTC) + timedelta(minutes=1))
@@ -272,10 +273,18 @@ class Daemon:
         due = since >= 50_000 or (since > 0 and time.monotonic() - self._last_snapshot > 600)
         if due:
             t0 = time.perf_counter()
-            path = await asyncio.to_thread(self.ledger.snapshot)
+            try:
+                path = await asyncio.to_thread(self.ledger.snapshot)
+            except OSError as exc:  # counted and alerted on (UgroSnapshotsFailing)
+                self.stats.snapshot_failed()
+                logger.error("snapshot failed: %s", exc)
+                return
             self._last_snapshot = time.monotonic()
             if path is not None:
                 self.stats.snapshot_written(time.perf_counter() - t0, path.stat().st_size)
+        with contextlib.suppress(OSError):  # the state dir's filesystem (UgroStateDiskFilling)
+            self.stats.state_dir_usage(*await asyncio.to_thread(shutil.disk_usage,
+                                                                self.state_dir))
 
     _last_snapshot = time.monotonic()
 

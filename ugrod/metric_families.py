@@ -3,8 +3,10 @@
 Each function appends ``ugrod.exposition`` families to ``out``; nothing here
 does I/O, imports prometheus_client or reads a clock (``now`` is passed in).
 ``ugrod.metrics.UgroCollector`` calls them at scrape time. Only starting and
-running jobs get a ``job`` label (``active_jobs``); the catalog with types and
-labels is docs/metrics.md.
+running jobs get a ``job_name`` label (``active_jobs``), and jobs that ended in
+the last ``ENDED_KEEP_S`` (``ugro_job_ended_timestamp_seconds``: alerts name the
+job and why); ``job`` stays Prometheus's own target label, so no
+``honor_labels`` is needed. The catalog with types and labels is docs/metrics.md.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from ugrod.exposition import AnyFamily, Family, HistogramFamily
-from ugrod.runtime_stats import BREAKER_STATES, OUTCOMES, Counter, Histogram, RuntimeStats
+from ugrod.runtime_stats import BREAKER_STATES, ENDED_KEEP_S, Counter, Histogram, RuntimeStats
 from ugrod.state import ACTIVE, WAITING, JobState, NodeHealth, NodeState, State
+from ugrod.tally import FAILURE_REASONS, OUTCOMES
 
 JOB_PHASES = (JobState.STARTING, JobState.RUNNING)
-JOB = ("job", "owner")
+CURRENT = (JobState.QUEUED, JobState.STARTING, JobState.RUNNING, JobState.RETRYING)
+# The training job's name is ``job_name``: ``job`` is Prometheus's own target label.
+JOB = ("job_name", "owner")
 NODE = ("node",)
 GPU = ("node", "gpu", "UUID", "model_name")
 USER_HZ = 100.0  # /proc/stat ticks per second on every Linux build that matters
@@ -103,10 +108,11 @@ def counters(name: str, doc: str, labelnames: Sequence[str],
 # ---- jobs ---------------------------------------------------------------
 
 def jobs(state: State, now: float, rt: RuntimeStats, out: list[AnyFamily]) -> None:
-    """Job counts by state, the queue, wait/run-time histograms, ends, retries."""
-    counts = dict.fromkeys(JobState, 0)
+    """Current job counts and the queue; lifetime totals (``state.tally``); histograms."""
+    counts = dict.fromkeys(CURRENT, 0)
     waiting = held = 0
     oldest: float | None = None
+    gpu_seconds = dict(state.tally.gpu_seconds)
     for job_id in state.active:
         job = state.jobs[job_id]
         counts[job.state] += 1
@@ -119,10 +125,14 @@ def jobs(state: State, now: float, rt: RuntimeStats, out: list[AnyFamily]) -> No
                 else job.submitted_at
             if oldest is None or since < oldest:
                 oldest = since
-    for outcome in OUTCOMES:
-        counts[outcome] = rt.terminal[outcome]
-    by_state = gauge("ugro_jobs", "Jobs in each state (every state listed, zeros included).",
-                      ("state",))
+        elif job.started_at is not None and job.placement:
+            n = job.gpu_count
+            if n:  # the running attempt's GPU-seconds so far (added to the tally at its end)
+                gpu_seconds[job.owner] = (gpu_seconds.get(job.owner, 0.0)
+                                          + n * max(now - job.started_at, 0.0))
+    by_state = gauge("ugro_jobs",
+                      "Jobs in each current state now (queued, starting, running, retrying; "
+                      "zeros included). Lifetime totals: ugro_jobs_finished_total.", ("state",))
     for st, n in counts.items():
         by_state.add((st.value,), float(n))
     out.append(by_state)
@@ -134,23 +144,48 @@ def jobs(state: State, now: float, rt: RuntimeStats, out: list[AnyFamily]) -> No
                        "How long the longest-waiting job (not held) has waited; 0 if none.",
                        max(now - oldest, 0.0) if oldest is not None else 0.0))
     wait = HistogramFamily("ugro_job_wait_seconds",
-                           "Time finished jobs waited from submission to first placement.")
+                           "Time jobs waited in the queue, observed when placed (since "
+                           "submission, or since the failed attempt for a retry).")
     wait.add((), rt.job_wait)
     run = HistogramFamily("ugro_job_run_seconds",
-                          "Run time of finished jobs' last attempt (placement to end).")
+                          "Run time of ended attempts (placement to end).")
     run.add((), rt.job_run)
     out.append(wait)
     out.append(run)
-    out.append(counters("ugro_jobs_finished_total",
-                         "Jobs that ended, by outcome (succeeded, failed, cancelled).",
-                         ("outcome",),
-                         [((o.value,), rt.jobs_finished[o]) for o in OUTCOMES]))
-    out.append(counters("ugro_job_retries_total",
-                         "Attempts that failed and left their job waiting to be retried.",
-                         (), [((), rt.job_retries)]))
-    out.append(counters("ugro_job_resumes_total",
-                         "Failed or cancelled jobs queued again (ugroctl resume).",
-                         (), [((), rt.job_resumes)]))
+    tally = state.tally
+    total("ugro_jobs_finished_total",
+          "Jobs that ended, by outcome (succeeded, failed, cancelled), since the log began.",
+          "outcome", tally.finished, OUTCOMES, out)
+    total("ugro_job_attempt_failures_total",
+          "Attempts that ended without success, by reason (oom, exit, lost, stalled, "
+          "cancelled, time_limit), retried ones included.",
+          "reason", tally.attempt_failures, FAILURE_REASONS, out)
+    total("ugro_job_retries_total",
+          "Attempts that failed and left their job waiting to be retried.",
+          None, {"": tally.retries}, ("",), out)
+    total("ugro_job_resumes_total", "Failed or cancelled jobs queued again (ugroctl resume).",
+          None, {"": tally.resumes}, ("",), out)
+    total("ugro_gpu_allocated_seconds_total",
+          "GPU-seconds held by each owner's jobs (ended attempts plus running ones so far).",
+          "owner", gpu_seconds, sorted(gpu_seconds), out)
+    ended = gauge("ugro_job_ended_timestamp_seconds",
+                   f"When a job (or its attempt, outcome retrying) ended, Unix time; kept "
+                   f"{ENDED_KEEP_S / 60:.0f} minutes after the end, with why it ended.",
+                   (*JOB, "outcome", "reason"))
+    horizon = now - ENDED_KEEP_S
+    for end in rt.recent_ends.values():
+        if end.ended_at >= horizon:
+            ended.add((end.job, end.owner, end.outcome, end.reason), end.ended_at)
+    out.append(ended)
+
+
+def total(name: str, doc: str, label: str | None, table: Mapping[str, float],
+          keys: Sequence[str], out: list[AnyFamily]) -> None:
+    """A counter family from a tally table: one series per key (zeros included)."""
+    fam = Family(name, doc, "counter", (label,) if label else ())
+    for key in keys:
+        fam.add((key,) if label else (), float(table.get(key, 0)))
+    out.append(fam)
 
 def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
                 out: list[AnyFamily]) -> None:
@@ -174,7 +209,7 @@ def active_jobs(state: State, training: Mapping[str, Mapping[str, float]],
     other_add = other.rows.append
     alloc = gauge("ugro_job_gpu_allocation",
                    "1 per GPU an active job holds: join GPU metrics on (node, gpu).",
-                   ("job", "node", "gpu", "UUID", "rank"))
+                   ("job_name", "node", "gpu", "UUID", "rank"))
     # Hot loop (1,000s of jobs): bound appends instead of method calls.
     keyed = ((step.rows.append, "step"), (loss.rows.append, "loss"),
              (tput.rows.append, "throughput"), (report.rows.append, "ts"))
@@ -359,6 +394,9 @@ def gpus(state: State, samples: Mapping[str, NodeSampleView],
     allocated = gauge("ugro_gpu_allocated",
                        "1 when an active job holds the GPU, else 0 (from ugrod's state).",
                        GPU)
+    present = gauge("ugro_gpu_present",
+                     "1 when the node's last readable nvidia-smi listed the GPU, 0 when it "
+                     "did not (fell off the bus); absent while nvidia-smi fails.", GPU)
     held = state.allocations()
     alloc_add = allocated.rows.append
     util_add, used_add, total_add = util.rows.append, used.rows.append, total.rows.append
@@ -370,6 +408,11 @@ def gpus(state: State, samples: Mapping[str, NodeSampleView],
         sample = samples.get(name)
         if sample is None:
             continue
+        if not sample.gpu_error:
+            listed = {gs.uuid for gs in sample.gpus} | {str(gs.index) for gs in sample.gpus}
+            for g in node.gpus:
+                seen = (g.uuid or str(g.index)) in listed
+                present.add((name, str(g.index), g.uuid, g.model), 1.0 if seen else 0.0)
         for gs in sample.gpus:
             labels = (name, str(gs.index), gs.uuid, gs.name)
             if gs.util_percent is not None:
@@ -383,7 +426,7 @@ def gpus(state: State, samples: Mapping[str, NodeSampleView],
             if gs.power_w is not None:
                 power_add((labels, float(gs.power_w)))
             error_add((labels, 1.0 if gs.error else 0.0))
-    out.extend((util, used, total, temp, power, error, allocated))
+    out.extend((util, used, total, temp, power, error, allocated, present))
 
 # ---- ugrod itself -----------------------------------------------------------
 
@@ -422,6 +465,18 @@ def daemon(rt: RuntimeStats, out: list[AnyFamily]) -> None:
          rt.snapshot_seconds)
     counter("ugro_snapshot_failures_total", "Snapshots that could not be written.",
             rt.snapshot_failures)
+    if rt.snapshot_last_failure is not None:
+        out.append(single("ugro_snapshot_last_failure_timestamp_seconds",
+                           "When a snapshot last failed to be written, Unix time.",
+                           rt.snapshot_last_failure))
+    if rt.state_dir_size_bytes is not None and rt.state_dir_avail_bytes is not None:
+        out.append(single("ugro_state_dir_filesystem_size_bytes",
+                           "Size of the filesystem holding ugrod's state directory.",
+                           rt.state_dir_size_bytes))
+        out.append(single("ugro_state_dir_filesystem_avail_bytes",
+                           "Space left on the filesystem holding ugrod's state directory "
+                           "(event log, snapshots, job directories).",
+                           rt.state_dir_avail_bytes))
     if rt.snapshot_last_success is not None and rt.snapshot_last_bytes is not None:
         out.append(single("ugro_snapshot_last_success_timestamp_seconds",
                            "When the last snapshot was written, Unix time.",

@@ -6,10 +6,11 @@ callers run on the one event loop); ``ugrod.metrics.UgroCollector`` reads them
 at scrape time. Nothing here imports prometheus_client, so callers stay free
 of it.
 
-Job wait/run-time histograms and finished-by-outcome counts are kept
+Job wait/run-time histograms and the recently ended jobs are kept
 incrementally from committed events (``jobs_committed``, shaped as a
-``Ledger.on_commit`` listener) and rebuilt once from state at start-up
-(``rebuild``), so a scrape never rescans every finished job.
+``Ledger.on_commit`` listener), so a scrape never rescans every finished job.
+Lifetime job counters are not here: they are ``State.tally`` (ugrod/tally.py),
+folded from the event log, so they survive restarts and never step down.
 """
 
 from __future__ import annotations
@@ -17,9 +18,11 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Sequence
+from typing import NamedTuple
 
 from ugrod import events as ev
 from ugrod.state import TERMINAL, Job, JobState, State
+from ugrod.tally import failure_reason
 
 # Bucket upper bounds (seconds unless said otherwise); +Inf is implicit.
 FSYNC_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
@@ -36,7 +39,10 @@ JOB_WAIT_BUCKETS = (1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 360
 JOB_RUN_BUCKETS = (10.0, 30.0, 60.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0, 14400.0,
                    28800.0, 86400.0, 259200.0, 604800.0, 2419200.0)
 
-OUTCOMES = (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+# An ended job's series stay this long (alerts name the job and why it ended), and
+# at most this many of them (a sweep of thousands ending at once stays bounded).
+ENDED_KEEP_S = 1800.0
+ENDED_KEEP_MAX = 500
 BREAKER_STATES = ("closed", "half-open", "open")  # ugrod.health.BreakerState values
 
 
@@ -83,16 +89,14 @@ class Counter:
         self.value += amount
 
 
-def job_timings(job: Job, ended_at: float) -> tuple[float, float | None]:
-    """(wait_s, run_s) of a job that ended at ``ended_at``.
+class RecentEnd(NamedTuple):
+    """A job's latest end (or failed attempt), kept ``ENDED_KEEP_S`` for its series."""
 
-    Wait: submission to first placement (to the end when it never started).
-    Run: the last attempt, placement to end; None when it never started.
-    """
-    first = job.first_started_at
-    wait = (first if first is not None else ended_at) - job.submitted_at
-    run = None if job.started_at is None or first is None else ended_at - job.started_at
-    return max(wait, 0.0), None if run is None else max(run, 0.0)
+    job: str
+    owner: str
+    outcome: str  # succeeded | failed | cancelled | retrying
+    reason: str  # ugrod.tally.FAILURE_REASONS value; "" when it succeeded
+    ended_at: float
 
 
 class RuntimeStats:
@@ -114,6 +118,9 @@ class RuntimeStats:
         self.snapshot_last_success: float | None = None
         self.snapshot_last_bytes: int | None = None
         self.snapshot_failures = Counter()
+        self.snapshot_last_failure: float | None = None
+        self.state_dir_size_bytes: float | None = None
+        self.state_dir_avail_bytes: float | None = None
         # API: (route, method, status) -> count; route -> latency histogram
         self.api_requests: dict[tuple[str, str, str], Counter] = {}
         self.api_latency: dict[str, Histogram] = {}
@@ -127,14 +134,11 @@ class RuntimeStats:
         self.health_last_duration: dict[str, float] = {}
         self.health_last_success: dict[str, float] = {}
         self.breakers: dict[str, str] = {}
-        # jobs
+        # jobs: histograms since this start; lifetime counters are State.tally
         self.job_wait = Histogram(JOB_WAIT_BUCKETS)
         self.job_run = Histogram(JOB_RUN_BUCKETS)
-        self.jobs_finished: dict[JobState, Counter] = {o: Counter() for o in OUTCOMES}
-        self.job_retries = Counter()
-        self.job_resumes = Counter()
-        self.terminal: dict[JobState, int] = dict.fromkeys(OUTCOMES, 0)
-        self._terminal_of: dict[str, JobState] = {}
+        self.recent_ends: dict[str, RecentEnd] = {}  # job -> its latest end, oldest first
+        self._queued_since: dict[str, float] = {}  # retrying/resumed job -> back in queue
 
     # ---- event log (ugrod/log.py, ugrod/ledger.py) --------------------------
 
@@ -162,6 +166,12 @@ class RuntimeStats:
 
     def snapshot_failed(self) -> None:
         self.snapshot_failures.inc()
+        self.snapshot_last_failure = self._clock()
+
+    def state_dir_usage(self, total: int, used: int, free: int) -> None:
+        """``shutil.disk_usage`` of the state directory (read off the event loop)."""
+        self.state_dir_size_bytes = float(total)
+        self.state_dir_avail_bytes = float(free)
 
     # ---- API (ugrod/api.py's middleware) ------------------------------------
 
@@ -210,67 +220,68 @@ class RuntimeStats:
 
     # ---- jobs ------------------------------------------------------------------
 
-    def job_finished(self, outcome: JobState | str, wait_s: float,
-                     run_s: float | None) -> None:
-        """A job reached succeeded/failed/cancelled (not a retry)."""
-        state = JobState(outcome)
-        self.jobs_finished[state].inc()
-        self.job_wait.observe(wait_s)
-        if run_s is not None:
-            self.job_run.observe(run_s)
-
-    def job_retried(self) -> None:
-        """An attempt ended and the job waits to be retried."""
-        self.job_retries.inc()
-
     def jobs_committed(self, records: Iterable[ev.Record], state: State) -> None:
-        """Ledger listener (``ledger.on_commit(stats.jobs_committed)``): job ends and resumes.
+        """Ledger listener (``ledger.on_commit(stats.jobs_committed)``): placements and ends.
 
         ``state`` is the state right after ``records``; it supplies each job's times.
+        Queue wait is observed when a job is placed (a job waiting still counts in
+        ``ugro_queue_oldest_wait_seconds``); run time when an attempt ends.
         """
         for record in records:
             e = record.event
-            if isinstance(e, ev.JobEnded):
-                if e.outcome == JobState.RETRYING:
-                    self.job_retried()
+            if isinstance(e, ev.JobPlaced):
+                since = self._queued_since.pop(e.job, None)
+                job = state.jobs.get(e.job)
+                if since is None and job is not None and job.first_started_at == record.ts:
+                    since = job.submitted_at  # first placement
+                if since is not None:
+                    self.job_wait.observe(max(record.ts - since, 0.0))
+            elif isinstance(e, ev.JobEnded | ev.JobCancelRequested):
+                job = state.jobs.get(e.job)
+                if job is None:
                     continue
-                self._ended(state, e.job, record.ts)
-            elif isinstance(e, ev.JobCancelRequested):
-                self._ended(state, e.job, record.ts)
+                if job.state is JobState.RETRYING:
+                    self._queued_since[e.job] = record.ts
+                else:
+                    self._queued_since.pop(e.job, None)
+                if isinstance(e, ev.JobEnded) and job.started_at is not None:
+                    self.job_run.observe(max(record.ts - job.started_at, 0.0))
+                self._ended(job, record.ts)
             elif isinstance(e, ev.JobResumed):
-                self.job_resumes.inc()
-                before = self._terminal_of.pop(e.job, None)
-                if before is not None:
-                    self.terminal[before] -= 1
+                self._queued_since[e.job] = record.ts
+                self.recent_ends.pop(e.job, None)
+            elif isinstance(e, ev.JobSubmitted):
+                self._queued_since.pop(e.job, None)
 
-    def _ended(self, state: State, job_id: str, ts: float) -> None:
-        job = state.jobs.get(job_id)
-        if job is None or job.state not in TERMINAL:
-            return
-        wait, run = job_timings(job, ts)
-        self.job_finished(job.state, wait, run)
-        previous = self._terminal_of.get(job_id)
-        if previous is not None:
-            self.terminal[previous] -= 1
-        self._terminal_of[job_id] = job.state
-        self.terminal[job.state] += 1
+    def _ended(self, job: Job, ts: float) -> None:
+        recent = self.recent_ends
+        recent.pop(job.id, None)  # re-inserted last: the dict stays in end order
+        recent[job.id] = RecentEnd(job=job.id, owner=job.owner, outcome=job.state.value,
+                                   reason=failure_reason(job.state.value, job.reason)
+                                   if job.state is not JobState.SUCCEEDED else "",
+                                   ended_at=ts)
+        self.expire_ends(ts)
+
+    def expire_ends(self, now: float) -> None:
+        """Forget ends older than ``ENDED_KEEP_S`` (or beyond ``ENDED_KEEP_MAX``)."""
+        recent = self.recent_ends
+        while recent:
+            first = next(iter(recent.values()))
+            if first.ended_at >= now - ENDED_KEEP_S and len(recent) <= ENDED_KEEP_MAX:
+                break
+            del recent[first.job]
 
     def rebuild(self, state: State) -> None:
-        """Job histograms and counts from replayed state (once, at start-up)."""
-        self.job_wait = Histogram(JOB_WAIT_BUCKETS)
-        self.job_run = Histogram(JOB_RUN_BUCKETS)
-        self.jobs_finished = {o: Counter() for o in OUTCOMES}
-        self.terminal = dict.fromkeys(OUTCOMES, 0)
-        self._terminal_of = {}
-        retries = 0
-        for job in state.jobs.values():
-            # Failed or retried attempts, less the one that left the job failed:
-            # exact unless a job was resumed (the log has the full story).
-            retries += job.failures - (job.state is JobState.FAILED)
-            if job.state in TERMINAL and job.ended_at is not None:
-                wait, run = job_timings(job, job.ended_at)
-                self.job_finished(job.state, wait, run)
-                self._terminal_of[job.id] = job.state
-                self.terminal[job.state] += 1
-        self.job_retries = Counter()
-        self.job_retries.inc(max(retries, 0))
+        """At start-up: the jobs that ended within ``ENDED_KEEP_S`` (their series come back).
+
+        Counters are not rebuilt here: they are ``state.tally``, folded from the log.
+        """
+        now = self._clock()
+        ends = sorted((j.ended_at, j.id) for j in state.jobs.values()
+                      if j.ended_at is not None and j.ended_at >= now - ENDED_KEEP_S
+                      and (j.state in TERMINAL or j.state is JobState.RETRYING))
+        self.recent_ends = {}
+        for ended_at, job_id in ends[-ENDED_KEEP_MAX:]:
+            self._ended(state.jobs[job_id], ended_at)
+        self._queued_since = {j.id: j.ended_at for j in state.jobs.values()
+                              if j.state is JobState.RETRYING and j.ended_at is not None}

@@ -37,6 +37,7 @@ import immutables
 import msgspec
 
 from ugrod import events as ev
+from ugrod import tally as tl
 from ugrod.names import NAME_RE  # the one naming rule (re-exported for old importers)
 
 
@@ -225,6 +226,7 @@ class State(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     gpus_held: immutables.Map[tuple[str, int], str] = immutables.Map()  # (node, gpu) -> job
     n_running: int = 0  # jobs starting or running
     started_at: float | None = None
+    tally: tl.Tally = tl.EMPTY  # lifetime counters (ugrod/tally.py), kept in snapshots
 
     def job(self, job_id: str) -> Job:
         try:
@@ -277,6 +279,8 @@ def apply(state: State, record: ev.Record) -> State:
         raise InvalidEvent(f"job {job.id}: event for attempt "
                            f"{e.attempt}, current attempt is {job.attempt}")  # type: ignore[attr-defined]
     new: Job = rule(state, job, e, record.ts)
+    if new.state is not job.state:
+        state = _rep(state, tally=tl.count(state.tally, job, new, record.ts))
     if new.state is job.state and new.placement is job.placement:
         # The common case (a rank started, a reason recorded): no index changes.
         return _rep(state, jobs=state.jobs.set(job.id, new), seq=record.seq)
@@ -592,6 +596,7 @@ class _Snapshot(msgspec.Struct, frozen=True, gc=False, kw_only=True):
     jobs: list[Job]
     sweeps: list[Sweep]
     started_at: float | None
+    tally: tl.Tally = tl.EMPTY  # absent from older snapshots: counters start again at 0
 
 
 class _SnapshotVersion(msgspec.Struct):
@@ -608,7 +613,7 @@ def to_snapshot(state: State) -> bytes:
     """State as bytes for a snapshot file; ``from_snapshot`` reads it back."""
     snap = _Snapshot(version=STATE_VERSION, seq=state.seq, nodes=list(state.nodes.values()),
                      jobs=list(state.jobs.values()), sweeps=list(state.sweeps.values()),
-                     started_at=state.started_at)
+                     started_at=state.started_at, tally=state.tally)
     return msgspec.msgpack.encode(snap)
 
 
@@ -652,4 +657,4 @@ def from_snapshot(data: bytes) -> State:
                  sweeps=immutables.Map({w.name: w for w in snap.sweeps}),
                  gpus_held=immutables.Map(held),
                  n_running=sum(1 for j in active if jobs[j].state in ACTIVE),
-                 started_at=snap.started_at)
+                 started_at=snap.started_at, tally=snap.tally)

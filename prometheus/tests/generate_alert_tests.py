@@ -189,27 +189,31 @@ case(
     [(ug("ugro_node_disk_used_ratio", node="gpu1"), "0.5x15")],
     [("12m", "UgroDiskNearlyFull", [])],
 )
-# UgroJobFailed
+# UgroJobFailed: one alert per failed job, naming it and why (series kept 30 min)
+JF = dict(job_name="t9", owner="alice", **U)
 case(
-    "a job fails: fires for the next 10 minutes",
-    [(ug("ugro_jobs_finished_total", outcome="failed"), "2 2 2 3 3 3 3 3 3 3 3 3 3 3 3 3 3 3 3 3")],
+    "a job fails: fires for 10 minutes, naming the job and reason",
+    [(lab("ugro_job_ended_timestamp_seconds", outcome="failed", reason="oom", **JF),
+      "_ _ 120x20")],
     [
-        ("2m", "UgroJobFailed", []),
-        ("5m", "UgroJobFailed", [alert({"severity": "warning", "outcome": "failed", **U}, "1")]),
-        ("15m", "UgroJobFailed", []),
+        ("1m", "UgroJobFailed", []),
+        ("5m", "UgroJobFailed", [alert({"severity": "warning", "outcome": "failed",
+                                        "reason": "oom", **JF})]),
+        ("12m", "UgroJobFailed", []),
     ],
 )
 case(
-    "successes and an unchanged failure count: quiet",
+    "a job succeeds, another is retried: quiet",
     [
-        (ug("ugro_jobs_finished_total", outcome="failed"), "4x20"),
-        (ug("ugro_jobs_finished_total", outcome="succeeded"), "0+1x20"),
+        (lab("ugro_job_ended_timestamp_seconds", outcome="succeeded", reason="", **JF), "120x20"),
+        (lab("ugro_job_ended_timestamp_seconds", outcome="retrying", reason="exit",
+             **{**JF, "job_name": "t10"}), "120x20"),
     ],
-    [("10m", "UgroJobFailed", [])],
+    [("5m", "UgroJobFailed", [])],
 )
 # UgroJobStalled
-J1 = dict(job="t1", owner="alice", instance=U["instance"])
-J2 = dict(job="t2", owner="bob", instance=U["instance"])
+J1 = dict(job_name="t1", owner="alice", **U)
+J2 = dict(job_name="t2", owner="bob", **U)
 case(
     "watchdog flags a stalled job: fires",
     [(lab("ugro_job_stalled", **J1), "0 0 1 1 1 1 1 1 1 1 1")],
@@ -283,7 +287,8 @@ case(
     fsync([("0.001", 0), ("0.05", 0), ("0.25", 10), ("+Inf", 10)]),
     [
         ("10m", "UgroEventLogFsyncSlow", []),
-        ("20m", "UgroEventLogFsyncSlow", [alert({"severity": "warning"}, "248ms")]),
+        ("20m", "UgroEventLogFsyncSlow",
+         [alert({"severity": "warning", "instance": U["instance"]}, "248ms")]),
     ],
 )
 case(
@@ -307,14 +312,226 @@ case(
     ],
 )
 case(
-    "exporter up but cannot read GPUs: fires",
-    [(lab("up", **E), "1x10"), (lab("ugro_gpu_exporter_collect_success", **E), "0x10")],
+    "exporter scraped but its collection hangs (last success 1, up 0): fires",
+    [
+        (lab("up", **E), "1x10"),
+        (lab("ugro_gpu_exporter_collect_success", **E), "1x10"),
+        (lab("ugro_gpu_exporter_up", **E), "0x10"),
+    ],
     [("6m", "UgroGpuExporterFailing", [alert({"severity": "warning", **E})])],
 )
 case(
     "exporter up and reading: quiet",
-    [(lab("up", **E), "1x10"), (lab("ugro_gpu_exporter_collect_success", **E), "1x10")],
+    [(lab("up", **E), "1x10"), (lab("ugro_gpu_exporter_up", **E), "1x10")],
     [("6m", "UgroGpuExporterFailing", [])],
+)
+case(
+    "hung exporter's GPU series withdrawn: ugrod's fresh sample takes over",
+    [
+        (lab("DCGM_FI_DEV_GPU_TEMP", **DCGM), "70 70 70 stale"),
+        (ug("ugro_gpu_temperature_celsius", **GPU, model_name="NVIDIA L40S"), "90x20"),
+    ],
+    [
+        ("2m", "UgroGpuTooHot", []),
+        ("12m", "UgroGpuTooHot", [alert({"severity": "warning", **GPU}, "90"),
+                                  alert({"severity": "critical", **GPU}, "90")]),
+    ],
+)
+# UgroDaemonRestartLoop
+case(
+    "ugrod started 3 times in 30 minutes: fires",
+    [(ug("ugro_daemon_last_start_timestamp_seconds"), "100 100 400 400 700 700 1000 1000")],
+    [
+        ("3m", "UgroDaemonRestartLoop", []),
+        ("7m", "UgroDaemonRestartLoop", [alert({"severity": "warning", **U}, "3")]),
+    ],
+)
+case(
+    "one restart: quiet",
+    [(ug("ugro_daemon_last_start_timestamp_seconds"), "100 100 400x10")],
+    [("10m", "UgroDaemonRestartLoop", [])],
+)
+# GPU faults, named by node and GPU
+GU = dict(**GPU, model_name="NVIDIA L40S")
+case(
+    "GPU fell off the bus: fires critical",
+    [(ug("ugro_gpu_present", **GU), "1 1 0 0 0 0 0")],
+    [
+        ("2m", "UgroGpuMissing", []),
+        ("4m", "UgroGpuMissing", [alert({"severity": "critical", **GU, **U})]),
+    ],
+)
+case("GPU listed: quiet", [(ug("ugro_gpu_present", **GU), "1x10")], [("5m", "UgroGpuMissing", [])])
+case(
+    "GPU requires reset (ugrod's sample): fires critical",
+    [(ug("ugro_gpu_error", **GU), "0 1 1 1 1")],
+    [("3m", "UgroGpuError", [alert({"severity": "critical", **GPU})])],
+)
+case(
+    "GPU error reported by the exporter: fires critical",
+    [(lab("ugro_gpu_exporter_gpu_error", error="GPU requires reset", **DCGM), "1x5")],
+    [("3m", "UgroGpuError", [alert({"severity": "critical", **GPU})])],
+)
+case("GPU without error: quiet", [(ug("ugro_gpu_error", **GU), "0x10")],
+     [("5m", "UgroGpuError", [])])
+N1 = dict(node="gpu1", **U)
+case(
+    "nvidia-smi failing on a GPU node: fires critical",
+    [(ug("ugro_node_gpu_query_ok", node="gpu1"), "0x10"), (ug("ugro_node_gpus", node="gpu1"), "2x10")],
+    [
+        ("1m", "UgroGpuQueryFailing", []),
+        ("3m", "UgroGpuQueryFailing", [alert({"severity": "critical", **N1})]),
+    ],
+)
+case(
+    "node without GPUs: quiet",
+    [(ug("ugro_node_gpu_query_ok", node="gpu1"), "0x10"), (ug("ugro_node_gpus", node="gpu1"), "0x10")],
+    [("5m", "UgroGpuQueryFailing", [])],
+)
+case(
+    "XID 79 reported: fires critical",
+    [(lab("DCGM_FI_DEV_XID_ERRORS", **DCGM), "0 0 79 79")],
+    [("2m", "UgroGpuXid", [alert({"severity": "critical", **DCGM}, "79")])],
+)
+case("no XID: quiet", [(lab("DCGM_FI_DEV_XID_ERRORS", **DCGM), "0x5")], [("3m", "UgroGpuXid", [])])
+case(
+    "double-bit ECC errors: fires critical",
+    [(lab("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", **DCGM), "0 2 2")],
+    [("2m", "UgroGpuEccDoubleBit", [alert({"severity": "critical", **DCGM}, "2")])],
+)
+case("no ECC errors: quiet", [(lab("DCGM_FI_DEV_ECC_DBE_VOL_TOTAL", **DCGM), "0x5")],
+     [("3m", "UgroGpuEccDoubleBit", [])])
+case(
+    "row remapping failed: fires critical",
+    [(lab("DCGM_FI_DEV_ROW_REMAP_FAILURE", **DCGM), "0 1 1")],
+    [("2m", "UgroGpuRowRemapFailed", [alert({"severity": "critical", **DCGM})])],
+)
+case("rows remapped fine: quiet", [(lab("DCGM_FI_DEV_ROW_REMAP_FAILURE", **DCGM), "0x5")],
+     [("3m", "UgroGpuRowRemapFailed", [])])
+case(
+    "hardware thermal slowdown (0x48) for 10 minutes: fires",
+    [(lab("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", **DCGM), "72x15")],
+    [
+        ("5m", "UgroGpuThrottled", []),
+        ("12m", "UgroGpuThrottled", [alert({"severity": "warning", **DCGM}, "2")]),
+    ],
+)
+case(
+    "idle and power-cap clocks (0x1, 0x4): quiet",
+    [(lab("DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", **DCGM), "5x15")],
+    [("12m", "UgroGpuThrottled", [])],
+)
+# UgroGpuMemoryNearlyFull
+case(
+    "GPU memory 97 % for 15 minutes: fires",
+    [(lab("DCGM_FI_DEV_FB_USED", **DCGM), "970x20"), (lab("DCGM_FI_DEV_FB_FREE", **DCGM), "30x20")],
+    [
+        ("10m", "UgroGpuMemoryNearlyFull", []),
+        ("16m", "UgroGpuMemoryNearlyFull", [alert({"severity": "warning", **GPU}, "97")]),
+    ],
+)
+case(
+    "GPU memory 90 %: quiet",
+    [(lab("DCGM_FI_DEV_FB_USED", **DCGM), "900x20"), (lab("DCGM_FI_DEV_FB_FREE", **DCGM), "100x20")],
+    [("16m", "UgroGpuMemoryNearlyFull", [])],
+)
+# UgroGpuAllocatedIdle
+JA = dict(job_name="idle", owner="alice", **U)
+ALLOC = dict(job_name="idle", node="gpu1", gpu="0", UUID="GPU-1111", rank="0", **U)
+case(
+    "GPU held by a running job at 1 % for over 30 minutes: fires",
+    [
+        (lab("DCGM_FI_DEV_GPU_UTIL", **DCGM), "1x50"),
+        (lab("ugro_job_gpu_allocation", **ALLOC), "1x50"),
+        (lab("ugro_job_start_timestamp_seconds", **JA), "0x50"),
+    ],
+    [
+        ("30m", "UgroGpuAllocatedIdle", []),
+        ("40m", "UgroGpuAllocatedIdle", [alert({"severity": "warning", "node": "gpu1", "gpu": "0",
+                                                "UUID": "GPU-1111", "job_name": "idle",
+                                                "rank": "0"})]),
+    ],
+)
+case(
+    "GPU held by a job at 80 %: quiet",
+    [
+        (lab("DCGM_FI_DEV_GPU_UTIL", **DCGM), "80x50"),
+        (lab("ugro_job_gpu_allocation", **ALLOC), "1x50"),
+        (lab("ugro_job_start_timestamp_seconds", **JA), "0x50"),
+    ],
+    [("40m", "UgroGpuAllocatedIdle", [])],
+)
+# UgroSnapshotsFailing
+case(
+    "snapshot failing since the last success: fires",
+    [
+        (ug("ugro_snapshot_last_success_timestamp_seconds"), "60x20"),
+        (ug("ugro_snapshot_last_failure_timestamp_seconds"), "_ _ 120x20"),
+    ],
+    [("14m", "UgroSnapshotsFailing", [alert({"severity": "warning", **U})])],
+)
+case(
+    "failing from the start (no success yet): fires",
+    [(ug("ugro_snapshot_last_failure_timestamp_seconds"), "60x20")],
+    [("14m", "UgroSnapshotsFailing", [alert({"severity": "warning", **U})])],
+)
+case(
+    "a failure, then a success: quiet",
+    [
+        (ug("ugro_snapshot_last_failure_timestamp_seconds"), "60x20"),
+        (ug("ugro_snapshot_last_success_timestamp_seconds"), "120x20"),
+    ],
+    [("14m", "UgroSnapshotsFailing", [])],
+)
+# UgroRankProcessesGone
+case(
+    "rank process missing on a node: fires critical",
+    [(ug("ugro_node_alert", node="gpu1", alert="rank_processes", severity="warning"), "1x10")],
+    [
+        ("1m", "UgroRankProcessesGone", []),
+        ("3m", "UgroRankProcessesGone", [alert({"severity": "critical", "node": "gpu1",
+                                                "alert": "rank_processes", **U})]),
+    ],
+)
+case(
+    "other node alerts: quiet",
+    [(ug("ugro_node_alert", node="gpu1", alert="memory", severity="warning"), "1x10")],
+    [("5m", "UgroRankProcessesGone", [])],
+)
+
+
+# UgroStateDiskFilling (eight hours of history, predict_linear looks back six)
+def state_disk(avail):
+    return [(ug("ugro_state_dir_filesystem_size_bytes"), "1000x480"),
+            (ug("ugro_state_dir_filesystem_avail_bytes"), avail)]
+
+
+case(
+    "state dir 95 % used and shrinking 6 / hour (full within a day): warning",
+    state_disk("95-0.1x480"),
+    [
+        ("7h", "UgroStateDiskFilling", [alert({"severity": "warning", **U})]),
+    ],
+    interval="1m",
+)
+case(
+    "state dir 97 % used: critical (and warning: it still shrinks)",
+    state_disk("30-0.04x480"),
+    [("7h", "UgroStateDiskFilling", [alert({"severity": "warning", **U}),
+                                      alert({"severity": "critical", **U})])],
+    interval="1m",
+)
+case(
+    "state dir 92 % used but steady: quiet",
+    state_disk("80x480"),
+    [("7h", "UgroStateDiskFilling", [])],
+    interval="1m",
+)
+case(
+    "state dir 50 % used and shrinking: quiet",
+    state_disk("500-0.1x480"),
+    [("7h", "UgroStateDiskFilling", [])],
+    interval="1m",
 )
 
 header = """# Generated by generate_alert_tests.py (edit that, not this).

@@ -67,7 +67,8 @@ def all_panels() -> Iterator[tuple[str, dict[str, Any]]]:
 def exported_metric_names() -> set[str]:
     """Every name ugrod's collector can emit, the exporter's, and the recording rules'."""
     state, t = State(), 1_700_000_000.0
-    for e in [ev.NodeAdded(node=ev.NodeSpec(name="a", host="h", gpus=(ev.Gpu(index=0),)))]:
+    for e in [ev.NodeAdded(node=ev.NodeSpec(name="a", host="h", gpus=(ev.Gpu(index=0),))),
+              ev.DaemonStarted(version="1")]:
         t += 1
         state = apply(state, ev.Record(seq=state.seq + 1, ts=t, actor=ev.DAEMON, event=e))
     stats = RuntimeStats()
@@ -232,7 +233,9 @@ def test_rates_use_rate_interval_and_counters_stay_inside_rates() -> None:
         for q in queries(name, dash):
             for fn, window in re.findall(r"\b(rate|irate|increase|deriv)\(\s*[^\[]*\[([^\]]*)\]",
                                          q.expr):
-                assert window == "$__rate_interval", f"{q}: {fn} over [{window}]"
+                # [$__range]: a total over the dashboard's time range (GPU-hours per user)
+                assert window == "$__rate_interval" or (fn == "increase" and window ==
+                                                        "$__range"), f"{q}: {fn} over [{window}]"
             bare = re.sub(r"\b(rate|irate|increase)\(\s*[\w:]+_total(?![\w:])", "", q.expr)
             assert not re.search(r"[\w:]+_total(?![\w:])", bare), \
                 f"{q}: counter outside rate()"
@@ -272,7 +275,7 @@ def test_parse_errors_do_come_back_as_bad_data(prometheus: Prometheus) -> None:
 
 def test_rules_load_in_prometheus(prometheus: Prometheus) -> None:
     rules = prometheus.rules()
-    assert len(rules) == 34
+    assert len(rules) == 46  # 26 alerts, 20 recording rules
     assert all(r["health"] in ("ok", "unknown") for r in rules), \
         [(r["name"], r.get("lastError")) for r in rules if r["health"] not in ("ok", "unknown")]
 
@@ -289,7 +292,7 @@ def test_queries_name_only_metrics_the_project_exports() -> None:
             seen |= names
     # The dashboards cover the headline figures.
     assert {"ugro_node_state", "ugro_job_training_loss", "ugro_job_gpu_allocation",
-            "ugro:gpu_utilization:ratio", "ugro_queue_length"} <= seen
+            "node_gpu:ugro_gpu_utilization_ratio:max", "ugro_queue_length"} <= seen
 
 
 def test_metric_name_extraction() -> None:
@@ -308,6 +311,8 @@ def test_metric_name_extraction() -> None:
 
 MAY_BE_EMPTY = (
     r"DCGM_FI_DEV_(SM|MEM)_CLOCK",  # only with the GPU exporter running
+    r"'GPU energy'",  # only with the GPU exporter on NVML
+    r"annotation 'Ended'",  # only once a selected job has ended ("train" runs on)
     r"annotation 'Stalled'",  # only while the job is stalled
 )
 
@@ -340,6 +345,7 @@ class Synthetic:
                    uuid=f"{g.uuid}-{n}") for g in gpus))) for i, n in enumerate("ab", 1)))
         self.record(ev.AlertRaised(node="a", alert="disk", severity="warning",
                                    message="disk 91 %"))
+        self.record(ev.DaemonStarted(version="1"))
         self.run_job("train", 2)
         self.record(ev.JobSubmitted(job="waiting", spec=ev.JobSpec(argv=("x",), gpus_per_node=2)))
         self.stats.replay_done(0.2, 10)
@@ -380,7 +386,10 @@ class Synthetic:
                                 ev.RankPlacement(rank=0, node="b"),)))
             else:
                 done = next(j for j in self.state.active if j.startswith("short"))
-                self.record(ev.JobEnded(job=done, attempt=1, outcome="succeeded"))
+                self.record(ev.JobEnded(job=done, attempt=1, outcome="failed",
+                                        reason="rank 0 on b ran out of GPU memory"))
+        if self.step == 150:  # node b's health changes once, well after the first scrape
+            self.record(ev.NodeHealthChanged(node="b", health="degraded", score=70.0))
 
 
 async def test_every_panel_has_data_from_a_scraped_ugrod(tmp_path: Path) -> None:
@@ -396,7 +405,7 @@ async def test_every_panel_has_data_from_a_scraped_ugrod(tmp_path: Path) -> None
     runner = await start_metrics_server("127.0.0.1", 0, collector)
     config = (f"global: {{scrape_interval: 1s, evaluation_interval: 1s}}\n"
               f"rule_files: [{', '.join(str(p) for p in RULES)}]\n"
-              f"scrape_configs:\n  - job_name: ugrod\n    honor_labels: true\n"
+              f"scrape_configs:\n  - job_name: ugrod\n"
               f"    static_configs: [{{targets: ['127.0.0.1:{bound_port(runner)}']}}]\n")
     server = PrometheusServer(tmp_path / "prom", config)
     await asyncio.to_thread(server.start)
@@ -414,7 +423,8 @@ async def test_every_panel_has_data_from_a_scraped_ugrod(tmp_path: Path) -> None
             empty_queries, server.url, prefer={"job": "train", "node": "a"},
             allow=MAY_BE_EMPTY, window_s=25.0)
         assert not empty, "\n".join(empty)
-        loss = await asyncio.to_thread(prom.query, 'ugro_job_training_loss{job="train"}')
+        loss = await asyncio.to_thread(
+            prom.query, 'ugro_job_training_loss{job_name="train",job="ugrod"}')
         assert float(loss["result"][0]["value"][1]) == cluster.training["train"]["loss"]
     finally:
         await asyncio.to_thread(server.stop)

@@ -33,7 +33,14 @@ from typing import Any
 
 import pytest
 import yaml
-from dashboards_live import Prometheus, PrometheusServer, empty_queries, free_port
+from dashboards_live import (
+    AlertmanagerServer,
+    Prometheus,
+    PrometheusServer,
+    Webhook,
+    empty_queries,
+    free_port,
+)
 
 from tests.conftest import Ugrod, _kill_leftovers, ugroctl_argv
 from tests.sshd_nodes import SshdCluster, wait_no_job_processes
@@ -43,6 +50,7 @@ TRAIN = str(ROOT / "examples" / "train_ddp.py")
 FAKE_SMI = ROOT / "tests" / "fake_nvidia_smi" / "nvidia-smi"
 JOB = "obs-train"
 SHORT = "obs-short"
+OOM = "obs-oom"  # fails with CUDA's out-of-memory words: UgroJobFailed, reason oom
 MIB = 1024 * 1024
 pytestmark = pytest.mark.timeout(240)
 
@@ -75,6 +83,12 @@ MAY_BE_EMPTY = (
     # ugro_job_stalled == 1 only while the watchdog finds the step counter stopped;
     # this job makes progress every step, so a stall here would itself be a bug.
     r"annotation 'Stalled'",
+    # The job panels are looked at while the job runs: it has not ended yet.
+    r"job-detail: annotation 'Ended'",
+    # No node changes state during the run (a change here would itself be a bug).
+    r"annotation 'Node state changed'",
+    # Energy comes from NVML only; the exporters here read the fake nvidia-smi.
+    r"'GPU energy'",
 )
 
 
@@ -93,6 +107,7 @@ def write_config(path: Path, nodes: SshdCluster, metrics_port: int) -> Path:
             n.name: {"host": n.host, "port": n.port, "user": n.user,
                      "identity_file": str(n.identity), "work_dir": str(n.work_dir),
                      "transport": "ssh", "python": sys.executable, "rank": i,
+                     "gpu_exporter": True,
                      "gpus": [{"model": g["name"], "vram_gb": g["memory.total"] / 1024,
                                "uuid": g["uuid"]} for g in GPUS[n.name]]}
             for i, n in enumerate(nodes)},
@@ -119,6 +134,8 @@ class Live:
     exporter_port: int
     metrics_port: int
     started: float
+    webhook: Webhook
+    scrape_config: str
 
 
 def start_exporters(nodes: SshdCluster, port: int, logs: Path) -> list[subprocess.Popen[bytes]]:
@@ -195,26 +212,36 @@ def live(short_tmp: Path, node_guard: SshdCluster) -> Iterator[Live]:
     d = Ugrod(short_tmp, config=write_config(short_tmp / "cluster.yaml", nodes, 0), grace_s=3.0)
     exporters: list[subprocess.Popen[bytes]] = []
     server: PrometheusServer | None = None
+    webhook = Webhook()
+    am = AlertmanagerServer(short_tmp / "am", webhook.url)
     try:
+        am.start()
         d.start()
         status, ping = d.api("GET", "/v1/ping")
         assert status == 200 and isinstance(ping["metrics_port"], int), ping
         metrics_port = ping["metrics_port"]
         exporter_port = free_port()
         exporters = start_exporters(nodes, exporter_port, short_tmp)
-        # The scrape config exactly as `ugroctl prometheus-config` writes it for this
-        # cluster (metrics port fixed to the one ugrod bound), at a 1 s interval.
+        # The config exactly as `ugroctl prometheus-config` writes it for this cluster
+        # (metrics port fixed to the one ugrod bound), at a 1 s interval, with the rules
+        # rendered from this cluster.yaml's thresholds and alerts sent to Alertmanager.
         fixed = write_config(short_tmp / "cluster-fixed.yaml", nodes, metrics_port)
+        rules = short_tmp / "rules"
+        rules.mkdir()
         gen = subprocess.run(
             [*ugroctl_argv(), "prometheus-config", "--config", str(fixed),
-             "--rules-dir", str(ROOT / "prometheus" / "rules"),
+             "--rules-dir", str(rules), "--rules-out", str(rules),
+             "--alertmanager", am.url,
              "--exporter-port", str(exporter_port), "--scrape-interval", "1s"],
             capture_output=True, text=True, timeout=60, env=d.env)
         assert gen.returncode == 0, gen.stderr
         server = PrometheusServer(short_tmp / "prom", gen.stdout)
         server.start()
-        yield Live(d, Prometheus(server.url), server, exporter_port, metrics_port, time.time())
+        yield Live(d, Prometheus(server.url), server, exporter_port, metrics_port, time.time(),
+                   webhook, gen.stdout)
     finally:
+        am.stop()
+        webhook.stop()
         if server is not None:
             server.stop()
         stop(exporters)
@@ -268,6 +295,10 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
     status, body = d.api("POST", "/v1/jobs", {"name": SHORT, "torchrun": False,
                                               "argv": ["sleep", "1"]})
     assert status == 201, body
+    status, body = d.api("POST", "/v1/jobs", {"name": OOM, "torchrun": False, "argv": [
+        sys.executable, "-c", "import sys; print('torch.OutOfMemoryError: CUDA out of "
+        "memory. Tried to allocate 2.00 GiB', flush=True); sys.exit(1)"]})
+    assert status == 201, body
     status, body = d.api("POST", "/v1/jobs", {
         "name": JOB, "nodes": 3, "gpus_per_node": 1, "torchrun": True,
         "argv": [TRAIN, "--samples", "512", "--batch-size", "16", "--steps", "30",
@@ -286,7 +317,7 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
             if not ugrod_body and job["metrics"].get("loss") is not None:
                 ugrod_body = fetch(f"http://127.0.0.1:{live.metrics_port}/metrics")
             losses = file_losses(d)
-            held = series(prom, f'ugro_job_training_loss{{job="{JOB}"}}')
+            held = series(prom, f'ugro_job_training_loss{{job_name="{JOB}"}}')
             if losses and len(held) == 1 and same(next(iter(held.values())), losses[-1]) \
                     and losses[-1] not in matched_running:
                 matched_running.append(losses[-1])
@@ -300,14 +331,19 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
     window = (live.started - 1, time.time())
 
     # ---- the job's states as Prometheus saw them
-    rng = prom.query_range(f'ugro_job_state{{job="{JOB}"}} == 1', *window, 0.5)["result"]
+    rng = prom.query_range(f'ugro_job_state{{job_name="{JOB}"}} == 1', *window, 0.5)["result"]
     seen = sorted((float(t), s["metric"]["state"]) for s in rng for t, _ in s["values"])
     states = [st for _, st in seen]
     assert "running" in states, seen
     assert states == sorted(states, key=("starting", "running").index), \
         f"starting seen after running: {seen}"
-    assert not prom.query(f'ugro_job_state{{job="{JOB}"}}')["result"], \
+    assert not prom.query(f'ugro_job_state{{job_name="{JOB}"}}')["result"], \
         "a finished job keeps its per-job series"
+    # ... but one series says how it ended, for 30 minutes (alerts name the job)
+    ended_series = by(prom, f'ugro_job_ended_timestamp_seconds{{job_name="{JOB}"}}',
+                      "outcome", "reason", "job")
+    assert list(ended_series) == [("succeeded", "", "ugrod")], ended_series
+    assert submitted < next(iter(ended_series.values())) <= time.time(), ended_series
     span = f"{int(ended - submitted)}s"
     running = series(prom, f'max_over_time(ugro_jobs{{state="running"}}[{span}])')
     assert running and max(running.values()) >= 1, running
@@ -323,11 +359,12 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
     losses = file_losses(d)
     assert len(losses) == 30 // 5, losses  # --steps 30 --log-every 5
     assert matched_running, "Prometheus never held the job's latest loss while it ran"
-    loss_rng = prom.query_range(f'ugro_job_training_loss{{job="{JOB}"}}', *window, 0.5)
+    loss_rng = prom.query_range(f'ugro_job_training_loss{{job_name="{JOB}"}}', *window, 0.5)
     scraped = [float(v) for s in loss_rng["result"] for _, v in s["values"]]
     assert scraped and all(any(same(x, y) for y in losses) for x in scraped), (scraped, losses)
     last_scraped = prom.query(
-        f'last_over_time(ugro_job_training_loss{{job="{JOB}"}}[{int(time.time() - submitted)}s])')
+        f'last_over_time(ugro_job_training_loss{{job_name="{JOB}"}}'
+        f'[{int(time.time() - submitted)}s])')
     assert len(last_scraped["result"]) == 1
     last_value = float(last_scraped["result"][0]["value"][1])
     # The last report (step 40) lands shortly before the ranks exit; the scrape that
@@ -356,9 +393,9 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
             ("DCGM_FI_DEV_FB_FREE", "memory.total", 1.0),  # minus used, below
             ("DCGM_FI_DEV_GPU_UTIL", "utilization.gpu", 1.0),
             ("DCGM_FI_DEV_POWER_USAGE", "power.draw", 1.0),
-            ("ugro:gpu_temperature:celsius", "temperature.gpu", 1.0),
-            ("ugro:gpu_memory_used:bytes", "memory.used", MIB),
-            ("ugro:gpu_memory_total:bytes", "memory.total", MIB)):
+            ("node_gpu:ugro_gpu_temperature_celsius:max", "temperature.gpu", 1.0),
+            ("node_gpu:ugro_gpu_memory_used_bytes:max", "memory.used", MIB),
+            ("node_gpu:ugro_gpu_memory_total_bytes:max", "memory.total", MIB)):
         got = by(prom, expr, *key)
         want = {(node, g["uuid"]): (g[field] - (g["memory.used"] if expr.endswith("FREE")
                                                 else 0)) * scale for node, g in all_gpus}
@@ -367,7 +404,7 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
             assert math.isclose(got[k], v, rel_tol=1e-9), (expr, k, got[k], v)
 
     # ---- ugro_job_gpu_allocation joins the job to one GPU per node
-    alloc_rng = prom.query_range(f'ugro_job_gpu_allocation{{job="{JOB}"}}', *window, 1.0)
+    alloc_rng = prom.query_range(f'ugro_job_gpu_allocation{{job_name="{JOB}"}}', *window, 1.0)
     alloc = {(s["metric"]["node"], s["metric"]["gpu"], s["metric"]["UUID"], s["metric"]["rank"])
              for s in alloc_rng["result"]}
     placed = {(r["node"], str(g)) for r in job["gpus"] for g in r["gpus"]}
@@ -375,11 +412,40 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
     rank_of = {r["node"]: str(r["rank"]) for r in job["gpus"]}
     assert {(n, g) for n, g, _, _ in alloc} == placed and len(placed) == 3, (alloc, job["gpus"])
     assert all(u == uuid_of[(n, g)] and r == rank_of[n] for n, g, u, r in alloc), alloc
-    joined = prom.query_range(f'ugro:job_gpu_utilization:ratio{{job="{JOB}"}}', *window, 1.0)
+    joined = prom.query_range(f'job_gpu:ugro_gpu_utilization_ratio:max{{job_name="{JOB}"}}',
+                              *window, 1.0)
     util_of = {(node, str(g["index"])): g["utilization.gpu"] / 100 for node, g in all_gpus}
     got_join = {(s["metric"]["node"], s["metric"]["gpu"]): float(s["values"][-1][1])
                 for s in joined["result"]}
     assert got_join == {k: util_of[k] for k in placed}, got_join
+
+    # ---- the OOM job: failed, counted by reason, and named (with the reason) in a firing
+    # alert that Prometheus sent to a real Alertmanager, which delivered it to a receiver
+    oom = d.api("GET", f"/v1/jobs/{OOM}")[1]["job"]
+    assert oom["state"] == "failed", oom
+    assert set(by(prom, f'ugro_job_ended_timestamp_seconds{{job_name="{OOM}"}}',
+                  "outcome", "reason")) == {("failed", "oom")}
+    assert by(prom, "ugro_job_attempt_failures_total", "reason")[("oom",)] == 1
+    assert by(prom, 'ugro_jobs_finished_total{outcome="failed"}', "job") == {("ugrod",): 1}
+
+    def delivered() -> list[dict[str, Any]]:
+        return [a for a in live.webhook.alerts() if a["labels"].get("alertname") ==
+                "UgroJobFailed" and a["labels"].get("job_name") == OOM]
+
+    alert = wait_for("UgroJobFailed delivered through Alertmanager", delivered,
+                     timeout_s=30)[0]
+    assert alert["status"] == "firing", alert
+    assert {k: alert["labels"].get(k) for k in ("reason", "severity", "owner", "cluster",
+                                                 "job")} == {
+        "reason": "oom", "severity": "warning", "owner": oom["owner"], "cluster": "obs",
+        "job": "ugrod"}, alert
+    assert alert["annotations"]["summary"] == f"Job {OOM} failed (oom)", alert
+    assert alert["annotations"]["runbook_url"] == \
+        "file:///opt/ugro/share/doc/ugro/operations.md#ugrojobfailed", alert
+    # The config Prometheus ran is the generated one: no honor_labels, yet every per-job
+    # series kept both labels (the training job's job_name, the scrape job's job).
+    assert "honor_labels" not in live.scrape_config
+    assert "alerting:" in live.scrape_config
 
     # ---- every rule loaded and evaluated without error
     rules = prom.rules()
@@ -391,12 +457,17 @@ def test_prometheus_sees_ugrod_exporters_and_a_ddp_job_live(live: Live) -> None:
     # Looked at as a person would while the job ran (table panels are instant queries
     # of running jobs): at the last scrape that saw it running.
     at = max(t for t, st in seen if st == "running")
+    # Queue wait is observed at placement: while the DDP job still ran, all three jobs'
+    # waits were in the histogram (it counted only ended jobs before: 2 here).
+    assert by(prom, "ugro_job_wait_seconds_count", "job") and \
+        float(prom.query("max(ugro_job_wait_seconds_count)", at)["result"][0]["value"][1]) \
+        >= 3
     empty = empty_queries(prom.url, prefer={"job": JOB, "node": "node0"}, allow=MAY_BE_EMPTY,
                           window_s=at - live.started + 1, at=at)
     assert not empty, "\n".join(empty)
 
     # ---- promtool accepts ugrod's /metrics (taken while the job ran) and the exporter's
-    assert f'job="{JOB}"'.encode() in ugrod_body, "no scrape of ugrod while the job ran"
+    assert f'job_name="{JOB}"'.encode() in ugrod_body, "no scrape of ugrod while the job ran"
     checked = promtool_metrics(ugrod_body)
     assert (checked.returncode, checked.stdout + checked.stderr) == (0, ""), checked
     exporter_body = fetch(f"http://127.0.0.1:{live.exporter_port}/metrics")

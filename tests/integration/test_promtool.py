@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import subprocess
@@ -14,8 +15,10 @@ import aiohttp
 import pytest
 import yaml
 
+from tests.conftest import ugroctl_argv
 from ugrod import config
 from ugrod import events as ev
+from ugrod import prometheus_rules as pr
 from ugrod.gpus import GpuSample, NodeSample
 from ugrod.metrics import NodeSampleView, UgroCollector, bound_port, start_metrics_server
 from ugrod.prometheus_config import ScrapeConfigError, scrape_config, scrape_config_dict
@@ -28,9 +31,13 @@ RULE_TESTS = sorted((ROOT / "prometheus" / "tests").glob("*.test.yml"))
 ALERTS = ROOT / "prometheus" / "rules" / "ugro-alerts.rules.yml"
 OPERATIONS = ROOT / "docs" / "operations.md"
 REQUIRED_ALERTS = {
-    "UgroDaemonDown", "UgroNodeDown", "UgroNodeUnhealthy", "UgroGpuTooHot",
-    "UgroDiskNearlyFull", "UgroJobFailed", "UgroJobStalled", "UgroJobsWaitingWhileGpusIdle",
-    "UgroEventLogFsyncSlow", "UgroGpuExporterFailing",
+    "UgroDaemonDown", "UgroDaemonRestartLoop", "UgroNodeDown", "UgroNodeUnhealthy",
+    "UgroGpuMissing", "UgroGpuError", "UgroGpuQueryFailing", "UgroGpuXid",
+    "UgroGpuEccDoubleBit", "UgroGpuRowRemapFailed", "UgroGpuThrottled", "UgroGpuTooHot",
+    "UgroGpuMemoryNearlyFull", "UgroGpuAllocatedIdle", "UgroDiskNearlyFull",
+    "UgroStateDiskFilling", "UgroSnapshotsFailing", "UgroJobFailed", "UgroJobStalled",
+    "UgroRankProcessesGone", "UgroJobsWaitingWhileGpusIdle", "UgroEventLogFsyncSlow",
+    "UgroGpuExporterFailing",
 }
 CLUSTER_YAML = """
 cluster:
@@ -45,6 +52,11 @@ nodes:
     user: ugro
     gpu: "RTX 4080"
     vram_gb: 16
+    gpu_exporter: true
+  gpu3:
+    ip: 192.168.1.103
+    user: ugro
+    gpu_exporter: true
   gpu2:
     host: gpu2.lan
     user: ugro
@@ -102,7 +114,7 @@ def test_every_alert_is_complete_and_has_a_runbook() -> None:
         ann = r["annotations"]
         assert set(ann) == {"summary", "description", "runbook_url"}, name
         path, _, anchor = ann["runbook_url"].partition("#")
-        assert path == "docs/operations.md" and anchor == name.lower(), name
+        assert path == pr.DEFAULT_RUNBOOK_BASE and anchor == name.lower(), name
         assert anchor in anchors, f"docs/operations.md has no section for {name}"
 
 
@@ -123,28 +135,148 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
 
 def test_generated_scrape_config_passes_promtool(tmp_path: Path) -> None:
     cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
-    data = scrape_config_dict(cfg)
+    data = scrape_config_dict(cfg, alertmanagers=["http://127.0.0.1:9093",
+                                                  "https://am.lan/prefix/"])
     ugrod, gpu = data["scrape_configs"]
-    assert ugrod["honor_labels"] is True  # keeps the training job's `job` label
-    assert ugrod["static_configs"] == [{"targets": ["127.0.0.1:9327"]}]
+    # ugrod's training-job label is job_name: Prometheus's own `job` label stays, so a
+    # scrape config written by hand needs no honor_labels either.
+    assert ugrod == {"job_name": "ugrod", "static_configs": [{"targets": ["127.0.0.1:9327"]}]}
+    # Only the nodes that say they run the exporter are targets (else: down forever).
     assert gpu["static_configs"] == [
-        {"targets": ["127.0.0.1:9400"], "labels": {"node": "head"}},
         {"targets": ["192.168.1.101:9400"], "labels": {"node": "gpu1"}},
-        {"targets": ["gpu2.lan:9400"], "labels": {"node": "gpu2"}},
+        {"targets": ["192.168.1.103:9400"], "labels": {"node": "gpu3"}},
     ]
+    assert data["alerting"] == {"alertmanagers": [
+        {"static_configs": [{"targets": ["127.0.0.1:9093"]}]},
+        {"static_configs": [{"targets": ["am.lan:443"]}], "scheme": "https",
+         "path_prefix": "/prefix"}]}
     assert data["global"]["external_labels"] == {"cluster": "test-lab"}
     path = tmp_path / "prometheus.yml"
-    path.write_text(scrape_config(cfg, rules_dir=str(ROOT / "prometheus" / "rules")))
+    path.write_text(scrape_config(cfg, rules_dir=str(ROOT / "prometheus" / "rules"),
+                                  alertmanagers=["http://127.0.0.1:9093"]))
     result = promtool("check", "config", str(path))
     ok(result)
     assert "2 rule files found" in result.stdout
+    no_exporter = config.loads("nodes:\n  a: {host: 10.0.0.1, user: u}\n", env={})
+    assert [j["job_name"] for j in scrape_config_dict(no_exporter)["scrape_configs"]] == ["ugrod"]
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:9093", "ftp://am", "http://am:99999",
+                                 "http://user@am:9093", "http://am:9093/?x=1"])
+def test_alertmanager_url_is_checked(url: str) -> None:
+    cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
+    with pytest.raises(ScrapeConfigError, match="--alertmanager"):
+        scrape_config(cfg, alertmanagers=[url])
 
 
 def test_example_scrape_config_is_current() -> None:
     cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
     example = ROOT / "prometheus" / "prometheus.example.yml"
-    assert example.read_text() == scrape_config(cfg), \
+    assert example.read_text() == scrape_config(cfg, alertmanagers=["http://127.0.0.1:9093"]), \
         "regenerate prometheus/prometheus.example.yml from this test's CLUSTER_YAML"
+
+
+def test_rule_files_are_the_default_rendering() -> None:
+    """prometheus/rules/ is what `ugroctl prometheus-config --rules-out` writes by default."""
+    t = config.Thresholds()
+    assert (ROOT / "prometheus" / "rules" / pr.ALERTS_FILE).read_text() == pr.alert_rules(t)
+    assert (ROOT / "prometheus" / "rules" / pr.RECORDING_FILE).read_text() == \
+        pr.recording_rules(t)
+
+
+def test_every_recording_rule_is_used() -> None:
+    """By an alert, another rule or a dashboard: none computed for nothing."""
+    text = "".join(p.read_text() for p in RULES) + "".join(
+        p.read_text() for p in (ROOT / "grafana" / "dashboards").glob("*.json"))
+    for group in yaml.safe_load((ROOT / "prometheus" / "rules" /
+                                 pr.RECORDING_FILE).read_text())["groups"]:
+        for rule in group["rules"]:
+            name = rule["record"]
+            assert re.fullmatch(r"[a-z_]+:[a-z0-9_]+:[a-z0-9_]+", name), name
+            assert text.count(name) >= 2, f"{name} is recorded but used nowhere"
+
+
+def test_alertmanager_example_passes_amtool() -> None:
+    amtool = shutil.which("amtool")
+    assert amtool, "amtool is missing: scripts/test.sh installs prometheus-alertmanager"
+    result = subprocess.run([amtool, "check-config",
+                             str(ROOT / "prometheus" / "alertmanager.example.yml")],
+                            capture_output=True, text=True, timeout=60, check=False)
+    ok(result)
+    assert "2 receivers" in result.stdout
+
+
+CUSTOM_THRESHOLDS = CLUSTER_YAML + """
+health:
+  thresholds:
+    gpu_temp_c: {warn: 70, crit: 78}
+    gpu_memory_percent: {warn: 80, crit: 88}
+    disk_percent: {warn: 75, crit: 85}
+"""
+
+
+def test_thresholds_from_cluster_yaml_reach_the_alerts(tmp_path: Path) -> None:
+    """`ugroctl prometheus-config --rules-out`: 72 °C, 90 % GPU memory and an 80 % disk
+    alert with this cluster.yaml; the defaults (80 °C, 95 %, 90 %) would stay quiet."""
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CUSTOM_THRESHOLDS)
+    rules = tmp_path / "rules"
+    rules.mkdir()
+    base = "https://wiki.example.org/ugro/operations.md"
+    run = subprocess.run(
+        [*ugroctl_argv(), "prometheus-config", "--config", str(cluster), "--rules-out",
+         str(rules), "--rules-dir", str(rules), "--runbook-base", base,
+         "--alertmanager", "http://127.0.0.1:9093"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "USER": "ugro"})
+    assert run.returncode == 0, run.stderr
+    assert "alerting:" in run.stdout
+    (tmp_path / "prometheus.yml").write_text(run.stdout)
+    ok(promtool("check", "config", str(tmp_path / "prometheus.yml")))
+    alerts = yaml.safe_load((rules / pr.ALERTS_FILE).read_text())["groups"][0]["rules"]
+    assert all(r["annotations"]["runbook_url"] == f"{base}#{r['alert'].lower()}"
+               for r in alerts)
+    gpu = 'node="gpu1",gpu="0",UUID="GPU-1",job="ugrod",instance="h:9327"'
+    test = {"rule_files": [str(rules / pr.RECORDING_FILE), str(rules / pr.ALERTS_FILE)],
+            "evaluation_interval": "1m", "tests": [{
+                "interval": "1m",
+                "input_series": [
+                    {"series": 'up{job="ugrod",instance="h:9327"}', "values": "1x20"},
+                    {"series": f"ugro_gpu_temperature_celsius{{{gpu}}}", "values": "72x20"},
+                    {"series": f"ugro_gpu_memory_used_bytes{{{gpu}}}", "values": "90x20"},
+                    {"series": f"ugro_gpu_memory_total_bytes{{{gpu}}}", "values": "100x20"},
+                    {"series": 'ugro_node_disk_used_ratio{node="gpu1",job="ugrod",'
+                               'instance="h:9327"}', "values": "0.8x20"}],
+                "promql_expr_test": [{
+                    "expr": 'count by (alertname, severity) (ALERTS{alertstate="firing"})',
+                    "eval_time": "17m",
+                    "exp_samples": [
+                        {"labels": '{alertname="UgroGpuTooHot",severity="warning"}',
+                         "value": 1},
+                        {"labels": '{alertname="UgroGpuMemoryNearlyFull",severity="warning"}',
+                         "value": 1},
+                        {"labels": '{alertname="UgroDiskNearlyFull",severity="warning"}',
+                         "value": 1}]}]}]}
+    (tmp_path / "custom.test.yml").write_text(yaml.safe_dump(test))
+    ok(promtool("test", "rules", str(tmp_path / "custom.test.yml")))
+    # The same inputs against the shipped (default) rules: nothing fires.
+    test["rule_files"] = [str(p) for p in RULES]
+    test["tests"][0]["promql_expr_test"][0]["exp_samples"] = []  # type: ignore[index]
+    (tmp_path / "default.test.yml").write_text(yaml.safe_dump(test))
+    ok(promtool("test", "rules", str(tmp_path / "default.test.yml")))
+
+
+def test_runbook_base_must_be_absolute(tmp_path: Path) -> None:
+    cluster = tmp_path / "cluster.yaml"
+    cluster.write_text(CLUSTER_YAML)
+    run = subprocess.run(
+        [*ugroctl_argv(), "prometheus-config", "--config", str(cluster), "--rules-out",
+         str(tmp_path), "--runbook-base", "docs/operations.md"],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "USER": "ugro"})
+    assert run.returncode != 0
+    assert "--runbook-base 'docs/operations.md': give an absolute URL" in run.stderr
+    assert not list(tmp_path.glob("*.rules.yml"))
 
 
 @pytest.mark.parametrize(("metrics", "problem"), [
@@ -213,7 +345,7 @@ async def test_promtool_check_metrics_accepts_ugrod_output() -> None:
             body = await resp.read()
     finally:
         await runner.cleanup()
-    assert b'ugro_job_training_loss{job="train",owner="alice"} 1.5' in body
+    assert b'ugro_job_training_loss{job_name="train",owner="alice"} 1.5' in body
     assert b"process_resident_memory_bytes" in body
     result = promtool("check", "metrics", stdin=body)
     assert (result.returncode, result.stdout + result.stderr) == (0, "")

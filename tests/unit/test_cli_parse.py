@@ -722,11 +722,29 @@ def test_prometheus_config_for_the_builtin_cluster() -> None:
                              env={"UGRO_CONFIG": ""})
     assert res.exit_code == 0, res.output
     doc = yaml.safe_load(res.stdout)
-    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
-    assert jobs["ugro-gpu"]["static_configs"][0]["targets"] == ["127.0.0.1:9500"]
+    # This machine runs no GPU exporter unless cluster.yaml says `gpu_exporter: true`.
+    assert [j["job_name"] for j in doc["scrape_configs"]] == ["ugrod"]
     # Not silently: the person and the file both say which cluster this is.
     assert "describes the built-in one-node cluster" in res.stderr
     assert res.stdout.startswith("# no cluster.yaml given")
+
+
+def test_prometheus_config_exporter_targets_and_alertmanager(sock_dir: Path) -> None:
+    import yaml
+
+    cfg = sock_dir / "cluster.yaml"
+    cfg.write_text("nodes:\n  a: {host: 10.0.0.1, user: u, gpu_exporter: true}\n"
+                   "  b: {host: 10.0.0.2, user: u}\n")
+    res = CliRunner().invoke(cli, ["prometheus-config", "--config", str(cfg),
+                                   "--exporter-port", "9500",
+                                   "--alertmanager", "http://10.0.0.9:9093"])
+    assert res.exit_code == 0, res.output
+    doc = yaml.safe_load(res.stdout)
+    jobs = {j["job_name"]: j for j in doc["scrape_configs"]}
+    assert jobs["ugro-gpu"]["static_configs"] == [
+        {"targets": ["10.0.0.1:9500"], "labels": {"node": "a"}}]
+    assert doc["alerting"]["alertmanagers"][0]["static_configs"][0]["targets"] == \
+        ["10.0.0.9:9093"]
 
 
 def test_prometheus_config_with_a_bad_config_names_the_file(sock_dir: Path) -> None:

@@ -310,7 +310,7 @@ CASES: list[tuple[str, list[str]]] = [
      ["nodes.gpu1.rank: expected a non-negative integer, got true"]),
     (node("ip: 10.0.0.1\nvram: 8"), ["nodes.gpu1.vram: unknown key; did you mean 'vram_gb'?"]),
     (node("ip: 10.0.0.1\ncolour: red"),
-     ["nodes.gpu1.colour: unknown key; expected one of: gpu, gpus, host, hostname, "
+     ["nodes.gpu1.colour: unknown key; expected one of: gpu, gpu_exporter, gpus, host, hostname, "
       "identity_file, ip, labels, port, python, rank, role, transport, user, vram_gb, "
       "work_dir"]),
     ("cluster: {nmae: lab}\n" + ONE_NODE, ["cluster.nmae: unknown key; did you mean 'name'?"]),
@@ -573,7 +573,8 @@ def test_ten_kilobyte_keys_and_values_are_shortened_in_messages() -> None:
         "(while scanning a simple key)"]
     got = errors(node(f"ip: 10.0.0.1\n? {key}\n: 1\nuser: {'u' * 10_000}"))
     assert got == [
-        f"cluster.yaml: nodes.gpu1.{'k' * 40}...: unknown key; expected one of: gpu, gpus, "
+        f"cluster.yaml: nodes.gpu1.{'k' * 40}...: unknown key; expected one of: gpu, "
+        "gpu_exporter, gpus, "
         "host, hostname, identity_file, ip, labels, port, python, rank, role, transport, user, "
         "vram_gb, work_dir",
         "cluster.yaml: nodes.gpu1.user: expected a string without NUL of at most 4096 "

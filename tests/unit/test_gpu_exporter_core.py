@@ -12,6 +12,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from exporters.gpu_exporter import (
     SMI_FIELDS,
+    SMI_HEALTH_FIELDS,
     CollectError,
     Exporter,
     GpuStats,
@@ -125,7 +126,7 @@ def test_nvidia_smi_argv_is_a_list_with_the_fixed_query() -> None:
     argv = NvidiaSmiSource(binary="/opt/nv/nvidia-smi").argv()
     assert argv == [
         "/opt/nv/nvidia-smi",
-        "--query-gpu=" + ",".join(SMI_FIELDS),
+        "--query-gpu=" + ",".join((*SMI_FIELDS, *SMI_HEALTH_FIELDS)),
         "--format=csv,noheader,nounits",
     ]
 
@@ -353,6 +354,8 @@ def test_up_turns_zero_when_the_latest_collection_is_old() -> None:
     s = scrape(exporter)
     assert only(s, "ugro_gpu_exporter_up") == 0
     assert only(s, "ugro_gpu_exporter_collect_success") == 1
+    # A hung collection serves no stale GPU values (they used to stay, at success 1).
+    assert not [n for n in s if n[0].startswith("DCGM_")], s
 
 
 def test_background_thread_collects_on_its_interval_and_stops() -> None:
@@ -387,3 +390,69 @@ def test_listen_host_port(listen: str, address: str, port: int) -> None:
 def test_listen_rejects_what_is_not_host_port(listen: str) -> None:
     with pytest.raises(SystemExit):
         parse_args(["--listen", listen])
+
+
+# ---- GPU health fields (ECC, row remapping, throttle reasons, XID, energy) -----------
+
+
+def test_health_fields_from_nvidia_smi() -> None:
+    fields = (*SMI_FIELDS, *SMI_HEALTH_FIELDS)
+    text = row() + ", 2, Yes, 0x0000000000000048\n"
+    (g,) = parse_nvidia_smi(text, fields).gpus
+    assert (g.ecc_dbe_volatile, g.row_remap_failure, g.throttle_reasons) == (2, 1, 0x48)
+    (g,) = parse_nvidia_smi(row() + ", [N/A], [N/A], 0x0000000000000000\n", fields).gpus
+    assert (g.ecc_dbe_volatile, g.row_remap_failure, g.throttle_reasons) == (None, None, 0)
+    exporter = Exporter(ScriptedSource(Reading((g,))), interval_s=5, timeout_s=5)
+    exporter.collect_once()
+    s = scrape(exporter)
+    assert only(s, "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS") == 0
+    assert not [n for n, _ in s if n == "DCGM_FI_DEV_ECC_DBE_VOL_TOTAL"]
+
+
+def test_nvml_health_fields_and_xid_events() -> None:
+    nv = fake_pynvml([nvml_gpu()])
+    pending = [types.SimpleNamespace(device=0, eventData=79)]
+
+    def wait(event_set: Any, timeout_ms: int) -> Any:
+        if not pending:
+            raise NVMLError(10)  # NVML_ERROR_TIMEOUT
+        return pending.pop(0)
+
+    nv.nvmlEventSetCreate = lambda: "set"
+    nv.nvmlDeviceRegisterEvents = lambda handle, kinds, event_set: None
+    nv.nvmlEventSetWait_v2 = wait
+    nv.nvmlEventTypeXidCriticalError = 8
+    nv.NVML_MEMORY_ERROR_TYPE_UNCORRECTED = 1
+    nv.NVML_VOLATILE_ECC = 0
+    nv.nvmlDeviceGetTotalEnergyConsumption = lambda handle: 123_456_789
+    nv.nvmlDeviceGetTotalEccErrors = lambda handle, kind, counter: 0
+    nv.nvmlDeviceGetRemappedRows = lambda handle: (0, 0, 0, 0)
+    nv.nvmlDeviceGetCurrentClocksThrottleReasons = lambda handle: 4
+    source = NvmlSource(nv)
+    (g,) = source.read().gpus
+    assert (g.energy_mj, g.ecc_dbe_volatile, g.row_remap_failure, g.throttle_reasons,
+            g.xid) == (123_456_789, 0, 0, 4, 79)
+    (g,) = source.read().gpus  # no new event: the last XID stays, as DCGM's field does
+    assert g.xid == 79
+    import pynvml
+    for name in ("nvmlEventSetCreate", "nvmlDeviceRegisterEvents", "nvmlEventSetWait_v2",
+                 "nvmlEventTypeXidCriticalError", "nvmlDeviceGetTotalEnergyConsumption",
+                 "nvmlDeviceGetTotalEccErrors", "nvmlDeviceGetRemappedRows",
+                 "nvmlDeviceGetCurrentClocksThrottleReasons",
+                 "NVML_MEMORY_ERROR_TYPE_UNCORRECTED", "NVML_VOLATILE_ECC"):
+        assert hasattr(pynvml, name), name
+
+
+def test_old_driver_without_the_health_fields_keeps_the_rest(tmp_path: Any) -> None:
+    """nvidia-smi that refuses a field name: asked again without the health fields."""
+    script = tmp_path / "nvidia-smi"
+    script.write_text(
+        "#!/bin/sh\n"
+        'case "$1" in *remapped_rows*) echo \'Field "remapped_rows.failure" is not a valid '
+        "field to query.'; exit 2;; esac\n"
+        f"echo '{row()}'\n")
+    script.chmod(0o755)
+    source = NvidiaSmiSource(binary=str(script), timeout_s=10)
+    (g,) = source.read().gpus
+    assert g.temperature_c == 45 and g.ecc_dbe_volatile is None
+    assert source.fields == SMI_FIELDS

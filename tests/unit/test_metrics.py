@@ -20,8 +20,8 @@ from ugrod.metrics import (
     make_registry,
     start_metrics_server,
 )
-from ugrod.runtime_stats import Histogram, RuntimeStats, job_timings
-from ugrod.state import JobState, State, apply
+from ugrod.runtime_stats import ENDED_KEEP_S, RuntimeStats
+from ugrod.state import State, apply, from_snapshot, to_snapshot
 
 ALICE = ev.Actor(user="alice", uid=1000)
 GB = 1 << 30
@@ -65,10 +65,17 @@ class Cluster:
             self.record(ev.RankStarted(job=job, attempt=attempt, rank=i, node=n, pid=100 + i))
         self.record(ev.JobRunning(job=job, attempt=attempt))
 
-    def end(self, job: str, outcome: str, attempt: int = 1, dt: float = 100.0) -> None:
-        self.record(ev.JobEnded(job=job, attempt=attempt, outcome=outcome,
+    def end(self, job: str, outcome: str, attempt: int = 1, dt: float = 100.0,
+            reason: str = "") -> None:
+        self.record(ev.JobEnded(job=job, attempt=attempt, outcome=outcome, reason=reason,
                                 retry_at=self.now + dt + 5 if outcome == "retrying" else None),
                     dt=dt)
+
+    def restart(self) -> None:
+        """What ugrod does at start: state from a snapshot, RuntimeStats anew, rebuild."""
+        self.state = from_snapshot(to_snapshot(self.state))
+        self.stats = RuntimeStats(clock=lambda: self.now)
+        self.stats.rebuild(self.state)
 
     def collector(self) -> UgroCollector:
         def samples() -> Mapping[str, NodeSampleView]:
@@ -107,10 +114,12 @@ def cluster() -> Cluster:
     return c
 
 
-def test_empty_state_lists_every_job_state_with_zero() -> None:
+def test_empty_state_lists_every_current_job_state_with_zero() -> None:
     s = Cluster().series()
     assert {dict(lab)["state"]: v for lab, v in pick(s, "ugro_jobs").items()} == {
-        st.value: 0.0 for st in JobState}
+        "queued": 0, "starting": 0, "running": 0, "retrying": 0}
+    assert {dict(lab)["reason"] for lab in pick(s, "ugro_job_attempt_failures_total")} == {
+        "oom", "exit", "lost", "stalled", "cancelled", "time_limit"}
     assert one(s, "ugro_queue_length") == 0
     assert one(s, "ugro_queue_oldest_wait_seconds") == 0
     assert one(s, "ugro_build_info", version="9.9.9") == 1
@@ -125,13 +134,13 @@ def test_active_job_series_and_gpu_allocation(cluster: Cluster) -> None:
     cluster.training["train"] = {"ts": cluster.now, "step": 400, "loss": 0.25,
                                  "throughput": 812.5}
     s = cluster.series()
-    assert one(s, "ugro_job_state", job="train", owner="alice", state="running") == 1
-    assert one(s, "ugro_job_state", job="train", state="starting") == 0
-    assert one(s, "ugro_job_training_step", job="train", owner="alice") == 400
-    assert one(s, "ugro_job_training_loss", job="train") == 0.25
-    assert one(s, "ugro_job_training_throughput", job="train") == 812.5
-    assert one(s, "ugro_job_stalled", job="train") == 0
-    alloc = pick(s, "ugro_job_gpu_allocation", job="train")
+    assert one(s, "ugro_job_state", job_name="train", owner="alice", state="running") == 1
+    assert one(s, "ugro_job_state", job_name="train", state="starting") == 0
+    assert one(s, "ugro_job_training_step", job_name="train", owner="alice") == 400
+    assert one(s, "ugro_job_training_loss", job_name="train") == 0.25
+    assert one(s, "ugro_job_training_throughput", job_name="train") == 812.5
+    assert one(s, "ugro_job_stalled", job_name="train") == 0
+    alloc = pick(s, "ugro_job_gpu_allocation", job_name="train")
     assert sorted((d["node"], d["gpu"], d["UUID"], d["rank"])
                   for d in map(dict, alloc)) == [
         ("a", "0", "GPU-a-0", "0"), ("a", "1", "GPU-a-1", "0"),
@@ -150,35 +159,70 @@ def test_every_other_reported_number_is_a_value_series_with_a_cap(cluster: Clust
     values["bad"] = float("nan")
     cluster.training["train"] = values
     s = cluster.series()
-    series = {dict(k)["name"]: v for k, v in pick(s, "ugro_job_training_value", job="train",
+    series = {dict(k)["name"]: v for k, v in pick(s, "ugro_job_training_value", job_name="train",
                                                   owner="alice").items()}
     assert series["grad_norm"] == 1.5 and series["train_acc"] == 0.9
     assert len(series) == 32
     assert not {"step", "loss", "bad"} & set(series)
 
 
-def test_finished_jobs_leave_the_job_labelled_series(cluster: Cluster) -> None:
+def test_ended_job_keeps_one_series_saying_how_it_ended(cluster: Cluster) -> None:
     cluster.submit("j")
     cluster.start("j", ("a", (0,)))
     cluster.training["j"] = {"step": 1, "loss": 2.0}
     cluster.end("j", "succeeded")
     s = cluster.series()
-    assert not [k for k in s if ("job", "j") in k[1]]
-    assert one(s, "ugro_jobs", state="succeeded") == 1
+    assert [k[0] for k in s if ("job_name", "j") in k[1]] == ["ugro_job_ended_timestamp_seconds"]
+    assert one(s, "ugro_job_ended_timestamp_seconds", job_name="j", owner="alice",
+               outcome="succeeded", reason="") == cluster.now
     assert one(s, "ugro_jobs", state="running") == 0
     assert one(s, "ugro_jobs_finished_total", outcome="succeeded") == 1
-    assert one(s, "ugro_job_wait_seconds_count") == 1
     assert one(s, "ugro_job_run_seconds_count") == 1
-    # Placed 10 s after submission, ended 100 s after the last rank event.
     job = cluster.state.jobs["j"]
-    assert job.ended_at is not None
-    wait, run = job_timings(job, job.ended_at)
-    assert wait == 10.0
-    assert run is not None
-    assert one(s, "ugro_job_run_seconds_sum") == run
-    assert one(s, "ugro_job_wait_seconds_bucket", le="10.0") == 1
-    assert one(s, "ugro_job_wait_seconds_bucket", le="5.0") == 0
+    assert job.ended_at is not None and job.started_at is not None
+    assert one(s, "ugro_job_run_seconds_sum") == job.ended_at - job.started_at
     assert one(s, "ugro_gpu_allocated", node="a", gpu="0") == 0
+    # One GPU held from placement to end.
+    assert one(s, "ugro_gpu_allocated_seconds_total", owner="alice") == \
+        job.ended_at - job.started_at
+    cluster.now += ENDED_KEEP_S + 1
+    assert not pick(cluster.series(), "ugro_job_ended_timestamp_seconds")
+
+
+def test_queue_wait_is_observed_at_placement(cluster: Cluster) -> None:
+    """Three jobs placed, none ended: three waits (it was one, at the end, before)."""
+    for name in ("p1", "p2", "p3"):
+        cluster.submit(name)
+    cluster.start("p1", ("a", (0,)))
+    cluster.start("p2", ("a", (1,)))
+    cluster.start("p3", ("b", (0,)))
+    s = cluster.series()
+    assert one(s, "ugro_job_wait_seconds_count") == 3
+    assert one(s, "ugro_job_run_seconds_count") == 0
+    # p1 was placed 10 s after p3's submission, 12 s after its own.
+    assert one(s, "ugro_job_wait_seconds_bucket", le="10.0") == 0
+    assert one(s, "ugro_job_wait_seconds_bucket", le="30.0") == 2
+    # A retry's wait runs from the failed attempt's end to its next placement.
+    cluster.end("p1", "retrying")
+    cluster.start("p1", ("a", (0,)), attempt=2)
+    s = cluster.series()
+    assert one(s, "ugro_job_wait_seconds_count") == 4
+    assert one(s, "ugro_job_wait_seconds_bucket", le="10.0") == 1
+
+
+def test_gpu_seconds_grow_while_running_and_stay_after_the_end(cluster: Cluster) -> None:
+    cluster.submit("g", gpus=2)
+    cluster.start("g", ("a", (0, 1)))
+    placed = cluster.state.jobs["g"].started_at
+    assert placed is not None
+    cluster.now += 50
+    running = one(cluster.series(), "ugro_gpu_allocated_seconds_total", owner="alice")
+    assert running == 2 * (cluster.now - placed)
+    cluster.end("g", "failed", dt=25)
+    ended = one(cluster.series(), "ugro_gpu_allocated_seconds_total", owner="alice")
+    assert ended == 2 * (cluster.now - placed) > running
+    cluster.restart()
+    assert one(cluster.series(), "ugro_gpu_allocated_seconds_total", owner="alice") == ended
 
 
 def test_retry_cancel_and_resume_counts(cluster: Cluster) -> None:
@@ -193,42 +237,64 @@ def test_retry_cancel_and_resume_counts(cluster: Cluster) -> None:
     s = cluster.series()
     assert one(s, "ugro_job_retries_total") == 1
     assert one(s, "ugro_jobs", state="retrying") == 1
-    assert one(s, "ugro_jobs", state="cancelled") == 1
-    assert one(s, "ugro_jobs", state="failed") == 1
     assert one(s, "ugro_jobs_finished_total", outcome="cancelled") == 1
-    # A cancelled job that never started: its wait counts, it has no run time.
-    assert one(s, "ugro_job_wait_seconds_count") == 2
-    assert one(s, "ugro_job_run_seconds_count") == 1
+    assert one(s, "ugro_jobs_finished_total", outcome="failed") == 1
+    assert one(s, "ugro_job_run_seconds_count") == 2
     assert one(s, "ugro_queue_length") == 1  # r waits for its retry
+    assert one(s, "ugro_job_ended_timestamp_seconds", job_name="r", outcome="retrying",
+               reason="exit") > 0
     cluster.record(ev.JobResumed(job="f", spec=cluster.state.jobs["f"].spec), actor=ALICE)
     s = cluster.series()
-    assert one(s, "ugro_jobs", state="failed") == 0
     assert one(s, "ugro_jobs", state="queued") == 1
     assert one(s, "ugro_jobs_finished_total", outcome="failed") == 1  # counters never go down
     assert one(s, "ugro_job_resumes_total") == 1
+    assert not pick(s, "ugro_job_ended_timestamp_seconds", job_name="f")
 
 
-def test_rebuild_from_state_matches_what_was_counted_live(cluster: Cluster) -> None:
-    for i, outcome in enumerate(["succeeded", "failed", "succeeded", "cancelled"]):
-        cluster.submit(f"j{i}")
-        cluster.start(f"j{i}", ("a", (0,)))
-        cluster.end(f"j{i}", outcome, dt=50.0 * (i + 1))
-    cluster.submit("r")
-    cluster.start("r", ("b", (1,)))
-    cluster.end("r", "retrying")
-    live = cluster.stats
-    rebuilt = RuntimeStats()
-    rebuilt.rebuild(cluster.state)
+FAILED_40 = [f"job{i}" for i in range(40)]
 
-    def view(h: Histogram) -> tuple[list[int], float]:
-        return h.counts, h.sum
 
-    assert view(rebuilt.job_wait) == view(live.job_wait)
-    assert view(rebuilt.job_run) == view(live.job_run)
-    assert rebuilt.terminal == live.terminal
-    assert {k: c.value for k, c in rebuilt.jobs_finished.items()} == \
-        {k: c.value for k, c in live.jobs_finished.items()}
-    assert rebuilt.job_retries.value == live.job_retries.value == 1
+def test_terminal_counters_never_step_down_across_resume_and_restart(
+        cluster: Cluster) -> None:
+    """40 failed, one resumed, ugrod restarted: still 40 (it read 39 before: a false alert)."""
+    for name in FAILED_40:
+        cluster.submit(name)
+        cluster.start(name, ("a", (0,)))
+        cluster.end(name, "failed", reason="rank 0 on a exited with code 1")
+    assert one(cluster.series(), "ugro_jobs_finished_total", outcome="failed") == 40
+    cluster.record(ev.JobResumed(job="job7", spec=cluster.state.jobs["job7"].spec),
+                   actor=ALICE)
+    cluster.restart()
+    s = cluster.series()
+    assert one(s, "ugro_jobs_finished_total", outcome="failed") == 40
+    assert one(s, "ugro_job_attempt_failures_total", reason="exit") == 40
+    assert one(s, "ugro_job_resumes_total") == 1
+    # The resumed job runs out of GPU memory this time: one more failure, by reason.
+    cluster.start("job7", ("a", (0,)), attempt=2)
+    cluster.end("job7", "failed", attempt=2,
+                reason="rank 0 on a ran out of GPU memory (CUDA out of memory)")
+    cluster.restart()
+    s = cluster.series()
+    assert one(s, "ugro_jobs_finished_total", outcome="failed") == 41
+    assert one(s, "ugro_job_attempt_failures_total", reason="oom") == 1
+    # Ended within the last half hour: the series came back after the restart.
+    assert one(s, "ugro_job_ended_timestamp_seconds", job_name="job7", outcome="failed",
+               reason="oom") == cluster.now
+
+
+@pytest.mark.parametrize(("outcome", "reason", "expected"), [
+    ("failed", "rank 1 on b ran out of GPU memory (CUDA out of memory); last lines: x", "oom"),
+    ("failed", "rank 0 on a exited with code 137 (SIGKILL)", "exit"),
+    ("failed", "rank 0 on a vanished: its process (pid 7) is gone (node reboot, OOM killer "
+               "or kill -9?)", "lost"),
+    ("retrying", "node b declared dead: its last 3 health checks failed", "lost"),
+    ("failed", "stalled: no step advance for 600 s (last step 9)", "stalled"),
+    ("cancelled", "cancelled by alice", "cancelled"),
+    ("failed", "time limit of 3600 s reached", "time_limit"),
+])
+def test_failure_reasons(outcome: str, reason: str, expected: str) -> None:
+    from ugrod.tally import failure_reason
+    assert failure_reason(outcome, reason) == expected
 
 
 def test_queue_age_ignores_held_jobs(cluster: Cluster) -> None:
@@ -396,6 +462,8 @@ def test_docs_list_every_metric(cluster: Cluster) -> None:
     cluster.record(ev.DaemonStarted(version="1"))
     cluster.stats.replay_done(1.0, 1)
     cluster.stats.snapshot_written(0.1, 10)
+    cluster.stats.snapshot_failed()
+    cluster.stats.state_dir_usage(1000, 600, 400)
     cluster.samples["a"] = NodeSample(ts=T0, gpus=(gpu(0),))
     names = {f.name for f in cluster.collector().families()}
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()

@@ -1,0 +1,86 @@
+"""Lifetime job counters folded from the event log (pure): what /metrics' ``*_total`` read.
+
+``State.tally`` is updated by ``apply`` whenever a job changes state, and is
+written in snapshots, so the counters never step down: not across a restart
+(replay folds the same events again), not across ``resume`` (a resumed job's
+old ending stays counted) and not when finished jobs leave live state. A
+counter rebuilt from the jobs still in state would step down in each case,
+and Prometheus's ``increase()`` reads a step down as a reset: 40 -> 39 looks
+like 39 new failures.
+
+No I/O, no clock: every time comes from the record being applied.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import msgspec
+
+if TYPE_CHECKING:  # only for annotations: state.py imports this module
+    from ugrod.state import Job
+
+OUTCOMES = ("succeeded", "failed", "cancelled")
+# Why an attempt ended without success; ``failure_reason`` picks one.
+FAILURE_REASONS = ("oom", "exit", "lost", "stalled", "cancelled", "time_limit")
+_ACTIVE = frozenset({"starting", "running"})
+_TERMINAL = frozenset(OUTCOMES)
+
+# Phrases the executor and the watchdog write into a job's reason (checked in order).
+_MARKERS = (
+    ("oom", ("out of memory", "ran out of GPU memory", "OutOfMemoryError")),
+    ("time_limit", ("time limit", "time_limit")),
+    ("lost", ("vanished", "declared dead", "could not be confirmed gone")),
+    ("stalled", ("stalled:",)),
+)
+
+
+class Tally(msgspec.Struct, frozen=True, gc=False, kw_only=True, omit_defaults=True):
+    """Counts since the log began; dict values are replaced, never mutated."""
+
+    finished: dict[str, int] = {}  # outcome -> jobs that ended so (a resumed job again)
+    retries: int = 0  # attempts that failed and left their job waiting for a retry
+    resumes: int = 0  # failed/cancelled jobs queued again
+    attempt_failures: dict[str, int] = {}  # FAILURE_REASONS value -> attempts
+    gpu_seconds: dict[str, float] = {}  # owner -> GPU-seconds of ended attempts
+
+
+EMPTY = Tally()
+
+
+def failure_reason(outcome: str, reason: str) -> str:
+    """One of FAILURE_REASONS for an attempt that ended ``outcome`` with ``reason``."""
+    if outcome == "cancelled":
+        return "cancelled"
+    for name, phrases in _MARKERS:
+        if any(p in reason for p in phrases):
+            return name
+    return "exit"
+
+
+def _plus(table: dict[str, int], key: str) -> dict[str, int]:
+    return {**table, key: table.get(key, 0) + 1}
+
+
+def count(tally: Tally, old: Job, new: Job, ts: float) -> Tally:
+    """The tally after ``old`` became ``new`` (a change of state) at time ``ts``."""
+    before, after = old.state.value, new.state.value
+    changes: dict[str, object] = {}
+    if after in _TERMINAL:
+        changes["finished"] = _plus(tally.finished, after)
+    elif after == "retrying":
+        changes["retries"] = tally.retries + 1
+    elif before in _TERMINAL:  # resumed
+        changes["resumes"] = tally.resumes + 1
+    if before in _ACTIVE and after not in _ACTIVE:
+        if after != "succeeded":
+            why = failure_reason("cancelled" if after == "cancelled" else "failed", new.reason)
+            changes["attempt_failures"] = _plus(tally.attempt_failures, why)
+        gpus = old.gpu_count
+        if gpus and old.started_at is not None:
+            held = gpus * max(ts - old.started_at, 0.0)
+            changes["gpu_seconds"] = {**tally.gpu_seconds,
+                                      old.owner: tally.gpu_seconds.get(old.owner, 0.0) + held}
+    if not changes:
+        return tally
+    return msgspec.structs.replace(tally, **changes)
