@@ -104,13 +104,15 @@ class Installer:
                    "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
 
     def prometheus(self) -> None:
-        for rules in sorted((self.source / "prometheus" / "rules").glob("*.rules.yml")):
-            self._copy(rules, PROM_DIR / rules.name)
         from ugrod import config
-        from ugrod.prometheus_config import scrape_config
+        from ugrod.prometheus_config import rule_files, scrape_config
 
         cluster = self._dest(CLUSTER_CONFIG)
         cfg = config.load(cluster) if cluster.is_file() else config.builtin()
+        # The rules carry this cluster.yaml's health.thresholds (ugroctl prometheus-config
+        # --rules-out writes the same files).
+        for name, text in rule_files(cfg).items():
+            self._write(PROM_DIR / name, text.encode())
         self._write(PROM_DIR / "prometheus.yml",
                     scrape_config(cfg, rules_dir="/" + str(PROM_DIR)).encode())
         self.say(f"Prometheus: make {'/' / PROM_DIR / 'prometheus.yml'} its config (or merge "

@@ -192,8 +192,10 @@ def test_two_gpus_values_and_labels_match_nvidia_smi(
         assert value(s, "DCGM_FI_DEV_MEM_COPY_UTIL", **labels) == 0
         assert value(s, "DCGM_FI_DEV_SM_CLOCK", **labels) == 1980
         assert value(s, "DCGM_FI_DEV_MEM_CLOCK", **labels) == 10501
+        assert value(s, "DCGM_FI_DEV_CLOCK_THROTTLE_REASONS", **labels) == 0
     dcgm = [k for k in s if k[0].startswith("DCGM_")]
-    assert len(dcgm) == 9 * 2, "one series per metric and GPU, no more"
+    # ECC and row remapping are [N/A] on these consumer GPUs: no series for them
+    assert len(dcgm) == 10 * 2, "one series per metric and GPU, no more"
     assert value(s, "ugro_gpu_exporter_gpus") == 2
     assert value(s, "ugro_gpu_exporter_up") == 1
     assert value(s, "ugro_gpu_exporter_collections_total") >= 1  # type: ignore[operator]

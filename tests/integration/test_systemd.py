@@ -90,7 +90,8 @@ def test_installer_puts_everything_in_place(tmp_path: Path) -> None:
     root = tmp_path / "root"
     (root / "etc" / "ugro").mkdir(parents=True)
     (root / "etc" / "ugro" / "cluster.yaml").write_text(
-        "cluster: {name: lab}\nnodes:\n  gpu1: {host: 10.0.0.5, user: ugro}\n")
+        "cluster: {name: lab}\nnodes:\n  gpu1: {host: 10.0.0.5, user: ugro, gpu_exporter: true}\n"
+        "health: {thresholds: {gpu_temp_c: {warn: 70, crit: 75}}}\n")
     result = subprocess.run(
         [sys.executable, "-m", "ugrod.systemd_install", "--head", "--node", "--prometheus",
          "--grafana", "--root", str(root), "--prefix", "/opt/ugro", "--no-start"],
@@ -107,6 +108,9 @@ def test_installer_puts_everything_in_place(tmp_path: Path) -> None:
                                   "/etc/prometheus/ugro/ugro-alerts.rules.yml"]
     assert prom["scrape_configs"][1]["static_configs"] == [
         {"targets": ["10.0.0.5:9400"], "labels": {"node": "gpu1"}}]
+    # The alerts carry this cluster.yaml's thresholds (70 °C, not the default 80).
+    alerts = (root / "etc/prometheus/ugro/ugro-alerts.rules.yml").read_text()
+    assert "node_gpu:ugro_gpu_temperature_celsius:max > 70\n" in alerts
     assert (root / "etc/grafana/provisioning/datasources/ugro.yaml").is_file()
     assert (root / "etc/grafana/provisioning/dashboards/ugro.yaml").is_file()
     dashboards = sorted(p.name for p in (root / "var/lib/grafana/dashboards/ugro").iterdir())
