@@ -63,24 +63,30 @@ def _plus(table: dict[str, int], key: str) -> dict[str, int]:
 
 
 def count(tally: Tally, old: Job, new: Job, ts: float) -> Tally:
-    """The tally after ``old`` became ``new`` (a change of state) at time ``ts``."""
-    before, after = old.state.value, new.state.value
-    changes: dict[str, object] = {}
+    """The tally after ``old`` became ``new`` (a change of state) at time ``ts``.
+
+    Replay runs this once per job state change: placement and start return at once.
+    """
+    after = new.state.value
+    if after in _ACTIVE:
+        return tally  # placed or running: nothing to count yet
+    before = old.state.value
+    finished, retries, resumes = tally.finished, tally.retries, tally.resumes
+    failures, gpu_seconds = tally.attempt_failures, tally.gpu_seconds
     if after in _TERMINAL:
-        changes["finished"] = _plus(tally.finished, after)
+        finished = _plus(finished, after)
     elif after == "retrying":
-        changes["retries"] = tally.retries + 1
+        retries += 1
     elif before in _TERMINAL:  # resumed
-        changes["resumes"] = tally.resumes + 1
-    if before in _ACTIVE and after not in _ACTIVE:
+        resumes += 1
+    if before in _ACTIVE:
         if after != "succeeded":
             why = failure_reason("cancelled" if after == "cancelled" else "failed", new.reason)
-            changes["attempt_failures"] = _plus(tally.attempt_failures, why)
+            failures = _plus(failures, why)
         gpus = old.gpu_count
         if gpus and old.started_at is not None:
-            held = gpus * max(ts - old.started_at, 0.0)
-            changes["gpu_seconds"] = {**tally.gpu_seconds,
-                                      old.owner: tally.gpu_seconds.get(old.owner, 0.0) + held}
-    if not changes:
-        return tally
-    return msgspec.structs.replace(tally, **changes)
+            owner = old.owner
+            gpu_seconds = {**gpu_seconds, owner: gpu_seconds.get(owner, 0.0)
+                           + gpus * max(ts - old.started_at, 0.0)}
+    return Tally(finished=finished, retries=retries, resumes=resumes,
+                 attempt_failures=failures, gpu_seconds=gpu_seconds)
