@@ -55,6 +55,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--sleep-per-step", type=float, default=0.0)
     p.add_argument("--output-dir", default=os.environ.get("UGRO_CHECKPOINT_DIR") or "hf-out")
+    p.add_argument("--save-steps", type=int, default=0, help="save every N steps (0: no)")
     p.add_argument("--no-ugro", action="store_true", help="a plain Trainer script")
     args = p.parse_args()
     torch.set_num_threads(1)
@@ -67,7 +68,8 @@ def main() -> None:
         callbacks.append(UgroCallback())  # <- the one line
     training = TrainingArguments(
         output_dir=args.output_dir, max_steps=args.steps, per_device_train_batch_size=4,
-        learning_rate=1e-3, logging_steps=1, save_strategy="no", report_to=[],
+        learning_rate=1e-3, logging_steps=1, report_to=[],
+        save_strategy="steps" if args.save_steps else "no", save_steps=args.save_steps or 500,
         use_cpu=True, ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1
         else None, dataloader_num_workers=0, disable_tqdm=False, seed=0)
     trainer = Trainer(model=model, args=training, train_dataset=Tokens(256, 16, 64),

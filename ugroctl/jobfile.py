@@ -218,6 +218,7 @@ RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "progress_rank": ("progress_rank", _integer(0, 1023)),
     "loss_key": ("loss_key", _string),
     "stop_grace_s": ("stop_grace_s", _seconds(0.1, 3600)),
+    "checkpoints": ("checkpoints", _string),
 }
 ALIASES = {"argv": "command", "node": "node_names", "label": "labels",
            "avoid_label": "avoid_labels", "held": "hold"}

@@ -152,6 +152,10 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
         click.option("--stop-grace", type=click.FloatRange(min=0.1, max=3600), metavar="S",
                      help="On cancel: SIGINT, SIGTERM after S/2 seconds, SIGKILL after S "
                           "[default: ugrod's --grace]."),
+        click.option("--checkpoints", "checkpoints", metavar="GLOB",
+                     help="Where the job writes checkpoints besides $UGRO_CHECKPOINT_DIR, "
+                          "e.g. 'out/checkpoint-*' (relative to --cwd): results and "
+                          "resume find them."),
         click.option("--wait", is_flag=True,
                      help="Wait until the job ends; exit 0 only if it succeeded."),
         click.option("--dry-run", is_flag=True,
@@ -163,7 +167,7 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
              "hold", "env", "nproc_per_node", "torchrun",
              "stall_timeout",
              "cwd", "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
-             "wait", "dry_run"]
+             "checkpoints", "wait", "dry_run"]
 
     def decorate(f: F) -> F:
         for name, opt in reversed(list(zip(names, opts, strict=True))):
@@ -186,7 +190,7 @@ _SPEC_KEYS = {  # option name -> request body key
     "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
     "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
     "progress": "progress", "progress_rank": "progress_rank", "loss_key": "loss_key",
-    "stop_grace": "stop_grace_s",
+    "stop_grace": "stop_grace_s", "checkpoints": "checkpoints",
 }
 
 

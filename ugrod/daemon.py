@@ -714,7 +714,7 @@ class Daemon:
         if agent is not None:
             try:
                 async with asyncio.timeout(10):
-                    files = await agent.list_checkpoints(job.id)
+                    files = await self.executor.checkpoint_list(job)
                 checkpoints = [{"path": f.path, "size_bytes": f.size_bytes,
                                 "mtime": rj.iso(f.mtime)} for f in files]
             except (TransportError, TimeoutError) as exc:

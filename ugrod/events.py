@@ -102,6 +102,7 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknow
     expected_runtime_s: float | None = None
     progress: ProgressSpec | None = None  # None: the default formats, rank 0
     stop_grace_s: float | None = None  # None: the daemon's --grace
+    checkpoints: str | None = None  # a glob of checkpoints the job writes (relative: to cwd)
     after_any: tuple[str, ...] = ()  # start once these ended, however they ended
     after_failed: tuple[str, ...] = ()  # start only if these failed or were cancelled
     time_limit_s: float | None = None  # --time: cancelled when an attempt runs longer

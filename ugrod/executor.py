@@ -316,7 +316,7 @@ class Executor:
         if not path:
             return None
         name = posixpath.basename(path.rstrip("/"))
-        here = await agent.list_checkpoints(job.id)
+        here = await agent.list_checkpoints(job.id, [path], job.spec.cwd)
         if any(f.path == path for f in here):
             return path
         found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []
@@ -633,17 +633,27 @@ class Executor:
             self.on_job_end(done)
 
     async def _newest_checkpoint(self, job: Job) -> str | None:
-        agent = self.agents.get(job.placement[0].node) if job.placement else None
-        if agent is None:
-            return job.resume_from
         try:
             async with asyncio.timeout(15):
-                files = await agent.list_checkpoints(job.id)
+                files = await self.checkpoint_list(job)
         except (TransportError, TimeoutError):
             return job.resume_from
         if not files:
             return job.resume_from
         return max(files, key=lambda f: (f.mtime, f.path)).path
+
+    async def checkpoint_list(self, job: Job) -> list[CheckpointFile]:
+        """The job's checkpoints on rank 0's node, oldest first: the one list ``results``
+        shows and a retry resumes from. What it reported saving, what is under
+        ``UGRO_CHECKPOINT_DIR``, and what its ``checkpoints`` glob matches (relative to
+        its cwd). Callers own the deadline; TransportError when the node does not answer.
+        """
+        agent = self.agents.get(job.placement[0].node) if job.placement else None
+        if agent is None:
+            return []
+        patterns = [*job.checkpoints[-100:], *([job.spec.checkpoints]
+                                               if job.spec.checkpoints else [])]
+        return await agent.list_checkpoints(job.id, patterns, job.spec.cwd)
 
     async def _request_checkpoint(self, job: Job) -> None:
         for p in job.placement:

@@ -68,6 +68,7 @@ class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     progress_rank: int | None = None
     loss_key: str | None = None
     stop_grace_s: float | None = None
+    checkpoints: str | None = None
     request_id: str | None = None
 
 
@@ -185,6 +186,11 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
     nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
     if body.stop_grace_s is not None and not 0.1 <= body.stop_grace_s <= 3600:
         raise SpecError("stop_grace_s must be 0.1 s .. 1 hour")
+    if body.checkpoints is not None and (
+            not body.checkpoints.strip() or len(body.checkpoints) > 1024
+            or any(c in body.checkpoints for c in "\x00\n\r")):
+        raise SpecError("checkpoints must be one glob pattern of at most 1024 characters, "
+                        "e.g. 'out/checkpoint-*'")
     return ev.JobSpec(
         argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
         gpus_per_node=body.gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
@@ -198,7 +204,8 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         after_failed=tuple(body.after_failed), time_limit_s=time_limit_s,
         stall_timeout_s=body.stall_timeout_s,
         stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s,
-        progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s)
+        progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s,
+        checkpoints=body.checkpoints)
 
 
 def progress_spec(body: SubmitBody, nodes: int) -> ev.ProgressSpec | None:

@@ -19,7 +19,8 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   status RUN_DIR                        {"pid", "alive", "exit_code", "pids"}
   kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
-  checkpoint RUN_DIR | ls-checkpoints DIR | free-port [LOW HIGH] | reach HOST PORT TIMEOUT
+  checkpoint RUN_DIR | ls-checkpoints DIR [CWD PATTERN...] | free-port [LOW HIGH]
+  reach HOST PORT TIMEOUT
 """
 
 from __future__ import annotations
@@ -377,25 +378,50 @@ def cmd_checkpoint(run_dir: str) -> Answer:
     return 0, {"requested": True}
 
 
-def cmd_ls_checkpoints(directory: str) -> Answer:
-    found = []
+MAX_CHECKPOINTS = 1000
+
+
+def cmd_ls_checkpoints(directory: str, cwd: str = "", patterns: list[str] | None = None
+                       ) -> Answer:
+    """DIR's entries, plus what each glob PATTERN matches (relative ones: under CWD, else
+    here), at most MAX_CHECKPOINTS, oldest first; a directory counts as one checkpoint."""
+    import glob
+
     try:
-        entries = list(os.scandir(directory))
+        paths = [e.path for e in os.scandir(directory)]
     except FileNotFoundError:
-        entries = []
-    for entry in entries:
-        if entry.name.startswith(".") or ".tmp" in entry.name:
+        paths = []
+    base = cwd or os.getcwd()
+    for pattern in patterns or []:
+        full = pattern if os.path.isabs(pattern) else os.path.join(base, pattern)
+        if os.path.lexists(full):  # a reported path: itself, whatever characters it holds
+            paths.append(full)
+        paths.extend(glob.glob(full)[:MAX_CHECKPOINTS])
+    found, seen = [], set()
+    for path in paths:
+        path = os.path.normpath(path)
+        name = os.path.basename(path)
+        if path in seen or name.startswith(".") or ".tmp" in name:
             continue
-        st = entry.stat()
+        seen.add(path)
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
         size, mtime = st.st_size, st.st_mtime
-        if entry.is_dir():
+        if os.path.isdir(path):
             size = 0
-            for root, _dirs, files in os.walk(entry.path):
-                for name in files:
-                    fst = os.stat(os.path.join(root, name))
+            for root, _dirs, files in os.walk(path):
+                for f in files:
+                    try:
+                        fst = os.stat(os.path.join(root, f))
+                    except OSError:
+                        continue
                     size += fst.st_size
                     mtime = max(mtime, fst.st_mtime)
-        found.append({"path": entry.path, "size_bytes": size, "mtime": mtime})
+        found.append({"path": path, "size_bytes": size, "mtime": mtime})
+        if len(found) >= MAX_CHECKPOINTS:
+            break
     return 0, sorted(found, key=lambda c: (c["mtime"], c["path"]))
 
 
@@ -432,7 +458,7 @@ def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
     if cmd == "checkpoint":
         return cmd_checkpoint(args[0])
     if cmd == "ls-checkpoints":
-        return cmd_ls_checkpoints(args[0])
+        return cmd_ls_checkpoints(args[0], args[1] if len(args) > 1 else "", args[2:])
     if cmd == "free-port":
         return cmd_free_port(*(int(a) for a in args[:2])) if args else cmd_free_port(0, 0)
     if cmd == "reach":

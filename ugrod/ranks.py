@@ -451,10 +451,15 @@ class NodeAgent:
         if not result.ok:
             raise TransportError(self.node, f"checkpoint request {rd}: {result.stderr_line()}")
 
-    async def list_checkpoints(self, job: str) -> list[CheckpointFile]:
-        reply = self._reply(
-            await self._call("ls-checkpoints", await self.checkpoint_dir(job)), "ls-checkpoints"
-        )
+    async def list_checkpoints(
+        self, job: str, patterns: Sequence[str] = (), cwd: str | None = None
+    ) -> list[CheckpointFile]:
+        """The job's checkpoint dir, plus what the glob ``patterns`` match on the node
+        (relative ones under ``cwd``, else the wrapper's directory, where ranks start)."""
+        args = ["ls-checkpoints", await self.checkpoint_dir(job)]
+        if patterns:
+            args += [cwd or "", *patterns]
+        reply = self._reply(await self._call(*args), "ls-checkpoints")
         try:
             found = msgspec.convert(reply, list[_Checkpoint])
         except msgspec.ValidationError as exc:

@@ -109,8 +109,13 @@ def test_trainer_scripts_progress_checkpoint_cancel_and_lasting_results(
     d.ctl("submit", "--name", "hostile", "--no-torchrun", "--", sys.executable, "-c", hostile,
           check=True)
     # 2. A plain Trainer script (no UGRO code) and one with the callback, on both nodes.
-    d.ctl("submit", "--name", "plain", "--no-torchrun", *ENV, "--", sys.executable, HF,
-          "--no-ugro", "--steps", "400", "--sleep-per-step", "0.1", check=True)
+    # It saves where the Trainer does by default (its output dir), found by --checkpoints.
+    workdir = d.base / "plain-wd"
+    workdir.mkdir()
+    d.ctl("submit", "--name", "plain", "--no-torchrun", *ENV, "--cwd", str(workdir),
+          "--checkpoints", "out/checkpoint-*", "--", sys.executable, HF, "--no-ugro",
+          "--output-dir", "out", "--save-steps", "2", "--steps", "400",
+          "--sleep-per-step", "0.1", check=True)
     d.ctl("submit", "--name", "hf", "--nodes", "2", *ENV, "--stop-grace", "40", "--", HF,
           "--steps", "400", "--sleep-per-step", "0.1", check=True)
 
@@ -141,6 +146,8 @@ def test_trainer_scripts_progress_checkpoint_cancel_and_lasting_results(
     plain_before = d.ctl_json("results", "plain")
     assert plain_before["summary"]["source"] == "progress.jsonl"
     assert plain_before["summary"]["final_loss"] is not None
+    found = [c["path"] for c in plain_before["checkpoints"]]
+    assert found and all(p.startswith(str(workdir / "out" / "checkpoint-")) for p in found)
     d.stop()
     d.start()
     assert d.ctl_json("results", "hf") == before

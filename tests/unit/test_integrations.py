@@ -92,6 +92,7 @@ def test_progress_and_stop_settings_in_a_job_spec() -> None:
     assert s.progress.formats == ("hf", "kv") and s.progress.rank == 1  # type: ignore[attr-defined]
     assert s.progress.loss_key == "val/loss" and s.stop_grace_s == 30  # type: ignore[attr-defined]
     assert spec().progress is None  # type: ignore[attr-defined]
+    assert spec(checkpoints="out/checkpoint-*").checkpoints == "out/checkpoint-*"  # type: ignore[attr-defined]
     assert spec(progress=["none"]).progress.formats == ()  # type: ignore[attr-defined]
 
 
@@ -101,6 +102,8 @@ def test_progress_and_stop_settings_in_a_job_spec() -> None:
     ({"loss_key": "///"}, "loss_key '///' is not a metric name"),
     ({"stop_grace_s": 0.0}, "stop_grace_s must be 0.1 s .. 1 hour"),
     ({"stop_grace_s": 1e9}, "stop_grace_s must be 0.1 s .. 1 hour"),
+    ({"checkpoints": "a\nb"}, "checkpoints must be one glob pattern"),
+    ({"checkpoints": "x" * 2000}, "checkpoints must be one glob pattern"),
 ])
 def test_bad_progress_or_stop_settings_are_refused(kw: dict[str, object], message: str) -> None:
     with pytest.raises(jobspec.SpecError, match=message.replace(".", r"\.")):

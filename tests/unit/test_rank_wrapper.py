@@ -340,3 +340,22 @@ def test_serve_answers_requests_until_stdin_ends(tmp_path: Path) -> None:
     assert replies[4]["out"]["signalled"] == [pid]
     assert replies[5]["rc"] == 1 and "JSONDecodeError" in replies[5]["err"]
     assert wait_for(tmp_path / "r" / "exit_code").strip() == str(128 + signal.SIGKILL)
+
+
+def test_checkpoint_listing_with_a_glob_and_reported_paths(tmp_path: Path) -> None:
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    (ckpt / "step-1.pt").write_bytes(b"1")
+    out = tmp_path / "wd" / "out"
+    for n in (2, 4):
+        (out / f"checkpoint-{n}").mkdir(parents=True)
+        (out / f"checkpoint-{n}" / "model.bin").write_bytes(b"x" * n)
+    (out / "runs").mkdir()
+    elsewhere = tmp_path / "saved [1].pt"  # a reported path is itself, brackets and all
+    elsewhere.write_bytes(b"abc")
+    listed = json.loads(subprocess.run(
+        [sys.executable, WRAPPER, "ls-checkpoints", str(ckpt), str(tmp_path / "wd"),
+         "out/checkpoint-*", str(elsewhere), str(tmp_path / "gone.pt")],
+        capture_output=True).stdout)
+    assert sorted((Path(c["path"]).name, c["size_bytes"]) for c in listed) == [
+        ("checkpoint-2", 2), ("checkpoint-4", 4), ("saved [1].pt", 3), ("step-1.pt", 1)]
