@@ -20,10 +20,12 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# a second local user: tests check that another user's requests meet ugrod's owner checks
+# A second real local user for the trust tests (tests/integration/test_trust.py): jobs run
+# as their owners, and this one must not reach root's. Idempotent.
 if ! id ugro-other >/dev/null 2>&1; then
+  echo "== useradd ugro-other (a second user for the trust tests)"
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
-  $SUDO useradd --system --no-create-home --shell /usr/sbin/nologin ugro-other
+  $SUDO useradd --create-home --shell /bin/sh ugro-other
 fi
 
 PY=${PYTHON:-python3}
@@ -35,8 +37,6 @@ pipq() {
   rm -f "$log"
 }
 pipq install --require-hashes -r requirements/test.lock
-echo "== npm ci + copy of the dashboard's chart library (uPlot) into the package"
-bash scripts/dashboard_assets.sh
 pipq install --no-deps -e .
 
 if [ -f grafana/schema-check/package.json ]; then

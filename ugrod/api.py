@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from ugrod import commands, jobspec
+from ugrod import commands, jobspec, trust
 from ugrod import events as ev
 from ugrod import render_json as rj
 from ugrod.commands import Refused
@@ -44,7 +44,14 @@ class ApiError(Exception):
 
 
 def peer(request: web.Request) -> ev.Actor:
-    """The connecting process's user, from SO_PEERCRED (Unix sockets only)."""
+    """The connecting process's user, from SO_PEERCRED (Unix sockets only).
+
+    The middleware reads it once per request (and refuses peers the policy does not
+    admit); handlers get the same object.
+    """
+    known = request.get("actor")
+    if known is not None:
+        return known  # type: ignore[no-any-return]
     sock = request.transport.get_extra_info("socket") if request.transport else None
     if sock is None or sock.family != socket.AF_UNIX:
         raise ApiError(403, "forbidden", "only local Unix-socket clients are accepted")
@@ -114,6 +121,12 @@ def _errors(daemon: Daemon) -> Any:
         if gate is not None:
             gate.begin(request.transport)  # a connection with a request in progress stays
         try:
+            actor = peer(request)
+            try:
+                daemon.policy.admit(actor.uid or 0, actor.user)
+            except trust.Refused as exc:
+                raise ApiError(403, "forbidden", str(exc)) from None
+            request["actor"] = actor
             resp = await handler(request)
             status = resp.status
             return resp
@@ -238,16 +251,37 @@ class Handlers:
         return job
 
     def _own(self, actor: ev.Actor, job: Job, verb: str) -> None:
-        if actor.uid != 0 and actor.uid != job.uid and actor.uid != os.getuid():
-            raise ApiError(403, "forbidden", f"only {job.owner} (the owner) or root may "
-                           f"{verb} job {job.id}")
+        """Only the job's owner and admins may change it (ugrod's own uid is nobody)."""
+        if actor.uid is None or not self.d.policy.may_see(actor.uid, job.uid):
+            raise ApiError(403, "forbidden", f"only {job.owner} (the owner) or "
+                           f"{self.d.policy.admin_phrase()} may {verb} job {job.id}")
 
-    def _job_json(self, job: Job) -> dict[str, Any]:
+    def _admin(self, request: web.Request, verb: str) -> ev.Actor:
+        actor = peer(request)
+        if actor.uid is None or not self.d.policy.is_admin(actor.uid):
+            raise ApiError(403, "forbidden", f"only {self.d.policy.admin_phrase()} may "
+                           f"{verb}; {actor.user} may not")
+        return actor
+
+    def _job_json(self, job: Job, viewer: ev.Actor | None = None) -> dict[str, Any]:
+        """A job as ``viewer`` may see it: someone else's env values and metrics hidden."""
+        if viewer is not None and not self.d.policy.may_see(viewer.uid, job.uid):
+            out = rj.job(job, None)
+            out["spec"]["env"] = trust.redact_env(job.spec.env)
+            return out
         return rj.job(job, self.d.executor.latest.get(job.id))
 
-    async def _job_answer(self, job_id: str, status: int = 200) -> web.Response:
-        return _json({"job": self._job_json(self.d.ledger.state.jobs[job_id])},
-                                 status=status)
+    def _may_see(self, request: web.Request, job: Job, what: str) -> None:
+        actor = peer(request)
+        if not self.d.policy.may_see(actor.uid, job.uid):
+            raise ApiError(403, "forbidden", f"only {job.owner} (the owner) or "
+                           f"{self.d.policy.admin_phrase()} may read the {what} of job "
+                           f"{job.id}")
+
+    async def _job_answer(self, job_id: str, status: int = 200,
+                          viewer: ev.Actor | None = None) -> web.Response:
+        return _json({"job": self._job_json(self.d.ledger.state.jobs[job_id], viewer)},
+                     status=status)
 
     # ---- daemon and nodes --------------------------------------------------
 
@@ -273,7 +307,7 @@ class Handlers:
         return name
 
     async def drain(self, request: web.Request) -> web.Response:
-        actor, name = peer(request), self._node_name(request)
+        actor, name = self._admin(request, "drain nodes"), self._node_name(request)
         body = await _body(request, dict[str, str])
         state = await self.d.ledger.record(actor, ev.NodeDrained(
             node=name, reason=body.get("reason", "")[:500]))
@@ -281,7 +315,7 @@ class Handlers:
                                       rj.held_gpus(state).get(name, ()))})
 
     async def undrain(self, request: web.Request) -> web.Response:
-        actor, name = peer(request), self._node_name(request)
+        actor, name = self._admin(request, "undrain nodes"), self._node_name(request)
         if not self.d.ledger.state.nodes[name].drained:
             raise ApiError(409, "conflict", f"node {name} is not drained")
         state = await self.d.ledger.record(actor, ev.NodeUndrained(node=name))
@@ -299,17 +333,16 @@ class Handlers:
         return _json(await self.d.host_key(name))
 
     async def trust(self, request: web.Request) -> web.Response:
-        actor, name = peer(request), self._node_name(request)
+        self._admin(request, "trust host keys")
+        name = self._node_name(request)
         body = await _body(request, dict[str, str])
-        if actor.uid not in (0, os.getuid()):
-            raise ApiError(403, "forbidden", "only root or ugrod's user may trust host keys")
         line = body.get("line")
         if not isinstance(line, str) or not line:
             raise ApiError(400, "bad_request", "missing 'line': the known_hosts line to trust")
         return _json(await self.d.trust_host_key(name, line))
 
     async def reload(self, request: web.Request) -> web.Response:
-        peer(request)
+        self._admin(request, "reload the configuration")
         return _json(await self.d.reload())
 
     # ---- jobs ----------------------------------------------------------------
@@ -322,10 +355,11 @@ class Handlers:
             active = list(state.active_jobs())
             ended = [state.jobs[j] for j in self.d.recent_ended(50)]
             chosen = ended + active
-        return _json({"jobs": [self._job_json(j) for j in chosen]})
+        viewer = peer(request)
+        return _json({"jobs": [self._job_json(j, viewer) for j in chosen]})
 
     async def job(self, request: web.Request) -> web.Response:
-        return _json({"job": self._job_json(self._job(request))})
+        return _json({"job": self._job_json(self._job(request), peer(request))})
 
     async def submit(self, request: web.Request) -> web.Response:
         actor = peer(request)
@@ -334,7 +368,7 @@ class Handlers:
         if body.request_id is not None:
             prior = state.requests.get(body.request_id)
             if prior is not None:  # a client retrying after a lost answer: same job, once
-                return await self._job_answer(prior, status=200)
+                return await self._job_answer(prior, status=200, viewer=actor)
         spec = self.d.job_spec(body)
         name = check_name("job", body.name) if body.name else ""
         why = self.d.check_fits(spec)
@@ -484,6 +518,7 @@ class Handlers:
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
+        self._may_see(request, job, "logs")
         rank_q = request.query.get("rank")
         ranks = [p.rank for p in job.placement] or [0]
         if rank_q is not None:
@@ -573,6 +608,7 @@ class Handlers:
 
     async def results(self, request: web.Request) -> web.Response:
         job = self._job(request)
+        self._may_see(request, job, "results (metrics and checkpoints)")
         return _json(await self.d.results(job))
 
     async def why(self, request: web.Request) -> web.Response:
@@ -581,10 +617,16 @@ class Handlers:
             history = await asyncio.to_thread(self.d.why, job.id)
         except LogError as exc:
             raise _log_damaged(exc) from None
-        return _json({"job": self._job_json(job), "history": history})
+        return _json({"job": self._job_json(job, peer(request)), "history": history})
 
     async def queue(self, request: web.Request) -> web.Response:
-        return _json({"queue": self.d.queue_view()})
+        viewer = peer(request)
+        queue = self.d.queue_view()
+        for item in queue:
+            j = self.d.ledger.state.jobs.get(item["job"]["id"])
+            if j is not None:
+                item["job"] = self._job_json(j, viewer)
+        return _json({"queue": queue})
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         q = request.query
@@ -601,6 +643,10 @@ class Handlers:
                            "an integer from 1 to 10000000, and since an ISO-8601 UTC time "
                            "like 2026-11-22T10:00:00Z") from None
         follow = q.get("follow") in ("1", "true")
+        viewer = peer(request)
+        policy, jobs = self.d.policy, self.d.ledger.state.jobs
+        hide = None if policy.is_admin(viewer.uid or 0) and viewer.uid is not None else (
+            lambda job_id: not policy.may_see(viewer.uid, getattr(jobs.get(job_id), "uid", -1)))
         resp = web.StreamResponse(headers={"Content-Type": "application/x-ndjson"})
         sub = self.d.ledger.subscribe() if follow else None
         self.streams += follow
@@ -608,7 +654,7 @@ class Handlers:
             last = after
             try:  # read before answering: a damaged segment is a clear error, not a cut stream
                 lines = await asyncio.to_thread(
-                    _filtered_history, self.d.ledger, after, job_filter, since, limit)
+                    _filtered_history, self.d.ledger, after, job_filter, since, limit, hide)
             except LogError as exc:
                 raise _log_damaged(exc) from None
             await resp.prepare(request)
@@ -621,7 +667,7 @@ class Handlers:
                     break
                 if rec.seq <= last or not _matches(rec, job_filter, since):
                     continue
-                await resp.write(ev.encode(rec) + b"\n")
+                await resp.write(ev.encode(_redacted(rec, hide)) + b"\n")
                 last = rec.seq
         except ConnectionError:
             pass  # the client went away mid-write: nothing more to say to it
@@ -647,6 +693,9 @@ class Handlers:
         sweep = self.d.ledger.state.sweeps.get(name)
         if sweep is None:
             raise ApiError(404, "not_found", f"no sweep named {name!r}")
+        first = self.d.ledger.state.jobs.get(sweep.jobs[0]) if sweep.jobs else None
+        if first is not None:
+            self._may_see(request, first, "results")
         return _json(self.d.sweep_view(sweep))
 
     async def sweep_cancel(self, request: web.Request) -> web.Response:
@@ -776,8 +825,19 @@ def _matches(rec: ev.Record, job: str | None, since: float | None) -> bool:
     return getattr(e, "job", None) == job or job in getattr(e, "jobs", ())
 
 
+def _redacted(rec: ev.Record, hide: Callable[[str], bool] | None) -> ev.Record:
+    """The record with a job spec's env values replaced, when ``hide(job)`` says so."""
+    e = rec.event
+    spec = getattr(e, "spec", None)
+    if hide is None or spec is None or not spec.env or not hide(getattr(e, "job", "")):
+        return rec
+    spec = msgspec.structs.replace(spec, env=trust.redact_env(spec.env))
+    return msgspec.structs.replace(rec, event=msgspec.structs.replace(e, spec=spec))
+
+
 def _filtered_history(ledger: Any, after: int, job: str | None, since: float | None,
-                      limit: int | None) -> list[tuple[int, bytes]]:
+                      limit: int | None, hide: Callable[[str], bool] | None = None,
+                      ) -> list[tuple[int, bytes]]:
     out: list[tuple[int, bytes]] = []
     needle = f'"job":{json.dumps(job)}'.encode() if job else None
     for line in ledger.history(after_seq=after):
@@ -786,6 +846,10 @@ def _filtered_history(ledger: Any, after: int, job: str | None, since: float | N
         rec = ev.decode(line)
         if not _matches(rec, job, since):
             continue
+        if hide is not None and b'"env":{"' in line:
+            redacted = _redacted(rec, hide)
+            if redacted is not rec:
+                line = ev.encode(redacted)
         out.append((rec.seq, line))
     if limit is not None:
         out = out[-limit:]

@@ -12,6 +12,7 @@ one line each as ``FILE: KEY.PATH: what was expected, got what``.
 
 from __future__ import annotations
 
+import difflib
 import os
 import re
 import string
@@ -76,6 +77,31 @@ class ClusterConfig(msgspec.Struct, frozen=True, kw_only=True):
     ssh_keepalive_s: float = 15.0
     state_dir: Path | None = None
     socket: Path | None = None
+    # Members of this group may drain/undrain/reload/trust nodes and change others' jobs
+    # (root always may). None: root alone.
+    admin_group: str | None = None
+    # The socket is 0660 root:socket_group (who may submit at all); None: ugrod's group.
+    socket_group: str | None = None
+    # A cgroup per rank where the wrapper can make one (root, cgroup v2); false: never.
+    cgroups: bool = True
+
+
+class RemoteAccount(msgspec.Struct, frozen=True, kw_only=True):
+    """The SSH account one owner's ranks run as (on one node, or on every node)."""
+
+    user: str
+    identity_file: Path | None = None
+
+
+class UserMapping(msgspec.Struct, frozen=True, kw_only=True):
+    """``users.OWNER``: the remote account for OWNER's jobs, cluster-wide and per node."""
+
+    default: RemoteAccount | None = None
+    nodes: Mapping[str, RemoteAccount] = msgspec.field(
+        default_factory=lambda: types.MappingProxyType({}))
+
+    def account(self, node: str) -> RemoteAccount | None:
+        return self.nodes.get(node) or self.default
 
 
 class NodeConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -233,7 +259,16 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     health: HealthConfig = HealthConfig()
     metrics: MetricsConfig = MetricsConfig()
     api: ApiConfig = ApiConfig()
+    # owner (local user name) -> the remote account their jobs run as on SSH nodes;
+    # owners not listed run as nodes.X.user (a shared account: see README, Security).
+    users: Mapping[str, UserMapping] = msgspec.field(
+        default_factory=lambda: types.MappingProxyType({}))
     source: Path | None = None
+
+    def remote_account(self, owner: str, node: str) -> RemoteAccount | None:
+        """The account ``owner``'s ranks use on SSH node ``node`` (None: the node's user)."""
+        mapping = self.users.get(owner)
+        return mapping.account(node) if mapping is not None else None
 
     def node_specs(self) -> tuple[NodeSpec, ...]:
         """The nodes as the events ``node_added``/``node_updated`` carry them."""
@@ -275,7 +310,7 @@ def node_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[s
 # ---- the schema: one reader per section -----------------------------------
 
 SECTIONS: Final = ("cluster", "nodes", "training", "paths", "scheduler", "health", "metrics",
-                   "api")
+                   "api", "users")
 NODE_KEYS: Final = ("ip", "host", "hostname", "port", "user", "identity_file", "work_dir",
                     "transport", "python", "gpu", "vram_gb", "gpus", "rank", "role", "labels",
                     "gpu_exporter")
@@ -299,10 +334,11 @@ def _read_config(r: Reader, data: Any) -> Config | None:
     top = r.section({k: v for k, v in data.items()
                      if not (isinstance(k, str) and k.startswith("x-"))}, "", SECTIONS) or {}
     cluster = _read_cluster(r, top.get("cluster"))
+    nodes = (_read_nodes(r, top["nodes"]) if "nodes" in top else (local_node(env=r.env),))
     return Config(
         cluster=cluster,
-        nodes=(_read_nodes(r, top["nodes"]) if "nodes" in top
-               else (local_node(env=r.env),)),
+        nodes=nodes,
+        users=_read_users(r, top.get("users"), nodes),
         training=_read_training(r, top.get("training")),
         paths=_read_paths(r, top.get("paths")),
         scheduler=_read_scheduler(r, top.get("scheduler")),
@@ -345,7 +381,74 @@ def _read_cluster(r: Reader, raw: Any) -> ClusterConfig:
         ssh_keepalive_s=r.get(m, w, "ssh_keepalive_s", r.number(1, 300), 15.0),
         state_dir=r.get(m, w, "state_dir", r.local_path, None),
         socket=r.get(m, w, "socket", r.local_path, None),
+        admin_group=r.get(m, w, "admin_group", r.matching(USER_RE, "a group name"), None),
+        socket_group=r.get(m, w, "socket_group", r.matching(USER_RE, "a group name"), None),
+        cgroups=r.get(m, w, "cgroups", r.boolean, True),
     )
+
+
+def _read_users(r: Reader, raw: Any, nodes: Sequence[NodeConfig]) -> Mapping[str, UserMapping]:
+    """users: {OWNER: {user, identity_file, nodes: {NODE: {user, identity_file}}}}."""
+    if raw is None:
+        return types.MappingProxyType({})
+    if not isinstance(raw, dict):
+        r.fail("users", f"expected a mapping of user name to remote account "
+                        f"({{user, identity_file, nodes}}), got {show(raw)}")
+        return types.MappingProxyType({})
+    names = [n.name for n in nodes]
+    ssh = {n.name for n in nodes if n.transport == "ssh"}
+    remote = r.matching(USER_RE, "a remote user name")
+
+    def account(m: Mapping[str, Any], at: str) -> RemoteAccount | None:
+        if "user" not in m:
+            if "identity_file" in m:
+                r.fail(at, "missing 'user': the remote account that identity_file logs in as")
+            return None
+        return RemoteAccount(user=r.get(m, at, "user", remote, ""),
+                             identity_file=r.get(m, at, "identity_file", r.local_path, None))
+
+    out: dict[str, UserMapping] = {}
+    for owner, body in raw.items():
+        if not isinstance(owner, str):
+            r.fail("users", f"user names must be strings, got {show(owner)}")
+            continue
+        at = join_key("users", owner)
+        if not USER_RE.fullmatch(owner):
+            r.fail(at, "expected a local user name (the owner of the jobs)")
+        m = r.section(body, at, ("user", "identity_file", "nodes"),
+                      what="a mapping {user, identity_file, nodes}")
+        if m is None:
+            continue
+        per_node: dict[str, RemoteAccount] = {}
+        raw_nodes = m.get("nodes")
+        if raw_nodes is not None and not isinstance(raw_nodes, dict):
+            r.fail(join_key(at, "nodes"), f"expected a mapping of node name to "
+                                          f"{{user, identity_file}}, got {show(raw_nodes)}")
+        for node, nbody in (raw_nodes or {}).items() if isinstance(raw_nodes, dict) else ():
+            nat = join_key(join_key(at, "nodes"), str(node))
+            if node not in names:
+                close = difflib.get_close_matches(str(node), names, n=1, cutoff=0.6)
+                hint = f"did you mean {close[0]!r}?" if close else \
+                    "expected one of the nodes: " + ", ".join(names)
+                r.fail(nat, f"no node named {node!r}; {hint}")
+                continue
+            if node not in ssh:
+                r.fail(nat, "is the local node: its jobs run as their owner's own account, "
+                            "with no SSH login to map")
+                continue
+            nm = r.section(nbody, nat, ("user", "identity_file"),
+                           what="a mapping {user, identity_file}")
+            acc = account(nm, nat) if nm is not None else None
+            if nm is not None and acc is None:
+                r.fail(nat, "missing 'user': the remote account on this node")
+            if acc is not None:
+                per_node[node] = acc
+        default = account(m, at)
+        if default is None and not per_node:
+            r.fail(at, "expected 'user' (the remote account on every SSH node) or 'nodes' "
+                       "(per node)")
+        out[owner] = UserMapping(default=default, nodes=types.MappingProxyType(per_node))
+    return types.MappingProxyType(out)
 
 
 def _read_nodes(r: Reader, raw: Any) -> tuple[NodeConfig, ...]:

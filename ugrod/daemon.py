@@ -21,7 +21,7 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import __version__, admission, job_results, jobspec, planner, reports, time_limits
+from ugrod import __version__, admission, job_results, jobspec, planner, reports, time_limits, trust
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import progress_formats as pf
@@ -59,6 +59,7 @@ class Daemon:
         self.socket_path = socket_path
         self.grace_s = grace_s
         self._log_options = dict(log_options or {})  # tests inject a failing fdatasync here
+        self.policy = trust.Policy(trust.detect_mode(), admin_group=config.cluster.admin_group)
         self.stats = RuntimeStats()
         self.ledger: Ledger = None  # type: ignore[assignment]  # set in start()
         self.executor: Executor = None  # type: ignore[assignment]
@@ -86,6 +87,16 @@ class Daemon:
     async def start(self) -> None:
         """Recover state, reconcile nodes with the config, re-attach jobs, then listen."""
         t0 = time.perf_counter()
+        # Everything ugrod writes is its own (0600/0700): the event log and the central
+        # job dirs hold other users' secrets, which only the API shows, to their owners.
+        os.umask(0o077)
+        self.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(self.state_dir, 0o700)
+        logger.info("trust: %s mode (%s)", self.policy.mode, {
+            trust.Mode.ROOT: "jobs run as their owners",
+            trust.Mode.SERVICE: "CAP_SETUID/CAP_SETGID: jobs run as their owners",
+            trust.Mode.DEVELOPMENT: "jobs run as ugrod's user, who alone may use the socket",
+        }[self.policy.mode])
         self.ledger = await asyncio.to_thread(
             functools.partial(Ledger.open, self.state_dir, on_batch=self._on_batch,
                               **self._log_options))
@@ -111,6 +122,7 @@ class Daemon:
         self.executor.agents = self.agents
         self.executor.rank0_bind = self._node_host
         self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
+        self.executor.run_as = self._run_as
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
         await self._reconcile_nodes(self.config)
         await self._inventory(self.config)
@@ -182,7 +194,13 @@ class Daemon:
 
     async def _listen(self) -> None:
         path = self.socket_path
-        path.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+        group = self._socket_gid()
+        if not path.parent.exists():
+            # Other users must reach the socket when jobs run as their owners; in
+            # development mode nobody else may.
+            path.parent.mkdir(parents=True, exist_ok=True,
+                              mode=0o755 if self.policy.switches_users else 0o700)
+            os.chmod(path.parent, 0o755 if self.policy.switches_users else 0o700)
         if path.exists() or path.is_symlink():
             if _socket_alive(path):
                 raise SystemExit(f"ugrod: another ugrod answers on {path}")
@@ -206,6 +224,8 @@ class Daemon:
             await site.start()
         finally:
             os.umask(old)
+        if group is not None:
+            os.chown(path, -1, group)
         os.chmod(path, 0o660)
         m = self.config.metrics
         if m.enabled:
@@ -221,6 +241,39 @@ class Daemon:
                 logger.error("metrics listener on %s:%d failed: %s", m.host, m.port, exc)
 
     metrics_port: int | None = None
+
+    def _socket_gid(self) -> int | None:
+        """cluster.socket_group's gid (who may connect); None: ugrod's own group."""
+        name = self.config.cluster.socket_group
+        if name is None:
+            return None
+        import grp
+        try:
+            return grp.getgrnam(name).gr_gid
+        except KeyError:
+            raise SystemExit(f"ugrod: cluster.socket_group: no group named {name!r} on this "
+                             f"machine (see `getent group`)") from None
+
+    def _run_as(self, job: Job, node: str) -> Mapping[str, Any] | None:
+        """The account a rank of ``job`` runs as on ``node`` (None: the wrapper's own).
+
+        On the head node, when ugrod may switch users, that is the job's owner (never
+        root for someone else); on SSH nodes it is the login the node's agent uses.
+        """
+        spec = self.ledger.state.nodes[node].spec
+        if spec.transport != "local" or not self.policy.switches_users:
+            return None
+        from ugrod.executor import LaunchError
+        if job.uid is None:
+            raise LaunchError(f"job {job.id} has no owner uid (submitted before ugrod "
+                              f"recorded one): resubmit it")
+        if job.uid == os.geteuid():
+            return None
+        try:
+            return trust.account(job.uid).run_as()
+        except trust.NoSuchUser as exc:
+            raise LaunchError(f"cannot run job {job.id} as its owner {job.owner}: {exc}") \
+                from None
 
     def _on_batch(self, n_events: int, n_bytes: int, fsync_s: float) -> None:
         # Called from the log's writer thread: plain counter updates only.
@@ -310,8 +363,12 @@ class Daemon:
         self.transports[spec.name] = transport
         work_dir = spec.work_dir
         if spec.transport == "local" and self.config.source is None:
-            work_dir = str(self.state_dir / "work")
-        return NodeAgent(transport, work_dir, spec.python)
+            # Ranks of other users must reach their run dirs: not inside the 0700 state
+            # dir then, but beside it (made 0711; each run dir is its owner's, 0700).
+            work_dir = str(self.state_dir / "work") if not self.policy.switches_users else \
+                str(self.state_dir.parent / f"{self.state_dir.name}-work")
+        return NodeAgent(transport, work_dir, spec.python, clean_env=spec.transport == "local",
+                         cgroups=self.config.cluster.cgroups)
 
     async def _reconcile_nodes(self, config: cfgmod.Config) -> dict[str, list[str]]:
         """Turn the config's nodes into node_added/updated/removed events."""
@@ -398,6 +455,7 @@ class Daemon:
         changes = await self._reconcile_nodes(new)
         old_agents = self.agents
         self.config = new
+        self.policy = trust.Policy(self.policy.mode, admin_group=new.cluster.admin_group)
         for name in changes["removed"]:
             old_agents.pop(name, None)
             t = self.transports.pop(name, None)

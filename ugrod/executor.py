@@ -64,6 +64,11 @@ class Executor:
         # (job, attempt, rank) -> why its watch and status both failed: supervision ends it
         self._watch_failures: dict[tuple[str, int, int], BaseException] = {}
         self.rank0_bind: Callable[[str], str] = lambda node: ""
+        # The account a rank of this job runs as on that node (the rank wrapper's run_as),
+        # or None for the wrapper's own; raises LaunchError when there is none allowed.
+        self.run_as: Callable[[Job, str], Mapping[str, Any] | None] = lambda job, node: None
+        # attempt -> rank -> (count, names) of processes a rank's main process left behind
+        self._leftovers: dict[tuple[str, int], dict[int, tuple[int, tuple[str, ...]]]] = {}
         self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
         # job -> (attempt, loop times of its last step advances): the watchdog's step interval
@@ -254,7 +259,8 @@ class Executor:
         run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
         env = self.rank_env(job, p, run_dir, checkpoint_dir, resume_from)
         argv = self.rank_argv(job, p, agent)
-        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, job.spec.cwd)
+        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, job.spec.cwd,
+                                 run_as=self.run_as(job, p.node))
 
     def rank_argv(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> list[str]:
         spec = job.spec
@@ -541,16 +547,27 @@ class Executor:
                 exits.put_nowait((p, None))
         await asyncio.gather(*(one(p, a) for p, a in zip(job.placement, agents, strict=True)))
 
+    def _leftover_note(self, job_id: str, attempt: int) -> str:
+        """'; rank 0 left 2 processes running after it exited (sleep), killed' or ''."""
+        found = self._leftovers.pop((job_id, attempt), {})
+        parts = []
+        for rank, (count, names) in sorted(found.items()):
+            what = f" ({', '.join(names)})" if names else ""
+            parts.append(f"rank {rank} left {count} process{'es' if count != 1 else ''}"
+                         f"{what} running after its main process exited: killed")
+        return "; " + "; ".join(parts) if parts else ""
+
     async def _finish(self, job_id: str, attempt: int, codes: dict[int, int],
                       agents: list[NodeAgent], lost: dict[int, str] | None = None) -> None:
         job = self.ledger.state.jobs[job_id]
         if job.state not in ACTIVE or job.attempt != attempt:
             return
+        note = self._leftover_note(job_id, attempt)
         if lost:
             ranks = ", ".join(f"rank {r} on {n}" for r, n in sorted(lost.items()))
             nodes = ", ".join(sorted(set(lost.values())))
             await self._end(job, job.stopping or "failed",
-                            f"{job.reason}; the processes of {ranks} could not be confirmed "
+                            f"{job.reason}{note}; the processes of {ranks} could not be confirmed "
                             f"gone ({nodes} unreachable): ugrod kills any left when {nodes} "
                             f"answers again",
                             exit_code=next((c for c in codes.values() if c), None),
@@ -558,14 +575,15 @@ class Executor:
                             retryable=(job.stopping or "failed") == "failed")
             return
         if job.stopping is None and all(c == 0 for c in codes.values()):
-            await self._end(job, "succeeded", "all ranks exited 0", exit_code=0)
+            await self._end(job, "succeeded", f"all ranks exited 0{note}", exit_code=0)
             return
         outcome = job.stopping or "failed"
         bad = [(r, c) for r, c in sorted(codes.items()) if c != 0]
         exit_code = bad[0][1] if bad else 0
         failed_rank = bad[0][0] if bad and outcome != "cancelled" else None
         failed_node = next((p.node for p in job.placement if p.rank == failed_rank), None)
-        await self._end(job, outcome, job.reason, exit_code=exit_code, failed_rank=failed_rank,
+        await self._end(job, outcome, job.reason + note, exit_code=exit_code,
+                        failed_rank=failed_rank,
                         failed_node=failed_node, retryable=outcome == "failed")
 
     async def _end(self, job: Job, outcome: str, reason: str, *, exit_code: int | None = None,
@@ -713,6 +731,9 @@ class Executor:
                         if p.rank == 0:
                             await self._metric(job, item.data)
                     elif isinstance(item, RankExit):
+                        if item.leftovers:
+                            self._leftovers.setdefault((job.id, job.attempt), {})[p.rank] = (
+                                item.leftovers, item.leftover_names)
                         await exits.put((p, item.exit_code))
                         return
             except TransportError as exc:
@@ -793,8 +814,10 @@ class Executor:
         return self.jobs_root / job_id
 
     def _write_job_files(self, job: Job, jobdir: Path) -> None:
-        jobdir.mkdir(parents=True, exist_ok=True)
-        (jobdir / "checkpoints").mkdir(exist_ok=True)
+        # Only ugrod reads the central job dir (0700): owners read it through the API,
+        # which shows each job's logs, metrics and checkpoints to its owner alone.
+        jobdir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (jobdir / "checkpoints").mkdir(exist_ok=True, mode=0o700)
         config = {"job": job.id, "attempt": job.attempt, "owner": job.owner,
                   "spec": ev.to_builtins(job.spec),
                   "placement": ev.to_builtins(job.placement),
@@ -916,7 +939,7 @@ def _size(path: Path) -> int:
 
 
 def _append(path: Path, data: bytes) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o640)
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         os.write(fd, data)
     finally:
@@ -947,7 +970,7 @@ def _append_kept(path: Path, data: bytes) -> None:
 
 def _write_atomic(path: Path, data: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
+    with open(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())

@@ -52,7 +52,7 @@ class Ledger:
     def open(cls, state_dir: Path, clock: Callable[[], float] = time.time,
              **log_options: Any) -> Ledger:
         """Lock the state dir, recover the log, load the newest snapshot and replay the tail."""
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         # Sealed segments are checked fully when replay reads them; the ones wholly
         # before the snapshot are checked by verify_history() in the background, so
         # start-up time does not grow with the length of the log.

@@ -7,6 +7,20 @@ records its exit code, so ranks outlive the SSH channel and ugrod, and an exit t
 happens while nobody watches is still recorded. If rank and supervisor are both gone with
 no exit code (node rebooted, supervisor killed), the exit code reads as -1 (LOST).
 
+Containment: the supervisor is a child subreaper (PR_SET_CHILD_SUBREAPER), so every
+descendant that loses its parent (``setsid``, double forks, ``env -i``) is reparented to
+it and stays findable by ancestry. Where the wrapper runs as root and cgroup v2 is
+mounted, each rank also gets its own cgroup (CGROUP_BASE/r-HASH/rank; the supervisor
+sits in .../sup), and kill/status use that cgroup: nothing escapes it. When the rank's
+main process exits, whatever it left behind is killed and counted in ``leftovers``
+before ``exit_code`` is written, so a rank ends only when all its processes are gone.
+
+Ownership: a root wrapper given ``run_as`` in the spec starts the rank as that user
+(uid, gid, supplementary groups); the rank's run directory belongs to that user. Before
+touching a run directory that belongs to someone else, a root wrapper becomes its owner
+(never through a symbolic link), so nothing a job writes can make root read, write or
+signal anything the job's user could not. Files are created 0600 in 0700 directories.
+
 A pid is trusted only together with its start time (field 22 of /proc/PID/stat), so a
 reused pid is never signalled. The rank's environment carries UGRO_RUN_DIR=RUN_DIR, which
 finds descendants that left the process group (torchrun starts its workers in new
@@ -26,13 +40,19 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
 from __future__ import annotations
 
 import base64
+import contextlib
+import ctypes
 import fcntl
+import glob
+import hashlib
 import json
 import os
+import pwd
 import random
 import select
 import signal
 import socket
+import stat as stat_mod
 import subprocess
 import sys
 import time
@@ -45,6 +65,14 @@ MARKER = "UGRO_RUN_DIR"
 # Exit code of a rank that vanished with nobody to record its end (node rebooted,
 # supervisor killed): without it a watch would wait forever.
 LOST = -1
+# Per-rank cgroups live under CGROUP_MOUNT/ugro (root only; see make_cgroup).
+CGROUP_DIR = "ugro"
+# How long leftovers of an exited rank get between SIGTERM and SIGKILL.
+LEFTOVER_GRACE_S = 2.0
+# Environment a rank inherits from the wrapper when the spec asks for a clean one: the
+# login basics of the account it runs as; the job's own env is added on top.
+CLEAN_ENV_KEYS = ("HOME", "USER", "LOGNAME", "PATH", "SHELL", "LANG", "LANGUAGE", "TZ")
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin"
 if TYPE_CHECKING:  # (annotations only: nodes may run Python 3.8)
     Answer = tuple[int, Any]  # (exit code, JSON answer) of a command
 
@@ -127,6 +155,231 @@ def marked_pids(run_dirs: list[str]) -> dict[str, list[int]]:
     return found
 
 
+def ppid_map() -> dict[int, list[int]]:
+    children: dict[int, list[int]] = {}
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if fields[0] in ("Z", "X"):
+            continue
+        children.setdefault(int(fields[1]), []).append(int(name))
+    return children
+
+
+def descendants(pid: int) -> list[int]:
+    """Live descendants of pid (by parent links; with the supervisor a subreaper, orphans
+    of the rank are reparented to it and so are still found)."""
+    children = ppid_map()
+    out: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def supervisor_alive(run_dir: str) -> int | None:
+    sup = read_text(os.path.join(run_dir, "supervisor"))
+    if not sup:
+        return None
+    try:
+        pid, start = (int(x) for x in sup.split())
+    except ValueError:
+        return None
+    return pid if matches(pid, start) else None
+
+
+def rank_cgroup(run_dir: str) -> str | None:
+    """The rank's cgroup directory (written by the supervisor), if it still exists."""
+    path = (read_text(os.path.join(run_dir, "cgroup")) or "").strip()
+    if path and os.path.isfile(os.path.join(path, "cgroup.procs")):
+        return path
+    return None
+
+
+def cgroup_pids(cg: str) -> list[int]:
+    try:
+        with open(os.path.join(cg, "cgroup.procs")) as f:
+            return [int(x) for x in f.read().split()]
+    except (OSError, ValueError):
+        return []
+
+
+def rank_pids(run_dir: str) -> list[int]:
+    """Every live process of the rank: its cgroup's, its supervisor's descendants, the
+    processes marked with its run dir, and the leader."""
+    found = set(marked_pids([run_dir])[run_dir])
+    cg = rank_cgroup(run_dir)
+    if cg is not None:
+        found.update(cgroup_pids(cg))
+    sup = supervisor_alive(run_dir)
+    if sup is not None:
+        found.update(descendants(sup))
+    leader = leader_alive(run_dir)
+    if leader is not None:
+        found.add(leader)
+    return sorted(p for p in found if p != os.getpid())
+
+
+def comm(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/comm") as f:
+            return f.read().strip()[:32]
+    except OSError:
+        return "?"
+
+
+# ---- users and cgroups (root only) ----------------------------------------------------
+
+
+def drop_to(uid: int, gid: int, groups: list[int]) -> None:
+    """Become uid/gid with these supplementary groups, for good (real and saved ids too)."""
+    os.setgroups(groups)
+    os.setresgid(gid, gid, gid)
+    os.setresuid(uid, uid, uid)
+
+
+def in_child(uid: int, gid: int, groups: list[int], fn: Any, *args: Any,
+             before: Any = None) -> Answer:
+    """fn(*args) -> Answer in a forked child that runs before() and then becomes uid/gid."""
+    rfd, wfd = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(rfd)
+        try:
+            if before is not None:
+                before()
+            drop_to(uid, gid, groups)
+            rc, out = fn(*args)
+            data = json.dumps({"rc": rc, "out": out}).encode()
+        except BaseException as exc:  # reported to the parent, which raises it there
+            data = json.dumps({"exc": f"{type(exc).__name__}: {exc}"}).encode()
+        try:
+            while data:
+                data = data[os.write(wfd, data) :]
+        finally:
+            os._exit(0)
+    os.close(wfd)
+    with os.fdopen(rfd, "rb") as pipe:
+        raw = pipe.read()
+    os.waitpid(pid, 0)
+    reply = json.loads(raw) if raw else {"exc": "the helper process died"}
+    if "exc" in reply:
+        raise OSError(f"as uid {uid}: {reply['exc']}")
+    return int(reply["rc"]), reply["out"]
+
+
+def as_owner(path: str, fn: Any, *args: Any) -> Answer:  # fn: (*args) -> Answer
+    """fn(*args), as the owner of path when we are root and it is someone else's."""
+    if os.geteuid() != 0:
+        return fn(*args)  # type: ignore[no-any-return]
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return fn(*args)  # type: ignore[no-any-return]
+    if stat_mod.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path} is a symbolic link; refusing to follow it as root")
+    if st.st_uid == 0:
+        return fn(*args)  # type: ignore[no-any-return]
+    return in_child(st.st_uid, st.st_gid, [st.st_gid], fn, *args)
+
+
+def cgroup2_mount() -> str | None:
+    """Where the cgroup v2 hierarchy is mounted (/sys/fs/cgroup, or .../unified on hybrid)."""
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                left, _, right = line.partition(" - ")
+                if right.split(" ", 1)[0] == "cgroup2":
+                    return left.split()[4]
+    except OSError:
+        pass
+    return None
+
+
+def make_cgroup(run_dir: str, uid: int, gid: int) -> str | None:
+    """A fresh cgroup for one rank (CG with CG/sup and CG/rank), delegated to uid; or None.
+
+    Only root can make one (the hierarchy's top is root's); the caller falls back to the
+    subreaper when this returns None. Moving a process between CG/sup and CG/rank needs
+    write access to CG/cgroup.procs (their common ancestor), hence the delegation.
+    """
+    mount = cgroup2_mount()
+    if os.geteuid() != 0 or mount is None:
+        return None
+    base = os.path.join(mount, CGROUP_DIR)
+    name = "r-" + hashlib.sha256(run_dir.encode()).hexdigest()[:24]
+    cg = os.path.join(base, name)
+    try:
+        os.makedirs(base, exist_ok=True)
+        os.chmod(base, 0o711)  # owners reach their own rank's cgroup, and list nothing
+        prune_cgroups(base, keep=name)
+        for d in (cg, os.path.join(cg, "sup"), os.path.join(cg, "rank")):
+            if not os.path.isdir(d):
+                os.mkdir(d)
+            if uid != 0:
+                os.chown(d, uid, gid)
+                for f in ("cgroup.procs", "cgroup.threads", "cgroup.kill",
+                          "cgroup.subtree_control"):
+                    if os.path.exists(os.path.join(d, f)):
+                        os.chown(os.path.join(d, f), uid, gid)
+    except OSError:
+        return None
+    return cg
+
+
+def prune_cgroups(base: str, keep: str) -> None:
+    """Remove empty rank cgroups older than a minute (their ranks ended)."""
+    now = time.time()
+    for entry in os.listdir(base):
+        cg = os.path.join(base, entry)
+        if entry == keep or not entry.startswith("r-"):
+            continue
+        try:
+            if now - os.stat(cg).st_mtime < 60:
+                continue
+            for sub in ("rank", "sup", ""):
+                d = os.path.join(cg, sub) if sub else cg
+                if os.path.isdir(d):
+                    os.rmdir(d)
+        except OSError:
+            continue
+
+
+def join_cgroup(cg: str | None) -> None:
+    """Move the calling process into cg (a no-op for None)."""
+    if cg is not None:
+        with open(os.path.join(cg, "cgroup.procs"), "w") as f:
+            f.write("0")
+
+
+def set_subreaper() -> bool:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return bool(libc.prctl(36, 1, 0, 0, 0) == 0)  # PR_SET_CHILD_SUBREAPER
+    except (OSError, AttributeError):
+        return False
+
+
+def clean_env(base: dict[str, str]) -> dict[str, str]:
+    """The login basics of the current user: HOME, USER, LOGNAME, SHELL, PATH (and locale)."""
+    env = {k: v for k, v in base.items() if k in CLEAN_ENV_KEYS or k.startswith("LC_")}
+    try:
+        pw = pwd.getpwuid(os.geteuid())
+        env.update({"HOME": pw.pw_dir, "USER": pw.pw_name, "LOGNAME": pw.pw_name})
+        env.setdefault("SHELL", pw.pw_shell or "/bin/sh")
+    except KeyError:
+        pass
+    env.setdefault("PATH", DEFAULT_PATH)
+    return env
+
+
 def exit_code(run_dir: str) -> int | None:
     """The recorded exit status; LOST if the rank and its supervisor are gone unrecorded."""
     text = read_text(os.path.join(run_dir, "exit_code"))
@@ -144,30 +397,91 @@ def exit_code(run_dir: str) -> int | None:
 # ---- start ---------------------------------------------------------------------------
 
 
-def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
-    run_dir = os.path.abspath(run_dir)
-    os.makedirs(run_dir, exist_ok=True)
+def load_spec(run_dir: str, spec_text: str | None) -> tuple[dict[str, Any], str]:
+    """The spec from stdin (the head's word) or, for a start without one, spec.json."""
     spec_path = os.path.join(run_dir, "spec.json")
-    if spec_text is None or os.path.exists(spec_path):  # a retried start: the first spec wins
+    if spec_text is None:
         with open(spec_path) as f:
             spec_text = f.read()
-    spec = json.loads(spec_text)
+        spec = json.loads(spec_text)
+        if isinstance(spec, dict) and spec.get("run_as") is not None and os.geteuid() == 0:
+            raise ValueError(f"{spec_path}: a start as another user needs the spec on stdin")
+    else:
+        spec = json.loads(spec_text)
     argv = spec.get("argv") if isinstance(spec, dict) else None
     if not argv or not isinstance(argv, list) or not all(isinstance(a, str) for a in argv):
         raise ValueError(f"{spec_path}: argv must be a non-empty list of strings")
+    return spec, spec_text
+
+
+def make_dir(path: str, mode: int, owner: tuple[int, int] | None) -> None:
+    """mkdir -p with exactly ``mode`` (parents 0711 as root so owners reach their own
+    dirs below, else 0700), then hand it to ``owner`` (as root)."""
+    if not os.path.isdir(path):
+        parent = os.path.dirname(path)
+        if not os.path.isdir(parent):
+            make_dir(parent, 0o711 if os.geteuid() == 0 else 0o700, None)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(path, mode)
+    st = os.lstat(path)
+    if stat_mod.S_ISLNK(st.st_mode) or not stat_mod.S_ISDIR(st.st_mode):
+        raise ValueError(f"{path} is not a directory")
+    if owner is not None and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
+        if st.st_uid not in (0, owner[0]):
+            raise ValueError(f"{path} belongs to uid {st.st_uid}, not to uid {owner[0]}")
+        os.chown(path, *owner)
+    if st.st_uid == os.geteuid() and stat_mod.S_IMODE(st.st_mode) != mode:
+        os.chmod(path, mode)  # the umask (0077) narrowed mkdir's mode
+
+
+def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
+    run_dir = os.path.abspath(run_dir)
+    spec, spec_text = load_spec(run_dir, spec_text)
+    run_as = spec.get("run_as")
+    root = os.geteuid() == 0
+    uid, gid, groups = os.geteuid(), os.getegid(), os.getgroups()
+    if run_as is not None:
+        uid, gid = int(run_as["uid"]), int(run_as["gid"])
+        groups = [int(g) for g in run_as.get("groups") or [gid]]
+        if not root and uid != os.geteuid():
+            raise ValueError(f"cannot start a rank as uid {uid}: the rank wrapper runs as "
+                             f"uid {os.geteuid()}, not root")
+    owner = (uid, gid) if root and uid != 0 else None
+    # The job dir (parent of the attempt dirs and of checkpoints/) stays root's when
+    # ranks run as someone else: they cannot swap a run dir for a link to another's.
+    make_dir(os.path.dirname(os.path.dirname(run_dir)), 0o711 if owner else 0o700, None)
+    make_dir(os.path.dirname(run_dir), 0o711 if owner else 0o700, None)
+    make_dir(run_dir, 0o700, owner)
+    for directory in spec.get("mkdirs") or []:
+        make_dir(os.path.abspath(str(directory)), 0o700, owner)
+    cg = make_cgroup(run_dir, uid, gid) if root and spec.get("cgroup", True) else None
+    if owner is None and cg is None:
+        return start_as_owner(run_dir, spec, spec_text, None)
+
+    def child() -> Answer:
+        return start_as_owner(run_dir, spec, spec_text, cg)
+
+    # In a child: it joins the rank's cgroup (as root) and then becomes the owner, so the
+    # supervisor and the rank are inside it and own their files from the start.
+    return in_child(uid, gid, groups, child,
+                    before=lambda: join_cgroup(os.path.join(cg, "sup") if cg else None))
+
+
+def start_as_owner(run_dir: str, spec: dict[str, Any], spec_text: str,
+                   cg: str | None) -> Answer:
+    spec_path = os.path.join(run_dir, "spec.json")
     if not os.path.exists(spec_path):
         write_atomic(spec_path, spec_text)
-    for directory in spec.get("mkdirs") or []:
-        os.makedirs(str(directory), exist_ok=True)
-    lock = os.open(os.path.join(run_dir, "start.lock"), os.O_WRONLY | os.O_CREAT, 0o600)
+    lock = os.open(os.path.join(run_dir, "start.lock"),
+                   os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # concurrent starts of one rank: one runs, one answers
-        return start_locked(run_dir, spec, lock)
+        return start_locked(run_dir, spec, lock, cg)
     finally:
         os.close(lock)
 
 
-def start_locked(run_dir: str, spec: dict[str, Any], lock: int) -> Answer:
+def start_locked(run_dir: str, spec: dict[str, Any], lock: int, cg: str | None = None) -> Answer:
     rec = recorded_pid(run_dir)
     if rec is not None:  # started before (a retried spawn): same answer, no second rank
         return 0, {"pid": rec[0], "existing": True}
@@ -183,7 +497,12 @@ def start_locked(run_dir: str, spec: dict[str, Any], lock: int) -> Answer:
             os.close(lock)  # the lock stays with the foreground
             os.setsid()
             if os.fork() == 0:
-                supervise(run_dir, spec, wfd)
+                try:
+                    supervise(run_dir, spec, wfd, cg)
+                except BaseException as exc:  # told to the starter, which waits on wfd
+                    os.write(wfd, json.dumps({"error": f"the rank supervisor failed: "
+                                              f"{type(exc).__name__}: {exc}",
+                                              "exit_code": 1}).encode())
         finally:
             os._exit(0)
     os.close(wfd)
@@ -196,18 +515,31 @@ def start_locked(run_dir: str, spec: dict[str, Any], lock: int) -> Answer:
     return (0 if "pid" in reply else int(reply.get("exit_code") or 1)), reply
 
 
-def supervise(run_dir: str, spec: dict[str, Any], wfd: int) -> None:
-    """Detached: start the rank, record pid, report on wfd, wait, record the exit code."""
+def supervise(run_dir: str, spec: dict[str, Any], wfd: int, cg: str | None = None) -> None:
+    """Detached: start the rank, record pid, report on wfd, wait, end leftovers, record exit."""
     devnull = os.open(os.devnull, os.O_RDWR)
     for fd in (0, 1, 2):  # let go of the SSH channel
         os.dup2(devnull, fd)
+    # ...and of every other descriptor (a pipe a starter waits on to reach EOF)
+    os.closerange(3, wfd)
+    os.closerange(wfd + 1, 65536)
+    os.umask(0o077)
+    reaper = set_subreaper()  # orphans of the rank come to us, whatever session they made
     me = proc_stat(os.getpid())
     write_atomic(os.path.join(run_dir, "supervisor"), f"{os.getpid()} {me[1] if me else 0}\n")
-    env = dict(os.environ)
+    rank_cg = os.path.join(cg, "rank") if cg else None
+    write_atomic(os.path.join(run_dir, "cgroup"), f"{rank_cg or ''}\n")
+    env = clean_env(dict(os.environ)) if spec.get("clean_env") else dict(os.environ)
     env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
     env[MARKER] = run_dir
     argv = [str(a) for a in spec["argv"]]
-    with open(os.path.join(run_dir, "rank.log"), "ab") as log:
+    log_fd = os.open(os.path.join(run_dir, "rank.log"),
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(log_fd, "ab") as log:
+        if not reaper and rank_cg is None:
+            log.write(b"ugro: no cgroup and no subreaper here: processes that leave the "
+                      b"rank's session and environment cannot be tracked\n")
+            log.flush()
         try:
             proc = subprocess.Popen(
                 argv,
@@ -217,12 +549,13 @@ def supervise(run_dir: str, spec: dict[str, Any], wfd: int) -> None:
                 env=env,
                 cwd=spec.get("cwd") or None,
                 start_new_session=True,
+                preexec_fn=(lambda: join_cgroup(rank_cg)) if rank_cg else None,
             )
-        except OSError as exc:
+        except (OSError, subprocess.SubprocessError) as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
-            what = exc.strerror or str(exc)
-            if exc.filename is not None:
-                what = f"{what}: {exc.filename!r}"
+            what = getattr(exc, "strerror", None) or str(exc)
+            if getattr(exc, "filename", None) is not None:
+                what = f"{what}: {exc.filename!r}"  # type: ignore[union-attr]
             error = f"cannot start {argv[0]!r}: {what}"
             log.write(f"ugro: {error}\n".encode())
             write_atomic(os.path.join(run_dir, "start_error"), error)
@@ -234,16 +567,89 @@ def supervise(run_dir: str, spec: dict[str, Any], wfd: int) -> None:
     os.write(wfd, json.dumps({"pid": proc.pid}).encode())
     os.close(wfd)
     rc = proc.wait()
+    count, names = end_leftovers(rank_cg)
+    # Leftovers of a rank being killed are just slower to die: only an exit of the rank's
+    # own accord that leaves processes behind is reported.
+    if count and not os.path.exists(os.path.join(run_dir, "stopping")):
+        write_atomic(os.path.join(run_dir, "leftovers"),
+                     json.dumps({"count": count, "names": names}) + "\n")
     write_atomic(os.path.join(run_dir, "exit_code"), f"{rc if rc >= 0 else 128 - rc}\n")
+    if cg is not None:
+        for d in (rank_cg or "",):
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def reap() -> None:
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+
+
+def leftover_pids(rank_cg: str | None) -> list[int]:
+    pids = cgroup_pids(rank_cg) if rank_cg else descendants(os.getpid())
+    return [p for p in pids if p != os.getpid()]
+
+
+def end_leftovers(rank_cg: str | None) -> tuple[int, list[str]]:
+    """Kill what the rank's main process left running (SIGTERM, then SIGKILL); wait until
+    none is left. Returns how many there were and their names."""
+    reap()
+    pids = leftover_pids(rank_cg)
+    if not pids:
+        return 0, []
+    names = sorted({comm(p) for p in pids})[:8]
+    for sig, wait_s in ((signal.SIGTERM, LEFTOVER_GRACE_S), (signal.SIGKILL, 10.0)):
+        if sig == signal.SIGKILL and rank_cg:
+            try:
+                with open(os.path.join(rank_cg, "cgroup.kill"), "w") as f:
+                    f.write("1")
+            except OSError:
+                pass
+        for pid in leftover_pids(rank_cg):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline:
+            reap()
+            if not leftover_pids(rank_cg):
+                return len(pids), names
+            time.sleep(0.05)
+    return len(pids), names
 
 
 # ---- watch ---------------------------------------------------------------------------
+
+
+def become_owner(path: str) -> None:
+    """As root: become the owner of path (a run dir) for good, never through a link."""
+    if os.geteuid() != 0:
+        return
+    st = os.lstat(path)
+    if stat_mod.S_ISLNK(st.st_mode):
+        raise ValueError(f"{path} is a symbolic link; refusing to follow it as root")
+    if st.st_uid != 0:
+        drop_to(st.st_uid, st.st_gid, [st.st_gid])
+
+
+def leftovers(run_dir: str) -> dict[str, Any] | None:
+    text = read_text(os.path.join(run_dir, "leftovers"))
+    try:
+        found = json.loads(text) if text else None
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
 
 
 def cmd_watch(run_dir: str, log_off: int, met_off: int) -> int:
     if not os.path.isdir(run_dir):
         emit({"t": "error", "message": f"no run directory {run_dir}"})
         return 1
+    become_owner(run_dir)
     out = select.poll()
     out.register(1, select.POLLOUT)
     pid_sent = False
@@ -262,7 +668,13 @@ def cmd_watch(run_dir: str, log_off: int, met_off: int) -> int:
             log_off = drain_log(log_path, log_off)
             met_off = drain_metrics(met_path, met_off, final=ended is not None)
             if ended is not None:
-                emit({"t": "exit", "code": ended})
+                left = leftovers(run_dir)
+                if left:
+                    names = [str(n)[:32] for n in left.get("names") or []][:8]
+                    emit({"t": "exit", "code": ended, "left": int(left.get("count") or 0),
+                          "names": names})
+                else:
+                    emit({"t": "exit", "code": ended})
                 return 0
             time.sleep(POLL_S)
     except BrokenPipeError:
@@ -318,10 +730,9 @@ def drain_metrics(path: str, off: int, final: bool) -> int:
 # ---- control -------------------------------------------------------------------------
 
 
-def status(run_dir: str, pids: list[int]) -> dict[str, Any]:
+def status(run_dir: str) -> dict[str, Any]:
     rec = recorded_pid(run_dir)
-    leader = leader_alive(run_dir)
-    alive = sorted(set(pids) | ({leader} if leader else set()))
+    alive = rank_pids(run_dir)
     return {
         "pid": rec[0] if rec else None,
         "alive": bool(alive),
@@ -331,12 +742,15 @@ def status(run_dir: str, pids: list[int]) -> dict[str, Any]:
 
 
 def cmd_status(run_dir: str) -> Answer:
-    return 0, status(run_dir, marked_pids([run_dir])[run_dir])
+    return as_owner(run_dir, lambda: (0, status(run_dir)))
 
 
 def cmd_alive_pids(run_dirs: list[str]) -> Answer:
-    found = marked_pids(run_dirs)
-    return 0, {d: status(d, found[d])["pids"] for d in run_dirs}
+    out = {}
+    for d in run_dirs:
+        _, found = as_owner(d, lambda d=d: (0, status(d)["pids"]))
+        out[d] = found
+    return 0, out
 
 
 def parse_signal(text: str) -> int:
@@ -347,25 +761,35 @@ def parse_signal(text: str) -> int:
 
 
 def cmd_kill(run_dir: str, sig_text: str) -> Answer:
-    sig = parse_signal(sig_text)
+    return as_owner(run_dir, kill_rank, run_dir, parse_signal(sig_text))
+
+
+def kill_rank(run_dir: str, sig: int) -> Answer:
+    """Signal the rank's process group, then every other process of the rank (its cgroup,
+    its supervisor's descendants, its marked processes); SIGKILL also kills the cgroup."""
     rec = recorded_pid(run_dir)
     leader = leader_alive(run_dir)
-    outside = []  # descendants that left the rank's process group
-    for pid in marked_pids([run_dir])[run_dir]:
-        try:
-            if leader is None or os.getpgid(pid) != leader:
-                outside.append(pid)
-        except ProcessLookupError:
-            pass
     signalled: list[int] = []
+    if os.path.isdir(run_dir) and exit_code(run_dir) is None:
+        write_atomic(os.path.join(run_dir, "stopping"), f"{sig}\n")
+    others = rank_pids(run_dir)  # before the leader goes (its supervisor then ends them too)
     if leader is not None:
         try:
             os.killpg(leader, sig)
             signalled.append(leader)
         except ProcessLookupError:
             leader = None
-    for pid in outside:
+    cg = rank_cgroup(run_dir)
+    if cg is not None and sig == signal.SIGKILL:
         try:
+            with open(os.path.join(cg, "cgroup.kill"), "w") as f:
+                f.write("1")
+        except OSError:
+            pass
+    for pid in others:
+        try:
+            if leader is not None and os.getpgid(pid) == leader:
+                continue
             os.kill(pid, sig)
             signalled.append(pid)
         except ProcessLookupError:
@@ -374,8 +798,11 @@ def cmd_kill(run_dir: str, sig_text: str) -> Answer:
 
 
 def cmd_checkpoint(run_dir: str) -> Answer:
-    write_atomic(os.path.join(run_dir, "checkpoint.request"), f"{time.time():f}\n")
-    return 0, {"requested": True}
+    def write() -> Answer:
+        write_atomic(os.path.join(run_dir, "checkpoint.request"), f"{time.time():f}\n")
+        return 0, {"requested": True}
+
+    return as_owner(run_dir, write)
 
 
 MAX_CHECKPOINTS = 1000
@@ -383,10 +810,13 @@ MAX_CHECKPOINTS = 1000
 
 def cmd_ls_checkpoints(directory: str, cwd: str = "", patterns: list[str] | None = None
                        ) -> Answer:
+    return as_owner(directory, ls_checkpoints, directory, cwd, patterns)
+
+
+def ls_checkpoints(directory: str, cwd: str = "", patterns: list[str] | None = None
+                   ) -> Answer:
     """DIR's entries, plus what each glob PATTERN matches (relative ones: under CWD, else
     here), at most MAX_CHECKPOINTS, oldest first; a directory counts as one checkpoint."""
-    import glob
-
     try:
         paths = [e.path for e in os.scandir(directory)]
     except FileNotFoundError:
@@ -492,6 +922,7 @@ def cmd_serve() -> int:
 
 
 def main(argv: list[str]) -> int:
+    os.umask(0o077)  # every file 0600, every directory 0700 (job dirs hold secrets)
     if not argv:
         sys.stderr.write(__doc__ or "")
         return 2

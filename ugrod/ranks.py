@@ -41,10 +41,15 @@ _ISOLATED = ("-I", "-S")
 # Makes the given directories; prints the interpreter's real path (past any pyenv/conda
 # shim, which would cost every wrapper call another shell) and the installed wrapper's
 # sha256 (or "missing").
+# As root the work dir and jobs/ are 0711 (ranks of other users reach their own run
+# dirs, which are 0700 and theirs); otherwise everything is 0700.
 _PREPARE = """\
 import hashlib, os, sys
+os.umask(0o077)
 for d in sys.argv[2:]:
     os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o711 if os.geteuid() == 0 and not d.endswith("/.ugro") else 0o700)
+os.chmod(os.path.dirname(sys.argv[2]), 0o711 if os.geteuid() == 0 else 0o700)
 print(sys.executable)
 try:
     print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
@@ -96,9 +101,15 @@ class MetricLine:
 
 @dataclass(frozen=True, slots=True)
 class RankExit:
-    """The rank ended: its exit status, 128+N if killed by signal N, or LOST."""
+    """The rank ended: its exit status, 128+N if killed by signal N, or LOST.
+
+    ``leftovers``: how many processes its main process left running (they were killed
+    before the exit was recorded) and their names.
+    """
 
     exit_code: int
+    leftovers: int = 0
+    leftover_names: tuple[str, ...] = ()
 
 
 RankEvent = RankPid | LogChunk | MetricLine | RankExit
@@ -141,6 +152,8 @@ class _Metric(msgspec.Struct, tag_field="t", tag="metric"):
 
 class _Exit(msgspec.Struct, tag_field="t", tag="exit"):
     code: int
+    left: int = 0
+    names: list[str] = []
 
 
 class _Error(msgspec.Struct, tag_field="t", tag="error"):
@@ -181,8 +194,15 @@ class _Checkpoint(msgspec.Struct):
 class NodeAgent:
     """Ranks on one node, through its Transport and the uploaded rank wrapper."""
 
-    def __init__(self, transport: Transport, work_dir: str, python: str = "python3") -> None:
+    def __init__(self, transport: Transport, work_dir: str, python: str = "python3", *,
+                 clean_env: bool = False, cgroups: bool = True) -> None:
         self.transport = transport
+        # clean_env: ranks get the login basics of their account (HOME, USER, LOGNAME,
+        # PATH, SHELL, locale) plus the job's env, not the wrapper's environment (the
+        # local node, whose wrapper inherits ugrod's). cgroups: a cgroup per rank where
+        # the wrapper can make one (root and cgroup v2).
+        self.clean_env = clean_env
+        self.cgroups = cgroups
         self.node = transport.node
         self.python = python
         self._work_dir_setting = work_dir
@@ -243,7 +263,7 @@ class NodeAgent:
             )
         self._wrapper_python = lines[0]
         if lines[1].strip() != WRAPPER_SHA256:
-            await self.transport.put_file(wrapper, WRAPPER_SOURCE, 0o755)
+            await self.transport.put_file(wrapper, WRAPPER_SOURCE, 0o600)
         self._prepared = True
 
     async def _wrapper_argv(self, *args: str) -> list[str]:
@@ -333,8 +353,13 @@ class NodeAgent:
         argv: Sequence[str],
         env: Mapping[str, str],
         cwd: str | None = None,
+        run_as: Mapping[str, Any] | None = None,
     ) -> int:
-        """Start a rank detached on the node; its pid (= its process group id)."""
+        """Start a rank detached on the node; its pid (= its process group id).
+
+        ``run_as`` ({uid, gid, groups, user}): the account the rank runs as, for a
+        wrapper running as root (the head node when ugrod runs as root).
+        """
         rd = await self.run_dir(job, attempt, rank)
         ckpt = await self.checkpoint_dir(job)
         full_env = {
@@ -343,7 +368,11 @@ class NodeAgent:
             "UGRO_CHECKPOINT_DIR": ckpt,
             **env,
         }
-        spec = {"argv": list(argv), "env": full_env, "cwd": cwd, "mkdirs": [ckpt]}
+        spec: dict[str, Any] = {"argv": list(argv), "env": full_env, "cwd": cwd,
+                                "mkdirs": [ckpt], "clean_env": self.clean_env,
+                                "cgroup": self.cgroups}
+        if run_as is not None:
+            spec["run_as"] = dict(run_as)
         result = await self._call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
         reply = self._reply(result, f"starting rank {rank} of {job}")
         match reply:
@@ -413,8 +442,9 @@ class NodeAgent:
                     raise bad(f"metrics offsets {o}-{e}, expected start {offsets[1]}")
                 offsets[1] = e
                 return MetricLine(o, d.encode(), e)
-            case _Exit(code=code):
-                return RankExit(code)
+            case _Exit(code=code, left=left, names=names):
+                clean = tuple("".join(c for c in n[:32] if c.isprintable()) for n in names[:8])
+                return RankExit(code, max(0, left), clean)
             case _Error(message=message):
                 raise TransportError(self.node, f"watching {rd}: {message[:300]}")
         raise bad("unknown message")

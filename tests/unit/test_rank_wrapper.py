@@ -58,7 +58,7 @@ def test_start_detaches_records_pid_with_starttime_and_exit_code(tmp_path: Path)
     assert wait_for(tmp_path / "exit_code").strip() == "0"
     assert (tmp_path / "rank.log").read_text() == "hi\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        "exit_code", "pid", "rank.log", "spec.json", "start.lock", "supervisor",
+        "cgroup", "exit_code", "pid", "rank.log", "spec.json", "start.lock", "supervisor",
     ]  # fmt: skip
 
 

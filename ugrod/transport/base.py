@@ -84,7 +84,7 @@ class Transport(Protocol):
         """Start argv and return its stdout as a Stream."""
         ...
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    async def put_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         """Write a file atomically (temp file + rename), making parent directories."""
         ...
 

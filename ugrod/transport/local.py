@@ -114,7 +114,7 @@ class LocalTransport:
             raise TransportError(self.node, f"cannot start {argv[0]}: {exc}") from exc
         return LocalStream(self.node, proc)
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    async def put_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         try:
             await asyncio.to_thread(_write_atomic, os.path.expanduser(path), data, mode)
         except OSError as exc:

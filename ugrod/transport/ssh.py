@@ -500,7 +500,7 @@ class SshTransport:
             self._lanes.remove(lane)
             lane.conn.close()
 
-    async def put_file(self, path: str, data: bytes, mode: int = 0o644) -> None:
+    async def put_file(self, path: str, data: bytes, mode: int = 0o600) -> None:
         if path.startswith("~/"):
             path = posixpath.join(await self.home(), path[2:])
         conn = await self._connection()
