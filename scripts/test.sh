@@ -20,12 +20,24 @@ if [ ${#need_apt[@]} -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
 fi
 
-# A second real local user for the trust tests (tests/integration/test_trust.py): jobs run
-# as their owners, and this one must not reach root's. Idempotent.
+# Real local users for the trust tests (tests/integration/test_trust.py): ugro-other
+# submits jobs that must run as ugro-other and must not reach root's; ugro-svc runs ugrod
+# as a service account with CAP_SETUID/CAP_SETGID. Idempotent.
+SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
 if ! id ugro-other >/dev/null 2>&1; then
   echo "== useradd ugro-other (a second user for the trust tests)"
-  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO useradd --create-home --shell /bin/sh ugro-other
+fi
+# No password, but not locked ('!'): sshd refuses keys for a locked account; a login
+# shell and a home, even if the account was made without them: its SSH jobs run there.
+$SUDO usermod -p '*' -s /bin/sh ugro-other
+other_home=$(getent passwd ugro-other | cut -d: -f6)
+if [ ! -d "$other_home" ]; then
+  $SUDO mkdir -p "$other_home" && $SUDO chown ugro-other: "$other_home" && $SUDO chmod 0750 "$other_home"
+fi
+if ! id ugro-svc >/dev/null 2>&1; then
+  echo "== useradd ugro-svc (a service account for the trust tests)"
+  $SUDO useradd --system --no-create-home --shell /usr/sbin/nologin ugro-svc
 fi
 
 PY=${PYTHON:-python3}

@@ -64,6 +64,8 @@ class Daemon:
         self.ledger: Ledger = None  # type: ignore[assignment]  # set in start()
         self.executor: Executor = None  # type: ignore[assignment]
         self.agents: dict[str, NodeAgent] = {}
+        # (node, remote user, identity file) -> agent, for owners mapped under users:
+        self._account_agents: dict[tuple[str, str, str], NodeAgent] = {}
         self.transports: dict[str, Transport] = {}
         self.monitor: Any = None
         self.watchdog: Any = None
@@ -123,6 +125,7 @@ class Daemon:
         self.executor.rank0_bind = self._node_host
         self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
         self.executor.run_as = self._run_as
+        self.executor.agent_for = self.agent_for
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
         await self._reconcile_nodes(self.config)
         await self._inventory(self.config)
@@ -186,7 +189,8 @@ class Daemon:
                 await asyncio.to_thread(self.ledger.snapshot)
         with contextlib.suppress(Exception):
             await self.ledger.close()
-        for transport in self.transports.values():
+        for transport in [*self.transports.values(),
+                          *(a.transport for a in self._account_agents.values())]:
             with contextlib.suppress(Exception):
                 await transport.close()
         with contextlib.suppress(FileNotFoundError):
@@ -225,7 +229,13 @@ class Daemon:
         finally:
             os.umask(old)
         if group is not None:
-            os.chown(path, -1, group)
+            try:
+                os.chown(path, -1, group)
+            except PermissionError:
+                raise SystemExit(
+                    f"ugrod: cannot give {path} to group {self.config.cluster.socket_group}: "
+                    f"ugrod's account must be a member of it (systemd: "
+                    f"SupplementaryGroups={self.config.cluster.socket_group})") from None
         os.chmod(path, 0o660)
         m = self.config.metrics
         if m.enabled:
@@ -348,7 +358,31 @@ class Daemon:
             if spec.name not in self.agents:
                 self.agents[spec.name] = self._agent(spec)
 
-    def _agent(self, spec: ev.NodeSpec) -> NodeAgent:
+    def agent_for(self, job: Job, node: str) -> NodeAgent:
+        """The agent ``job``'s ranks use on ``node``: the node's own, or one logged in as
+        the account ``users:`` maps the job's owner to on that node."""
+        default = self.agents[node]
+        try:
+            cfg = self.config.node(node)
+        except KeyError:
+            return default
+        account = self.config.remote_account(job.owner, node) if cfg.transport == "ssh" \
+            else None
+        if account is None or (account.user == cfg.user and account.identity_file in (
+                None, cfg.identity_file)):
+            return default
+        identity = account.identity_file or cfg.identity_file
+        key = (node, account.user, str(identity))
+        agent = self._account_agents.get(key)
+        if agent is None:
+            spec = msgspec.structs.replace(self.ledger.state.nodes[node].spec,
+                                           user=account.user)
+            agent = self._account_agents[key] = self._agent(spec, identity_file=identity,
+                                                            register=False)
+        return agent
+
+    def _agent(self, spec: ev.NodeSpec, *, identity_file: Path | None = None,
+               register: bool = True) -> NodeAgent:
         transport: Transport
         node_cfg = self.config.node(spec.name)
         if spec.transport == "local":
@@ -358,9 +392,10 @@ class Daemon:
             transport = SshTransport(
                 spec.name, spec.host, spec.port, spec.user,
                 known_hosts=Path(self.config.cluster.known_hosts).expanduser(),
-                identity_file=node_cfg.identity_file,
+                identity_file=identity_file or node_cfg.identity_file,
                 keepalive_s=self.config.cluster.ssh_keepalive_s)
-        self.transports[spec.name] = transport
+        if register:
+            self.transports[spec.name] = transport
         work_dir = spec.work_dir
         if spec.transport == "local" and self.config.source is None:
             # Ranks of other users must reach their run dirs: not inside the 0700 state
@@ -456,6 +491,8 @@ class Daemon:
         old_agents = self.agents
         self.config = new
         self.policy = trust.Policy(self.policy.mode, admin_group=new.cluster.admin_group)
+        # Mapped accounts may have changed: new agents are made on next use (the old ones
+        # keep serving nothing; their connections close when idle or at stop).
         for name in changes["removed"]:
             old_agents.pop(name, None)
             t = self.transports.pop(name, None)
@@ -768,7 +805,8 @@ class Daemon:
             end = job.ended_at if job.ended_at is not None else time.time()
             summary["duration_s"] = round(end - job.first_started_at, 3)
         checkpoints: list[dict[str, Any]] = []
-        agent = self.agents.get(job.placement[0].node) if job.placement else None
+        node = job.placement[0].node if job.placement else None
+        agent = self.agent_for(job, node) if node in self.agents else None
         if agent is not None:
             try:
                 async with asyncio.timeout(10):

@@ -53,6 +53,9 @@ class Executor:
                  on_job_end: Callable[[Job], None] | None = None) -> None:
         self.ledger = ledger
         self.agents = dict(agents)
+        # The agent a job's ranks use on a node: the node's own, or the one logged in as
+        # the account cluster.yaml's users: maps the job's owner to (daemon.agent_for).
+        self.agent_for: Callable[[Job, str], NodeAgent] = lambda job, node: self.agents[node]
         self.jobs_root = jobs_root
         self.grace_s = grace_s
         self.start_timeout_s = start_timeout_s
@@ -149,7 +152,7 @@ class Executor:
         if job is None or job.state not in ACTIVE or job.attempt != attempt:
             return
         note = ""
-        agents = [self.agents[p.node] for p in job.placement if p.node in self.agents]
+        agents = [self.agent_for(job, p.node) for p in job.placement if p.node in self.agents]
         if len(agents) == len(job.placement):
             try:
                 async with asyncio.timeout(self.grace_s + 30):
@@ -170,7 +173,7 @@ class Executor:
         job = self.ledger.state.jobs[job_id]
         jobdir = self.job_dir(job_id)
         try:
-            agents = [self.agents[p.node] for p in job.placement]
+            agents = [self.agent_for(job, p.node) for p in job.placement]
         except KeyError as exc:
             await self._end(job, "failed", f"node {exc.args[0]} is not in the cluster any more")
             return
@@ -326,7 +329,8 @@ class Executor:
         if any(f.path == path for f in here):
             return path
         found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []
-        for other in self.agents.values():
+        for name in list(self.agents):
+            other = self.agent_for(job, name)
             if other is agent:
                 continue
             try:
@@ -666,7 +670,8 @@ class Executor:
         ``UGRO_CHECKPOINT_DIR``, and what its ``checkpoints`` glob matches (relative to
         its cwd). Callers own the deadline; TransportError when the node does not answer.
         """
-        agent = self.agents.get(job.placement[0].node) if job.placement else None
+        node = job.placement[0].node if job.placement else None
+        agent = self.agent_for(job, node) if node in self.agents else None
         if agent is None:
             return []
         patterns = [*job.checkpoints[-100:], *([job.spec.checkpoints]
@@ -675,7 +680,7 @@ class Executor:
 
     async def _request_checkpoint(self, job: Job) -> None:
         for p in job.placement:
-            agent = self.agents.get(p.node)
+            agent = self.agent_for(job, p.node) if p.node in self.agents else None
             if agent is not None:
                 with contextlib.suppress(TransportError):
                     await agent.request_checkpoint(job.id, job.attempt, p.rank)

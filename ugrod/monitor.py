@@ -513,9 +513,10 @@ class Monitor:
             job = state.jobs[job_id]
             if job.state is not JobState.RUNNING or job.stopping is not None:
                 continue
+            own = self._host.agent_for(job, name) if hasattr(self._host, "agent_for") else agent
             for r in job.ranks:
                 if r.node == name and r.exit_code is None:
-                    files.append(f"{await agent.run_dir(job.id, job.attempt, r.rank)}/pid")
+                    files.append(f"{await own.run_dir(job.id, job.attempt, r.rank)}/pid")
         return files, len(files)
 
     def _account(self, state: State, name: str, sample: gpus.NodeSample) -> None:

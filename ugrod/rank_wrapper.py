@@ -238,11 +238,42 @@ def comm(pid: int) -> str:
 # ---- users and cgroups (root only) ----------------------------------------------------
 
 
+def can_switch() -> bool:
+    """Root, or an account holding CAP_SETUID and CAP_SETGID (ugrod's service)."""
+    if os.geteuid() == 0:
+        return True
+    try:
+        with open("/proc/self/status") as f:
+            eff = next(int(ln.split()[1], 16) for ln in f if ln.startswith("CapEff:"))
+    except (OSError, StopIteration, ValueError):
+        return False
+    return eff & 0xC0 == 0xC0  # CAP_SETGID (6) and CAP_SETUID (7)
+
+
+def drop_caps() -> None:
+    """Clear every capability (ambient, effective, permitted, inheritable).
+
+    A switch between two non-root uids keeps capabilities: without this, a rank
+    started by ugrod's service account would inherit its CAP_SETUID.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(47, 4, 0, 0, 0)  # PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL
+        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3
+        data = (ctypes.c_uint32 * 6)()
+        if libc.capset(header, data) != 0:
+            raise OSError(ctypes.get_errno(), "capset failed")
+    except AttributeError:
+        pass
+
+
 def drop_to(uid: int, gid: int, groups: list[int]) -> None:
-    """Become uid/gid with these supplementary groups, for good (real and saved ids too)."""
+    """Become uid/gid with these supplementary groups, for good (real and saved ids too),
+    with no capabilities left."""
     os.setgroups(groups)
     os.setresgid(gid, gid, gid)
     os.setresuid(uid, uid, uid)
+    drop_caps()
 
 
 def in_child(uid: int, gid: int, groups: list[int], fn: Any, *args: Any,
@@ -276,8 +307,8 @@ def in_child(uid: int, gid: int, groups: list[int], fn: Any, *args: Any,
 
 
 def as_owner(path: str, fn: Any, *args: Any) -> Answer:  # fn: (*args) -> Answer
-    """fn(*args), as the owner of path when we are root and it is someone else's."""
-    if os.geteuid() != 0:
+    """fn(*args), as the owner of path when we can switch users and it is someone else's."""
+    if not can_switch():
         return fn(*args)  # type: ignore[no-any-return]
     try:
         st = os.lstat(path)
@@ -285,7 +316,7 @@ def as_owner(path: str, fn: Any, *args: Any) -> Answer:  # fn: (*args) -> Answer
         return fn(*args)  # type: ignore[no-any-return]
     if stat_mod.S_ISLNK(st.st_mode):
         raise ValueError(f"{path} is a symbolic link; refusing to follow it as root")
-    if st.st_uid == 0:
+    if st.st_uid == os.geteuid():
         return fn(*args)  # type: ignore[no-any-return]
     return in_child(st.st_uid, st.st_gid, [st.st_gid], fn, *args)
 
@@ -426,6 +457,8 @@ def make_dir(path: str, mode: int, owner: tuple[int, int] | None) -> None:
     st = os.lstat(path)
     if stat_mod.S_ISLNK(st.st_mode) or not stat_mod.S_ISDIR(st.st_mode):
         raise ValueError(f"{path} is not a directory")
+    if owner is None and st.st_uid not in (os.geteuid(), 0):
+        raise ValueError(f"{path} belongs to uid {st.st_uid}, not to uid {os.geteuid()}")
     if owner is not None and os.geteuid() == 0 and (st.st_uid, st.st_gid) != owner:
         if st.st_uid not in (0, owner[0]):
             raise ValueError(f"{path} belongs to uid {st.st_uid}, not to uid {owner[0]}")
@@ -443,22 +476,32 @@ def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
     if run_as is not None:
         uid, gid = int(run_as["uid"]), int(run_as["gid"])
         groups = [int(g) for g in run_as.get("groups") or [gid]]
-        if not root and uid != os.geteuid():
+        if uid != os.geteuid() and not can_switch():
             raise ValueError(f"cannot start a rank as uid {uid}: the rank wrapper runs as "
-                             f"uid {os.geteuid()}, not root")
-    owner = (uid, gid) if root and uid != 0 else None
-    # The job dir (parent of the attempt dirs and of checkpoints/) stays root's when
-    # ranks run as someone else: they cannot swap a run dir for a link to another's.
-    make_dir(os.path.dirname(os.path.dirname(run_dir)), 0o711 if owner else 0o700, None)
-    make_dir(os.path.dirname(run_dir), 0o711 if owner else 0o700, None)
-    make_dir(run_dir, 0o700, owner)
-    for directory in spec.get("mkdirs") or []:
-        make_dir(os.path.abspath(str(directory)), 0o700, owner)
+                             f"uid {os.geteuid()}, without root or CAP_SETUID/CAP_SETGID")
+    other = uid != os.geteuid()
+    mkdirs = [os.path.abspath(str(d)) for d in spec.get("mkdirs") or []]
+    # The job dir (parent of the attempt dirs and of checkpoints/) stays ugrod's when ranks
+    # run as someone else: they cannot swap a run dir for a link to another's. As root,
+    # the owner's dirs are made and handed over; the service account (no CAP_CHOWN) lets
+    # the owner make them in sticky dirs instead (1733: create, not list, not delete).
+    shared = 0o711 if root else 0o1733
+    make_dir(os.path.dirname(os.path.dirname(run_dir)), shared if other else 0o700, None)
+    make_dir(os.path.dirname(run_dir), shared if other else 0o700, None)
+    if not other or root:
+        owner = (uid, gid) if other else None
+        make_dir(run_dir, 0o700, owner)
+        for directory in mkdirs:
+            make_dir(directory, 0o700, owner)
     cg = make_cgroup(run_dir, uid, gid) if root and spec.get("cgroup", True) else None
-    if owner is None and cg is None:
+    if not other and cg is None:
         return start_as_owner(run_dir, spec, spec_text, None)
 
     def child() -> Answer:
+        if not root:  # the service account: the owner makes its own dirs
+            make_dir(run_dir, 0o700, None)
+            for directory in mkdirs:
+                make_dir(directory, 0o700, None)
         return start_as_owner(run_dir, spec, spec_text, cg)
 
     # In a child: it joins the rank's cgroup (as root) and then becomes the owner, so the
@@ -567,7 +610,8 @@ def supervise(run_dir: str, spec: dict[str, Any], wfd: int, cg: str | None = Non
     os.write(wfd, json.dumps({"pid": proc.pid}).encode())
     os.close(wfd)
     rc = proc.wait()
-    count, names = end_leftovers(rank_cg)
+    # A main process killed by a signal took the rank down with it: no grace for the rest.
+    count, names = end_leftovers(rank_cg, grace_s=0.0 if rc < 0 else LEFTOVER_GRACE_S)
     # Leftovers of a rank being killed are just slower to die: only an exit of the rank's
     # own accord that leaves processes behind is reported.
     if count and not os.path.exists(os.path.join(run_dir, "stopping")):
@@ -595,7 +639,8 @@ def leftover_pids(rank_cg: str | None) -> list[int]:
     return [p for p in pids if p != os.getpid()]
 
 
-def end_leftovers(rank_cg: str | None) -> tuple[int, list[str]]:
+def end_leftovers(rank_cg: str | None, grace_s: float = LEFTOVER_GRACE_S
+                  ) -> tuple[int, list[str]]:
     """Kill what the rank's main process left running (SIGTERM, then SIGKILL); wait until
     none is left. Returns how many there were and their names."""
     reap()
@@ -603,7 +648,9 @@ def end_leftovers(rank_cg: str | None) -> tuple[int, list[str]]:
     if not pids:
         return 0, []
     names = sorted({comm(p) for p in pids})[:8]
-    for sig, wait_s in ((signal.SIGTERM, LEFTOVER_GRACE_S), (signal.SIGKILL, 10.0)):
+    for sig, wait_s in ((signal.SIGTERM, grace_s), (signal.SIGKILL, 10.0)):
+        if wait_s <= 0:
+            continue
         if sig == signal.SIGKILL and rank_cg:
             try:
                 with open(os.path.join(rank_cg, "cgroup.kill"), "w") as f:
@@ -626,13 +673,14 @@ def end_leftovers(rank_cg: str | None) -> tuple[int, list[str]]:
 
 
 def become_owner(path: str) -> None:
-    """As root: become the owner of path (a run dir) for good, never through a link."""
-    if os.geteuid() != 0:
+    """As root (or the service): become the owner of path (a run dir) for good, never
+    through a link."""
+    if not can_switch():
         return
     st = os.lstat(path)
     if stat_mod.S_ISLNK(st.st_mode):
         raise ValueError(f"{path} is a symbolic link; refusing to follow it as root")
-    if st.st_uid != 0:
+    if st.st_uid != os.geteuid():
         drop_to(st.st_uid, st.st_gid, [st.st_gid])
 
 

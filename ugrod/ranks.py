@@ -41,15 +41,18 @@ _ISOLATED = ("-I", "-S")
 # Makes the given directories; prints the interpreter's real path (past any pyenv/conda
 # shim, which would cost every wrapper call another shell) and the installed wrapper's
 # sha256 (or "missing").
-# As root the work dir and jobs/ are 0711 (ranks of other users reach their own run
-# dirs, which are 0700 and theirs); otherwise everything is 0700.
+# When the wrapper can run ranks as other users (root, or ugrod's service account with
+# CAP_SETUID/CAP_SETGID) the work dir and jobs/ are 0711: owners reach their own run
+# dirs (0700, theirs) and list nothing. Otherwise everything is 0700.
 _PREPARE = """\
 import hashlib, os, sys
 os.umask(0o077)
+caps = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff:")]
+switch = os.geteuid() == 0 or bool(caps and int(caps[0].split()[1], 16) & 0xC0 == 0xC0)
 for d in sys.argv[2:]:
     os.makedirs(d, exist_ok=True)
-    os.chmod(d, 0o711 if os.geteuid() == 0 and not d.endswith("/.ugro") else 0o700)
-os.chmod(os.path.dirname(sys.argv[2]), 0o711 if os.geteuid() == 0 else 0o700)
+    os.chmod(d, 0o711 if switch and not d.endswith("/.ugro") else 0o700)
+os.chmod(os.path.dirname(sys.argv[2]), 0o711 if switch else 0o700)
 print(sys.executable)
 try:
     print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())

@@ -341,7 +341,8 @@ class Watchdog:
             if r.exit_code is not None:
                 continue
             sample = samples.get(r.node)
-            agent = self._executor.agents.get(r.node)
+            agent = (self._executor.agent_for(job, r.node) if r.node in self._executor.agents
+                     else None)
             if sample is None or agent is None:
                 continue
             pid_file = f"{await agent.run_dir(job.id, job.attempt, r.rank)}/pid"
@@ -365,7 +366,7 @@ class Watchdog:
         logger.warning("job %s: %s", job.id, why)
         if not await self._stop(job, why):
             return
-        agent = self._executor.agents.get(node)
+        agent = self._executor.agent_for(job, node) if node in self._executor.agents else None
         if agent is None:
             return
         # The executor now kills what is left of the gang (this rank's descendants too);
@@ -406,7 +407,8 @@ class Watchdog:
         what = (f"stalled: no step advance for {idle_s:.0f} s (last step {last}; stall "
                 f"timeout {limit_s:.0f} s)")
         logger.warning("job %s: %s", job.id, what)
-        path = await stacks.capture(job, self._executor.agents,
+        path = await stacks.capture(job, {n: self._executor.agent_for(job, n)
+                                          for n in self._executor.agents},
                                     self._executor.job_dir(job.id), what)
         try:
             await self._ledger.record(ev.DAEMON, ev.JobStalled(

@@ -69,11 +69,14 @@ def test_ugrod_unit_has_what_the_daemon_relies_on(rendered: dict[str, Path]) -> 
     s = service(rendered["ugrod.service"])
     expected = {
         "Type": "notify", "NotifyAccess": "main", "Restart": "on-failure", "User": "ugro",
-        "Group": "ugro", "StateDirectory": "ugro", "RuntimeDirectory": "ugro",
+        "Group": "ugro", "StateDirectory": "ugro ugro-work", "RuntimeDirectory": "ugro",
         "ProtectSystem": "strict", "ProtectHome": "read-only", "NoNewPrivileges": "yes",
         "PrivateTmp": "yes", "KillMode": "process",
     }
     assert {k: s.get(k) for k in expected} == expected
+    # Jobs run as their owners: exactly the two capabilities that takes (README, Security).
+    assert s["CapabilityBoundingSet"] == s["AmbientCapabilities"] == "CAP_SETUID CAP_SETGID"
+    assert (s["StateDirectoryMode"], s["UMask"]) == ("0700", "0077")
     assert "--state-dir /var/lib/ugro --socket /run/ugro/ugrod.sock" in s["ExecStart"]
     assert s["ExecStart"].split()[0].endswith("/prefix/bin/ugrod")
     assert "@PREFIX@" not in rendered["ugrod.service"].read_text()

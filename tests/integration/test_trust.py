@@ -275,3 +275,119 @@ def _cmdline_pids(needle: bytes) -> list[int]:
             if needle in cmd and state != "Z":
                 found.append(int(name))
     return found
+
+
+def test_a_service_ugrod_with_setuid_setgid_runs_jobs_as_their_owners(short_tmp: Path) -> None:
+    """ugrod as a service account holding CAP_SETUID+CAP_SETGID (as systemd/ugrod.service
+    gives it): jobs run as their owners with no capability left, and the account itself
+    has no rights on the socket."""
+    pw, svc = other(), pwd.getpwnam("ugro-svc")
+    short_tmp.chmod(0o711)
+    base = short_tmp / "svc"
+    base.mkdir()
+    os.chown(base, svc.pw_uid, svc.pw_gid)
+    cfg = trust_config(base)
+    d = Ugrod(base, config=cfg)
+    caps = "+setuid,+setgid,+dac_read_search"
+    # A member of the socket's group (systemd: SupplementaryGroups=), as it must be to
+    # give the socket to that group.
+    argv = ["setpriv", "--reuid=ugro-svc", "--regid=ugro-svc",
+            f"--groups={svc.pw_gid},{grp.getgrnam(OTHER).gr_gid}",
+            f"--inh-caps={caps}", f"--ambient-caps={caps}", "--",
+            PY, "-m", "ugrod.cli", "--config", str(cfg), "--grace", "3"]
+    d._err = open(d.stderr_path, "ab")  # noqa: SIM115
+    d.proc = subprocess.Popen(argv, env=d.env | {"HOME": "/"}, stdout=d._err,
+                              stderr=d._err, cwd="/")
+    try:
+        wait_for(lambda: d.socket.exists() and d.ctl("status").returncode == 0,
+                 what="the service ugrod answering")
+        assert "service mode" in d.log()
+        res = ctl_other(d, "submit", "--name", "svc1", "--wait", "--", "sh", "-c",
+                        "id -u; grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status; "
+                        "sleep 1019 & exit 0")
+        assert res.returncode == 0, res.stderr + d.log()
+        lines = ctl_other(d, "logs", "svc1").stdout.splitlines()
+        assert lines[0] == str(pw.pw_uid)
+        assert [ln.split()[1] for ln in lines[1:5]] == ["0000000000000000"] * 4, lines
+        job = d.ctl_json("status", "svc1")
+        assert "rank 0 left 1 process" in job["reason"]  # its supervisor is a subreaper
+        assert not _cmdline_pids(b"sleep\x001019")
+        own = subprocess.run(["setpriv", "--reuid=ugro-svc", "--regid=ugro-svc",
+                              "--init-groups", f"--inh-caps={caps}", f"--ambient-caps={caps}",
+                              "--", PY, "-m", "ugroctl.cli", "status"], env=d.env,
+                             capture_output=True, text=True, timeout=60, cwd="/")
+        assert own.returncode != 0 and "service account" in own.stderr, own.stderr
+    finally:
+        d.stop()
+        _kill_leftovers(short_tmp)
+
+
+def test_check_config_reports_a_bad_users_mapping(short_tmp: Path) -> None:
+    cfg = short_tmp / "cluster.yaml"
+    cfg.write_text("nodes:\n  gpu1: {ip: 10.0.0.1, user: shared}\n"
+                   "users:\n  alice: {nodes: {gpu2: {user: alice}}, identity_file: /k}\n")
+    res = subprocess.run([PY, "-m", "ugrod.cli", "--check-config", str(cfg)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode != 0
+    assert (f"{cfg}: users.alice.nodes.gpu2: no node named 'gpu2'; did you mean 'gpu1'?"
+            in res.stderr), res.stderr
+    assert f"{cfg}: users.alice: missing 'user'" in res.stderr, res.stderr
+
+
+def test_ssh_jobs_run_as_the_account_mapped_to_their_owner_in_private_files(
+        short_tmp: Path) -> None:
+    """users: maps ugro-other to its own account on a real sshd node; root's jobs use the
+    node's (shared) user. The node's files are 0600 in 0700 directories."""
+    from tests.sshd_nodes import start_sshd_nodes
+
+    pw = other()
+    short_tmp.chmod(0o711)
+    root = short_tmp / "sshd"  # sshd reads authorized_keys as the user logging in
+    cluster = start_sshd_nodes(root, count=1)
+    try:
+        root.chmod(0o711)
+        (root / "authorized_keys").chmod(0o644)
+        node = cluster[0]
+        work = f"~/ugro-t{os.getpid()}"
+        cfg = short_tmp / "cluster.yaml"
+        cfg.write_text(f"""cluster:
+  socket_group: {OTHER}
+  known_hosts: {cluster.known_hosts}
+nodes:
+  n0:
+    host: {node.host}
+    port: {node.port}
+    user: root
+    identity_file: {cluster.identity}
+    work_dir: {work}
+    gpus: []
+users:
+  {OTHER}:
+    user: {OTHER}
+metrics:
+  enabled: false
+""")
+        d = Ugrod(short_tmp, config=cfg)
+        d.start()
+        try:
+            res = ctl_other(d, "submit", "--name", "theirs", "--wait", "--env",
+                            f"HF_TOKEN={SECRET}", "--", "sh", "-c", "id -u; echo $HOME")
+            assert res.returncode == 0, res.stdout + d.log()
+            assert ctl_other(d, "logs", "theirs").stdout == f"{pw.pw_uid}\n{pw.pw_dir}\n"
+            d.ctl("submit", "--name", "mine", "--wait", "--", "id", "-u", check=True)
+            assert d.ctl("logs", "mine", check=True).stdout == "0\n"  # the node's user
+            base = Path(pw.pw_dir) / work[2:]
+            rank = base / "jobs" / "theirs" / "attempt-1" / "rank-0"
+            for path in (base, base / ".ugro", base / "jobs", base / "jobs" / "theirs",
+                         rank.parent, rank):
+                st = path.stat()
+                assert (st.st_uid, stat.S_IMODE(st.st_mode)) == (pw.pw_uid, 0o700), path
+            assert SECRET in (rank / "spec.json").read_text()
+            for f in [base / ".ugro" / "rank_wrapper.py", *rank.iterdir()]:
+                assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+        finally:
+            d.stop()
+    finally:
+        cluster.close()
+        for home in (pw.pw_dir, "/root"):
+            subprocess.run(["rm", "-rf", "--", f"{home}/{work[2:]}"], check=False)

@@ -427,6 +427,28 @@ CASES: list[tuple[str, list[str]]] = [
      ["api.max_body_bytes: expected a positive integer, got 0"]),
     (ONE_NODE + "training: {default_model: 2024-01-01}\n",
      ["training.default_model: expected a string, got a date"]),
+    (ONE_NODE + "cluster: {admin_group: 'a b', socket_group: 7, cgroups: maybe}\n",
+     ["cluster.admin_group: expected a group name, got 'a b'",
+      "cluster.socket_group: expected a string, got 7",
+      "cluster.cgroups: expected true or false, got 'maybe'"]),
+    (ONE_NODE + "users:\n  alice: {user: 'bad user', identity_fle: x}\n"
+                "  bob: {nodes: {gpu2: {user: bob2}, gpu1: {usr: b}}}\n  carol: {}\n"
+                "  dave: [x]\n",
+     ["users.alice.identity_fle: unknown key; did you mean 'identity_file'?",
+      "users.alice.user: expected a remote user name, got 'bad user'",
+      "users.bob.nodes.gpu2: no node named 'gpu2'; did you mean 'gpu1'?",
+      "users.bob.nodes.gpu1.usr: unknown key; did you mean 'user'?",
+      "users.bob.nodes.gpu1: missing 'user': the remote account on this node",
+      "users.bob: expected 'user' (the remote account on every SSH node) or 'nodes' "
+      "(per node)",
+      "users.carol: expected 'user' (the remote account on every SSH node) or 'nodes' "
+      "(per node)",
+      "users.dave: expected a mapping {user, identity_file, nodes}, got a list"]),
+    ("nodes:\n  head: {transport: local}\nusers: {alice: {nodes: {head: {user: a}}}}\n",
+     ["users.alice.nodes.head: is the local node: its jobs run as their owner's own "
+      "account, with no SSH login to map",
+      "users.alice: expected 'user' (the remote account on every SSH node) or 'nodes' "
+      "(per node)"]),
 ]
 
 
@@ -434,6 +456,20 @@ CASES: list[tuple[str, list[str]]] = [
 def test_each_problem_names_the_key_and_what_was_expected(text: str,
                                                           expected: list[str]) -> None:
     assert errors(text) == [f"cluster.yaml: {e}" for e in expected]
+
+
+def test_users_map_owners_to_remote_accounts_per_node_or_cluster_wide() -> None:
+    cfg = cf.loads("nodes:\n  gpu1: {ip: 10.0.0.1, user: shared}\n"
+                   "  gpu2: {ip: 10.0.0.2, user: shared}\n"
+                   "users:\n  alice: {user: alice, identity_file: /keys/alice}\n"
+                   "  bob: {nodes: {gpu2: {user: bob2}}}\n", env=ENV)
+    alice = cfg.remote_account("alice", "gpu1")
+    assert alice is not None and (alice.user, alice.identity_file) == ("alice",
+                                                                       Path("/keys/alice"))
+    assert cfg.remote_account("bob", "gpu1") is None  # the shared nodes.gpu1.user
+    bob = cfg.remote_account("bob", "gpu2")
+    assert bob is not None and bob.user == "bob2"
+    assert cfg.remote_account("carol", "gpu2") is None
 
 
 def test_all_problems_are_reported_together() -> None:
