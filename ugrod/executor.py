@@ -17,6 +17,7 @@ import math
 import os
 import posixpath
 import signal
+import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -72,6 +73,8 @@ class Executor:
         self.run_as: Callable[[Job, str], Mapping[str, Any] | None] = lambda job, node: None
         # attempt -> rank -> (count, names) of processes a rank's main process left behind
         self._leftovers: dict[tuple[str, int], dict[int, tuple[int, tuple[str, ...]]]] = {}
+        # (job, attempt, rank) -> when the rank ended, by its node's clock
+        self._exit_at: dict[tuple[str, int, int], float] = {}
         self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
         # job -> (attempt, loop times of its last step advances): the watchdog's step interval
@@ -458,6 +461,9 @@ class Executor:
                     job=job_id, attempt=attempt, rank=p.rank, node=p.node, exit_code=code))
                 current = self.ledger.state.jobs[job_id]
                 if code != 0 and current.stopping is None:
+                    p, code = await self._first_failure(job_id, attempt, exits, codes, lost,
+                                                        p, code)
+                    current = self.ledger.state.jobs[job_id]
                     outcome, reason = self._failure(current, p, code, jobdir)
                     await self.ledger.record(ev.DAEMON, ev.JobStopping(
                         job=job_id, attempt=attempt, outcome=outcome, reason=reason))
@@ -472,6 +478,39 @@ class Executor:
                 w.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         await self._finish(job_id, attempt, codes, agents, lost)
+
+    async def _first_failure(self, job_id: str, attempt: int,
+                             exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]],
+                             codes: dict[int, int], lost: dict[int, str],
+                             p: ev.RankPlacement, code: int) -> tuple[ev.RankPlacement, int]:
+        """The failed rank that ended first: ranks that ended while ugrod was down (or
+        within a moment of each other) are reported in no particular order, and the first
+        to fail is the cause (a peer's death makes the others fail after it)."""
+        at = self._exit_at.get((job_id, attempt, p.rank))
+        if at is None or time.time() - at < 2.0 or len(codes) + len(lost) >= len(
+                self.ledger.state.jobs[job_id].placement):
+            return p, code
+        first = (at, p, code)
+        deadline = asyncio.get_running_loop().time() + 1.0
+        while len(codes) + len(lost) < len(self.ledger.state.jobs[job_id].placement):
+            try:
+                async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop()
+                                               .time())):
+                    q, other = await exits.get()
+            except TimeoutError:
+                break
+            if q.rank in codes or q.rank in lost:
+                continue
+            if other is None:
+                lost[q.rank] = q.node
+                continue
+            codes[q.rank] = other
+            await self.ledger.record(ev.DAEMON, ev.RankExited(
+                job=job_id, attempt=attempt, rank=q.rank, node=q.node, exit_code=other))
+            q_at = self._exit_at.get((job_id, attempt, q.rank))
+            if other != 0 and q_at is not None and q_at < first[0]:
+                first = (q_at, q, other)
+        return first[1], first[2]
 
     def rank_gone(self, job_id: str, attempt: int, rank: int,
                   exit_code: int = VANISHED_EXIT_CODE) -> bool:
@@ -736,6 +775,8 @@ class Executor:
                         if p.rank == 0:
                             await self._metric(job, item.data)
                     elif isinstance(item, RankExit):
+                        if item.at is not None:
+                            self._exit_at[(job.id, job.attempt, p.rank)] = item.at
                         if item.leftovers:
                             self._leftovers.setdefault((job.id, job.attempt), {})[p.rank] = (
                                 item.leftovers, item.leftover_names)

@@ -717,12 +717,14 @@ def cmd_watch(run_dir: str, log_off: int, met_off: int) -> int:
             met_off = drain_metrics(met_path, met_off, final=ended is not None)
             if ended is not None:
                 left = leftovers(run_dir)
+                msg: dict[str, Any] = {"t": "exit", "code": ended}
+                # when it ended (ranks that ended while nobody watched come together)
+                with contextlib.suppress(OSError):
+                    msg["at"] = os.stat(os.path.join(run_dir, "exit_code")).st_mtime
                 if left:
-                    names = [str(n)[:32] for n in left.get("names") or []][:8]
-                    emit({"t": "exit", "code": ended, "left": int(left.get("count") or 0),
-                          "names": names})
-                else:
-                    emit({"t": "exit", "code": ended})
+                    msg["left"] = int(left.get("count") or 0)
+                    msg["names"] = [str(n)[:32] for n in left.get("names") or []][:8]
+                emit(msg)
                 return 0
             time.sleep(POLL_S)
     except BrokenPipeError:

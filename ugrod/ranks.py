@@ -113,6 +113,7 @@ class RankExit:
     exit_code: int
     leftovers: int = 0
     leftover_names: tuple[str, ...] = ()
+    at: float | None = None  # the node's clock when it ended
 
 
 RankEvent = RankPid | LogChunk | MetricLine | RankExit
@@ -157,6 +158,7 @@ class _Exit(msgspec.Struct, tag_field="t", tag="exit"):
     code: int
     left: int = 0
     names: list[str] = []
+    at: float | None = None
 
 
 class _Error(msgspec.Struct, tag_field="t", tag="error"):
@@ -445,9 +447,9 @@ class NodeAgent:
                     raise bad(f"metrics offsets {o}-{e}, expected start {offsets[1]}")
                 offsets[1] = e
                 return MetricLine(o, d.encode(), e)
-            case _Exit(code=code, left=left, names=names):
+            case _Exit(code=code, left=left, names=names, at=at):
                 clean = tuple("".join(c for c in n[:32] if c.isprintable()) for n in names[:8])
-                return RankExit(code, max(0, left), clean)
+                return RankExit(code, max(0, left), clean, at)
             case _Error(message=message):
                 raise TransportError(self.node, f"watching {rd}: {message[:300]}")
         raise bad("unknown message")
