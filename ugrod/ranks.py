@@ -17,7 +17,7 @@ import json
 import logging
 import posixpath
 from collections.abc import AsyncGenerator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -113,7 +113,7 @@ class RankExit:
     exit_code: int
     leftovers: int = 0
     leftover_names: tuple[str, ...] = ()
-    at: float | None = None  # the node's clock when it ended
+    at: float | None = field(default=None, compare=False)  # by the node's clock
 
 
 RankEvent = RankPid | LogChunk | MetricLine | RankExit

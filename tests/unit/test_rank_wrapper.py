@@ -156,7 +156,11 @@ def watch_lines(run_dir: Path, log_off: int = 0, met_off: int = 0) -> list[dict[
         timeout=10,
     )
     assert done.returncode == 0, done.stderr
-    return [json.loads(line) for line in done.stdout.splitlines()]
+    lines = [json.loads(line) for line in done.stdout.splitlines()]
+    for msg in lines:  # an exit says when it happened (exit_code's mtime), when it knows
+        if msg.get("t") == "exit" and "at" in msg:
+            assert abs(msg.pop("at") - time.time()) < 600
+    return lines
 
 
 def finished_run(tmp_path: Path) -> Path:
@@ -204,7 +208,8 @@ def test_watch_follows_a_live_rank_and_holds_back_half_lines(tmp_path: Path) -> 
         }  # fmt: skip
         (tmp_path / "exit_code").write_text("7\n")
         began = time.monotonic()
-        assert json.loads(proc.stdout.readline()) == {"t": "exit", "code": 7}
+        ended = json.loads(proc.stdout.readline())
+        assert abs(ended.pop("at") - time.time()) < 60 and ended == {"t": "exit", "code": 7}
         assert time.monotonic() - began < 0.5
         assert proc.wait(timeout=5) == 0
     finally:
