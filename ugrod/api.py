@@ -745,7 +745,7 @@ class Handlers:
     async def metrics_series(self, request: web.Request) -> web.Response:
         """A job's metrics.jsonl as chart columns, from byte ``after``, at most ``max_points``.
 
-        The owner (or root, or ugrod's user) only: metrics are the job's own data.
+        The owner (or an admin) only: metrics are the job's own data.
         Bounded: 64 MiB read per call, 64 keys, ``max_points`` 0 (every point) to 20,000.
         """
         from ugrod.series import read_series
