@@ -402,6 +402,23 @@ def job_detail() -> Json:
                  "jobs, e.g. a sweep's, to overlay their curves).",
                  [q(f"max by (job_name) (ugro_job_training_loss{{{JOB}}})", "{{job_name}}")],
                  unit="none")
+    # Loss against step: the two series of each job joined on their timestamps into
+    # one (step, loss) frame per job, then plotted x = step, y = loss.
+    b.add("xychart", "Loss by step", "Training loss against training step, one line per "
+          "selected job: runs of a sweep compare at equal steps whatever their speed.", [
+              q(f'label_replace(max by (job_name) (ugro_job_training_step{{{JOB}}}), '
+                f'"field", "step", "", "")'),
+              q(f'label_replace(max by (job_name) (ugro_job_training_loss{{{JOB}}}), '
+                f'"field", "loss", "", "")')],
+          unit="none", w=12, options={
+              # auto: per frame (job), x = its first number field (step), y = loss
+              "mapping": "auto", "series": [], "legend": LEGEND,
+              "tooltip": {"mode": "single", "sort": "none"}},
+          custom={"show": "lines", "lineWidth": 1, "pointSize": {"fixed": 4}},
+          transformations=[
+              {"id": "joinByLabels", "options": {"value": "field", "join": ["job_name"]}},
+              {"id": "partitionByValues", "options": {"fields": ["job_name"],
+                                                      "keepFields": False}}])
     b.timeseries("Throughput", "Throughput as the job reported it (its own unit, "
                  "e.g. samples/s), and steps per second.", [
                      q(f"max by (job_name) (ugro_job_training_throughput{{{JOB}}})",

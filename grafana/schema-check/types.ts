@@ -21,6 +21,7 @@ import type * as Stat from "@grafana/schema/dist/esm/raw/composable/stat/panelcf
 import type * as StateTimeline from "@grafana/schema/dist/esm/raw/composable/statetimeline/panelcfg/x/StateTimelinePanelCfg_types.gen.d.ts";
 import type * as Table from "@grafana/schema/dist/esm/raw/composable/table/panelcfg/x/TablePanelCfg_types.gen.d.ts";
 import type * as TimeSeries from "@grafana/schema/dist/esm/raw/composable/timeseries/panelcfg/x/TimeSeriesPanelCfg_types.gen.d.ts";
+import type * as XYChart from "@grafana/schema/dist/esm/raw/composable/xychart2/panelcfg/x/XYChartPanelCfg_types.gen.d.ts";
 
 export type Lit<T> = T extends string
   ? `${T}`
@@ -78,7 +79,8 @@ export type UgroPanel =
   | PanelOf<"stat", Stat.Options, Record<string, never>>
   | PanelOf<"bargauge", BarGauge.Options, Record<string, never>>
   | PanelOf<"table", Table.Options, Table.FieldConfig>
-  | PanelOf<"state-timeline", StateTimeline.Options, StateTimeline.FieldConfig>;
+  | PanelOf<"state-timeline", StateTimeline.Options, StateTimeline.FieldConfig>
+  | PanelOf<"xychart", XYChart.Options, XYChart.FieldConfig>;
 
 export type UgroRow = Omit<RowPanel, "panels" | "type"> & {
   type: "row";

@@ -500,37 +500,37 @@ case(
 )
 
 
-# UgroStateDiskFilling (eight hours of history, predict_linear looks back six)
+# UgroStateDiskFilling (predict_linear looks back up to six hours; one is enough here)
 def state_disk(avail):
-    return [(ug("ugro_state_dir_filesystem_size_bytes"), "1000x480"),
+    return [(ug("ugro_state_dir_filesystem_size_bytes"), "1000x80"),
             (ug("ugro_state_dir_filesystem_avail_bytes"), avail)]
 
 
 case(
     "state dir 95 % used and shrinking 6 / hour (full within a day): warning",
-    state_disk("95-0.1x480"),
+    state_disk("95-0.1x80"),
     [
-        ("7h", "UgroStateDiskFilling", [alert({"severity": "warning", **U})]),
+        ("65m", "UgroStateDiskFilling", [alert({"severity": "warning", **U})]),
     ],
     interval="1m",
 )
 case(
     "state dir 97 % used: critical (and warning: it still shrinks)",
-    state_disk("30-0.04x480"),
-    [("7h", "UgroStateDiskFilling", [alert({"severity": "warning", **U}),
+    state_disk("30-0.04x80"),
+    [("65m", "UgroStateDiskFilling", [alert({"severity": "warning", **U}),
                                       alert({"severity": "critical", **U})])],
     interval="1m",
 )
 case(
     "state dir 92 % used but steady: quiet",
-    state_disk("80x480"),
-    [("7h", "UgroStateDiskFilling", [])],
+    state_disk("80x80"),
+    [("65m", "UgroStateDiskFilling", [])],
     interval="1m",
 )
 case(
     "state dir 50 % used and shrinking: quiet",
-    state_disk("500-0.1x480"),
-    [("7h", "UgroStateDiskFilling", [])],
+    state_disk("500-0.1x80"),
+    [("65m", "UgroStateDiskFilling", [])],
     interval="1m",
 )
 
