@@ -4,7 +4,7 @@ Run it any of these ways::
 
     python examples/train_ddp.py --steps 50                       # one process, no torchrun
     torchrun --nnodes=1 --nproc_per_node=2 examples/train_ddp.py --steps 50
-    ugroctl submit --name demo --nodes 2 -- examples/train_ddp.py --steps 400
+    ugroctl submit --name demo --nodes 2 --torchrun -- examples/train_ddp.py --steps 400
 
 Backend: nccl when CUDA is available (one GPU per local rank), gloo on CPU.
 Every rank builds the same data and model from ``--seed``; a DistributedSampler

@@ -283,6 +283,10 @@ class Client:
         return self._json(self._send("POST", _url(path, query), payload,
                                      request_id=request_id, retry=idempotent))
 
+    def post_bytes(self, path: str, data: bytes) -> Any:
+        """POST a raw body (a --sync upload); never retried (it is not idempotent-keyed)."""
+        return self._json(self._send("POST", _url(path, None), None, raw=data, retry=False))
+
     def stream(self, path: str, query: Mapping[str, Any] | None = None) -> Iterator[bytes]:
         """GET a streamed (chunked) body and yield it line by line, until its end."""
         conn = self._new_connection(None)  # a follow may idle for hours
@@ -301,8 +305,9 @@ class Client:
     # ---- plumbing ---------------------------------------------------------
 
     def _send(self, method: str, url: str, body: Mapping[str, Any] | None, *,
-              request_id: str | None = None, retry: bool = True) -> Response:
-        data = None if body is None else json.dumps(body).encode()
+              request_id: str | None = None, retry: bool = True,
+              raw: bytes | None = None) -> Response:
+        data = raw if raw is not None else None if body is None else json.dumps(body).encode()
         reused = self._conn is not None
         if self._conn is None:
             self._conn = self._new_connection(self.timeout)

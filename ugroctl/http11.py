@@ -169,7 +169,11 @@ class Connection:
         if body is not None:
             lines.append(f"Content-Length: {len(body)}")
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        self.sock.sendall(head + body if body else head)
+        if body and len(body) > 65536:  # no copy of a big body (a --sync upload)
+            self.sock.sendall(head)
+            self.sock.sendall(body)
+        else:
+            self.sock.sendall(head + body if body else head)
         resp = self._read_head(method == "HEAD")
         self._response = resp
         return resp

@@ -9,6 +9,7 @@ Example::
     min_vram_gb: 8
     env: {HF_HOME: /data/hf}
     max_retries: 2
+    sync: true        # send this directory to the nodes (--sync)
 
 ``command`` is an argv list; a string is split with ``shlex.split`` (no shell
 ever runs it). The file is read by the same hardened YAML reader as ugrod's
@@ -211,6 +212,7 @@ RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "torchrun": ("torchrun", _boolean),
     "nproc_per_node": ("nproc_per_node", _integer(1, 256)),
     "cwd": ("cwd", _string),
+    "sync": ("sync", _boolean),
     "stall_timeout_s": ("stall_timeout_s", _seconds(1, MAX_STALL_S)),
     "stall_action": ("stall_action", _choice("alert", "requeue")),
     "expected_runtime_s": ("expected_runtime_s", _seconds(0, MAX_RUNTIME_S, positive=True)),

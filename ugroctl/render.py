@@ -209,6 +209,8 @@ def _job_note(job: Mapping[str, Any]) -> str:
         return f"stopping ({job.get('reason') or job['stopping']})"
     metrics = job.get("metrics") or {}
     bits = []
+    if job.get("cpu_only_on_gpu_nodes"):
+        bits.append("no GPU asked for")
     if _is_number(metrics.get("step")):
         bits.append(f"step {metrics['step']}")
     if _is_number(metrics.get("loss")):
@@ -303,6 +305,7 @@ def job_detail(job: Mapping[str, Any], now: float) -> str:
         ("attempt", job.get("attempt")),
         ("wants", want),
         ("placed", placement or None),
+        ("GPUs", _cpu_only(job.get("cpu_only_on_gpu_nodes"))),
         ("submitted", _when(job.get("submitted_at"), now)),
         ("started", _when(job.get("started_at"), now)),
         ("ended", _when(job.get("ended_at"), now)),
@@ -323,6 +326,10 @@ def job_detail(job: Mapping[str, Any], now: float) -> str:
         import shlex
 
         pairs.append(("command", shlex.join(str(a) for a in argv)))
+    if spec.get("sync"):
+        pairs.append(("code", f"{clean(spec['sync'])}, copied to each node (--sync)"))
+    elif spec.get("cwd"):
+        pairs.append(("directory", spec["cwd"]))
     ckpts = job.get("checkpoints") or []
     if ckpts:
         pairs.append(("checkpoint", f"{_ckpt_path(ckpts[-1])} ({len(ckpts)} in all)"))
@@ -353,6 +360,15 @@ def _last_attempt(last: Any, now: float) -> str | None:
     code = last.get("exit_code")
     return (f"attempt {clean(last.get('attempt'))} on {nodes}, ended "
             f"{ago(last.get('ended_at'), now)}" + (f" (exit {code})" if code is not None else ""))
+
+
+def _cpu_only(nodes: Any) -> str | None:
+    if not nodes or not isinstance(nodes, list):
+        return None
+    names = ", ".join(clean(n) for n in nodes)
+    return (f"none asked for: runs on CPU although {names} "
+            f"{'has GPUs' if len(nodes) == 1 else 'have GPUs'} (CUDA_VISIBLE_DEVICES is "
+            f"empty; --gpus-per-node N gives it N)")
 
 
 def _ckpt_path(c: Any) -> str:
@@ -415,6 +431,11 @@ def results_view(doc: Mapping[str, Any], now: float) -> str:
             pairs.append((k.replace("_", " "), number(v) if _is_number(v) else v))
     if job.get("reason"):
         pairs.append(("reason", job["reason"]))
+    spec = job.get("spec") or {}
+    if spec.get("sync"):
+        pairs.append(("code", f"{clean(spec['sync'])} (synced with --sync)"))
+    elif spec.get("cwd"):
+        pairs.append(("code", f"{clean(spec['cwd'])} on each node (not synced)"))
     out = [fields(pairs)]
     for title, key in (("run", "run"), ("last values", "values")):
         part = summary.get(key)
@@ -670,4 +691,27 @@ def reload_view(doc: Mapping[str, Any]) -> str:
     for key in ("added", "removed", "changed"):
         items = doc.get(key) or []
         lines.append(f"{key}: {', '.join(clean(i) for i in items) if items else 'none'}")
+    return "\n".join(lines)
+
+
+def launch_plan(plan: Mapping[str, Any]) -> str:
+    """A dry run's plan: torchrun or not, the directory, and per rank its node and argv."""
+    import shlex
+
+    lines = [f"torchrun: {'yes' if plan.get('torchrun') else 'no (the command runs as is)'}"]
+    if plan.get("sync"):
+        lines.append(f"code: {clean(plan['sync'])}, copied to each node; ranks start in "
+                     f"that copy")
+    else:
+        lines.append(f"directory: {clean(plan.get('cwd') or 'the login directory on each node')}")
+    ranks = [r for r in plan.get("ranks") or [] if isinstance(r, Mapping)]
+    if not ranks:
+        why = plan.get("waiting")
+        lines.append(f"nodes: none free now{': ' + clean(why) if why else ''}")
+        return "\n".join(lines)
+    for r in ranks:
+        gpus = ",".join(str(g) for g in r.get("gpus") or [])
+        lines.append(f"rank {r.get('rank')} on {clean(r.get('node'))}"
+                     + (f" GPU {gpus}" if gpus else " (no GPU)") + ":")
+        lines.append(f"  {clean(shlex.join(str(a) for a in r.get('argv') or []))}")
     return "\n".join(lines)

@@ -94,12 +94,14 @@ def parse_formats(ctx: click.Context, param: click.Parameter, value: str | None
 
 
 def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
-    """Resources and policy shared by submit, launch and sweep (only given ones are sent)."""
+    """Placement, environment and policy: one set for submit, launch and sweep."""
     opts = [
         click.option("--nodes", type=click.IntRange(min=1), metavar="N",
-                     help="Number of nodes (one torchrun per node) [default 1]."),
+                     help="Number of nodes [default 1; launch: every schedulable node with "
+                          "the GPUs, or training.nodes]."),
         click.option("--gpus-per-node", type=click.IntRange(min=0), metavar="G",
-                     help="GPUs per node (0: CPU job) [default 0]."),
+                     help="GPUs per node (0: CPU job) [default 0; launch: 1, or "
+                          "training.gpus_per_node]."),
         click.option("--min-vram", type=click.FloatRange(min=0, min_open=True), metavar="GB",
                      help="Each GPU must have at least GB of memory."),
         click.option("--node", "node_names", multiple=True, metavar="NAME",
@@ -112,7 +114,7 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      help="Higher runs first, -1000..1000 [default 0]."),
         click.option("--max-retries", type=click.IntRange(min=0), metavar="N",
                      help="Retry a failed job up to N times, resuming from its newest "
-                          "checkpoint."),
+                          "checkpoint (a command that cannot start is never retried)."),
         click.option("--after", multiple=True, metavar="JOB",
                      help="Start only after JOB has succeeded (repeatable; Slurm's afterok)."),
         click.option("--after-any", multiple=True, metavar="JOB",
@@ -132,12 +134,21 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      help="Processes per node under torchrun when the job takes no GPU "
                           "(a GPU job runs one per GPU) [default 1]."),
         click.option("--torchrun/--no-torchrun", default=None,
-                     help="Run the command under torchrun, or as is [default: torchrun when "
-                          "--nodes > 1 or --gpus-per-node > 0]."),
+                     help="Run the command under torchrun (one process per GPU, rendezvous "
+                          "across the nodes), or as it is [default: as it is; launch: "
+                          "torchrun]. A .py script runs under the node's python either way."),
         click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True),
                      metavar="S", help="Report the job stalled when its step stops "
                                        "advancing for S seconds."),
-        click.option("--cwd", metavar="DIR", help="Working directory of every rank."),
+        click.option("--cwd", metavar="DIR",
+                     help="Directory the ranks start in, on every node [default: the one "
+                          "you run ugroctl in; launch: paths.scripts when the config has "
+                          "it]. Relative to yours; ~/... is each node's home."),
+        click.option("--sync/--no-sync", "sync", default=None,
+                     help="Send your directory (or --cwd) to every node of the job first, "
+                          "into a copy of its own (unchanged files are not sent again; "
+                          ".git, __pycache__ and what .ugroignore names stay behind) "
+                          "[default: the config's sync.default]."),
         click.option("--expected-runtime", type=click.FloatRange(min=0, min_open=True),
                      metavar="S", help="How long the job should run, in seconds: lets "
                                        "`ugroctl queue` estimate when waiting jobs start."),
@@ -159,14 +170,14 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
         click.option("--wait", is_flag=True,
                      help="Wait until the job ends; exit 0 only if it succeeded."),
         click.option("--dry-run", is_flag=True,
-                     help="Check the job and show it as it would be queued, with the "
-                          "reason if it could never run here; record nothing."),
+                     help="Check the job and show how it would run (nodes, directory, the "
+                          "full command per node), with the reason if it could never run "
+                          "here; record nothing."),
     ]
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
              "priority", "max_retries", "after", "after_any", "after_failed", "time_limit",
-             "hold", "env", "nproc_per_node", "torchrun",
-             "stall_timeout",
-             "cwd", "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
+             "hold", "env", "nproc_per_node", "torchrun", "stall_timeout", "cwd", "sync",
+             "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
              "checkpoints", "wait", "dry_run"]
 
     def decorate(f: F) -> F:
@@ -178,8 +189,13 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
     return decorate
 
 
-SWEEP_OPTIONS = frozenset({"nodes", "gpus_per_node", "min_vram", "priority", "max_retries",
-                           "env", "torchrun", "time_limit"})
+# A sweep takes every placement, environment and policy option (not --wait/--dry-run).
+SWEEP_OPTIONS = frozenset({"nodes", "gpus_per_node", "min_vram", "node_names", "labels",
+                           "avoid_labels", "priority", "max_retries", "after", "after_any",
+                           "after_failed", "time_limit", "hold", "env", "nproc_per_node",
+                           "torchrun", "stall_timeout", "cwd", "sync", "expected_runtime",
+                           "progress", "progress_rank", "loss_key", "stop_grace",
+                           "checkpoints"})
 
 
 _SPEC_KEYS = {  # option name -> request body key
@@ -187,7 +203,7 @@ _SPEC_KEYS = {  # option name -> request body key
     "labels": "labels_required", "avoid_labels": "labels_avoided", "priority": "priority",
     "max_retries": "max_retries", "after": "after", "after_any": "after_any",
     "after_failed": "after_failed", "time_limit": "time_limit", "hold": "held", "env": "env",
-    "torchrun": "torchrun", "stall_timeout": "stall_timeout_s", "cwd": "cwd",
+    "torchrun": "torchrun", "stall_timeout": "stall_timeout_s",
     "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
     "progress": "progress", "progress_rank": "progress_rank", "loss_key": "loss_key",
     "stop_grace": "stop_grace_s", "checkpoints": "checkpoints",
@@ -213,6 +229,69 @@ def spec_body(ctx: click.Context, params: Mapping[str, Any]) -> dict[str, Any]:
     return body
 
 
+def where_body(ctx: click.Context, params: Mapping[str, Any],
+               file_body: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where the ranks start: ``submit_dir`` (here, absolute), ``cwd``, and the ``sync`` tree.
+
+    --cwd (or a job file's ``cwd``) is made absolute against this directory, as Slurm
+    does with the submit directory; ``~/...`` is left for each node's home. With --sync
+    the directory (--cwd, else this one) is uploaded and the ranks start in its copy.
+    """
+    import os
+
+    here = os.getcwd()
+    file_body = file_body or {}
+    body: dict[str, Any] = {"submit_dir": here}
+    cwd = params.get("cwd") if _given(ctx, "cwd") else file_body.get("cwd")
+    if cwd is not None:
+        cwd = str(cwd)
+        body["cwd"] = cwd if cwd == "~" or cwd.startswith("~/") else os.path.abspath(cwd)
+    sync = params.get("sync") if _given(ctx, "sync") else file_body.get("sync")
+    if sync:
+        body["sync"] = upload_code(str(body.get("cwd", here)))
+        body.pop("cwd", None)
+    elif sync is False:
+        body["sync"] = False  # not the config's sync.default either
+    return body
+
+
+def upload_code(top: str) -> str:
+    """Send ``top`` to ugrod's code store for --sync; the tree's digest."""
+    import os
+
+    from ugroctl import syncing
+
+    if top.startswith("~"):
+        raise click.UsageError("--sync sends a directory of yours: give --cwd a path here, "
+                               "not one under a node's ~")
+    if not os.path.isdir(top):
+        fail(f"--sync: {top} is not a directory", EXIT_USAGE)
+    try:
+        tree, files, size, sent = syncing.upload(ctl().client, top)
+    except syncing.SyncError as exc:
+        fail(f"--sync: {exc}", EXIT_USAGE)
+    if not want_json(False):
+        click.echo(f"synced {top}: {files} files, {size / 1e6:.1f} MB ({sent / 1e6:.1f} MB "
+                   f"sent), tree {tree[:19]}…", err=True)
+    return tree
+
+
+def post_job(body: dict[str, Any], query: Mapping[str, Any] | None = None,
+             path: str = "/v1/jobs") -> Any:
+    """POST a job (or sweep); when the config makes --sync the default, upload and resend."""
+    from ugroctl.client import ApiError
+
+    client = ctl().client
+    try:
+        return client.post(path, body, query, idempotent=query is None)
+    except ApiError as exc:
+        if exc.code != "sync_required" or "sync" in body:
+            raise
+    body = {**body, "sync": upload_code(str(body.get("cwd") or body["submit_dir"]))}
+    body.pop("cwd", None)
+    return client.post(path, body, query, idempotent=query is None)
+
+
 def _submit(ctx: click.Context, body: dict[str, Any], as_json: bool, wait: bool,
             dry_run: bool = False) -> None:
     client = ctl().client
@@ -221,12 +300,14 @@ def _submit(ctx: click.Context, body: dict[str, Any], as_json: bool, wait: bool,
             raise click.UsageError("--dry-run queues nothing to --wait for")
         import shlex
 
-        job = client.post("/v1/jobs", body, {"dry_run": 1})["job"]
+        doc = post_job(body, {"dry_run": 1})
+        job = doc["job"]
         emit(job, as_json, lambda: f"dry run: would queue {job_line(job)}\n"
                                     f"command: {shlex.join(job.get('argv') or [])}\n"
+                                    f"{render.launch_plan(doc.get('plan') or {})}\n"
                                     "nothing was recorded; drop --dry-run to queue it")
         return
-    job = client.post("/v1/jobs", body, idempotent=True)["job"]
+    job = post_job(body)["job"]
     if not wait:
         emit(job, as_json, lambda: f"submitted {job_line(job)}\n"
                                     f"follow it: ugroctl logs {job['id']} -f")
@@ -283,8 +364,10 @@ def _split_file_or_command(args: tuple[str, ...]) -> tuple[str | None, list[str]
 
 @cli.command(context_settings={"allow_interspersed_args": False},
              epilog=examples(
-                 "ugroctl submit --name exp1 --nodes 3 --gpus-per-node 1 -- train.py --lr 2e-4",
-                 "ugroctl submit --no-torchrun --env SEED=1 -- python prep.py",
+                 "ugroctl submit --name exp1 --nodes 3 --gpus-per-node 1 --torchrun -- "
+                 "train.py --lr 2e-4",
+                 "cd ~/proj && ugroctl submit --sync --nodes 3 --torchrun -- train.py",
+                 "ugroctl submit --env SEED=1 -- python3 prep.py",
                  "ugroctl submit --min-vram 10 --max-retries 2 --after exp1 -- train.py",
                  "ugroctl submit --priority 5 job.yaml     (a job file: see docs/cli.md)"))
 @click.option("--name", metavar="NAME", help="Job name [default: made up by ugrod].")
@@ -294,7 +377,7 @@ def _split_file_or_command(args: tuple[str, ...]) -> tuple[str | None, list[str]
 @click.pass_context
 def submit(ctx: click.Context, /, command: tuple[str, ...], as_json: bool, wait: bool,
            **params: Any) -> None:
-    """Queue a job: CMD on --nodes nodes (under torchrun), or a job file."""
+    """Queue a job: CMD on --nodes nodes, started in this directory (or a job file)."""
     path, argv = _split_file_or_command(command)
     if path is not None:
         from ugroctl import jobfile
@@ -303,9 +386,14 @@ def submit(ctx: click.Context, /, command: tuple[str, ...], as_json: bool, wait:
             body = jobfile.load(path)
         except jobfile.JobFileError as exc:
             fail("\nugroctl: ".join(exc.lines()), EXIT_USAGE)  # every problem, one a line
+        where = where_body(ctx, params, body)
+        body.pop("sync", None)
+        body.pop("cwd", None)
         body.update(spec_body(ctx, params))
     else:
+        where = where_body(ctx, params)
         body = {"argv": argv, **spec_body(ctx, params)}
+    body.update(where)
     if params.get("name") is not None:
         body["name"] = params["name"]
     _submit(ctx, body, want_json(as_json), wait, params.get("dry_run", False))
@@ -313,25 +401,47 @@ def submit(ctx: click.Context, /, command: tuple[str, ...], as_json: bool, wait:
 
 @cli.command(epilog=examples(
     "ugroctl launch --name exp1 --model llama-7b --dataset wikitext --epochs 3",
-    "ugroctl launch --name quick --epochs 1 --nodes 3 --gpus-per-node 1"))
-@click.option("--name", metavar="NAME", help="Job name [default: made up by ugrod].")
+    "ugroctl launch --name quick --epochs 1 --nodes 2 --detach"))
+@click.option("--name", metavar="NAME", help="Job name, passed to the script as {name} "
+                                             "[default: made up by ugrod].")
 @click.option("--model", metavar="MODEL", help="Model to train [config training default].")
 @click.option("--dataset", metavar="DATASET", help="Dataset [config training default].")
 @click.option("--epochs", type=click.IntRange(min=1), help="Epochs [config default].")
 @click.option("--lr", type=click.FloatRange(min=0, min_open=True), metavar="LR",
               help="Learning rate [config default].")
+@click.option("--detach", is_flag=True, help="Return once queued, without showing progress.")
 @job_options()
 @json_option
 @click.pass_context
-def launch(ctx: click.Context, /, as_json: bool, wait: bool, **params: Any) -> None:
-    """Launch training from the config's training template (the seeds' one command)."""
+def launch(ctx: click.Context, /, as_json: bool, wait: bool, detach: bool,
+           **params: Any) -> None:
+    """Launch training from the config's training template (the seeds' one command).
+
+    By default on every schedulable node with one GPU each; shows where each rank
+    goes, then the progress until training has started (or ended).
+    """
     settings = {k: params[k] for k in ("model", "dataset", "epochs", "lr")
                 if params[k] is not None}
     body: dict[str, Any] = {"launch": settings, **spec_body(ctx, params)}
     if params["name"] is not None:
         body["name"] = params["name"]
-    _submit(ctx, body, want_json(as_json), wait, params.get("dry_run", False))
+    body.update(where_body(ctx, params))  # no --cwd: paths.scripts, else here (ugrod)
+    as_json = want_json(as_json)
+    if wait or detach or as_json or params.get("dry_run"):
+        _submit(ctx, body, as_json, wait, params.get("dry_run", False))
+        return
+    client = ctl().client
+    job = post_job(body)["job"]
+    from ugroctl import progress
 
+    try:
+        code = progress.follow(client, str(job["id"]))
+    except KeyboardInterrupt:
+        click.echo(f"\nstopped watching; {job['id']} goes on "
+                   f"(ugroctl status {job['id']})", err=True)
+        raise click.exceptions.Exit(130) from None
+    if code:
+        raise click.exceptions.Exit(code)
 
 
 # ---- sweeps ----------------------------------------------------------------------------
@@ -381,10 +491,10 @@ def sweep_create(ctx: click.Context, /, name: str, grid: dict[str, list[str]],
                  **params: Any) -> None:
     """Create a sweep: one trial per combination of --param values."""
     body: dict[str, Any] = {"name": name, "params": grid, "argv": list(command),
-                            **spec_body(ctx, params)}
+                            **spec_body(ctx, params), **where_body(ctx, params)}
     if max_parallel is not None:
         body["max_parallel"] = max_parallel
-    doc = ctl().client.post("/v1/sweeps", body, idempotent=True)
+    doc = post_job(body, path="/v1/sweeps")
     view = doc.get("sweep", doc)
     if isinstance(view, Mapping) and "trials" in view:  # {"sweep": {"sweep", "trials"}}
         doc = view

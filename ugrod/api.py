@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import msgspec
 from aiohttp import web
 
-from ugrod import commands, jobspec, trust
+from ugrod import codesync, commands, jobspec, trust
 from ugrod import events as ev
 from ugrod import render_json as rj
 from ugrod.commands import Refused
@@ -104,6 +104,9 @@ def build_app(daemon: Daemon, *, max_body_bytes: int = 1 << 20) -> web.Applicati
     # ---- reads for `ugroctl dashboard` (issue 12) ----
     r.add_get("/v1/jobs/{job}/metrics", h.metrics_series)
     r.add_get("/v1/overview", h.overview)
+    r.add_get("/v1/sync", h.sync_settings)
+    r.add_post("/v1/sync/trees", h.sync_tree)
+    r.add_post("/v1/sync/objects", h.sync_objects)
     return app
 
 
@@ -135,7 +138,8 @@ def _errors(daemon: Daemon) -> Any:
             return _error(exc.status, exc.code, exc.message)
         except jobspec.SpecError as exc:
             status = 400
-            return _error(400, "bad_request", str(exc))
+            code = "sync_required" if isinstance(exc, jobspec.SyncRequired) else "bad_request"
+            return _error(400, code, str(exc))
         except Refused as exc:
             status = _STATUS.get(exc.code, 409)
             return _error(status, exc.code, exc.message)
@@ -176,6 +180,16 @@ def _json(data: Any, status: int = 200) -> web.Response:
 
 def _error(status: int, code: str, message: str) -> web.Response:
     return _json({"error": message, "code": code}, status=status)
+
+
+async def _read_capped(request: web.Request, limit: int, what: str) -> bytes:
+    """The whole body, refused past ``limit`` bytes (bodies bigger than the app's cap)."""
+    buf = bytearray()
+    async for chunk in request.content.iter_any():
+        buf += chunk
+        if len(buf) > limit:
+            raise ApiError(413, "too_large", f"{what} is larger than {limit} bytes")
+    return bytes(buf)
 
 
 async def _body(request: web.Request, cls: type[Any]) -> Any:
@@ -268,8 +282,15 @@ class Handlers:
         if viewer is not None and not self.d.policy.may_see(viewer.uid, job.uid):
             out = rj.job(job, None)
             out["spec"]["env"] = trust.redact_env(job.spec.env)
-            return out
-        return rj.job(job, self.d.executor.latest.get(job.id))
+        else:
+            out = rj.job(job, self.d.executor.latest.get(job.id))
+        if job.spec.gpus_per_node == 0 and job.placement:
+            # CUDA_VISIBLE_DEVICES is empty for a job that asked for no GPU (another job
+            # may hold them): said here, so "why is it slow?" has an answer.
+            nodes = self.d.ledger.state.nodes
+            out["cpu_only_on_gpu_nodes"] = [p.node for p in job.placement
+                                            if p.node in nodes and nodes[p.node].gpus]
+        return out
 
     def _may_see(self, request: web.Request, job: Job, what: str) -> None:
         actor = peer(request)
@@ -369,8 +390,12 @@ class Handlers:
             prior = state.requests.get(body.request_id)
             if prior is not None:  # a client retrying after a lost answer: same job, once
                 return await self._job_answer(prior, status=200, viewer=actor)
-        spec = self.d.job_spec(body)
         name = check_name("job", body.name) if body.name else ""
+        # launch puts the job's name in argv ({name}); one not given yet is decided in
+        # the writer below, so the spec carries a placeholder replaced there.
+        spec = self.d.job_spec(body, name or jobspec.NAME_PLACEHOLDER)
+        if spec.sync is not None:
+            self.d.check_code(actor, spec.sync)
         why = self.d.check_fits(spec)
         if why:
             raise ApiError(400, "bad_request", f"job can never run here: {why}")
@@ -385,13 +410,17 @@ class Handlers:
             if prior is not None:  # the same request, still in flight when it came again
                 return [], (prior, 200)
             events = commands.submit(tip, submitted)
-            return events, (events[0].job, 201)  # type: ignore[attr-defined]
+            job_id: str = events[0].job  # type: ignore[attr-defined]
+            if body.launch is not None and not name:
+                events[0] = jobspec.with_name(events[0], job_id)  # type: ignore[arg-type]
+            return events, (job_id, 201)
 
         if request.query.get("dry_run") in ("1", "true"):
             # Every check a submit makes, and the job as it would be queued; nothing
             # is recorded (the same rule builds it, on a state that is then dropped).
             preview, (job_id, _) = self.d.ledger.preview_decided(actor, decide)
-            return _json({"job": self._job_json(preview.jobs[job_id]), "dry_run": True})
+            return _json({"job": self._job_json(preview.jobs[job_id]), "dry_run": True,
+                          "plan": self.d.launch_plan(preview, job_id)})
         _, (job_id, status) = await self.d.ledger.record_decided(actor, decide)
         async with asyncio.timeout(30):  # a twin request's job: answered once it is durable
             while job_id not in self.d.ledger.state.jobs:
@@ -678,6 +707,51 @@ class Handlers:
         if not _gone(request):
             await resp.write_eof()
         return resp
+
+    # ---- code sync (--sync) -------------------------------------------------------
+    # Each user has their own store (by uid): what one uploads, no one else can name
+    # in a job or probe for. Every object is checked against its sha256 as it arrives.
+
+    def _sync_limits(self) -> tuple[int, int]:
+        cfg = self.d.config.sync
+        return cfg.max_mb * 1_000_000, cfg.max_files
+
+    async def sync_settings(self, request: web.Request) -> web.Response:
+        peer(request)
+        max_bytes, max_files = self._sync_limits()
+        return _json({"default": self.d.config.sync.default, "max_bytes": max_bytes,
+                      "max_files": max_files})
+
+    async def sync_tree(self, request: web.Request) -> web.Response:
+        """A manifest in: the tree's digest and the contents ugrod still lacks out."""
+        actor = peer(request)
+        max_bytes, max_files = self._sync_limits()
+        raw = await _read_capped(request, max_files * 256 + 4096, "the manifest")
+        try:
+            doc = msgspec.json.decode(raw)
+            entries = doc.get("entries") if isinstance(doc, dict) else None
+            tree, checked = codesync.check_manifest(entries, max_bytes=max_bytes,
+                                                    max_files=max_files)
+        except msgspec.DecodeError as exc:
+            raise ApiError(400, "bad_request", f"manifest is not valid JSON: {exc}") from None
+        except codesync.SyncError as exc:
+            raise ApiError(400, "bad_request", f"--sync: {exc}") from None
+        store = self.d.code_store
+        missing = await asyncio.to_thread(store.missing, actor.uid, checked)
+        await asyncio.to_thread(store.save_tree, actor.uid, tree, checked)
+        return _json({"tree": tree, "missing": missing, "files": len(checked),
+                      "bytes": sum(e[2] for e in checked)})
+
+    async def sync_objects(self, request: web.Request) -> web.Response:
+        """Framed objects (``SHA256 SIZE\\n`` + bytes ... ``end\\n``), each checked."""
+        actor = peer(request)
+        max_bytes, _ = self._sync_limits()
+        try:
+            stored, size = await self.d.code_store.receive(
+                actor.uid, request.content.iter_any(), max_bytes=max_bytes)
+        except codesync.SyncError as exc:
+            raise ApiError(400, "bad_request", f"--sync upload: {exc}") from None
+        return _json({"stored": stored, "bytes": size})
 
     # ---- sweeps ----------------------------------------------------------------
 

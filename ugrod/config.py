@@ -41,9 +41,9 @@ from ugrod.paths import default_socket_path, default_state_dir, expand_user_path
 
 __all__ = [
     "ApiConfig", "ClusterConfig", "Config", "ConfigError", "HealthConfig", "Intervals", "Level",
-    "MetricsConfig", "NodeConfig", "PathsConfig", "Problem", "SchedulerConfig", "Thresholds",
-    "TrainingConfig", "UserLimits", "Weights", "builtin", "default_socket_path", "load",
-    "loads", "node_changes", "resolve_paths",
+    "MetricsConfig", "NodeConfig", "PathsConfig", "Problem", "SchedulerConfig", "SyncConfig",
+    "Thresholds", "TrainingConfig", "UserLimits", "Weights", "builtin", "default_socket_path",
+    "load", "loads", "node_changes", "resolve_paths",
 ]
 
 GIB: Final = 1 << 30
@@ -52,6 +52,7 @@ USER_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\$?")
 IFNAME_RE: Final = re.compile(r"[A-Za-z0-9_.:,^=-]{1,64}")
 PLACEHOLDERS: Final = ("model", "dataset", "epochs", "lr", "name", "batch_size_per_gpu",
                        "gradient_accumulation", "nproc_per_node")
+SEED_SCRIPT: Final = "train_production.py"  # what the seeds' launch runs in paths.scripts
 DEFAULT_ARGS: Final = ("--model-name", "{model}", "--dataset-name", "{dataset}",
                        "--num-epochs", "{epochs}", "--learning-rate", "{lr}", "--job-id", "{name}")
 
@@ -133,8 +134,10 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True):
     gradient_accumulation: int = 8
     default_model: str = "unsloth/tinyllama-bnb-4bit"
     default_dataset: str = "wikitext"
-    script: str | None = None  # node-side; relative: under paths.scripts
+    script: str | None = None  # node-side; relative: in paths.scripts (None: SEED_SCRIPT)
     args_template: tuple[str, ...] = DEFAULT_ARGS
+    nodes: int | None = None  # launch's size; None: every schedulable node with the GPUs
+    gpus_per_node: int | None = None  # None: 1, the seeds' shape
     nproc_per_node: int = 1
     epochs: int = 1
     lr: float = 2e-4
@@ -158,6 +161,14 @@ class PathsConfig(msgspec.Struct, frozen=True, kw_only=True):
     project_base: str | None = None  # node-side
     scripts: str | None = None  # node-side
     results: Path | None = None  # head-side; informational (job dirs are STATE_DIR/jobs)
+
+
+class SyncConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """``--sync``: whether it is the default, and how much one directory may hold."""
+
+    default: bool = False
+    max_mb: int = 1024
+    max_files: int = 20000
 
 
 class UserLimits(msgspec.Struct, frozen=True, kw_only=True):
@@ -263,6 +274,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     # owners not listed run as nodes.X.user (a shared account: see README, Security).
     users: Mapping[str, UserMapping] = msgspec.field(
         default_factory=lambda: types.MappingProxyType({}))
+    sync: SyncConfig = SyncConfig()
     source: Path | None = None
 
     def remote_account(self, owner: str, node: str) -> RemoteAccount | None:
@@ -310,7 +322,7 @@ def node_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[s
 # ---- the schema: one reader per section -----------------------------------
 
 SECTIONS: Final = ("cluster", "nodes", "training", "paths", "scheduler", "health", "metrics",
-                   "api", "users")
+                   "api", "users", "sync")
 NODE_KEYS: Final = ("ip", "host", "hostname", "port", "user", "identity_file", "work_dir",
                     "transport", "python", "gpu", "vram_gb", "gpus", "rank", "role", "labels",
                     "gpu_exporter")
@@ -345,6 +357,7 @@ def _read_config(r: Reader, data: Any) -> Config | None:
         health=_read_health(r, top.get("health")),
         metrics=_read_metrics(r, top.get("metrics")),
         api=_read_api(r, top.get("api")),
+        sync=_read_sync(r, top.get("sync")),
     )
 
 
@@ -581,6 +594,8 @@ def _read_training(r: Reader, raw: Any) -> TrainingConfig:
         script=r.get(m, w, "script", r.text, None),
         args_template=r.get(m, w, "args_template", lambda v, at: tuple(r.items(
             v, at, arg, "a list of strings")), d.args_template),
+        nodes=r.get(m, w, "nodes", r.integer(1, 1024), None),
+        gpus_per_node=r.get(m, w, "gpus_per_node", r.integer(0, 64), None),
         nproc_per_node=r.get(m, w, "nproc_per_node", positive, d.nproc_per_node),
         epochs=r.get(m, w, "epochs", positive, d.epochs),
         lr=r.get(m, w, "lr", r.number(0, 1e6, strict=True), d.lr),
@@ -714,6 +729,14 @@ def _read_api(r: Reader, raw: Any) -> ApiConfig:
                               d.max_connections),
         max_connections_per_user=r.get(m, w, "max_connections_per_user",
                                        r.integer(1, 1 << 20), d.max_connections_per_user))
+
+
+def _read_sync(r: Reader, raw: Any) -> SyncConfig:
+    w, d = "sync", SyncConfig()
+    m = r.section(raw, w, _fields(SyncConfig), none_ok=True) or {}
+    return SyncConfig(default=r.get(m, w, "default", r.boolean, d.default),
+                      max_mb=r.get(m, w, "max_mb", r.integer(1, 1 << 20), d.max_mb),
+                      max_files=r.get(m, w, "max_files", r.integer(1, 1 << 22), d.max_files))
 
 
 # ---- public entry points ------------------------------------------------------

@@ -21,7 +21,18 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import __version__, admission, job_results, jobspec, planner, reports, time_limits, trust
+from ugrod import (
+    __version__,
+    admission,
+    codesync,
+    commands,
+    job_results,
+    jobspec,
+    planner,
+    reports,
+    time_limits,
+    trust,
+)
 from ugrod import config as cfgmod
 from ugrod import events as ev
 from ugrod import progress_formats as pf
@@ -83,6 +94,7 @@ class Daemon:
         self._ended_order: list[str] = []
         self._fits: dict[planner.Shape, tuple[Any, str | None]] = {}
         self._storing: dict[str, asyncio.Task[dict[str, Any]]] = {}  # job -> result.json write
+        self.code_store = codesync.HeadStore(state_dir / "sync")
 
     # ---- life cycle ------------------------------------------------------------
 
@@ -119,7 +131,7 @@ class Daemon:
         self.ledger.on_commit(self.stats.jobs_committed)
         self.executor = Executor(self.ledger, {}, self.state_dir / "jobs", grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
-                                 on_job_end=self._job_ended)
+                                 on_job_end=self._job_ended, code_store=self.code_store)
         self._build_agents()
         self.executor.agents = self.agents
         self.executor.rank0_bind = self._node_host
@@ -699,6 +711,39 @@ class Daemon:
             port = await self.agents[rank0.node].free_port(lo, hi)
         return msgspec.structs.replace(placement, rdzv_host=host, rdzv_port=port)
 
+    def launch_plan(self, state: State, job_id: str) -> dict[str, Any]:
+        """What a dry run would start, from a state holding the job: where, how, in which dir.
+
+        The planner's own decision on that state (pure); the rendezvous port is the first
+        of the range here (the real one is reserved when the job is placed).
+        """
+        job = state.jobs[job_id]
+        p = planner.plan(state, time.time(), backfill=self.config.scheduler.backfill,
+                         user_limits=self.config.scheduler.user_limits,
+                         runtimes=self._runtimes or {})
+        placed = next((x for x in p.placements if x.job == job_id), None)
+        out: dict[str, Any] = {"torchrun": job.spec.torchrun, "cwd": job.spec.cwd,
+                               "sync": job.spec.sync, "ranks": []}
+        if placed is None:
+            out["waiting"] = p.waiting.get(job_id) or p.unrunnable.get(job_id) or ""
+            return out
+        ranks = placed.ranks
+        if job.spec.torchrun and len(ranks) > 1:
+            order = sorted(ranks, key=lambda r: (self._node_host(r.node), r.node))
+            ranks = tuple(msgspec.structs.replace(r, rank=i) for i, r in enumerate(order))
+        rank0 = next(r for r in ranks if r.rank == 0)
+        port = self.config.cluster.rdzv_port_range[0] if job.spec.torchrun else 0
+        job = msgspec.structs.replace(job, placement=ranks, attempt=1, rdzv_port=port,
+                                      rdzv_host=self._rendezvous_host(rank0.node))
+        for r in sorted(ranks, key=lambda r: r.rank):
+            node = state.nodes[r.node]
+            argv, _ = self.executor.rank_argv(job, r, node.spec.python)
+            cwd = (f"{node.spec.work_dir.rstrip('/')}/jobs/{job_id}/code" if job.spec.sync
+                   else job.spec.cwd)
+            out["ranks"].append({"rank": r.rank, "node": r.node, "gpus": list(r.gpus),
+                                 "argv": argv, "cwd": cwd})
+        return out
+
     def queue_view(self, render: Callable[[Job], Any] = rj.job) -> list[dict[str, Any]]:
         """Waiting jobs in the planner's queue order, with its reasons and estimates
         (each job as ``render`` makes it: the API's job object unless told otherwise)."""
@@ -845,6 +890,8 @@ class Daemon:
         if name in state.sweeps:
             raise ApiError(409, "conflict", f"a sweep named {name!r} already exists")
         jobspec.check_sweep(body)  # sized before anything is built (SpecError: 400)
+        if isinstance(body.sync, str):
+            self.check_code(actor, body.sync)
         keys = sorted(body.params)
         grid = list(itertools.product(*(body.params[k] for k in keys)))
         events: list[ev.Event] = []
@@ -853,17 +900,19 @@ class Daemon:
             job_name = f"{name}-{i}"
             if job_name in state.jobs:
                 raise ApiError(409, "conflict", f"a job named {job_name!r} already exists")
-            sub = SubmitBody(argv=body.argv, nodes=body.nodes, gpus_per_node=body.gpus_per_node,
-                             min_vram_gb=body.min_vram_gb, torchrun=body.torchrun,
-                             max_retries=body.max_retries, env=body.env,
-                             time_limit=body.time_limit)
-            base = self.job_spec(sub)
+            shared = {f: getattr(body, f) for f in jobspec.SHARED_FIELDS
+                      if f not in ("priority", "request_id", "held")}
+            sub = SubmitBody(argv=body.argv, **shared)
+            base = self.job_spec(sub, job_name)
             spec = jobspec.with_overrides(base, dict(zip(keys, values, strict=True)))
             spec = msgspec.structs.replace(spec, sweep=name)
+            if i == 0:  # --after and its kin, as for one job (Refused: 4xx)
+                commands.check_dependencies(state, spec)
             why = self.check_fits(spec)
             if why:
                 raise ApiError(400, "bad_request", f"sweep can never run here: {why}")
-            events.append(ev.JobSubmitted(job=job_name, spec=spec, priority=body.priority))
+            events.append(ev.JobSubmitted(job=job_name, spec=spec, priority=body.priority,
+                                          held=body.held))
             names.append(job_name)
         events.append(ev.SweepCreated(sweep=name, jobs=tuple(names),
                                       params={k: tuple(v) for k, v in body.params.items()},
@@ -876,9 +925,21 @@ class Daemon:
         return reports.sweep_view(self.ledger.state, sweep, self.executor.job_dir,
                                   self.executor.latest)
 
-    def job_spec(self, body: SubmitBody) -> ev.JobSpec:
+    def check_code(self, actor: ev.Actor, tree: str) -> None:
+        """A --sync job's code tree must be on the head, uploaded by its owner."""
+        try:
+            self.code_store.complete(actor.uid, tree)
+        except codesync.SyncError as exc:
+            raise ApiError(400, "bad_request", f"--sync: {exc}") from None
+
+    def job_spec(self, body: SubmitBody, name: str = "") -> ev.JobSpec:
         """Check a submit body and build its JobSpec (SpecError: the API answers 400)."""
-        return jobspec.build(body, self.config, len(self.ledger.state.nodes))
+        state = self.ledger.state
+
+        def launch_nodes(gpus_per_node: int) -> int:
+            return sum(1 for n in state.nodes.values()
+                       if n.schedulable and len(n.gpus) >= gpus_per_node)
+        return jobspec.build(body, self.config, len(state.nodes), launch_nodes, name)
 
 
 def _result_stored(task: asyncio.Task[Any]) -> None:

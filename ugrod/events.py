@@ -106,6 +106,7 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknow
     after_any: tuple[str, ...] = ()  # start once these ended, however they ended
     after_failed: tuple[str, ...] = ()  # start only if these failed or were cancelled
     time_limit_s: float | None = None  # --time: cancelled when an attempt runs longer
+    sync: str | None = None  # the code tree (sha256:...) copied to each node; cwd is its copy
 
 
 class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True,

@@ -25,12 +25,20 @@ from typing import Any
 
 import msgspec
 
+from ugrod import codesync, jobspec
 from ugrod import events as ev
 from ugrod import log as evlog
 from ugrod import progress_formats as pf
 from ugrod.ledger import Ledger
-from ugrod.ranks import CheckpointFile, LogChunk, MetricLine, NodeAgent, RankExit
-from ugrod.state import ACTIVE, InvalidEvent, Job, JobState, State
+from ugrod.ranks import (
+    CheckpointFile,
+    LogChunk,
+    MetricLine,
+    NodeAgent,
+    RankExit,
+    RankStartError,
+)
+from ugrod.state import ACTIVE, WAITING, InvalidEvent, Job, JobState, State
 from ugrod.transport.base import TransportError
 
 logger = logging.getLogger("ugrod.executor")
@@ -51,8 +59,10 @@ class Executor:
     def __init__(self, ledger: Ledger, agents: Mapping[str, NodeAgent], jobs_root: Path, *,
                  grace_s: float = 10.0, start_timeout_s: float = 120.0,
                  rdzv_join_timeout_s: float = 300.0, network_interface: str | None = None,
-                 on_job_end: Callable[[Job], None] | None = None) -> None:
+                 on_job_end: Callable[[Job], None] | None = None,
+                 code_store: codesync.HeadStore | None = None) -> None:
         self.ledger = ledger
+        self.code_store = code_store
         self.agents = dict(agents)
         # The agent a job's ranks use on a node: the node's own, or the one logged in as
         # the account cluster.yaml's users: maps the job's owner to (daemon.agent_for).
@@ -197,6 +207,8 @@ class Executor:
         try:
             async with asyncio.timeout(self.start_timeout_s):
                 await asyncio.gather(*(a.prepare() for a in agents))
+                if job.spec.sync is not None:
+                    await self._sync_code(job, agents)
                 if job.spec.torchrun and len(agents) > 1:
                     await self._precheck_rendezvous(job, agents)
                 checkpoint_dir = await agents[0].checkpoint_dir(job.id)
@@ -210,6 +222,7 @@ class Executor:
         except (TransportError, LaunchError) as exc:
             results = [exc]
         errors = []
+        cannot_start = [res for res in results if isinstance(res, RankStartError)]
         for p, res in zip(job.placement, results, strict=False):
             if isinstance(res, BaseException):
                 errors.append(f"rank {p.rank} on {p.node}: {res}" if not isinstance(
@@ -217,8 +230,16 @@ class Executor:
             else:
                 pids[p.rank] = res
         if errors or len(pids) != len(job.placement):
-            reason = "launch failed: " + "; ".join(errors or ["not every rank started"])
             await self._kill_started(job, agents, pids)
+            if cannot_start:
+                # The same command fails the same way on every attempt: no retry, and
+                # a sweep stops instead of failing each of its trials the same way.
+                first = cannot_start[0]
+                reason = f"node {first.node}: {first.message}; not retried"
+                await self._end(job, "failed", reason, exit_code=first.exit_code)
+                await self._stop_sweep(job, reason)
+                return False
+            reason = "launch failed: " + "; ".join(errors or ["not every rank started"])
             await self._end(job, "failed", reason, retryable=True)
             return False
         events: list[ev.Event] = [
@@ -264,31 +285,32 @@ class Executor:
                           checkpoint_dir: str, resume_from: str | None = None) -> int:
         run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
         env = self.rank_env(job, p, run_dir, checkpoint_dir, resume_from)
-        argv = self.rank_argv(job, p, agent)
-        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, job.spec.cwd,
-                                 run_as=self.run_as(job, p.node))
+        argv, program = self.rank_argv(job, p, agent.python)
+        cwd = await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
+        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, cwd,
+                                 run_as=self.run_as(job, p.node), program=program)
 
-    def rank_argv(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> list[str]:
+    def rank_argv(self, job: Job, p: ev.RankPlacement, python: str) -> tuple[list[str], int]:
+        """The rank's argv on its node and the index of the user's own program in it."""
         spec = job.spec
         if not spec.torchrun:
-            return list(spec.argv)
+            return jobspec.rank_command(spec.argv, python, None)
         nnodes = len(job.placement)
         nproc = max(spec.gpus_per_node, 1) if spec.gpus_per_node else spec.nproc_per_node
-        return [
-            agent.python, "-m", "torch.distributed.run",
+        return jobspec.rank_command(spec.argv, python, [
             f"--nnodes={nnodes}", f"--nproc_per_node={nproc}",
             "--rdzv_backend=c10d", f"--rdzv_endpoint={job.rdzv_host}:{job.rdzv_port}",
-            f"--rdzv_id={job.id}-{job.attempt}", f"--node_rank={p.rank}",
-            # c10d numbers the nodes by sorted address, not by --node_rank: pinning
-            # each node's address (ranks were assigned in that order) keeps them equal.
+            f"--rdzv_id={job.id}-{job.attempt}",
+            # No --node_rank: c10d ignores it (and says so in every log). It numbers
+            # the nodes by sorted address; pinning each node's address (ranks were
+            # assigned in that order) keeps its numbering equal to ours.
             f"--local_addr={self.rank0_bind(p.node)}",
             # Rank 0's node hosts the store: explicit, so nodes sharing one machine
             # (or one NAT address) never race to host it.
             f"--rdzv_conf=is_host={1 if p.rank == 0 else 0},"
             f"join_timeout={int(self.rdzv_join_timeout_s)}",
             "--max_restarts=0",
-            *spec.argv,
-        ]
+        ])
 
     def rank_env(self, job: Job, p: ev.RankPlacement, run_dir: str,
                  checkpoint_dir: str, resume_from: str | None = None) -> dict[str, str]:
@@ -374,6 +396,33 @@ class Executor:
         logger.info("job %s: copied checkpoint %s from %s to %s:%s", job.id, src.path,
                     source.node, agent.node, dest)
         return dest
+
+    async def _sync_code(self, job: Job, agents: list[NodeAgent]) -> None:
+        """Copy the job's code tree to every node of the job (only what each lacks)."""
+        assert job.spec.sync is not None
+        if self.code_store is None:
+            raise LaunchError("this ugrod keeps no code store: --sync is not available")
+        tree = job.spec.sync
+        try:
+            await asyncio.gather(*(codesync.push(a, self.code_store, job.uid, job.id, tree)
+                                   for a in agents))
+        except codesync.SyncError as exc:
+            raise LaunchError(str(exc)) from None
+
+    async def _stop_sweep(self, job: Job, reason: str) -> None:
+        """Cancel the sweep's trials that have not started: they would fail the same way."""
+        sweep = self.ledger.state.sweeps.get(job.spec.sweep) if job.spec.sweep else None
+        if sweep is None:
+            return
+        state = self.ledger.state
+        waiting = [j for j in sweep.jobs if j in state.jobs and state.jobs[j].state in WAITING]
+        if not waiting:
+            return
+        why = (f"sweep {sweep.name} stopped: trial {job.id} could not start its command "
+               f"({reason[:300]}); fix it and `ugroctl resume` the trials")
+        with contextlib.suppress(InvalidEvent):
+            await self.ledger.record(ev.DAEMON, *(ev.JobCancelRequested(job=j, reason=why)
+                                                  for j in waiting))
 
     async def _precheck_rendezvous(self, job: Job, agents: list[NodeAgent]) -> None:
         """Every node must reach rank 0's rendezvous port before anything starts."""
@@ -875,6 +924,8 @@ class Executor:
             if job.attempt > 1:
                 _append(log_path, f"----- ugro: attempt {job.attempt}, rank {p.rank} on "
                                   f"{p.node} -----\n".encode())
+            else:
+                _append(log_path, b"")  # every rank has a log, even one that prints nothing
             metrics = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
             bases[str(p.rank)] = {"log": _size(log_path), "metrics": _size(metrics)}
         attempts = jobdir / ".attempts"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping, Sequence
 
 import msgspec
 
@@ -22,6 +22,10 @@ from ugrod.names import name_problem
 
 class SpecError(ValueError):
     """A request that cannot become a job; the message says why, for people."""
+
+
+class SyncRequired(SpecError):
+    """The config sends code by default and the request neither sent nor declined it."""
 
 
 ENV_KEY_RE = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
@@ -39,18 +43,21 @@ MAX_TEXT_CHARS = 4096              # a sweep value, an environment value
 MAX_LABEL_CHARS = 128
 
 
-class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    argv: list[str] | None = None
-    launch: dict[str, str | int | float] | None = None
-    name: str | None = None
-    nodes: int = 1
+class SpecFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+    """Placement, environment and policy: the same for submit, launch and sweep."""
+
+    nodes: int | None = None  # None: 1 (launch: every schedulable node)
     node_names: list[str] = []
-    gpus_per_node: int = 0
+    gpus_per_node: int | None = None  # None: 0 (launch: 1, the seeds' shape)
     min_vram_gb: float = 0
     labels_required: list[str] = []
     labels_avoided: list[str] = []
     env: dict[str, str] = {}
-    cwd: str | None = None
+    cwd: str | None = None  # where the ranks start; None: submit_dir
+    submit_dir: str | None = None  # where ugroctl ran (absolute, as Slurm's SLURM_SUBMIT_DIR)
+    # The uploaded code tree (sha256:...) copied to each node; False: none, whatever
+    # the config's sync.default; None: the default (refused as "sync_required" if on).
+    sync: str | bool | None = None
     torchrun: bool | None = None
     nproc_per_node: int = 1
     max_retries: int | None = None
@@ -72,20 +79,23 @@ class SubmitBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     request_id: str | None = None
 
 
-class SweepBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
+class SubmitBody(SpecFields, forbid_unknown_fields=True, kw_only=True):
+    argv: list[str] | None = None
+    launch: dict[str, str | int | float] | None = None
+    name: str | None = None
+
+
+class SweepBody(SpecFields, forbid_unknown_fields=True, kw_only=True):
     name: str
     params: dict[str, list[str]]
     argv: list[str]
     max_parallel: int = 0
-    nodes: int = 1
-    gpus_per_node: int = 0
-    min_vram_gb: float = 0
-    torchrun: bool | None = None
-    max_retries: int | None = None
-    priority: int = 0
-    env: dict[str, str] = {}
-    time_limit: str | float | None = None
-    request_id: str | None = None
+
+
+SHARED_FIELDS = tuple(SpecFields.__struct_fields__)
+TREE_RE = re.compile(r"sha256:[0-9a-f]{64}")
+# {name} of a launch whose name ugrod picks in its writer (see ``with_name``).
+NAME_PLACEHOLDER = "ugro-job-name-to-be-decided"
 
 
 def check_name(kind: str, name: str) -> str:
@@ -128,9 +138,17 @@ def check_request_id(value: str | None) -> None:
         check_text("request_id", value, 128)
 
 
-def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
-    """Check a submit body and build the JobSpec (launch: from the training template)."""
+def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int,
+          launch_nodes: Callable[[int], int] | None = None, name: str = "") -> ev.JobSpec:
+    """Check a submit body and build the JobSpec (launch: from the training template).
+
+    ``launch_nodes(gpus_per_node)``: how many schedulable nodes have that many GPUs
+    (the default size of a ``launch``, as in the seeds: every node, one GPU each).
+    """
     sched = config.scheduler
+    gpus_per_node = body.gpus_per_node
+    nodes = body.nodes
+    cwd = body.cwd
     check_priority(body.priority)
     check_request_id(body.request_id)
     check_seconds("retry_backoff_s", body.retry_backoff_s, 0, MAX_BACKOFF_S)
@@ -142,22 +160,35 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
     if body.launch is not None:
         if body.argv:
             raise SpecError("give either argv or launch, not both")
-        argv = launch_argv(body.launch, config)
+        training = config.training
+        if gpus_per_node is None:
+            gpus_per_node = 1 if training.gpus_per_node is None else training.gpus_per_node
+        if nodes is None and not body.node_names:
+            nodes = training.nodes
+            if nodes is None:
+                nodes = launch_nodes(gpus_per_node) if launch_nodes is not None else n_nodes
+                if nodes < 1:
+                    raise SpecError(f"launch: no schedulable node has {gpus_per_node} GPU(s) "
+                                    f"(see `ugroctl nodes`; --gpus-per-node 0 runs on CPUs)")
+        argv = launch_argv({"name": name, **body.launch}, config)
+        if cwd is None and not isinstance(body.sync, str) and config.paths.scripts:
+            cwd = config.paths.scripts  # the seeds: cd paths.scripts && torchrun ...
         torchrun = True if body.torchrun is None else body.torchrun
     else:
         if not body.argv:
             raise SpecError("missing the command: argv must be a "
                            "non-empty list of strings")
         argv = list(body.argv)
-        torchrun = body.nodes > 1 or body.gpus_per_node > 0 if body.torchrun is None \
-            else body.torchrun
+        torchrun = bool(body.torchrun)  # only --torchrun says so, never the job's size
+    gpus_per_node = 0 if gpus_per_node is None else gpus_per_node
+    nodes = 1 if nodes is None else nodes
     if len(argv) > MAX_ARGV or sum(len(a) for a in argv) > MAX_ARG_BYTES:
         raise SpecError("command too long")
     if any("\x00" in a for a in argv):
         raise SpecError("command arguments may not contain NUL bytes")
-    if not 1 <= body.nodes <= 1024:
-        raise SpecError(f"nodes must be 1..1024 (the cluster has {n_nodes}), got {body.nodes}")
-    if not 0 <= body.gpus_per_node <= 64:
+    if not 1 <= nodes <= 1024:
+        raise SpecError(f"nodes must be 1..1024 (the cluster has {n_nodes}), got {nodes}")
+    if not 0 <= gpus_per_node <= 64:
         raise SpecError("gpus_per_node must be 0..64")
     if not 1 <= body.nproc_per_node <= 256:
         raise SpecError("nproc_per_node must be 1..256")
@@ -176,6 +207,21 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         time_limit_s = None if body.time_limit is None else time_limits.parse(body.time_limit)
     except time_limits.BadTimeLimit as exc:
         raise SpecError(str(exc)) from None
+    if body.sync is None and config.sync.default:
+        raise SyncRequired("this cluster sends your code to the nodes by default "
+                           "(sync.default): upload it (ugroctl does) or say --no-sync")
+    sync = body.sync if isinstance(body.sync, str) else None
+    if body.sync is True or (sync is not None and not TREE_RE.fullmatch(sync)):
+        raise SpecError("sync must be a code tree digest sha256:<64 hex digits> (from "
+                        "POST /v1/sync/trees)")
+    if body.submit_dir is not None:
+        check_text("submit_dir", body.submit_dir, MAX_PATH_CHARS)
+    if cwd is None:
+        cwd = body.submit_dir
+    if sync is not None:
+        cwd = None  # the ranks start in the job's copy of the code on each node
+    elif cwd is not None:
+        check_dir("cwd", cwd)
     max_retries = sched.default_max_retries if body.max_retries is None else body.max_retries
     if not 0 <= max_retries <= 100:
         raise SpecError("max_retries must be 0..100")
@@ -183,7 +229,7 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         raise SpecError("stall_action must be 'alert' or 'requeue'")
     if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= MAX_STALL_S:
         raise SpecError("stall_timeout_s must be 1 s .. 7 days")
-    nodes = body.nodes if not body.node_names else max(body.nodes, len(body.node_names))
+    nodes = nodes if not body.node_names else max(nodes, len(body.node_names))
     if body.stop_grace_s is not None and not 0.1 <= body.stop_grace_s <= 3600:
         raise SpecError("stop_grace_s must be 0.1 s .. 1 hour")
     if body.checkpoints is not None and (
@@ -193,10 +239,10 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
                         "e.g. 'out/checkpoint-*'")
     return ev.JobSpec(
         argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
-        gpus_per_node=body.gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
+        gpus_per_node=gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
         labels_required=tuple(body.labels_required),
-        labels_avoided=tuple(body.labels_avoided), env=dict(body.env), cwd=body.cwd,
-        torchrun=bool(torchrun), nproc_per_node=body.nproc_per_node,
+        labels_avoided=tuple(body.labels_avoided), env=dict(body.env), cwd=cwd,
+        torchrun=torchrun, nproc_per_node=body.nproc_per_node,
         max_retries=max_retries,
         retry_backoff_s=body.retry_backoff_s if body.retry_backoff_s is not None
         else sched.retry_backoff_s,
@@ -205,7 +251,7 @@ def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int) -> ev.JobSpec:
         stall_timeout_s=body.stall_timeout_s,
         stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s,
         progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s,
-        checkpoints=body.checkpoints)
+        checkpoints=body.checkpoints, sync=sync)
 
 
 def progress_spec(body: SubmitBody, nodes: int) -> ev.ProgressSpec | None:
@@ -254,11 +300,22 @@ def check_sweep(body: SweepBody) -> int:
     return trials
 
 
+def check_dir(what: str, path: str) -> None:
+    """A node-side directory: absolute or ``~``-relative, no NUL, bounded."""
+    check_text(what, path, MAX_PATH_CHARS)
+    if not (path.startswith("/") or path == "~" or path.startswith("~/")):
+        raise SpecError(f"{what} must be an absolute directory (or start with ~/), got "
+                        f"{path[:80]!r}; ugroctl makes relative ones absolute")
+
+
 def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) -> list[str]:
-    script = config.training_script()
-    if not script:
-        raise SpecError("the config has no training.script: `launch` "
-                       "needs one (or use `ugroctl submit -- CMD ...`)")
+    """The training script and the template's arguments, with {name} the job's name.
+
+    The script is ``training.script`` (the seeds' ``train_production.py`` when unset);
+    a relative one runs in the job's directory: ``paths.scripts`` as in the seeds, or
+    the synced copy of the user's directory with ``--sync``.
+    """
+    script = config.training.script or cfgmod.SEED_SCRIPT
     known = {"model", "dataset", "epochs", "lr", "name"}
     for k in launch:
         if k not in known:
@@ -281,6 +338,32 @@ def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) 
         else None, dataset=str(launch["dataset"]) if "dataset" in launch else None,
         epochs=epochs, lr=lr)
     return [script, *args]
+
+
+def with_name(submitted: ev.JobSubmitted, name: str) -> ev.JobSubmitted:
+    """A launch's JobSubmitted with the name ugrod picked in place of NAME_PLACEHOLDER."""
+    argv = tuple(a.replace(NAME_PLACEHOLDER, name) for a in submitted.spec.argv)
+    return msgspec.structs.replace(submitted, spec=msgspec.structs.replace(submitted.spec,
+                                                                           argv=argv))
+
+
+def rank_command(argv: Sequence[str], python: str,
+                 torchrun_args: Sequence[str] | None) -> tuple[list[str], int]:
+    """One rule for every command: (the argv a node runs, the index of the user's program).
+
+    A ``.py`` script runs under the node's ``python`` (so ``train.py`` and ``./train.py``
+    need no executable bit); anything else (``python3 train.py``, ``./run.sh``, a program
+    on PATH) runs as given. Under torchrun a script is torchrun's own ``script``
+    argument and anything else follows ``--no-python``.
+    """
+    script = argv[0].endswith(".py")
+    if torchrun_args is None:
+        head = [python] if script else []
+    else:
+        head = [python, "-m", "torch.distributed.run", *torchrun_args]
+        if not script:
+            head.append("--no-python")
+    return [*head, *argv], len(head)
 
 
 def with_overrides(spec: ev.JobSpec, changes: Mapping[str, str]) -> ev.JobSpec:

@@ -35,6 +35,7 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
   checkpoint RUN_DIR | ls-checkpoints DIR [CWD PATTERN...] | free-port [LOW HIGH]
   reach HOST PORT TIMEOUT
+  sync-missing STORE | sync-put STORE | sync-tree STORE DEST   the code of --sync jobs
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ import os
 import pwd
 import random
 import select
+import shutil
 import signal
 import socket
 import stat as stat_mod
@@ -576,6 +578,7 @@ def supervise(run_dir: str, spec: dict[str, Any], wfd: int, cg: str | None = Non
     env.update({str(k): str(v) for k, v in (spec.get("env") or {}).items()})
     env[MARKER] = run_dir
     argv = [str(a) for a in spec["argv"]]
+    cwd = os.path.expanduser(str(spec["cwd"])) if spec.get("cwd") else None
     log_fd = os.open(os.path.join(run_dir, "rank.log"),
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     with os.fdopen(log_fd, "ab") as log:
@@ -583,23 +586,32 @@ def supervise(run_dir: str, spec: dict[str, Any], wfd: int, cg: str | None = Non
             log.write(b"ugro: no cgroup and no subreaper here: processes that leave the "
                       b"rank's session and environment cannot be tracked\n")
             log.flush()
+        program = spec.get("program")
+        if isinstance(program, int) and 0 <= program < len(argv) and argv[program][:1] == "~":
+            argv[program] = os.path.expanduser(argv[program])  # a node-side ~ (paths.scripts)
+        problem = precheck(argv, program, cwd, env.get("PATH", os.defpath))
         try:
+            if problem is not None:
+                raise problem
             proc = subprocess.Popen(
                 argv,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env=env,
-                cwd=spec.get("cwd") or None,
+                cwd=cwd,
                 start_new_session=True,
                 preexec_fn=(lambda: join_cgroup(rank_cg)) if rank_cg else None,
             )
         except (OSError, subprocess.SubprocessError) as exc:
             code = 127 if isinstance(exc, FileNotFoundError) else 126
-            what = getattr(exc, "strerror", None) or str(exc)
-            if getattr(exc, "filename", None) is not None:
-                what = f"{what}: {exc.filename!r}"  # type: ignore[union-attr]
-            error = f"cannot start {argv[0]!r}: {what}"
+            if isinstance(exc, CannotStart):
+                error = str(exc)
+            else:
+                what = getattr(exc, "strerror", None) or str(exc)
+                if getattr(exc, "filename", None) is not None:
+                    what = f"{what}: {exc.filename!r}"  # type: ignore[union-attr]
+                error = f"cannot start {argv[0]!r}: {what}"
             log.write(f"ugro: {error}\n".encode())
             write_atomic(os.path.join(run_dir, "start_error"), error)
             write_atomic(os.path.join(run_dir, "exit_code"), f"{code}\n")
@@ -667,6 +679,63 @@ def end_leftovers(rank_cg: str | None, grace_s: float = LEFTOVER_GRACE_S
                 return len(pids), names
             time.sleep(0.05)
     return len(pids), names
+
+
+class CannotStart(OSError):
+    """The rank's own program cannot start here: the message says what and what to do."""
+
+
+class NotFound(CannotStart, FileNotFoundError):
+    pass
+
+
+def _is_python(program: str) -> bool:
+    name = os.path.basename(program)
+    return name.startswith("python") and all(c.isdigit() or c == "." for c in name[6:])
+
+
+def precheck(argv: list[str], program: Any, cwd: str | None, path: str) -> CannotStart | None:
+    """Why the user's program cannot start here (checked before anything runs), or None.
+
+    ``program`` is the index in argv of the user's own command (after torchrun's part);
+    a ``.py`` file there is run by an interpreter, so it must only exist. The same
+    command fails the same way on every attempt: ugrod does not retry it.
+    """
+    where = cwd or os.getcwd()
+    if cwd is not None and not os.path.isdir(cwd):
+        return NotFound(f"cannot start: the working directory {cwd} does not exist on this "
+                        f"node (send your code with --sync, or give --cwd)")
+    if not isinstance(program, int) or not 0 <= program < len(argv):
+        return None
+    prog = argv[program]
+    script = None
+    if prog.endswith(".py"):
+        script = prog
+    elif _is_python(prog) and program + 1 < len(argv) and not argv[program + 1].startswith("-"):
+        script = argv[program + 1]
+    if script is not None:
+        full = os.path.join(where, os.path.expanduser(script))
+        if not os.path.isfile(full):
+            return NotFound(f"cannot start: {script} not found in {where} (the code is not "
+                            f"on this node? send it with --sync)")
+        if not os.access(full, os.R_OK):
+            return CannotStart(f"cannot start: {script} in {where} is not readable")
+        if script is prog:
+            return None
+    if "/" in prog:
+        full = os.path.join(where, os.path.expanduser(prog))
+        if not os.path.exists(full):
+            return NotFound(f"cannot start: {prog} not found in {where} (the code is not on "
+                            f"this node? send it with --sync)")
+        if os.path.isdir(full) or not os.access(full, os.X_OK):
+            return CannotStart(f"cannot start: {prog} is not executable (chmod +x {prog}, or "
+                               f"run it with its interpreter, e.g. python3 {prog})")
+        return None
+    if shutil.which(prog, path=path) is None:
+        here = os.path.join(where, prog)
+        hint = f"; to run the one in {where} write ./{prog}" if os.path.exists(here) else ""
+        return NotFound(f"cannot start: {prog}: command not found on this node's PATH{hint}")
+    return None
 
 
 # ---- watch ---------------------------------------------------------------------------
@@ -925,6 +994,142 @@ def cmd_reach(host: str, port: int, timeout_s: float) -> Answer:
     return 0, {"ok": True}
 
 
+# ---- code sync (--sync): a content-addressed store per node, a copy per job ----------
+
+HEX = frozenset("0123456789abcdef")
+
+
+def object_path(store: str, digest: str) -> str:
+    if len(digest) != 64 or not HEX.issuperset(digest):
+        raise ValueError(f"not a sha256 digest: {digest[:80]!r}")
+    return os.path.join(store, digest[:2], digest)
+
+
+def cmd_sync_missing(store: str, stdin: str | None) -> Answer:
+    """Which of the [sha256, size] objects on stdin this node's store lacks."""
+    missing = []
+    for digest, size in json.loads(stdin or "[]"):
+        if not object_ok(object_path(store, str(digest)), int(size)):
+            missing.append(digest)
+    return 0, {"missing": missing}
+
+
+def object_ok(path: str, size: int) -> bool:
+    """Stored, of the right size, and still read-only (a job that made its linked copy
+    writable may have changed it: such an object is sent again, into a new inode)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    return st.st_size == size and not st.st_mode & 0o222
+
+
+def cmd_sync_put(store: str) -> int:
+    """Store objects framed on stdin ("SHA256 SIZE\\n" + bytes ... "end\\n"), each checked."""
+    inp = sys.stdin.buffer
+    stored = total = 0
+    while True:
+        header = inp.readline(200)
+        if header == b"end\n":
+            break
+        try:
+            digest, size_text = header.decode().split()
+            size = int(size_text)
+            path = object_path(store, digest)
+        except ValueError:
+            emit({"error": f"bad object header {header[:100]!r}"})
+            return 1
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        tmp = f"{path}.tmp-{os.getpid()}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        sha = hashlib.sha256()
+        left = size
+        try:
+            while left:
+                chunk = inp.read(min(left, 1 << 20))
+                if not chunk:
+                    break
+                sha.update(chunk)
+                view = memoryview(chunk)
+                while view:
+                    view = view[os.write(fd, view) :]
+                left -= len(chunk)
+        finally:
+            os.close(fd)
+        if left or sha.hexdigest() != digest:
+            os.unlink(tmp)
+            emit({"error": f"object {digest[:12]}: {'truncated' if left else 'wrong content'}"})
+            return 1
+        os.chmod(tmp, 0o400)  # read-only: jobs see it through hard links
+        os.replace(tmp, path)
+        stored += 1
+        total += size
+    emit({"stored": stored, "bytes": total})
+    return 0
+
+
+def cmd_sync_tree(store: str, dest: str, stdin: str | None) -> Answer:
+    """Materialise a tree (JSON {"tree", "entries": [[path, mode, size, sha256]]}) at dest.
+
+    Files are read-only hard links into the store (0400, or 0500 when executable: such
+    objects get a read-only executable twin), so a tree costs no disk per job and no
+    copying; directories are 0700, so a job can add files. A job writes new files,
+    never into the synced ones. A dest that already holds this tree (a retry) is kept.
+    """
+    doc = json.loads(stdin or "{}")
+    tree, entries = str(doc["tree"]), doc["entries"]
+    marker = os.path.join(dest, ".ugro-tree")
+    if read_text(marker) == tree:
+        return 0, {"reused": True, "files": len(entries)}
+    os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
+    tmp = f"{dest}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.mkdir(tmp, 0o700)
+    made = {tmp}
+    for rel, mode, size, digest in entries:
+        parts = str(rel).split("/")
+        if not rel or rel.startswith("/") or any(p in ("", ".", "..") for p in parts):
+            raise ValueError(f"unsafe path in tree: {rel!r}")
+        target = os.path.join(tmp, *parts)
+        parent = os.path.dirname(target)
+        if parent not in made:
+            os.makedirs(parent, mode=0o700, exist_ok=True)
+            made.add(parent)
+        src = object_path(store, str(digest))
+        if not object_ok(src, int(size)):
+            raise ValueError(f"object {str(digest)[:12]} for {rel} is missing or changed")
+        if int(mode) & 0o100:
+            src = executable_twin(src, int(size))
+        try:
+            os.link(src, target)
+        except OSError:  # a file system without hard links: a read-only copy
+            shutil.copyfile(src, target)
+            os.chmod(target, 0o500 if int(mode) & 0o100 else 0o400)
+    write_atomic(os.path.join(tmp, ".ugro-tree"), tree)
+    if os.path.lexists(dest):
+        old = f"{dest}.old-{os.getpid()}"
+        os.rename(dest, old)
+        shutil.rmtree(old, ignore_errors=True)
+    os.rename(tmp, dest)
+    return 0, {"reused": False, "files": len(entries)}
+
+
+def executable_twin(path: str, size: int) -> str:
+    """``path.x``: the same bytes, mode 0500 (made once per object)."""
+    twin = f"{path}.x"
+    try:
+        st = os.stat(twin)
+        if st.st_size == size and not st.st_mode & 0o222:
+            return twin
+    except FileNotFoundError:
+        pass
+    tmp = f"{twin}.tmp-{os.getpid()}"
+    shutil.copyfile(path, tmp)
+    os.chmod(tmp, 0o500)
+    os.replace(tmp, twin)
+    return twin
+
+
 def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
     """Run one (non-streaming) command: (exit code, JSON answer)."""
     if cmd == "start":
@@ -943,6 +1148,10 @@ def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
         return cmd_free_port(*(int(a) for a in args[:2])) if args else cmd_free_port(0, 0)
     if cmd == "reach":
         return cmd_reach(args[0], int(args[1]), float(args[2]))
+    if cmd == "sync-missing":
+        return cmd_sync_missing(args[0], stdin)
+    if cmd == "sync-tree":
+        return cmd_sync_tree(args[0], args[1], stdin)
     raise ValueError(f"unknown command {cmd!r}")
 
 
@@ -981,6 +1190,8 @@ def main(argv: list[str]) -> int:
         return cmd_watch(args[0], int(args[1]), int(args[2]))
     if cmd == "serve":
         return cmd_serve()
+    if cmd == "sync-put":
+        return cmd_sync_put(args[0])
     if cmd == "start":
         args = args[:1]
         stdin = sys.stdin.read() if "--spec-stdin" in argv else None

@@ -179,7 +179,8 @@ class _SessionReply(msgspec.Struct):
 _session_decoder = msgspec.json.Decoder(_SessionReply)
 # Answered by the long-lived session; `reach` waits on the network, so it runs on its own.
 _SESSION_COMMANDS = frozenset(
-    {"start", "status", "kill", "alive-pids", "checkpoint", "ls-checkpoints", "free-port"}
+    {"start", "status", "kill", "alive-pids", "checkpoint", "ls-checkpoints", "free-port",
+     "sync-missing", "sync-tree"}
 )
 
 
@@ -247,6 +248,13 @@ class NodeAgent:
 
     async def checkpoint_dir(self, job: str) -> str:
         return f"{await self.job_dir(job)}/checkpoints"
+
+    async def code_dir(self, job: str) -> str:
+        """Where a --sync job's copy of its code lives on this node."""
+        return f"{await self.job_dir(job)}/code"
+
+    async def sync_store(self) -> str:
+        return f"{await self.work_dir()}/sync/objects"
 
     # ---- setup ------------------------------------------------------------------------
 
@@ -359,11 +367,14 @@ class NodeAgent:
         env: Mapping[str, str],
         cwd: str | None = None,
         run_as: Mapping[str, Any] | None = None,
+        program: int | None = None,
     ) -> int:
         """Start a rank detached on the node; its pid (= its process group id).
 
         ``run_as`` ({uid, gid, groups, user}): the account the rank runs as, for a
         wrapper running as root (the head node when ugrod runs as root).
+        ``program``: the index in argv of the user's own command, which the wrapper
+        checks before starting anything (found, executable): RankStartError if not.
         """
         rd = await self.run_dir(job, attempt, rank)
         ckpt = await self.checkpoint_dir(job)
@@ -375,7 +386,8 @@ class NodeAgent:
         }
         spec: dict[str, Any] = {"argv": list(argv), "env": full_env, "cwd": cwd,
                                 "mkdirs": [ckpt], "clean_env": self.clean_env,
-                                "cgroup": self.cgroups}
+                                "cgroup": self.cgroups,
+                                "program": program}
         if run_as is not None:
             spec["run_as"] = dict(run_as)
         result = await self._call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
@@ -518,3 +530,46 @@ class NodeAgent:
         if result.exit_code not in (0, 1):
             raise TransportError(self.node, f"reach {host}:{port}: {result.stderr_line()}")
         return result.exit_code == 0
+
+    # ---- code sync (--sync) -------------------------------------------------------
+
+    async def sync_missing(self, objects: Sequence[tuple[str, int]]) -> list[str]:
+        """The sha256s of ``objects`` ((sha256, size) pairs) this node's store lacks."""
+        payload = json.dumps([list(o) for o in objects]).encode()
+        reply = self._reply(await self._call("sync-missing", await self.sync_store(),
+                                             input=payload), "sync-missing")
+        match reply:
+            case {"missing": list(missing)} if all(isinstance(m, str) for m in missing):
+                return list(missing)
+        raise WrapperProtocolError(self.node, f"sync-missing: reply {str(reply)[:200]!r}")
+
+    async def sync_put(self, frames: AsyncGenerator[bytes, None]) -> int:
+        """Send framed objects (``SHA SIZE\\n`` + bytes, ..., ``end\\n``); bytes stored."""
+        stream = await self.transport.open_stream(
+            await self._wrapper_argv("sync-put", await self.sync_store()))
+        try:
+            async for chunk in frames:
+                await stream.write(chunk)
+            line = await stream.readline()
+        finally:
+            await stream.close()
+        try:
+            reply = json.loads(line) if line.strip() else {"error": "no answer"}
+        except ValueError:
+            reply = {"error": f"not JSON: {line[:200]!r}"}
+        match reply:
+            case {"stored": int(_), "bytes": int(size)}:
+                return size
+            case {"error": str(error)}:
+                raise TransportError(self.node, f"storing code objects: {error}")
+        raise WrapperProtocolError(self.node, f"sync-put: reply {str(reply)[:200]!r}")
+
+    async def sync_tree(self, job: str, tree: str, entries: Sequence[Sequence[Any]]) -> str:
+        """Copy the tree out of the node's store into the job's code dir; that dir."""
+        dest = await self.code_dir(job)
+        payload = json.dumps({"tree": tree, "entries": [list(e) for e in entries]}).encode()
+        result = await self._call("sync-tree", await self.sync_store(), dest, input=payload)
+        reply = self._reply(result, "sync-tree")
+        if not isinstance(reply, dict) or "files" not in reply:
+            raise WrapperProtocolError(self.node, f"sync-tree: reply {str(reply)[:200]!r}")
+        return dest

@@ -87,8 +87,8 @@ def test_ddp_job_across_three_nodes(cluster: Ugrod) -> None:
     m = [x for x in metrics(cluster, "exp1") if "loss" in x]
     assert len(m) >= 10 and m[-1]["loss"] < m[0]["loss"]  # type: ignore[operator]
     jobdir = cluster.state_dir / "jobs" / "exp1"
-    for r in range(3):
-        assert (jobdir / f"rank_{r}.log").stat().st_size > 0
+    for r in range(3):  # ranks 1 and 2 print nothing (torchrun's node_rank warning is gone)
+        assert "node_rank" not in (jobdir / f"rank_{r}.log").read_text()
     status, res = cluster.api("GET", "/v1/jobs/exp1/results")
     assert res["summary"]["final_loss"] == m[-1]["loss"]
     names = [Path(c["path"]).name for c in res["checkpoints"]]

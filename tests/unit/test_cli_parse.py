@@ -298,7 +298,7 @@ def test_submit_sends_only_the_given_fields_and_a_request_id(peer: Peer) -> None
     assert body == {"name": "exp1", "argv": ["train.py", "--lr", "2e-4", "; rm -rf ~"],
                     "nodes": 3, "gpus_per_node": 1, "min_vram_gb": 10.0,
                     "env": {"SEED": "1", "HF_HOME": "/data/h=f"}, "after": ["exp0"],
-                    "held": True, "priority": -5}
+                    "held": True, "priority": -5, "submit_dir": os.getcwd()}
 
 
 def test_submit_without_dashes_keeps_the_commands_own_options(peer: Peer) -> None:
@@ -331,7 +331,7 @@ def test_job_names_are_one_path_segment(peer: Peer) -> None:
 def test_launch_sends_the_template_values(peer: Peer) -> None:
     peer.on("POST", "/v1/jobs", Answer(201, {"job": JOB}))
     res = run(peer, "launch", "--name", "exp1", "--model", "llama-7b", "--dataset",
-              "wikitext", "--epochs", "3", "--lr", "2e-4", "--nodes", "3")
+              "wikitext", "--epochs", "3", "--lr", "2e-4", "--nodes", "3", "--detach")
     assert res.exit_code == 0, res.output
     body = peer.requests[0]["body"]
     assert body["launch"] == {"model": "llama-7b", "dataset": "wikitext", "epochs": 3,
@@ -397,7 +397,7 @@ def test_sweep_body(peer: Peer) -> None:
     body.pop("request_id")
     assert body == {"name": "lrs", "params": {"lr": ["1e-5", "2e-5"], "lora_r": ["8", "16"]},
                     "argv": ["train.py", "--epochs", "1"], "gpus_per_node": 1,
-                    "max_parallel": 2}
+                    "max_parallel": 2, "submit_dir": os.getcwd()}
     assert "lrs-0" in res.output
 
 
@@ -521,7 +521,8 @@ def test_job_file_submit(peer: Peer, sock_dir: Path) -> None:
     body.pop("request_id")
     assert body == {"name": "exp1", "argv": ["python", "train.py", "--lr", "2e-4"],
                     "nodes": 3, "gpus_per_node": 1, "min_vram_gb": 8.0,
-                    "env": {"HF_HOME": "/data"}, "max_retries": 2, "priority": 5}
+                    "env": {"HF_HOME": "/data"}, "max_retries": 2, "priority": 5,
+                    "submit_dir": os.getcwd()}
 
 
 @pytest.mark.parametrize(("text", "where"), [

@@ -130,7 +130,8 @@ def test_the_example_loads_and_shows_every_key() -> None:
     text = path.read_text()
     structs: list[type[Any]] = [cf.ClusterConfig, cf.TrainingConfig, cf.PathsConfig,
                                 cf.SchedulerConfig, cf.HealthConfig, cf.Thresholds, cf.Weights,
-                                cf.Intervals, cf.MetricsConfig, cf.ApiConfig, cf.UserLimits]
+                                cf.Intervals, cf.MetricsConfig, cf.ApiConfig, cf.UserLimits,
+                                cf.SyncConfig]
     keys = {k for s in structs for k in s.__struct_fields__} | set(cf.NODE_KEYS) | set(
         cf.SECTIONS) | {"warn", "crit", "model", "vram_gb"}
     missing = sorted(k for k in keys if not re.search(rf"(^|[\s{{#]){k}:", text, re.M))
@@ -521,16 +522,16 @@ def test_an_unreadable_file(tmp_path: Path) -> None:
      "scanning for the next token)"),
     ("- gpu1\n- gpu2\n",
      "expected a mapping of sections (cluster, nodes, training, paths, scheduler, health, "
-     "metrics, api, users), got a list"),
+     "metrics, api, users, sync), got a list"),
     ("just words",
      "expected a mapping of sections (cluster, nodes, training, paths, scheduler, health, "
-     "metrics, api, users), got 'just words'"),
+     "metrics, api, users, sync), got 'just words'"),
     ("42", "expected a mapping of sections (cluster, nodes, training, paths, scheduler, "
-           "health, metrics, api, users), got 42"),
+           "health, metrics, api, users, sync), got 42"),
     ("", "the file is empty: expected a mapping of sections (cluster, nodes, training, paths, "
-         "scheduler, health, metrics, api, users)"),
+         "scheduler, health, metrics, api, users, sync)"),
     ("# only a comment\n", "the file is empty: expected a mapping of sections (cluster, nodes, "
-                           "training, paths, scheduler, health, metrics, api, users)"),
+                           "training, paths, scheduler, health, metrics, api, users, sync)"),
     ("a: 1\n---\nb: 2\n", "line 2, column 1: invalid YAML: expected a single document in the "
                           "stream, but found another document"),
     ("nodes: !!python/object/apply:os.system ['true']\n",
