@@ -286,9 +286,14 @@ class Executor:
         run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
         env = self.rank_env(job, p, run_dir, checkpoint_dir, resume_from)
         argv, program = self.rank_argv(job, p, agent.python)
-        cwd = await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
-        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, cwd,
+        return await agent.spawn(job.id, job.attempt, p.rank, argv, env,
+                                 await self.job_cwd(job, agent),
                                  run_as=self.run_as(job, p.node), program=program)
+
+    @staticmethod
+    async def job_cwd(job: Job, agent: NodeAgent) -> str | None:
+        """Where the job's ranks start on the agent's node: its --sync copy, or its cwd."""
+        return await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
 
     def rank_argv(self, job: Job, p: ev.RankPlacement, python: str) -> tuple[list[str], int]:
         """The rank's argv on its node and the index of the user's own program in it."""
@@ -350,7 +355,7 @@ class Executor:
         if not path:
             return None
         name = posixpath.basename(path.rstrip("/"))
-        here = await agent.list_checkpoints(job.id, [path], job.spec.cwd)
+        here = await agent.list_checkpoints(job.id, [path], await self.job_cwd(job, agent))
         if any(f.path == path for f in here):
             return path
         found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []
@@ -764,7 +769,7 @@ class Executor:
             return []
         patterns = [*job.checkpoints[-100:], *([job.spec.checkpoints]
                                                if job.spec.checkpoints else [])]
-        return await agent.list_checkpoints(job.id, patterns, job.spec.cwd)
+        return await agent.list_checkpoints(job.id, patterns, await self.job_cwd(job, agent))
 
     async def _request_checkpoint(self, job: Job) -> None:
         for p in job.placement:
