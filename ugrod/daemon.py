@@ -282,10 +282,19 @@ class Daemon:
         On the head node, when ugrod may switch users, that is the job's owner (never
         root for someone else); on SSH nodes it is the login the node's agent uses.
         """
+        from ugrod.executor import LaunchError
         spec = self.ledger.state.nodes[node].spec
+        if spec.transport != "local" and self.policy.switches_users and job.uid != 0:
+            account = self.config.remote_account(job.owner, node)
+            login = account.user if account is not None else spec.user
+            if login == "root":
+                raise LaunchError(
+                    f"node {node}: {job.owner}'s job would run as root there (nodes.{node}."
+                    f"user is root); map {job.owner} to an account of their own under "
+                    f"users: in cluster.yaml, or make the node's shared user unprivileged")
+            return None
         if spec.transport != "local" or not self.policy.switches_users:
             return None
-        from ugrod.executor import LaunchError
         if job.uid is None:
             raise LaunchError(f"job {job.id} has no owner uid (submitted before ugrod "
                               f"recorded one): resubmit it")

@@ -376,6 +376,16 @@ metrics:
             assert ctl_other(d, "logs", "theirs").stdout == f"{pw.pw_uid}\n{pw.pw_dir}\n"
             d.ctl("submit", "--name", "mine", "--wait", "--", "id", "-u", check=True)
             assert d.ctl("logs", "mine", check=True).stdout == "0\n"  # the node's user
+            # An owner with no mapping would run as the node's user, root: refused.
+            unmapped = subprocess.run(
+                ["setpriv", "--reuid=ugro-svc", "--regid=ugro-svc",
+                 f"--groups={grp.getgrnam(OTHER).gr_gid}", "--inh-caps=+dac_read_search",
+                 "--ambient-caps=+dac_read_search", "--", PY, "-m", "ugroctl.cli", "submit",
+                 "--name", "unmapped", "--wait", "--", "true"],
+                env=d.env, capture_output=True, text=True, timeout=60, cwd="/")
+            assert unmapped.returncode != 0
+            assert "ugro-svc's job would run as root there" in unmapped.stdout + \
+                unmapped.stderr, unmapped.stdout + unmapped.stderr
             base = Path(pw.pw_dir) / work[2:]
             rank = base / "jobs" / "theirs" / "attempt-1" / "rank-0"
             for path in (base, base / ".ugro", base / "jobs", base / "jobs" / "theirs",
