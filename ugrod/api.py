@@ -214,25 +214,34 @@ async def _body(request: web.Request, cls: type[Any]) -> Any:
     return value
 
 
+class _Twice(Exception):
+    pass
+
+
+def _no_twice(items: list[tuple[str, Any]]) -> None:
+    if len({k for k, _ in items}) != len(items):
+        seen: set[str] = set()
+        for k, _ in items:
+            if k in seen:
+                raise _Twice(k)
+            seen.add(k)
+
+
+# One decoder, made once (json.loads with a hook builds a new one per call: 3x slower).
+_PAIRS = json.JSONDecoder(object_pairs_hook=_no_twice)
+
+
 def _duplicate_key(raw: bytes) -> str | None:
     """The first key that appears twice in one JSON object of ``raw`` (already valid JSON)."""
     if raw.count(b":") < 2:
-        return None  # fewer than two keys anywhere: the common tiny body costs nothing
-    found: list[str] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        seen: set[str] = set()
-        for k, _ in items:
-            if k in seen and not found:
-                found.append(k)
-            seen.add(k)
-        return {}
-
+        return None  # fewer than two keys anywhere: nothing to compare
     try:
-        json.loads(raw, object_pairs_hook=pairs)
+        _PAIRS.decode(raw.decode("utf-8"))
+    except _Twice as twice:
+        return str(twice.args[0])
     except (ValueError, RecursionError):
         return None  # msgspec already accepted it; nothing more to say
-    return found[0] if found else None
+    return None
 
 
 class BulkBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
