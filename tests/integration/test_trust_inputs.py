@@ -299,3 +299,64 @@ def test_cancel_ends_a_job_whose_node_is_unreachable(short_tmp: Path,
         node.start()
         d.stop()
         _kill_leftovers(node.work_dir)
+
+
+# ---- remote output --------------------------------------------------------------------------
+
+FAKE_DIR = Path(__file__).resolve().parents[1] / "fake_nvidia_smi"
+
+
+class GpuUgrod(Ugrod):
+    """ugrod on the built-in cluster whose nvidia-smi is the stand-in (state in gpus.json)."""
+
+    @property
+    def env(self) -> dict[str, str]:
+        env = super().env
+        env["PATH"] = f"{FAKE_DIR}:{env.get('PATH', '')}"
+        env["FAKE_NVIDIA_SMI_STATE"] = str(self.base / "gpus.json")
+        return env
+
+
+def test_nvidia_smi_printing_1e308_makes_the_node_unhealthy_not_unmonitored(
+        short_tmp: Path) -> None:
+    scenario = json.loads((FAKE_DIR / "scenarios" / "two_gpus.json").read_text())
+    (short_tmp / "gpus.json").write_text(json.dumps(scenario))
+    d = GpuUgrod(short_tmp)
+    d.start()
+    try:
+        def local() -> dict[str, Any]:
+            return dict(d.api("GET", "/v1/nodes")[1]["nodes"][0])
+
+        deadline = time.monotonic() + 30
+        while local()["health"] != "healthy":
+            assert time.monotonic() < deadline, local()
+            time.sleep(0.1)
+        scenario["gpus"][0]["memory.used"] = "1e308"  # finite, yet its bytes are not
+        (short_tmp / "gpus.json").write_text(json.dumps(scenario))
+        deadline = time.monotonic() + 30
+        while local()["health"] == "healthy":  # the old monitor raised on every sweep
+            assert time.monotonic() < deadline, local()
+            time.sleep(0.1)
+        node = local()
+        assert "memory.used '1e308' is out of range" in str(node["health_reason"]), node
+    finally:
+        d.stop()
+
+
+def test_a_flood_from_nvidia_smi_is_read_with_a_cap_on_the_node(tmp_path: Path) -> None:
+    import resource
+    import subprocess
+
+    from ugrod import gpus
+
+    flood = tmp_path / "nvidia-smi"
+    flood.write_text("#!/bin/sh\nexec head -c 200000000 /dev/zero\n")
+    flood.chmod(0o755)
+    res = subprocess.run(gpus.probe_argv(PY, str(tmp_path), smi=str(flood),
+                                         smi_timeout_s=20), capture_output=True, timeout=60)
+    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    assert res.returncode == 0, res.stderr
+    assert len(res.stdout) < 600_000  # 64 KiB kept (NULs JSON-escaped 6x)
+    sample = gpus.parse_probe(res.stdout, expect_gpus=1)
+    assert "more than 64 KiB" in str(sample.gpu_error), sample
+    assert peak_kib < 120_000, peak_kib  # the old probe held all 200 MB
