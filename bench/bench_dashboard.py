@@ -316,7 +316,8 @@ def main() -> int:
     print(f"   baseline: a one-line page paints in {loads.pop('baseline')['first_paint_ms']} ms "
           f"in the same browser")
     for view, r in loads.items():
-        what = {"cluster": f"{r['gpus']} GPUs drawn", "jobs": f"{r['rows']} job rows",
+        what = {"cluster": f"{r['gpus']} GPUs drawn",
+                "jobs": f"{r['rows']} rows drawn of {args.jobs} jobs, the rest behind show-all",
                 "job/big": f"{args.points:,} points drawn as {r['points']}"}[view]
         print(f"   {view:8} first paint {r['first_paint_ms']:4} ms, loaded {r['loaded_ms']:4} ms "
               f"({what}) {'ok' if r['loaded_ms'] < 1000 else 'MISSED'}")

@@ -421,6 +421,20 @@ function renderJobs() {
   renderJobsTables();
 }
 
+const ROWS_SHOWN = 200;  // per table until "show all": a long queue stays quick to draw
+const showAll = new Set();
+
+/** The first ROWS_SHOWN items as rows (built only for those), then a "show all" row. */
+function limitedRows(key, items, toRow, width) {
+  const rows = (showAll.has(key) ? items : items.slice(0, ROWS_SHOWN)).map(toRow);
+  if (items.length > rows.length) {
+    rows.push(h("tr.more", null, h("td", { colspan: width }, h("button", {
+      type: "button", onclick: () => { showAll.add(key); renderJobsTables(); },
+    }, `show all ${items.length}`))));
+  }
+  return rows;
+}
+
 function renderJobsTables() {
   const head = ["", "job", "state", "user", "nodes", "step", "loss", "elapsed"];
   const jobs = [...S.jobs.values()];
@@ -431,25 +445,25 @@ function renderJobsTables() {
   const queued = S.queue.filter((q) => {
     const j = S.jobs.get(q.job.id) || q.job;
     return WAITING.has(j.state) && jobMatches(j);
-  }).map((q) => {
-    const j = S.jobs.get(q.job.id) || q.job;
-    return jobRow(j, [h("td.num", null, String(q.position)), h("td.reason", null, q.reason),
-      h("td", null, q.estimated_start ? fmtTime(q.estimated_start) : "–")]);
   });
   // jobs seen live that the last queue answer did not have yet
   const pending = jobs.filter((j) => WAITING.has(j.state) && !queuedIds.has(j.id) && jobMatches(j))
-    .map((j) => jobRow(j, [h("td.num", null, "…"), h("td.reason", null, j.waiting_reason || "just submitted"), h("td", null, "–")]));
+    .map((j) => ({ position: "…", job: j, reason: j.waiting_reason || "just submitted", estimated_start: null }));
+  const queueRow = (q) => jobRow(S.jobs.get(q.job.id) || q.job, [h("td.num", null, String(q.position)),
+    h("td.reason", null, q.reason), h("td", null, q.estimated_start ? fmtTime(q.estimated_start) : "–")]);
+  const all = queued.concat(pending);
   $("#job-tables").replaceChildren(
     h("h3", null, `Running (${run.length})`),
-    h("div.scroll", null, table("jobs.running", head, run.map((j) => jobRow(j)), "nothing running")),
-    h("h3", null, `Queued (${queued.length + pending.length})`),
+    h("div.scroll", null, table("jobs.running", head,
+      limitedRows("running", run, (j) => jobRow(j), head.length), "nothing running")),
+    h("h3", null, `Queued (${all.length})`),
     h("div.scroll", null, table("jobs.queued", [...head, "#", "waiting because", "est. start"],
-      queued.concat(pending), "queue empty")),
+      limitedRows("queued", all, queueRow, head.length + 3), "queue empty")),
     h("h3", null, `Recent (${rec.length})`),
     h("div.scroll", null, table("jobs.recent", [...head, "reason"],
-      rec.map((j) => jobRow(j, h("td.reason", null, j.reason || ""))), "none yet")));
+      limitedRows("recent", rec, (j) => jobRow(j, h("td.reason", null, j.reason || "")), head.length + 1),
+      "none yet")));
 }
-
 
 // ---- one job ----------------------------------------------------------------------------
 
@@ -472,16 +486,16 @@ function openJob(id, compare) {
 async function loadJob(first) {
   const id = J.id;
   try {
+    if (first) {  // curves and logs do not wait for the rest
+      startLogs();
+      loadSeries();
+    }
     const [job, why] = await Promise.all([api(`/v1/jobs/${seg(id)}`), api(`/v1/jobs/${seg(id)}/why`)]);
     if (J.id !== id) return;
     J.detail = job.job;
     J.why = why.history;
     renderJobDetail();
-    if (first) {
-      startLogs();
-      await loadSeries();
-      loadResults();
-    }
+    if (first) loadResults();
   } catch (e) {
     if (J.id === id) $("#job-head").replaceChildren(h("h2", null, id), h("p.error", null, e.message));
   }
