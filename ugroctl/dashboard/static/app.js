@@ -486,16 +486,15 @@ function openJob(id, compare) {
 async function loadJob(first) {
   const id = J.id;
   try {
-    if (first) {  // curves and logs do not wait for the rest
-      startLogs();
-      loadSeries();
-    }
+    // curves and logs do not wait for the rest; results (which reads every metric
+    // line to sum it up) waits for the curves, so that the two do not compete
+    const curves = first ? (startLogs(), loadSeries()) : null;
     const [job, why] = await Promise.all([api(`/v1/jobs/${seg(id)}`), api(`/v1/jobs/${seg(id)}/why`)]);
     if (J.id !== id) return;
     J.detail = job.job;
     J.why = why.history;
     renderJobDetail();
-    if (first) loadResults();
+    if (curves) { await curves; loadResults(); }
   } catch (e) {
     if (J.id === id) $("#job-head").replaceChildren(h("h2", null, id), h("p.error", null, e.message));
   }
