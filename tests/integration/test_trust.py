@@ -153,9 +153,20 @@ def test_a_root_ugrod_runs_the_job_as_its_owner_with_a_clean_environment(
 def test_another_user_cannot_change_roots_job_drain_nodes_or_read_its_secrets(
         root_ugrod: Ugrod) -> None:
     d = root_ugrod
+    # ugro-other follows the event stream from now on: the job's events come live (or, if
+    # it connects late, in the history part; both are redacted the same way).
+    seq = d.api("GET", "/v1/ping")[1]["seq"]
+    follower = subprocess.Popen(
+        [*AS_OTHER, PY, "-c", CLIENT, str(d.socket), f"GET /v1/events?follow=1&after={seq}"],
+        env=d.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd="/")
     d.ctl("submit", "--name", "rootjob", "--env", f"DB_PASSWORD={SECRET}", "--", "sh", "-c",
           "echo log-$DB_PASSWORD; exec sleep 300", check=True)
     d.wait_job("rootjob", ("running",))
+    live, err = follower.communicate(timeout=30)
+    assert follower.returncode == 0, err
+    streamed = json.loads(live)
+    assert streamed["status"] == 200 and '"job_submitted"' in streamed["body"], streamed
+    assert '"DB_PASSWORD":"<redacted>"' in streamed["body"] and SECRET not in live
     assert SECRET in d.ctl("status", "--json", "rootjob", check=True).stdout  # root sees it
     wait_for(lambda: SECRET in d.ctl("logs", "rootjob").stdout, what="root's log line")
 
