@@ -108,21 +108,41 @@ def nodes_trust(node: str, yes: bool, as_json: bool) -> None:
             click.echo(render.dump_json(key))
         return
     if status == "changed":
-        click.echo(f"WARNING: this is NOT the key recorded for {render.clean(node)} "
-                   f"({render.clean(key.get('known_fingerprint'))}). Someone may be "
-                   f"impersonating the node, or it was reinstalled.", err=True)
+        olds = [k for k in key.get("known_keys") or [] if isinstance(k, dict)]
+        old_text = "\n".join(f"  {render.clean(k.get('fingerprint'))}  "
+                             f"({render.clean(k.get('key_type'))})" for k in olds) or \
+            f"  {render.clean(key.get('known_fingerprint'))}"
+        click.echo(f"WARNING: the host key of {render.clean(node)} CHANGED.\n"
+                   f"old (in {render.clean(key.get('known_hosts'))}):\n{old_text}\n"
+                   f"new (offered now):\n  {render.clean(key.get('fingerprint'))}  "
+                   f"({render.clean(key.get('key_type'))})\n"
+                   f"Someone may be impersonating the node, or it was reinstalled: compare "
+                   f"the new fingerprint with the node's own before you replace the old key.",
+                   err=True)
     if not yes:
         if not sys.stdin.isatty():
             fail("not trusting a host key without confirmation: check the fingerprint on the "
                  "node (ssh-keygen -lf /etc/ssh/ssh_host_ed25519_key.pub) and rerun with --yes")
-        if not click.confirm("Trust this key?", default=False, err=True):
+        question = ("Replace the old key with the new one?" if status == "changed"
+                    else "Trust this key?")
+        if not click.confirm(question, default=False, err=True):
             fail("not trusted; nothing changed")
     # Send back the very line that was shown: ugrod refuses it if the node's key
     # changed in between, so what is trusted is what the user saw.
     doc = client.post(f"/v1/nodes/{seg(node)}/trust", {"line": key.get("line")})
-    emit(doc, want_json(as_json), lambda: f"trusted {render.clean(node)}'s key "
-                                           f"{render.clean(doc.get('trusted'))} (recorded in "
-                                           f"{render.clean(key.get('known_hosts'))})")
+
+    def said() -> str:
+        text = (f"trusted {render.clean(node)}'s key {render.clean(doc.get('trusted'))} "
+                f"(recorded in {render.clean(key.get('known_hosts'))})")
+        state = doc.get("state")
+        if state in ("healthy", "degraded"):
+            return f"{text}\n{render.clean(node)} is reachable: {render.clean(state)}"
+        if state:
+            why = f": {render.clean(doc.get('health_reason'))}" if doc.get("health_reason") \
+                else ""
+            return f"{text}\n{render.clean(node)} is still {render.clean(state)}{why}"
+        return text
+    emit(doc, want_json(as_json), said)
 
 
 @cli.command(epilog=examples("ugroctl drain gpu1 --reason 'replacing fan'"))

@@ -78,24 +78,34 @@ def _stream_out(lines: Iterator[bytes], flush: bool) -> None:
 
 
 @cli.command(epilog=examples("ugroctl logs exp1", "ugroctl logs exp1 --rank 0 -f",
-                              "ugroctl logs exp1 --tail 50"))
+                              "ugroctl logs exp1 --node-rank 1 --tail 50"))
 @click.argument("job")
-@click.option("--rank", type=click.IntRange(min=0), metavar="N", help="Only rank N.")
+@click.option("--rank", type=click.IntRange(min=0), metavar="N",
+              help="Only global rank N (torchrun's RANK: node rank x processes per node + "
+                   "local rank; the node rank itself when a node runs one process).")
+@click.option("--node-rank", type=click.IntRange(min=0), metavar="N",
+              help="Only node rank N: the whole log of that node's ranks (NODE_RANK).")
 @click.option("-f", "--follow", is_flag=True, help="Keep printing new lines as they come.")
 @click.option("--tail", type=click.IntRange(min=0), metavar="N", help="Only the last N lines.")
 @json_option
-def logs(job: str, rank: int | None, follow: bool, tail: int | None, as_json: bool) -> None:
+def logs(job: str, rank: int | None, node_rank: int | None, follow: bool, tail: int | None,
+         as_json: bool) -> None:
     """Print a job's logs (all ranks, or one), optionally following them live.
 
-    With --json (not with -f): {"job", "rank", "lines": [...]}.
+    With --json (not with -f): {"job", "rank", "node_rank", "lines": [...]}.
     """
     if want_json(as_json) and follow:
         raise click.UsageError("-f streams raw text; use --json without -f")
+    if rank is not None and node_rank is not None:
+        raise click.UsageError("--rank and --node-rank choose the same thing two ways: "
+                               "give one")
     lines = ctl().client.stream(f"/v1/jobs/{seg(job)}/logs",
-                                {"rank": rank, "follow": follow, "tail": tail})
+                                {"rank": rank, "node_rank": node_rank, "follow": follow,
+                                 "tail": tail})
     if want_json(as_json):
         text = [line.decode("utf-8", "replace").rstrip("\n") for line in lines]
-        click.echo(render.dump_json({"job": job, "rank": rank, "lines": text}))
+        click.echo(render.dump_json({"job": job, "rank": rank, "node_rank": node_rank,
+                                     "lines": text}))
         return
     _stream_out(lines, flush=follow)
 

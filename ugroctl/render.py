@@ -506,7 +506,7 @@ def _gpu_cell(node: Mapping[str, Any]) -> str:
     gpus = [g for g in node.get("gpus") or [] if isinstance(g, Mapping)]
     if not gpus:
         return "none"
-    return " ".join(f"{g.get('index', '?')}:{size(g.get('vram_bytes'))}" for g in gpus)
+    return " ".join(f"{g.get('index', '?')}:{_vram(g)}" for g in gpus)
 
 
 def _alerts_cell(node: Mapping[str, Any]) -> str:
@@ -521,7 +521,26 @@ def _alerts_cell(node: Mapping[str, Any]) -> str:
         texts.append(f"inventory: {node['inventory_mismatch']}")
     if node.get("drained") and node.get("drain_reason"):
         texts.append(f"drained: {node['drain_reason']}")
+    if node.get("health") == "unreachable" and node.get("health_reason"):
+        texts.insert(0, f"unreachable: {node['health_reason']}")
     return "; ".join(texts)
+
+
+def _node_note(node: Mapping[str, Any]) -> str:
+    """Why a node takes no work: drained, or its health and the reason for it."""
+    if node.get("drained"):
+        return f"drained: {node['drain_reason']}" if node.get("drain_reason") else "drained"
+    if node.get("health") not in (None, "healthy") and node.get("health_reason"):
+        return f"{node.get('health')}: {node['health_reason']}"
+    return ""
+
+
+def _vram(g: Mapping[str, Any]) -> str:
+    """A card's size as people say it ("12 GB"); the exact figure is in --json."""
+    nominal = g.get("nominal_gb")
+    if _is_number(nominal) and nominal:
+        return f"{nominal:.0f} GB" if float(nominal).is_integer() else f"{nominal:.1f} GB"
+    return size(g.get("vram_bytes"))
 
 
 def health_table(nodes: Sequence[Mapping[str, Any]], now: float) -> str:
@@ -544,16 +563,16 @@ def nodes_table(nodes: Sequence[Mapping[str, Any]],
     for n in nodes:
         gpus = [g for g in n.get("gpus") or [] if isinstance(g, Mapping)]
         gpu_text = ", ".join(f"{clean(g.get('model')) if g.get('model') else 'GPU'} "
-                             f"{size(g.get('vram_bytes'))}" for g in gpus) or "none"
+                             f"{_vram(g)}" for g in gpus) or "none"
         addr = f"{n.get('user')}@{n.get('host')}" if n.get("user") else str(n.get("host"))
         if n.get("port") not in (None, 22) and n.get("transport") == "ssh":
             addr += f":{n['port']}"
         rows.append([n.get("name"), n.get("state"), n.get("transport"), addr,
                      _free_of_total(n), gpu_text,
                      ",".join(str(x) for x in n.get("labels") or []),
-                     ",".join(str(x) for x in n.get("jobs") or [])])
-    out = table(["NODE", "STATE", "VIA", "ADDRESS", "FREE/GPUS", "GPUS", "LABELS", "JOBS"],
-                rows, right=[4])
+                     ",".join(str(x) for x in n.get("jobs") or []), _node_note(n)])
+    out = table(["NODE", "STATE", "VIA", "ADDRESS", "FREE/GPUS", "GPUS", "LABELS", "JOBS",
+                 "NOTE"], rows, right=[4])
     if isinstance(cluster, Mapping):
         out += "\n\n" + cluster_line(cluster)
     return out
@@ -708,10 +727,12 @@ def launch_plan(plan: Mapping[str, Any]) -> str:
     if not ranks:
         why = plan.get("waiting")
         lines.append(f"nodes: none free now{': ' + clean(why) if why else ''}")
-        return "\n".join(lines)
     for r in ranks:
         gpus = ",".join(str(g) for g in r.get("gpus") or [])
         lines.append(f"rank {r.get('rank')} on {clean(r.get('node'))}"
                      + (f" GPU {gpus}" if gpus else " (no GPU)") + ":")
         lines.append(f"  {clean(shlex.join(str(a) for a in r.get('argv') or []))}")
+    for n in plan.get("unreachable") or []:  # nodes ugrod cannot reach now, and why
+        if isinstance(n, Mapping):
+            lines.append(f"node {clean(n.get('node'))} is unreachable: {clean(n.get('reason'))}")
     return "\n".join(lines)

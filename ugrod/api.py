@@ -28,7 +28,7 @@ from ugrod import codesync, commands, jobspec, trust
 from ugrod import events as ev
 from ugrod import render_json as rj
 from ugrod.commands import Refused
-from ugrod.jobspec import SubmitBody, SweepBody, check_name
+from ugrod.jobspec import SubmitBody, SweepBody, check_name, procs_per_node
 from ugrod.log import LogError, LogWriteFailed
 from ugrod.state import TERMINAL, InvalidEvent, Job, JobState, State
 
@@ -557,18 +557,32 @@ class Handlers:
     async def logs(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
         self._may_see(request, job, "logs")
-        rank_q = request.query.get("rank")
         ranks = [p.rank for p in job.placement] or [0]
-        if rank_q is not None:
+        # node_rank: one node's log file (its torchrun agent and every process it runs);
+        # rank: a global rank, i.e. node rank x processes per node + local rank. With one
+        # process per node they are the same; with several, the node's log is filtered to
+        # the lines torchrun prefixed with "[rankN]:" (the executor asks it to).
+        nproc = procs_per_node(job.spec)
+        only: bytes | None = None
+        for key in ("node_rank", "rank"):
+            text = request.query.get(key)
+            if text is None:
+                continue
             try:
-                rank = int(rank_q)
+                n = int(text)
             except ValueError:
-                raise ApiError(400, "bad_request", f"rank must be an integer, got {rank_q!r}") \
+                raise ApiError(400, "bad_request", f"{key} must be an integer, got {text!r}") \
                     from None
-            if rank not in ranks:
-                raise ApiError(404, "not_found", f"job {job.id} has no rank {rank} "
-                               f"(ranks: {', '.join(map(str, ranks))})")
-            ranks = [rank]
+            node_rank = n if key == "node_rank" else n // nproc
+            if node_rank not in ranks or n < 0:
+                world = f"node ranks {', '.join(map(str, ranks))}" if key == "node_rank" \
+                    else f"ranks 0-{len(ranks) * nproc - 1}"
+                raise ApiError(404, "not_found", f"job {job.id} has no {key.replace('_', ' ')} "
+                               f"{n} ({world})")
+            if key == "rank" and nproc > 1:
+                only = f"[rank{n}]:".encode()
+            ranks = [node_rank]
+            break
         follow = request.query.get("follow") in ("1", "true")
         tail_q = request.query.get("tail")
         tail = None if tail_q is None or tail_q == "" \
@@ -586,7 +600,7 @@ class Handlers:
         self.streams += follow
         try:
             await self._send_logs(request, resp, job, files, offsets, ends, pending, prefix,
-                                  follow)
+                                  follow, only)
         except ConnectionError:
             pass  # the client went away mid-write: nothing more to say to it
         finally:
@@ -598,7 +612,7 @@ class Handlers:
     async def _send_logs(self, request: web.Request, resp: web.StreamResponse, job: Job,
                          files: dict[int, Path], offsets: dict[int, int],
                          ends: dict[int, int], pending: dict[int, bytes], prefix: bool,
-                         follow: bool) -> None:
+                         follow: bool, only: bytes | None = None) -> None:
         while True:
             for r, f in files.items():
                 chunk = _read_from(f, offsets[r])
@@ -614,6 +628,8 @@ class Handlers:
                     if len(pending[r]) > MAX_PENDING_LINE:  # a line without end: pass it on
                         lines.append(pending[r])
                         pending[r] = b""
+                    if only is not None:
+                        lines = [ln for ln in lines if ln.startswith(only)]
                     if lines:
                         out = b"".join((f"[rank {r}] ".encode() if prefix else b"") + ln + b"\n"
                                        for ln in lines)
@@ -630,7 +646,7 @@ class Handlers:
                 break  # the client went away (a closed page, Ctrl-C), or ugrod is stopping
             await asyncio.sleep(0.25)
         for r, rest in pending.items():
-            if rest and not _gone(request):
+            if rest and not _gone(request) and (only is None or rest.startswith(only)):
                 await resp.write((f"[rank {r}] ".encode() if prefix else b"") + rest + b"\n")
 
     async def _next(self, sub: asyncio.Queue[ev.Record | None],

@@ -26,6 +26,7 @@ from ugrod import (
     admission,
     codesync,
     commands,
+    health,
     job_results,
     jobspec,
     planner,
@@ -43,11 +44,23 @@ from ugrod.jobspec import SubmitBody, SweepBody
 from ugrod.ledger import Ledger
 from ugrod.ranks import NodeAgent
 from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import ACTIVE, TERMINAL, WAITING, InvalidEvent, Job, JobState, State, Sweep
-from ugrod.transport.base import Transport, TransportError
+from ugrod.state import (
+    ACTIVE,
+    TERMINAL,
+    WAITING,
+    InvalidEvent,
+    Job,
+    JobState,
+    NodeHealth,
+    State,
+    Sweep,
+)
+from ugrod.transport.base import NodeUnreachable, Transport, TransportError
 from ugrod.transport.local import LocalTransport
 
 logger = logging.getLogger("ugrod")
+
+INVENTORY_WAIT_S = 0.5  # of start-up, at most, for the nodes' first GPU inventory
 
 # Events after which the planner may decide differently (or word a waiting reason
 # differently: "c1 is running", "busy with x (stopping)").
@@ -95,6 +108,8 @@ class Daemon:
         self._fits: dict[planner.Shape, tuple[Any, str | None]] = {}
         self._storing: dict[str, asyncio.Task[dict[str, Any]]] = {}  # job -> result.json write
         self.code_store = codesync.HeadStore(state_dir / "sync")
+        self._inventory_task: asyncio.Task[None] | None = None
+        self._background: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle ------------------------------------------------------------
 
@@ -138,9 +153,15 @@ class Daemon:
         self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
         self.executor.run_as = self._run_as
         self.executor.agent_for = self.agent_for
+        self.executor.on_node_unreachable = lambda n: self._in_background(self._check_now(n))
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
         await self._reconcile_nodes(self.config)
-        await self._inventory(self.config)
+        # The socket must answer within a second whatever the nodes do: inventory gets a
+        # moment (most nodes answer in it, so a submit right after start sees their GPUs)
+        # and goes on in the background for the slow and the unreachable.
+        self._inventory_task = asyncio.get_running_loop().create_task(
+            self._inventory(self.config))
+        await asyncio.wait({self._inventory_task}, timeout=INVENTORY_WAIT_S)
         self.executor.reattach()
         self._start_monitor()
         await self._listen()
@@ -188,6 +209,10 @@ class Daemon:
             self._scheduler.shutdown(wait=False)
         for t in self._timers:
             t.cancel()
+        pending = [*self._background, *([self._inventory_task] if self._inventory_task else [])]
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
         if self._planner_task is not None:
             self._planner_task.cancel()
             await asyncio.gather(self._planner_task, return_exceptions=True)
@@ -436,6 +461,9 @@ class Daemon:
             node = state.nodes.get(name)
             if node is None:
                 events.append(ev.NodeAdded(node=spec))
+                if spec.transport == "ssh":  # honest until its first check says otherwise
+                    events.append(ev.NodeHealthChanged(node=name, health="unreachable",
+                                                       reason=health.NOT_CONTACTED))
                 added.append(name)
             elif node.spec != spec:
                 events.append(ev.NodeUpdated(node=spec))
@@ -529,9 +557,20 @@ class Daemon:
         if self.monitor is not None:
             self.monitor.set_nodes(self.agents, self.transports)
         await self._inventory(new)
+        for name in (*changes["added"], *changes["changed"]):
+            self._in_background(self._check_now(name))
         self.kick()
         logger.info("config reloaded: %s", changes)
         return changes
+
+    def _in_background(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _check_now(self, name: str) -> None:
+        if self.monitor is not None:
+            await self.monitor.check_now(name)
 
     async def _reload_logged(self) -> None:
         try:
@@ -557,9 +596,19 @@ class Daemon:
             key_type, fp, line = await ssh.fetch_host_key(spec.host, spec.port, 10.0)
         except TransportError as exc:
             raise ApiError(409, "unavailable", str(exc)) from None
+        known_hosts = Path(self.config.cluster.known_hosts).expanduser()
+        try:
+            known = await asyncio.to_thread(ssh.recorded_keys, known_hosts, spec.host,
+                                            spec.port)
+        except TransportError as exc:
+            raise ApiError(409, "unavailable", str(exc)) from None
+        fingerprints = [k for _, k in known]
+        status = "trusted" if fp in fingerprints else "changed" if known else "new"
         return {"node": name, "host": spec.host, "port": spec.port, "key_type": key_type,
-                "fingerprint": fp, "line": line,
-                "known_hosts": str(Path(self.config.cluster.known_hosts).expanduser())}
+                "fingerprint": fp, "line": line, "status": status,
+                "known_fingerprint": ", ".join(f"{k} ({t})" for t, k in known) or None,
+                "known_keys": [{"key_type": t, "fingerprint": k} for t, k in known],
+                "known_hosts": str(known_hosts)}
 
     async def trust_host_key(self, name: str, line: str) -> dict[str, Any]:
         current = await self.host_key(name)
@@ -572,7 +621,13 @@ class Daemon:
         if isinstance(transport, ssh.SshTransport):
             await transport.close()
             transport.forget_failures()
-        return {"node": name, "trusted": current["fingerprint"]}
+        # Reconnect now, not at the next sweep: the answer says whether it worked, and the
+        # log (hence `nodes`, `health` and the planner) knows before the command returns.
+        await self._check_now(name)
+        node = self.ledger.state.nodes.get(name)
+        return {"node": name, "trusted": current["fingerprint"],
+                "state": node.state.value if node is not None else None,
+                "health_reason": node.health_reason if node is not None else ""}
 
     def _start_monitor(self) -> None:
         try:
@@ -678,6 +733,14 @@ class Daemon:
                 self.kick()
             except (TransportError, TimeoutError) as exc:
                 logger.warning("cannot reserve a rendezvous port for %s: %s", placement.job, exc)
+                node = placement.ranks[0].node
+                why = str(exc) or "no answer within 10 s"
+                with contextlib.suppress(InvalidEvent):  # never a silent wait: say why
+                    await self.ledger.record(ev.DAEMON, ev.JobWaiting(
+                        job=placement.job, reason=f"could not reserve a rendezvous port on "
+                        f"{node}: {why}; trying again"))
+                if isinstance(exc, NodeUnreachable):  # the log learns it: no more tries there
+                    self._in_background(self._check_now(node))
         self.stats.scheduler_tick(time.perf_counter() - t0, placed)
 
     _runtimes: dict[tuple[str, tuple[str, ...]], float] | None = None
@@ -732,7 +795,10 @@ class Daemon:
                          runtimes=self._runtimes or {})
         placed = next((x for x in p.placements if x.job == job_id), None)
         out: dict[str, Any] = {"torchrun": job.spec.torchrun, "cwd": job.spec.cwd,
-                               "sync": job.spec.sync, "ranks": []}
+                               "sync": job.spec.sync, "ranks": [],
+                               "unreachable": [{"node": n.name, "reason": n.health_reason}
+                                               for n in state.nodes.values()
+                                               if n.health is NodeHealth.UNREACHABLE]}
         if placed is None:
             out["waiting"] = p.waiting.get(job_id) or p.unrunnable.get(job_id) or ""
             return out
@@ -778,6 +844,10 @@ class Daemon:
         if hit is not None and hit[0] is nodes:
             return hit[1]
         why = planner.check_fits(self.ledger.state, spec)
+        if why is not None and planner.gpus_unknown(self.ledger.state):
+            # A node not yet reached may have what the job needs: it waits instead (the
+            # planner's reason names the nodes whose GPUs are not known).
+            why = None
         if len(self._fits) >= 256:
             self._fits.clear()
         self._fits[shape] = (nodes, why)

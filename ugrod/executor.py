@@ -17,7 +17,6 @@ import math
 import os
 import posixpath
 import signal
-import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -25,10 +24,11 @@ from typing import Any
 
 import msgspec
 
-from ugrod import codesync, jobspec
+from ugrod import codesync, culprit, jobspec
 from ugrod import events as ev
 from ugrod import log as evlog
 from ugrod import progress_formats as pf
+from ugrod.jobspec import procs_per_node
 from ugrod.ledger import Ledger
 from ugrod.ranks import (
     CheckpointFile,
@@ -39,9 +39,12 @@ from ugrod.ranks import (
     RankStartError,
 )
 from ugrod.state import ACTIVE, WAITING, InvalidEvent, Job, JobState, State
-from ugrod.transport.base import TransportError
+from ugrod.transport.base import NodeUnreachable, TransportError
 
 logger = logging.getLogger("ugrod.executor")
+
+Exit = tuple[ev.RankPlacement, int | None, float | None]
+"""A rank's end as its watch reports it: (rank, exit code or None if lost, when on its node)."""
 
 # The exit code of a rank whose processes vanished without an exit status (its supervisor
 # died with it: node reboot, OOM killer, kill -9 of the tree); the rank wrapper's LOST.
@@ -84,13 +87,17 @@ class Executor:
         # attempt -> rank -> (count, names) of processes a rank's main process left behind
         self._leftovers: dict[tuple[str, int], dict[int, tuple[int, tuple[str, ...]]]] = {}
         # (job, attempt, rank) -> when the rank ended, by its node's clock
-        self._exit_at: dict[tuple[str, int, int], float] = {}
         self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
         # job -> (attempt, loop times of its last step advances): the watchdog's step interval
         self.step_times: dict[str, tuple[int, deque[float]]] = {}
         # attempt -> its supervision's queue of rank exits (the watchdog's abandon() feeds it)
-        self._exits: dict[tuple[str, int], asyncio.Queue[tuple[ev.RankPlacement, int | None]]] = {}
+        self._exits: dict[tuple[str, int], asyncio.Queue[Exit]] = {}
+        # attempts this executor stopped because a rank failed: their reason is the culprit's
+        self._rank_stops: set[tuple[str, int]] = set()
+        # a node found unreachable while launching or supervising: the daemon has the monitor
+        # check it now, so the log (and the planner) know before the retry is placed
+        self.on_node_unreachable: Callable[[str], None] = lambda node: None
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stop_now: dict[tuple[str, int], asyncio.Event] = {}
         self._closing = False
@@ -223,24 +230,36 @@ class Executor:
             results = [exc]
         errors = []
         cannot_start = [res for res in results if isinstance(res, RankStartError)]
+        # A launch failure is a node's failure: the node it happened on is recorded, so the
+        # retry goes elsewhere while other nodes fit (a node that cannot be reached first).
+        blamed: list[tuple[bool, int, str]] = []
+        ranks_of = {p.node: p.rank for p in job.placement}
         for p, res in zip(job.placement, results, strict=False):
             if isinstance(res, BaseException):
                 errors.append(f"rank {p.rank} on {p.node}: {res}" if not isinstance(
                     res, TransportError | LaunchError) else str(res))
+                node = getattr(res, "node", None) or (p.node if len(results) > 1 else None)
+                if node in ranks_of:
+                    blamed.append((not isinstance(res, NodeUnreachable), ranks_of[node], node))
+                if isinstance(res, NodeUnreachable):
+                    self.on_node_unreachable(res.node)
             else:
                 pids[p.rank] = res
         if errors or len(pids) != len(job.placement):
             await self._kill_started(job, agents, pids)
+            _, failed_rank, failed_node = min(blamed) if blamed else (True, None, None)
             if cannot_start:
                 # The same command fails the same way on every attempt: no retry, and
                 # a sweep stops instead of failing each of its trials the same way.
                 first = cannot_start[0]
                 reason = f"node {first.node}: {first.message}; not retried"
-                await self._end(job, "failed", reason, exit_code=first.exit_code)
+                await self._end(job, "failed", reason, exit_code=first.exit_code,
+                                failed_rank=failed_rank, failed_node=failed_node)
                 await self._stop_sweep(job, reason)
                 return False
             reason = "launch failed: " + "; ".join(errors or ["not every rank started"])
-            await self._end(job, "failed", reason, retryable=True)
+            await self._end(job, "failed", reason, retryable=True, failed_rank=failed_rank,
+                            failed_node=failed_node)
             return False
         events: list[ev.Event] = [
             ev.RankStarted(job=job.id, attempt=job.attempt, rank=p.rank, node=p.node,
@@ -336,6 +355,13 @@ class Executor:
         })
         if resume_from or job.resume_from:
             env["UGRO_RESUME_FROM"] = resume_from or job.resume_from or ""
+        if procs_per_node(spec) > 1:
+            # Several processes share the node's log: torchrun tags each line with its
+            # global rank ("[rank5]:"), so `ugroctl logs --rank 5` can pick them out. Its
+            # copies of the streams stay in the rank's run dir on the node.
+            for key, value in (("TORCHELASTIC_LOG_LINE_PREFIX_TEMPLATE", "[rank${rank}]:"),
+                               ("PET_TEE", "3"), ("PET_LOG_DIR", f"{run_dir}/torchrun")):
+                env.setdefault(key, value)
         if self.network_interface:
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
             env["GLOO_SOCKET_IFNAME"] = self.network_interface
@@ -440,7 +466,7 @@ class Executor:
         if bad:
             raise LaunchError(f"{', '.join(bad)} cannot reach the rendezvous port "
                               f"{host}:{port} on {job.placement[0].node} (firewall? wrong "
-                              f"address or network_interface?)")
+                              f"address or network_interface?)", node=bad[0])
 
     async def _kill_started(self, job: Job, agents: list[NodeAgent], pids: dict[int, int]) -> None:
         """Kill ranks that did start; wait until each is confirmed gone."""
@@ -475,8 +501,10 @@ class Executor:
                          jobdir: Path) -> None:
         job = self.ledger.state.jobs[job_id]
         stop_flag = self._stop_now[(job_id, attempt)]
-        exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]] = asyncio.Queue()
+        exits: asyncio.Queue[Exit] = asyncio.Queue()
         self._exits[(job_id, attempt)] = exits
+        times: dict[int, float | None] = {}  # rank -> when its exit was recorded on its node
+        seen: list[int] = []  # ranks in the order their exits reached ugrod
         lost: dict[int, str] = {}  # rank -> node: abandoned, its end cannot be confirmed
         watchers = [
             asyncio.get_running_loop().create_task(
@@ -501,7 +529,7 @@ class Executor:
                     if not get.done():
                         get.cancel()
                         continue
-                p, code = await get
+                p, code, at = await get
                 if p.rank in codes or p.rank in lost:
                     continue
                 if code is None:
@@ -511,16 +539,18 @@ class Executor:
                     lost[p.rank] = p.node
                     continue
                 codes[p.rank] = code
+                times[p.rank] = at
+                seen.append(p.rank)
                 await self.ledger.record(ev.DAEMON, ev.RankExited(
                     job=job_id, attempt=attempt, rank=p.rank, node=p.node, exit_code=code))
                 current = self.ledger.state.jobs[job_id]
                 if code != 0 and current.stopping is None:
-                    p, code = await self._first_failure(job_id, attempt, exits, codes, lost,
-                                                        p, code)
-                    current = self.ledger.state.jobs[job_id]
-                    outcome, reason = self._failure(current, p, code, jobdir)
+                    # The first exit ugrod sees need not be the first that happened: ask
+                    # the other nodes before blaming anyone (ugrod/culprit.py).
+                    reason = await self._blame(current, agents, codes, times, seen, jobdir)
+                    self._rank_stops.add((job_id, attempt))
                     await self.ledger.record(ev.DAEMON, ev.JobStopping(
-                        job=job_id, attempt=attempt, outcome=outcome, reason=reason))
+                        job=job_id, attempt=attempt, outcome="failed", reason=reason))
                     stop_flag.set()
             if killer is not None:
                 if lost:  # every other rank is confirmed gone: stop retrying the dead node
@@ -531,40 +561,7 @@ class Executor:
             for w in watchers:
                 w.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
-        await self._finish(job_id, attempt, codes, agents, lost)
-
-    async def _first_failure(self, job_id: str, attempt: int,
-                             exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]],
-                             codes: dict[int, int], lost: dict[int, str],
-                             p: ev.RankPlacement, code: int) -> tuple[ev.RankPlacement, int]:
-        """The failed rank that ended first: ranks that ended while ugrod was down (or
-        within a moment of each other) are reported in no particular order, and the first
-        to fail is the cause (a peer's death makes the others fail after it)."""
-        at = self._exit_at.get((job_id, attempt, p.rank))
-        if at is None or time.time() - at < 2.0 or len(codes) + len(lost) >= len(
-                self.ledger.state.jobs[job_id].placement):
-            return p, code
-        first = (at, p, code)
-        deadline = asyncio.get_running_loop().time() + 1.0
-        while len(codes) + len(lost) < len(self.ledger.state.jobs[job_id].placement):
-            try:
-                async with asyncio.timeout(max(0.0, deadline - asyncio.get_running_loop()
-                                               .time())):
-                    q, other = await exits.get()
-            except TimeoutError:
-                break
-            if q.rank in codes or q.rank in lost:
-                continue
-            if other is None:
-                lost[q.rank] = q.node
-                continue
-            codes[q.rank] = other
-            await self.ledger.record(ev.DAEMON, ev.RankExited(
-                job=job_id, attempt=attempt, rank=q.rank, node=q.node, exit_code=other))
-            q_at = self._exit_at.get((job_id, attempt, q.rank))
-            if other != 0 and q_at is not None and q_at < first[0]:
-                first = (q_at, q, other)
-        return first[1], first[2]
+        await self._finish(job_id, attempt, codes, agents, lost, times, seen)
 
     def rank_gone(self, job_id: str, attempt: int, rank: int,
                   exit_code: int = VANISHED_EXIT_CODE) -> bool:
@@ -577,7 +574,7 @@ class Executor:
         p = next((p for p in job.placement if p.rank == rank), None)
         if p is None:
             return False
-        exits.put_nowait((p, exit_code))
+        exits.put_nowait((p, exit_code, None))
         return True
 
     def abandon(self, job_id: str, attempt: int, node: str) -> list[int]:
@@ -594,24 +591,92 @@ class Executor:
         gone = {r.rank for r in job.ranks if r.exit_code is not None}
         ranks = [p for p in job.placement if p.node == node and p.rank not in gone]
         for p in ranks:
-            exits.put_nowait((p, None))
+            exits.put_nowait((p, None, None))
         return [p.rank for p in ranks]
 
-    def _failure(self, job: Job, p: ev.RankPlacement, code: int, jobdir: Path) -> tuple[str, str]:
-        tail = own_lines(_tail_lines(jobdir / f"rank_{p.rank}.log", 80))[-20:]
+    def _failure(self, job: Job, p: ev.RankPlacement, code: int,
+                 jobdir: Path) -> tuple[int, str]:
+        """(exit code, reason) of a failed rank: torchrun's report of its worker when the
+        log has one, the worker's own last lines (not torchrun's traceback)."""
+        lines = _tail_lines(jobdir / f"rank_{p.rank}.log", 120)
+        report = culprit.torchrun_failure(lines)
+        tail = own_lines(lines)[-20:]
         oom = any(m in line for line in tail for m in OOM_MARKERS)
-        what = "ran out of GPU memory (CUDA out of memory)" if oom else f"exited with code {code}"
-        if code == VANISHED_EXIT_CODE:
-            what = ("vanished: its processes and their supervisor are gone with no exit status "
-                    "(node reboot, OOM killer or kill -9?)")
+        exit_code, reason = culprit.describe(p.rank, p.node, code, report,
+                                             procs_per_node(job.spec))
+        if oom:
+            reason = f"rank {p.rank} on {p.node} ran out of GPU memory (CUDA out of memory)"
+        elif code == VANISHED_EXIT_CODE:
+            reason = (f"rank {p.rank} on {p.node} vanished: its processes and their supervisor "
+                      f"are gone with no exit status (node reboot, OOM killer or kill -9?)")
         last = " | ".join(line.strip() for line in tail[-5:] if line.strip())
-        reason = f"rank {p.rank} on {p.node} {what}"
-        if code >= 128 and not oom:
-            with contextlib.suppress(ValueError):
-                reason += f" ({signal.Signals(code - 128).name})"
         if last:
             reason += f"; last lines: {last[-600:]}"
-        return "failed", reason
+        return exit_code, reason
+
+    def _ends(self, job: Job, codes: dict[int, int], times: dict[int, float | None],
+              seen: list[int], lost: Mapping[int, str]) -> list[culprit.RankEnd]:
+        order = {r: i for i, r in enumerate(seen)}
+        ends = []
+        for p in job.placement:
+            code = codes.get(p.rank)
+            why = lost.get(p.rank)
+            if code == VANISHED_EXIT_CODE:
+                why = "vanished"
+            ends.append(culprit.RankEnd(rank=p.rank, node=p.node, exit_code=code,
+                                        exited_at=times.get(p.rank), seen=order.get(p.rank),
+                                        lost=why))
+        return ends
+
+    def _culprit_words(self, job: Job, end: culprit.RankEnd,
+                       jobdir: Path) -> tuple[int | None, str]:
+        p = next(p for p in job.placement if p.rank == end.rank)
+        if end.lost is not None and end.exit_code is None:
+            return None, culprit.lost_words(p.rank, p.node, end.lost)
+        return self._failure(job, p, end.exit_code if end.exit_code is not None else 1, jobdir)
+
+    async def _blame(self, job: Job, agents: list[NodeAgent], codes: dict[int, int],
+                     times: dict[int, float | None], seen: list[int], jobdir: Path) -> str:
+        """The reason a gang is stopped: its first failure (ugrod/culprit.py).
+
+        Nodes whose ranks have not reported an exit are asked (3 s each, at once): an exit
+        already recorded there may be older than the one that arrived first, and a node
+        that does not answer is lost with its ranks.
+        """
+        async def ask(p: ev.RankPlacement, agent: NodeAgent) -> tuple[int, Any]:
+            try:
+                async with asyncio.timeout(3.0):
+                    return p.rank, await agent.status(job.id, job.attempt, p.rank)
+            except (TransportError, TimeoutError) as exc:
+                return p.rank, exc
+        pending = [(p, a) for p, a in zip(job.placement, agents, strict=True)
+                   if p.rank not in codes]
+        answers = dict(await asyncio.gather(*(ask(p, a) for p, a in pending)))
+        extra_codes, extra_times, lost = dict(codes), dict(times), {}
+        for p, _ in pending:
+            st = answers[p.rank]
+            if isinstance(st, BaseException):
+                lost[p.rank] = self._unreachable_words(p.node, st)
+                if isinstance(st, NodeUnreachable | TimeoutError):
+                    self.on_node_unreachable(p.node)
+            elif st.exit_code is not None:
+                extra_codes[p.rank] = st.exit_code
+                extra_times[p.rank] = st.exited_at
+        first = culprit.first_failure(self._ends(job, extra_codes, extra_times, seen, lost))
+        if first is None:
+            return "a rank failed"
+        return self._culprit_words(job, first, jobdir)[1]
+
+    def _unreachable_words(self, node: str, exc: BaseException | None) -> str:
+        """Why a node is lost, for a reason: what the log says of it, else the error."""
+        n = self.ledger.state.nodes.get(node)
+        if n is not None and n.health.value == "unreachable" and n.health_reason:
+            return n.health_reason
+        if exc is None:
+            return "it stopped answering"
+        if isinstance(exc, TimeoutError):
+            return "no answer within 3 s"
+        return exc.message if isinstance(exc, TransportError) else str(exc)
 
     async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int],
                         exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]) -> None:
@@ -655,32 +720,42 @@ class Executor:
         return "; " + "; ".join(parts) if parts else ""
 
     async def _finish(self, job_id: str, attempt: int, codes: dict[int, int],
-                      agents: list[NodeAgent], lost: dict[int, str] | None = None) -> None:
+                      agents: list[NodeAgent], lost: dict[int, str] | None = None,
+                      times: dict[int, float | None] | None = None,
+                      seen: list[int] | None = None) -> None:
         job = self.ledger.state.jobs[job_id]
+        rank_stop = (job_id, attempt) in self._rank_stops
+        self._rank_stops.discard((job_id, attempt))
         if job.state not in ACTIVE or job.attempt != attempt:
             return
         note = self._leftover_note(job_id, attempt)
-        if lost:
-            ranks = ", ".join(f"rank {r} on {n}" for r, n in sorted(lost.items()))
-            nodes = ", ".join(sorted(set(lost.values())))
-            await self._end(job, job.stopping or "failed",
-                            f"{job.reason}{note}; the processes of {ranks} could not be confirmed "
-                            f"gone ({nodes} unreachable): ugrod kills any left when {nodes} "
-                            f"answers again",
-                            exit_code=next((c for c in codes.values() if c), None),
-                            failed_node=lost[min(lost)],
-                            retryable=(job.stopping or "failed") == "failed")
-            return
-        if job.stopping is None and all(c == 0 for c in codes.values()):
+        lost = lost or {}
+        if job.stopping is None and not lost and all(c == 0 for c in codes.values()):
             await self._end(job, "succeeded", f"all ranks exited 0{note}", exit_code=0)
             return
         outcome = job.stopping or "failed"
-        bad = [(r, c) for r, c in sorted(codes.items()) if c != 0]
-        exit_code = bad[0][1] if bad else 0
-        failed_rank = bad[0][0] if bad and outcome != "cancelled" else None
-        failed_node = next((p.node for p in job.placement if p.rank == failed_rank), None)
-        await self._end(job, outcome, job.reason + note, exit_code=exit_code,
-                        failed_rank=failed_rank,
+        # Every exit is in now: the culprit is decided on all of them (the stopping reason
+        # was the best guess at the time). A rank lost with its node comes first.
+        lost_why = {r: self._unreachable_words(n, None) for r, n in lost.items()}
+        first = culprit.first_failure(self._ends(job, codes, times or {}, seen or [],
+                                                 lost_why))
+        reason = job.reason
+        exit_code: int | None = next((c for c in codes.values() if c), 0 if codes else None)
+        failed_rank = failed_node = None
+        if first is not None and outcome != "cancelled":
+            failed_rank, failed_node = first.rank, first.node
+            code, words = self._culprit_words(job, first, self.job_dir(job_id))
+            if code is not None:
+                exit_code = code
+            if rank_stop:
+                reason = words
+        reason += note
+        if lost:
+            ranks = ", ".join(f"rank {r} on {n}" for r, n in sorted(lost.items()))
+            nodes = ", ".join(sorted(set(lost.values())))
+            reason = (f"{reason}; the processes of {ranks} could not be confirmed gone "
+                      f"({nodes} unreachable): ugrod kills any left when {nodes} answers again")
+        await self._end(job, outcome, reason, exit_code=exit_code, failed_rank=failed_rank,
                         failed_node=failed_node, retryable=outcome == "failed")
 
     async def _end(self, job: Job, outcome: str, reason: str, *, exit_code: int | None = None,
@@ -779,8 +854,7 @@ class Executor:
                     await agent.request_checkpoint(job.id, job.attempt, p.rank)
 
     async def _watch_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
-                          exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]
-                          ) -> None:
+                          exits: asyncio.Queue[Exit]) -> None:
         """Stream one rank's log and metrics into the job dir until it exits; survive link drops."""
         try:
             await self._stream_rank(job, p, agent, jobdir, exits)
@@ -829,12 +903,10 @@ class Executor:
                         if p.rank == 0:
                             await self._metric(job, item.data)
                     elif isinstance(item, RankExit):
-                        if item.at is not None:
-                            self._exit_at[(job.id, job.attempt, p.rank)] = item.at
                         if item.leftovers:
                             self._leftovers.setdefault((job.id, job.attempt), {})[p.rank] = (
                                 item.leftovers, item.leftover_names)
-                        await exits.put((p, item.exit_code))
+                        await exits.put((p, item.exit_code, item.at))
                         return
             except TransportError as exc:
                 logger.warning("watching %s rank %d on %s: %s; reconnecting in %.1f s",
@@ -958,7 +1030,11 @@ class Executor:
 
 
 class LaunchError(Exception):
-    """A launch pre-check failed (message names the node)."""
+    """A launch pre-check failed (message names the node; ``node``: the one to blame)."""
+
+    def __init__(self, message: str, node: str | None = None) -> None:
+        super().__init__(message)
+        self.node = node
 
 
 MAX_METRIC_LINE = 64 * 1024   # a metrics line is a few hundred bytes; past this it is garbage
@@ -1017,7 +1093,8 @@ async def _listening(agent: NodeAgent, bind: Callable[[str], str], port: int,
         line = await stream.readline()
         if line.strip() != b"ready":
             raise LaunchError(f"node {agent.node}: cannot listen on the rendezvous port "
-                              f"{port}: {line.decode(errors='replace').strip() or 'no answer'}")
+                              f"{port}: {line.decode(errors='replace').strip() or 'no answer'}",
+                              node=agent.node)
         yield
     finally:
         await stream.close()

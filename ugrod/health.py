@@ -205,6 +205,10 @@ def probe_failed(message: str) -> Assessment:
     return Assessment(score=0.0, health=NodeHealth.UNHEALTHY, alerts=(alert,), reason=message)
 
 
+NOT_CONTACTED = "not contacted yet: ugrod is connecting to it"
+"""The reason a node added to the cluster carries until its first check says otherwise."""
+
+
 def unreachable(prev: Assessment | None, reason: str) -> Assessment:
     """Breaker open: health unknown. Alerts are kept as they were (nothing was measured)."""
     return Assessment(score=None, health=NodeHealth.UNREACHABLE,
@@ -246,6 +250,11 @@ def transitions(prev: Assessment | None, new: Assessment) -> Transition:
     # score for every node that was ever reached, not only for those that changed.
     first = prev is not None and prev.score is None and new.score is not None
     health = new.health if prev is None or prev.health is not new.health or first else None
+    # Why a node is unreachable is what a person acts on (trust its key, start sshd,
+    # enable SFTP): a new reason is news.
+    if health is None and new.health is NodeHealth.UNREACHABLE and prev is not None \
+            and prev.reason != new.reason:
+        health = new.health
     return Transition(health=health, raised=raised, cleared=cleared)
 
 

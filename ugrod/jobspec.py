@@ -308,6 +308,16 @@ def check_dir(what: str, path: str) -> None:
                         f"{path[:80]!r}; ugroctl makes relative ones absolute")
 
 
+def procs_per_node(spec: ev.JobSpec) -> int:
+    """Processes each node runs: torchrun's --nproc_per_node (one per GPU), else one.
+
+    A global rank is node rank x this + local rank (what ``logs --rank`` means).
+    """
+    if not spec.torchrun:
+        return 1
+    return max(spec.gpus_per_node, 1) if spec.gpus_per_node else max(spec.nproc_per_node, 1)
+
+
 def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) -> list[str]:
     """The training script and the template's arguments, with {name} the job's name.
 

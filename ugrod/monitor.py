@@ -43,7 +43,13 @@ from ugrod.ledger import Ledger
 from ugrod.ranks import NodeAgent
 from ugrod.runtime_stats import RuntimeStats
 from ugrod.state import InvalidEvent, Job, JobState, NodeHealth, State
-from ugrod.transport.base import CommandResult, Stream, Transport, TransportError
+from ugrod.transport.base import (
+    CommandResult,
+    NodeUnreachable,
+    Stream,
+    Transport,
+    TransportError,
+)
 
 logger = logging.getLogger("ugrod.monitor")
 
@@ -324,11 +330,28 @@ class Monitor:
         if self._inflight.get(name) is task:
             del self._inflight[name]
 
-    async def _guarded(self, name: str) -> None:
+    async def _guarded(self, name: str, force: bool = False) -> None:
         try:
-            await self.check_node(name)
+            await self.check_node(name, force=force)
         except Exception:
             logger.exception("health check of %s failed", name)
+
+    async def check_now(self, name: str) -> None:
+        """Probe ``name`` at once, whatever its breaker says, and record what it finds.
+
+        For ``nodes trust``, a reload and an on-demand check that disagrees with the log:
+        the node's reachability is then what the log says within one probe, for the
+        planner, ``nodes`` and ``health`` alike. A check already in flight is let finish.
+        """
+        if self._closed or name not in self._agents:
+            return
+        prior = self._inflight.get(name)
+        if prior is not None:
+            await asyncio.wait({prior}, timeout=self._cfg.check_timeout_s)
+        task = asyncio.get_running_loop().create_task(self._guarded(name, force=True))
+        self._inflight[name] = task
+        task.add_done_callback(functools.partial(self._landed, name))
+        await asyncio.shield(task)
 
     def _watch_for(self, name: str, state: State) -> _Watch:
         w = self._watch.get(name)
@@ -342,7 +365,7 @@ class Monitor:
             self._watch[name] = w
         return w
 
-    async def check_node(self, name: str) -> None:
+    async def check_node(self, name: str, *, force: bool = False) -> None:
         """One sweep's check of one node: probe (if the breaker allows), score, record."""
         state = self._host.ledger.state
         node = state.nodes.get(name)
@@ -353,7 +376,9 @@ class Monitor:
         now = self._clock()
         breaker = w.breaker.at(now)
         if not breaker.due(now):
-            return
+            if not force:
+                return
+            breaker = msgspec.structs.replace(breaker, state=hl.BreakerState.HALF_OPEN)
         self._set_breaker(name, w, breaker)
         expect_gpus = len(node.gpus)
         t0 = time.monotonic()
@@ -364,7 +389,8 @@ class Monitor:
         except (TransportError, TimeoutError, OSError) as exc:
             why = str(exc) if not isinstance(exc, TimeoutError) else \
                 f"node {name}: probe did not answer within {self._cfg.check_timeout_s:g} s"
-            await self._failed(name, w, breaker, now, time.monotonic() - t0, why)
+            await self._failed(name, w, breaker, now, time.monotonic() - t0, why,
+                               exc.reason if isinstance(exc, NodeUnreachable) else None)
             return
         self._set_breaker(name, w, breaker.record(True, now))
         w.last_check = now
@@ -394,17 +420,33 @@ class Monitor:
         await self._record(name, w, new, sample, extra)
 
     async def _failed(self, name: str, w: _Watch, breaker: hl.Breaker, now: float,
-                      seconds: float, why: str) -> None:
+                      seconds: float, why: str, unreachable: str | None = None) -> None:
+        """A check failed. ``unreachable``: no connection could be made at all (refused, no
+        answer, host key, login, SFTP), said at once; other failures (a probe that hangs
+        on a working link) count towards the breaker, which says it after a few."""
         self._host.stats.health_check(name, seconds, False)
         w.last_check = now
         w.last_error = why
         after = breaker.record(False, now, jitter=self._jitter())
         self._set_breaker(name, w, after)
         logger.info("%s (failure %d)", why, after.failures)
-        if after.state is hl.BreakerState.OPEN:
-            w.score = None
+        prev = self._prev(name, w)
+        if unreachable is not None:
+            reason = unreachable
+        elif after.state is hl.BreakerState.OPEN:
+            if prev is not None and prev.health is NodeHealth.UNREACHABLE \
+                    and prev.reason != hl.NOT_CONTACTED:
+                return  # already said, with its reason; a count that grows is not news
             reason = f"{after.failures} consecutive checks failed, last: {why}"
-            await self._record(name, w, hl.unreachable(w.prev, reason), None, [])
+        else:
+            return
+        w.score = None
+        await self._record(name, w, hl.unreachable(prev, reason), None, [])
+
+    def _prev(self, name: str, w: _Watch) -> hl.Assessment | None:
+        """What the log says of the node now: the one record every reader goes by."""
+        node = self._host.ledger.state.nodes.get(name)
+        return hl.known(node) if node is not None else w.prev
 
     # ---- the node's probe process ---------------------------------------------------
 
@@ -489,7 +531,9 @@ class Monitor:
 
     async def _record(self, name: str, w: _Watch, new: hl.Assessment,
                       sample: gpus.NodeSample | None, extra: list[ev.Event]) -> None:
-        change = hl.transitions(w.prev, new)
+        # Compared with the log, not with the monitor's memory: others record a node's
+        # health too (ugrod marks a new SSH node unreachable until its first contact).
+        change = hl.transitions(self._prev(name, w), new)
         events = [*extra, *hl.to_events(name, change, new,
                                          gpus.sample_summary(sample) if sample else {})]
         if not events:
@@ -601,9 +645,13 @@ class Monitor:
                 res = await agent.transport.run(gpus.probe_argv(agent.python, work_dir,
                                                                 pid_files))
         except (TransportError, TimeoutError, OSError) as exc:
+            if isinstance(exc, NodeUnreachable) and node.health is not NodeHealth.UNREACHABLE:
+                await self.check_now(name)  # the log must not say reachable any more
             return [{"name": "reachable", "ok": False,
                      "detail": str(exc) or f"no answer within {self._cfg.check_timeout_s:g} s"}]
         wall = time.monotonic() - t0
+        if node.health is NodeHealth.UNREACHABLE:
+            await self.check_now(name)  # it answers: the log and the planner learn it now
         out.append({"name": "reachable", "ok": True, "detail": f"answered in {wall * 1000:.0f} ms"})
         try:
             if res.exit_code != 0:

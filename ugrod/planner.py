@@ -47,6 +47,7 @@ import msgspec
 
 from ugrod import events as ev
 from ugrod.state import Job, JobState, Node, NodeHealth, State
+from ugrod.vram import nominal_bytes
 
 INF = math.inf
 _ENDED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
@@ -92,7 +93,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
 
 _NO_LIMITS: Mapping[str, Limits] = MappingProxyType({})
 
-Gpu = tuple[int, int, str]  # (vram_bytes, index, uuid): sorts smallest card first
+Gpu = tuple[int, int, str]  # (nominal vram_bytes, index, uuid): sorts smallest card first
 Shape = tuple[int, int, int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
 
 
@@ -133,7 +134,8 @@ def check_fits(state: State, spec: ev.JobSpec) -> str | None:
         return "the cluster has no nodes"
     shape = spec_shape(spec)
     fits = [n.name for n in _sorted_nodes(state) if _lower_bound(
-        shape, n.name, frozenset(n.spec.labels), sorted(g.vram_bytes for g in n.gpus)) is not None]
+        shape, n.name, frozenset(n.spec.labels),
+        sorted(nominal_bytes(g.vram_bytes) for g in n.gpus)) is not None]
     if len(fits) >= spec.nodes:
         return None
     need = _need(shape)
@@ -180,7 +182,9 @@ class _Node:
         self.sched = node.schedulable
         self.degraded = node.health is NodeHealth.DEGRADED
         self.pref = node.spec.rank
-        self.gpus: list[Gpu] = sorted((g.vram_bytes, g.index, g.uuid) for g in node.gpus)
+        # Nominal sizes (ugrod/vram.py): a 12 GB card reporting 12282 MiB is a 12 GB card.
+        self.gpus: list[Gpu] = sorted((nominal_bytes(g.vram_bytes), g.index, g.uuid)
+                                      for g in node.gpus)
         self.vrams = [g[0] for g in self.gpus]
         self.free: list[Gpu] = []
         self.held_by: dict[int, str] = {}  # GPU index -> job holding it
@@ -362,7 +366,8 @@ class _Round:
                      spec.labels_avoided, spec.node_names)
             info = shapes.get(shape) or self.shape_info(shape)
             if info.never is not None:
-                waiting[job.id] = f"cannot run on this cluster as configured: {info.never}"
+                waiting[job.id] = (f"cannot run on this cluster as configured: {info.never}"
+                                   + _unknown_gpus(self.state))
                 continue
             # The common case on a busy cluster: nothing of this shape can start now, whoever
             # asks, no limit to report and no reservation left to give. Say so and move on.
@@ -469,12 +474,12 @@ class _Round:
         gpn, count, min_vram = info.shape[0], info.shape[1], info.shape[2]
         if (info.fail_end is not None and end >= info.fail_end) or (gpn and not self.free_total):
             return None
-        best: list[tuple[tuple[int, bool, bool, str], _Node, list[Gpu]]] = []
+        best: list[tuple[tuple[bool, int, bool, str], _Node, list[Gpu]]] = []
         cand, keep, i = info.cand, None, 0
         while i < len(cand):
             item = cand[i]
             lb, name, nd = item
-            if len(best) == count and (lb, False, False, name) > best[-1][0]:
+            if len(best) == count and (False, lb, False, name) > best[-1][0]:
                 break  # every later node gives up at least as much VRAM
             i += 1
             chosen: list[Gpu] = []
@@ -498,7 +503,8 @@ class _Round:
                 if keep is not None:
                     keep.append(item)
                 given_up = lb
-            key = (given_up, name in failed, nd.degraded, name)
+            # A node the job failed on comes last: a retry goes elsewhere while others fit.
+            key = (name in failed, given_up, nd.degraded, name)
             bisect.insort(best, (key, nd, chosen), key=lambda b: b[0])
             del best[count:]
         if keep is not None:
@@ -580,18 +586,18 @@ class _Round:
         if len(ready) < count:
             return None
         at = sorted(r[0] for r in ready)[count - 1]
-        picks: list[tuple[tuple[float, int, bool, bool, str], _Node, list[Gpu]]] = []
+        picks: list[tuple[tuple[bool, float, int, bool, str], _Node, list[Gpu]]] = []
         gpus: list[Gpu]
         for t, nd, qual in ready:
             if at < INF:
                 if t > at:
                     continue
                 gpus = sorted(g for g in qual if nd.avail[g[1]] <= at)[:gpn]
-                key = (0.0, sum(g[0] for g in gpus), nd.name in job.failed_nodes, nd.degraded,
+                key = (nd.name in job.failed_nodes, 0.0, sum(g[0] for g in gpus), nd.degraded,
                        nd.name)
             else:  # unknown: hold the GPUs that free up first (free ones before busy ones)
                 gpus = qual[:gpn]
-                key = (t, sum(g[0] for g in gpus), nd.name in job.failed_nodes, nd.degraded,
+                key = (nd.name in job.failed_nodes, t, sum(g[0] for g in gpus), nd.degraded,
                        nd.name)
             picks.append((key, nd, gpus))
         picks.sort(key=lambda p: p[0])
@@ -665,9 +671,12 @@ class _Round:
         """What keeps one node from taking the shape now, in words."""
         name = nd.name
         if not nd.sched:
-            why = f"{name} is {nd.node.state.value}"
-            if nd.node.drained and nd.node.drain_reason:
-                why += f" ({nd.node.drain_reason})"
+            node = nd.node
+            why = f"{name} is {node.state.value}"
+            if node.drained and node.drain_reason:
+                why += f" ({node.drain_reason})"
+            elif node.health_reason and not node.drained:  # what to do about it, in words
+                why += f" ({node.health_reason})"
             return why
         qual = [g for g in nd.gpus if g[0] >= min_vram]
         free = [g for g in qual if g[1] not in nd.held_by]
@@ -691,6 +700,21 @@ class _Round:
 
 
 # ---- words and small helpers ----------------------------------------------
+
+
+def gpus_unknown(state: State) -> list[Node]:
+    """Nodes whose GPUs are not known yet: never inventoried, none named in the config."""
+    return [n for n in _sorted_nodes(state) if n.inventory is None and not n.spec.gpus]
+
+
+def _unknown_gpus(state: State) -> str:
+    unknown = gpus_unknown(state)
+    if not unknown:
+        return ""
+    words = [n.name + (f" ({n.state.value}: {n.health_reason})" if not n.schedulable
+                       and n.health_reason else "") for n in unknown[:3]]
+    return (f"; the GPUs of {_and(words)}{' and more' if len(unknown) > 3 else ''} are not "
+            f"known yet")
 
 
 def _sorted_nodes(state: State) -> list[Node]:

@@ -427,6 +427,14 @@ def exit_code(run_dir: str) -> int | None:
     return int(text) if text and text.strip() else LOST
 
 
+def exited_at(run_dir: str) -> float | None:
+    """When the exit was recorded on this node (the exit_code file's mtime), if it was."""
+    try:
+        return os.stat(os.path.join(run_dir, "exit_code")).st_mtime
+    except OSError:
+        return None
+
+
 # ---- start ---------------------------------------------------------------------------
 
 
@@ -856,6 +864,7 @@ def status(run_dir: str) -> dict[str, Any]:
         "pid": rec[0] if rec else None,
         "alive": bool(alive),
         "exit_code": exit_code(run_dir),
+        "exited_at": exited_at(run_dir),
         "pids": alive,
     }
 

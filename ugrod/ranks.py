@@ -127,6 +127,7 @@ class RankStatus:
     alive: bool
     exit_code: int | None
     pids: tuple[int, ...] = ()
+    exited_at: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,6 +190,7 @@ class _Status(msgspec.Struct):
     alive: bool
     exit_code: int | None
     pids: list[int] = []
+    exited_at: float | None = None
 
 
 class _Checkpoint(msgspec.Struct):
@@ -473,7 +475,7 @@ class NodeAgent:
             st = msgspec.convert(reply, _Status)
         except msgspec.ValidationError as exc:
             raise WrapperProtocolError(self.node, f"status of {rd}: {exc}: {reply!r}") from exc
-        return RankStatus(st.pid, st.alive, st.exit_code, tuple(st.pids))
+        return RankStatus(st.pid, st.alive, st.exit_code, tuple(st.pids), st.exited_at)
 
     async def alive_pids(self, run_dirs: Sequence[str]) -> dict[str, list[int]]:
         """For each run dir, the pids of its rank's processes still alive (one call)."""

@@ -8,6 +8,7 @@ from typing import Any
 from ugrod import events as ev
 from ugrod import time_limits
 from ugrod.state import WAITING, Job, Node, State, Sweep
+from ugrod.vram import nominal_gb
 
 
 def iso(ts: float | None) -> str | None:
@@ -58,7 +59,9 @@ def node(n: Node, jobs: list[str], view: Mapping[str, Any] | None,
         "transport": n.spec.transport, "state": n.state.value, "health": n.health.value,
         "score": n.score, "health_reason": n.health_reason, "drained": n.drained,
         "drain_reason": n.drain_reason, "labels": list(n.spec.labels),
-        "gpus": [ev.to_builtins(g) for g in n.gpus],
+        # vram_bytes is exactly what the node reports; nominal_gb is the card's size as
+        # people say it, the one --min-vram is compared with (ugrod/vram.py).
+        "gpus": [{**ev.to_builtins(g), "nominal_gb": nominal_gb(g.vram_bytes)} for g in n.gpus],
         "alerts": [{"alert": a.alert, "severity": a.severity, "message": a.message,
                     "since": iso(a.since)} for a in n.alerts],
         "jobs": jobs, "last_check": view.get("last_check"), "sample": view.get("sample"),

@@ -300,7 +300,9 @@ class Watchdog:
                      f"ago (limit {limit:.0f} s)")
         if silent <= limit:
             return None
-        return f"node {node} declared dead: {failing}, and {quiet}"
+        ranks = ", ".join(str(r.rank) for r in job.ranks if r.node == node)
+        return (f"rank {ranks} on {node} lost: node unreachable (node {node} declared dead: "
+                f"{failing}, and {quiet})")
 
     async def _node_died(self, job: Job, node: str, why: str) -> None:
         logger.warning("job %s: %s", job.id, why)

@@ -433,8 +433,14 @@ def test_logs_stream_bytes_as_they_come(peer: Peer) -> None:
     q = peer.requests[0]["query"]
     assert "rank=1" in q and "follow=1" in q and "tail=5" in q
     res = run(peer, "logs", "exp1", "--json")
-    assert json.loads(res.output) == {"job": "exp1", "rank": None, "lines": [
-        "step 1 loss 2.0", "step 2 loss 1.5", "\ufffd raw bytes"]}
+    assert json.loads(res.output) == {"job": "exp1", "rank": None, "node_rank": None,
+                                      "lines": ["step 1 loss 2.0", "step 2 loss 1.5",
+                                                "\ufffd raw bytes"]}
+    res = run(peer, "logs", "exp1", "--node-rank", "2")
+    assert "node_rank=2" in peer.requests[-1]["query"]
+    res = CliRunner().invoke(cli, ["--socket", peer.path, "logs", "exp1", "--rank", "1",
+                                   "--node-rank", "1"])
+    assert res.exit_code == 2 and "give one" in res.output
 
 
 def test_status_json_is_one_document(peer: Peer) -> None:

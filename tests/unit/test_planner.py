@@ -256,7 +256,7 @@ def test_draining_and_unhealthy_nodes_are_skipped() -> None:
     p = c.plan()
     assert p.placements == ()
     assert p.waiting["j"] == ("waiting for a GPU: gpu1 is draining (new fan), "
-                              "gpu2 is unhealthy, gpu-master is unreachable")
+                              "gpu2 is unhealthy (Xid 79), gpu-master is unreachable")
     c.put(ev.NodeHealthChanged(node="gpu2", health="degraded"))
     assert placed(c.plan()) == {"j": [("gpu2", (0,))]}
 
@@ -817,3 +817,47 @@ def test_planning_is_pure(case: tuple[Cluster, dict[str, UserLimits]]) -> None:
     # every waiting job is either placed or has a reason
     assert set(a.order) == set(a.waiting) | {x.job for x in a.placements}
     assert not set(a.waiting) & {x.job for x in a.placements}
+
+
+# ---- VRAM as people say it, and retries that avoid the failed node ------------------------
+
+
+def test_min_vram_12_takes_a_12_gb_card_that_reports_12282_mib() -> None:
+    mib = 1 << 20
+    c = Cluster(gpu_node("gpu-master", 12282 * mib / GB), gpu_node("gpu1", 8188 * mib / GB),
+                gpu_node("gpu2", 8192 * mib / GB))
+    assert check_fits(c.state, ev.JobSpec(argv=("t",), gpus_per_node=1,
+                                          min_vram_bytes=12 * GB)) is None
+    c.submit("j", gpus_per_node=1, min_vram_bytes=12 * GB)
+    (p,) = c.plan().placements
+    assert [(r.node, r.gpus) for r in p.ranks] == [("gpu-master", (0,))]
+    assert "GPU 0, 12 GB" in p.reason
+    c.submit("big", gpus_per_node=1, min_vram_bytes=16 * GB)
+    assert check_fits(c.state, c.state.jobs["big"].spec) == \
+        "needs a GPU ≥ 16 GB; no node has one"
+
+
+def test_retry_avoids_the_failed_node_even_when_it_has_the_smallest_card() -> None:
+    c = Cluster(gpu_node("big", 24), gpu_node("small", 8))
+    c.submit("j", gpus_per_node=1, max_retries=2)
+    c.round()
+    assert c.where("j") == [("small", (0,))]  # smallest GPU that fits
+    c.end("j", "retrying", failed_node="small", exit_code=1, retry_at=T0 + 10)
+    c.now = T0 + 10
+    (p,) = c.plan().placements
+    assert [r.node for r in p.ranks] == ["big"]
+    assert "avoiding small, where it failed before" in p.reason
+
+
+def test_unreachable_node_is_named_with_its_reason_in_the_waiting_reason() -> None:
+    c = seeds()
+    c.put(ev.NodeHealthChanged(node="gpu2", health="unreachable",
+                               reason="host key for 10.0.0.3:22 is not in ~/.ssh/known_hosts; "
+                                      "run `ugroctl nodes trust gpu2`"))
+    c.submit("j", gpus_per_node=1, nodes=3)
+    p = c.plan()
+    assert p.placements == ()
+    assert p.waiting["j"] == (
+        "waiting for 3 nodes with a GPU: only gpu-master and gpu1 free; gpu2 is unreachable "
+        "(host key for 10.0.0.3:22 is not in ~/.ssh/known_hosts; run `ugroctl nodes trust "
+        "gpu2`)")

@@ -215,7 +215,7 @@ def test_health_table_with_a_live_sample() -> None:
     assert "unhealthy" in lines[1] and "42.5" in lines[1]
     assert "0:97%/75%/86C 1:GPU requires reset" in lines[1]
     assert "8s ago" in lines[1] and "GPU 0 at 86 °C" in lines[1]
-    assert "draining" in lines[2] and "0:12.0 GB" in lines[2] and "drained: fan" in lines[2]
+    assert "draining" in lines[2] and "0:12 GB" in lines[2] and "drained: fan" in lines[2]
     status_col = lines[0].index("STATUS")
     assert lines[1][status_col:].startswith("unhealthy")
     assert lines[2][status_col:].startswith("draining")
@@ -223,7 +223,7 @@ def test_health_table_with_a_live_sample() -> None:
 
 def test_nodes_table() -> None:
     out = render.nodes_table([_node("gpu1"), _node("gpu-master")])
-    assert "ollie@192.168.1.4" in out and "RTX 4070 12.0 GB" in out and "big" in out
+    assert "ollie@192.168.1.4" in out and "RTX 4070 12 GB" in out and "big" in out
     assert render.nodes_table([]) == "no nodes configured"
 
 

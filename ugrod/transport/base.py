@@ -18,13 +18,28 @@ class TransportError(Exception):
         self.message = message
 
 
-class HostKeyError(TransportError):
+class NodeUnreachable(TransportError):
+    """No working connection to the node could be made at all: refused, no answer, host
+    key unknown or changed, login refused, SFTP refused.
+
+    Unlike a failed command on a working link, this says the node is ``unreachable``:
+    the monitor records it at once (with ``reason``) and the planner places nothing there.
+    ``reason`` is the message without any "next attempt in" suffix, so it is stable.
+    """
+
+    def __init__(self, node: str, message: str, *, reason: str | None = None) -> None:
+        super().__init__(node, message)
+        self.reason = reason or message
+
+
+class HostKeyError(NodeUnreachable):
     """The node's SSH host key is not in known_hosts, or differs from the recorded one."""
 
     def __init__(
-        self, node: str, message: str, *, changed: bool, fingerprint: str | None = None
+        self, node: str, message: str, *, changed: bool, fingerprint: str | None = None,
+        reason: str | None = None,
     ) -> None:
-        super().__init__(node, message)
+        super().__init__(node, message, reason=reason)
         self.changed = changed
         self.fingerprint = fingerprint
 

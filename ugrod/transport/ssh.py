@@ -23,7 +23,13 @@ from pathlib import Path
 
 from cryptography.utils import CryptographyDeprecationWarning
 
-from ugrod.transport.base import CommandResult, HostKeyError, TransportError, exit_code_of
+from ugrod.transport.base import (
+    CommandResult,
+    HostKeyError,
+    NodeUnreachable,
+    TransportError,
+    exit_code_of,
+)
 
 with warnings.catch_warnings():
     # cryptography >= 47 deprecates DSA and asyncssh touches its DSA types at import
@@ -76,6 +82,19 @@ async def fetch_host_key(
         raise TransportError(name, f"{host}:{port} offered no host key")
     alg, blob = key.export_public_key("openssh").decode().split()[:2]
     return alg, key.get_fingerprint("sha256"), f"{host_pattern(host, port)} {alg} {blob}"
+
+
+def recorded_keys(known_hosts: Path, host: str, port: int) -> list[tuple[str, str]]:
+    """The keys known_hosts has for host:port: (key type, SHA256 fingerprint) each."""
+    try:
+        known = asyncssh.read_known_hosts(str(known_hosts))
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError) as exc:
+        raise TransportError(f"{host}:{port}", f"cannot read known_hosts {known_hosts}: {exc}") \
+            from exc
+    return [(_short_alg(k.get_algorithm()), k.get_fingerprint("sha256"))
+            for k in known.match(host, host, port)[0]]
 
 
 def trust(known_hosts: Path, line: str) -> int:
@@ -262,11 +281,33 @@ class SshTransport:
         message = f"{err.message} (next reconnect attempt in {wait_s:.1f} s)"
         if isinstance(err, HostKeyError):
             return HostKeyError(
-                self.node, message, changed=err.changed, fingerprint=err.fingerprint
+                self.node, message, changed=err.changed, fingerprint=err.fingerprint,
+                reason=err.reason,
             )
+        if isinstance(err, NodeUnreachable):
+            return NodeUnreachable(self.node, message, reason=err.reason)
         return TransportError(self.node, message)
 
     async def _open(self) -> asyncssh.SSHClientConnection:
+        """A new main connection, with SFTP checked: a node without it cannot run ranks."""
+        conn = await self._connect()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                async with conn.start_sftp_client():
+                    pass
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            conn.close()
+            why = "no answer" if isinstance(exc, TimeoutError) else (
+                exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or str(exc)))
+            raise NodeUnreachable(
+                self.node,
+                f"{self.where} refused SFTP ({why}); ugrod copies its rank wrapper over "
+                "SFTP: enable it in the node's sshd_config (`Subsystem sftp "
+                "internal-sftp`)",
+            ) from exc
+        return conn
+
+    async def _connect(self) -> asyncssh.SSHClientConnection:
         known = self._known_hosts()
         keys: object = [self._identity()] if self.identity_file else ()
         try:
@@ -291,51 +332,51 @@ class SshTransport:
             if await self._key_changed(known):
                 raise await self._host_key_error(known) from exc
             why = exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or str(exc))
-            raise TransportError(self.node, f"SSH to {self.where} failed: {why}") from exc
+            raise NodeUnreachable(self.node, f"SSH to {self.where} failed: {why}") from exc
         except asyncssh.PermissionDenied as exc:
             who = (
                 f"key {self.identity_file}" if self.identity_file else "the SSH agent/default keys"
             )
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node,
                 f"SSH login as user {self.user!r} on {self.where} was refused ({who}); "
                 "check the node's user and identity_file",
             ) from exc
         except asyncssh.Error as exc:
-            raise TransportError(self.node, f"SSH to {self.where} failed: {exc.reason}") from exc
+            raise NodeUnreachable(self.node, f"SSH to {self.where} failed: {exc.reason}") from exc
         except TimeoutError as exc:
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node,
                 f"no SSH answer from {self.where} within {self.connect_timeout_s:g} s "
                 "(host down, firewalled, or sshd hung)",
             ) from exc
         except ConnectionRefusedError as exc:
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node, f"connection to {self.where} refused (is sshd running?)"
             ) from exc
         except OSError as exc:
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node, f"cannot connect to {self.where}: {exc.strerror or exc}"
             ) from exc
         except ValueError as exc:  # asyncssh's word for bad options or keys
-            raise TransportError(self.node, f"SSH to {self.where} failed: {exc}") from exc
+            raise NodeUnreachable(self.node, f"SSH to {self.where} failed: {exc}") from exc
 
     def _identity(self) -> asyncssh.SSHKey:
         try:
             return asyncssh.read_private_key(str(self.identity_file))
         except (asyncssh.KeyEncryptionError, asyncssh.KeyImportError) as exc:
             if "passphrase" not in str(exc).lower():
-                raise TransportError(
+                raise NodeUnreachable(
                     self.node, f"cannot load identity_file {self.identity_file}: {exc}"
                 ) from exc
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node,
                 f"identity_file {self.identity_file} is passphrase-protected; "
                 "load it into ssh-agent and leave identity_file unset",
             ) from exc
         except (OSError, ValueError) as exc:
             why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node, f"cannot load identity_file {self.identity_file}: {why}"
             ) from exc
 
@@ -345,7 +386,7 @@ class SshTransport:
         except FileNotFoundError:
             return asyncssh.import_known_hosts("")
         except (OSError, ValueError) as exc:
-            raise TransportError(
+            raise NodeUnreachable(
                 self.node, f"cannot read known_hosts {self.known_hosts}: {exc}"
             ) from exc
 
@@ -486,7 +527,7 @@ class SshTransport:
                 if lane.streams < self._max_concurrency and not lane.conn.is_closed():
                     lane.streams += 1
                     return lane
-            lane = _Lane(await self._open(), streams=1)
+            lane = _Lane(await self._connect(), streams=1)
             self._lanes.append(lane)
             return lane
 
