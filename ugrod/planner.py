@@ -366,8 +366,7 @@ class _Round:
                      spec.labels_avoided, spec.node_names)
             info = shapes.get(shape) or self.shape_info(shape)
             if info.never is not None:
-                waiting[job.id] = (f"cannot run on this cluster as configured: {info.never}"
-                                   + _unknown_gpus(self.state))
+                waiting[job.id] = self.never_reason(info)
                 continue
             # The common case on a busy cluster: nothing of this shape can start now, whoever
             # asks, no limit to report and no reservation left to give. Say so and move on.
@@ -408,6 +407,17 @@ class _Round:
         return Plan(placements=tuple(self.placements), waiting=waiting,
                     estimates=self.estimates, reservations=self.reservations,
                     unrunnable=self.unrunnable, order=tuple(map(attrgetter("id"), queue)))
+
+    def never_reason(self, info: _ShapeInfo) -> str:
+        """A shape no node known now can take: say so, unless nodes not yet reached may."""
+        unknown = gpus_unknown(self.state)
+        if not unknown:
+            return f"cannot run on this cluster as configured: {info.never}"
+        words = [self.blocker(self.by_name[n.name], 0, 0, INF) if not n.schedulable
+                 else f"{n.name}'s GPUs are not known yet" for n in unknown[:3]]
+        more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
+        return (f"waiting for {_need(info.shape)}: {', '.join(words)}{more} (a node's GPUs "
+                f"are known once ugrod reaches it)")
 
     def precheck(self, job: Job) -> str | None:
         """Why a job is passed over whatever the cluster looks like: hold, backoff, dependencies."""
@@ -705,16 +715,6 @@ class _Round:
 def gpus_unknown(state: State) -> list[Node]:
     """Nodes whose GPUs are not known yet: never inventoried, none named in the config."""
     return [n for n in _sorted_nodes(state) if n.inventory is None and not n.spec.gpus]
-
-
-def _unknown_gpus(state: State) -> str:
-    unknown = gpus_unknown(state)
-    if not unknown:
-        return ""
-    words = [n.name + (f" ({n.state.value}: {n.health_reason})" if not n.schedulable
-                       and n.health_reason else "") for n in unknown[:3]]
-    return (f"; the GPUs of {_and(words)}{' and more' if len(unknown) > 3 else ''} are not "
-            f"known yet")
 
 
 def _sorted_nodes(state: State) -> list[Node]:

@@ -861,3 +861,15 @@ def test_unreachable_node_is_named_with_its_reason_in_the_waiting_reason() -> No
         "waiting for 3 nodes with a GPU: only gpu-master and gpu1 free; gpu2 is unreachable "
         "(host key for 10.0.0.3:22 is not in ~/.ssh/known_hosts; run `ugroctl nodes trust "
         "gpu2`)")
+
+
+def test_nodes_not_reached_yet_make_a_job_wait_not_never_run() -> None:
+    c = Cluster(gpu_node("gpu-master", 12), ev.NodeSpec(name="gpu1", host="gpu1.lan"))
+    c.put(ev.NodeHealthChanged(node="gpu1", health="unreachable", reason="connection refused"))
+    c.submit("j", gpus_per_node=1, nodes=2)
+    assert c.plan().waiting["j"] == (
+        "waiting for 2 nodes with a GPU: gpu1 is unreachable (connection refused) (a node's "
+        "GPUs are known once ugrod reaches it)")
+    c.put(ev.NodeInventoried(node="gpu1", gpus=()))  # reached: it has none
+    assert c.plan().waiting["j"] == ("cannot run on this cluster as configured: needs 2 nodes "
+                                     "with a GPU; only gpu-master has one")

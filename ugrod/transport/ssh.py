@@ -93,8 +93,9 @@ def recorded_keys(known_hosts: Path, host: str, port: int) -> list[tuple[str, st
     except (OSError, ValueError) as exc:
         raise TransportError(f"{host}:{port}", f"cannot read known_hosts {known_hosts}: {exc}") \
             from exc
-    return [(_short_alg(k.get_algorithm()), k.get_fingerprint("sha256"))
-            for k in known.match(host, host, port)[0]]
+    found = [(_short_alg(k.get_algorithm()), k.get_fingerprint("sha256"))
+             for k in known.match(host, host, port)[0]]
+    return list(dict.fromkeys(found))  # matched by name and by address: once each
 
 
 def trust(known_hosts: Path, line: str) -> int:
@@ -417,9 +418,9 @@ class SshTransport:
                 changed=False,
                 fingerprint=fingerprint,
             )
-        olds = ", ".join(
+        olds = ", ".join(dict.fromkeys(
             f"{_short_alg(k.get_algorithm())} {k.get_fingerprint('sha256')}" for k in recorded
-        )
+        ))
         return HostKeyError(
             self.node,
             f"host key for {self.where} CHANGED (possible man-in-the-middle attack): "
