@@ -60,7 +60,7 @@ from ugrod.transport.local import LocalTransport
 
 logger = logging.getLogger("ugrod")
 
-INVENTORY_WAIT_S = 0.5  # of start-up, at most, for the nodes' first GPU inventory
+INVENTORY_WAIT_S = 0.25  # of start-up, at most, for the nodes' first GPU inventory
 
 # Events after which the planner may decide differently (or word a waiting reason
 # differently: "c1 is running", "busy with x (stopping)").
