@@ -159,8 +159,11 @@ class Daemon:
         # The socket must answer within a second whatever the nodes do: inventory gets a
         # moment (most nodes answer in it, so a submit right after start sees their GPUs)
         # and goes on in the background for the slow and the unreachable.
+        # This machine's own GPUs are read before serving (no network: a submit then
+        # always sees them).
         self._inventory_task = asyncio.get_running_loop().create_task(
-            self._inventory(self.config))
+            self._inventory(self.config, local=False))
+        await self._inventory(self.config, local=True)
         await asyncio.wait({self._inventory_task}, timeout=INVENTORY_WAIT_S)
         self.executor.reattach()
         self._start_monitor()
@@ -483,8 +486,11 @@ class Daemon:
             await self.ledger.record(ev.DAEMON, *events)
         return {"added": added, "changed": changed, "removed": removed}
 
-    async def _inventory(self, config: cfgmod.Config) -> None:
-        """Read each node's GPUs with nvidia-smi at first contact (a few seconds at most)."""
+    async def _inventory(self, config: cfgmod.Config, local: bool | None = None) -> None:
+        """Read each node's GPUs with nvidia-smi at first contact (a few seconds at most).
+
+        ``local``: only the nodes on the local transport (True) or only the others (False).
+        """
         from ugrod import gpus as gpumod
 
         async def one(name: str) -> ev.Event | None:
@@ -522,7 +528,9 @@ class Daemon:
                 logger.warning("node %s: %s", name, mismatch)
             return ev.NodeInventoried(node=name, gpus=found, mismatch=mismatch)
 
-        results = await asyncio.gather(*(one(n) for n in list(self.agents)))
+        names = [n for n in list(self.agents) if local is None or local == isinstance(
+            self.transports.get(n), LocalTransport)]
+        results = await asyncio.gather(*(one(n) for n in names))
         events = [e for e in results if e is not None]
         if events:
             await self.ledger.record(ev.DAEMON, *events)

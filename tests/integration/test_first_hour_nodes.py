@@ -250,6 +250,15 @@ def test_a_node_that_refuses_sftp_is_unreachable_with_the_reason(
         check = d.ctl("health", "node1")
         assert check.returncode == 1 and "refused SFTP" in check.stdout, check
         assert job_doc(d, "onn1")["state"] == "queued"  # waits, burns no attempt
+
+        # a launch that fails on a node is that node's failure: recorded, so a retry
+        # goes elsewhere
+        d.ctl("submit", "--name", "nocmd", "--node", "node2", "--no-torchrun", "--",
+              "/nope/train.sh", check=True)
+        done = d.wait_job("nocmd", timeout_s=60)
+        assert done["state"] == "failed" and "/nope/train.sh" in done["reason"], done
+        ended = next(e for e in events(d, "nocmd") if e["type"] == "job_ended")["data"]
+        assert (ended["failed_node"], ended["failed_rank"]) == ("node2", 0), ended
     finally:
         d.stop()
 
