@@ -852,7 +852,7 @@ class Daemon:
         if hit is not None and hit[0] is nodes:
             return hit[1]
         why = planner.check_fits(self.ledger.state, spec)
-        if why is not None and planner.gpus_unknown(self.ledger.state):
+        if why is not None and planner.gpus_unknown(self.ledger.state, shape):
             # A node not yet reached may have what the job needs: it waits instead (the
             # planner's reason names the nodes whose GPUs are not known).
             why = None

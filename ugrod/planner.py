@@ -410,11 +410,10 @@ class _Round:
 
     def never_reason(self, info: _ShapeInfo) -> str:
         """A shape no node known now can take: say so, unless nodes not yet reached may."""
-        unknown = gpus_unknown(self.state)
+        unknown = gpus_unknown(self.state, info.shape)
         if not unknown:
             return f"cannot run on this cluster as configured: {info.never}"
-        words = [self.blocker(self.by_name[n.name], 0, 0, INF) if not n.schedulable
-                 else f"{n.name}'s GPUs are not known yet" for n in unknown[:3]]
+        words = [self.blocker(self.by_name[n.name], 0, 0, INF) for n in unknown[:3]]
         more = f" and {len(unknown) - 3} more" if len(unknown) > 3 else ""
         return (f"waiting for {_need(info.shape)}: {', '.join(words)}{more} (a node's GPUs "
                 f"are known once ugrod reaches it)")
@@ -712,9 +711,16 @@ class _Round:
 # ---- words and small helpers ----------------------------------------------
 
 
-def gpus_unknown(state: State) -> list[Node]:
-    """Nodes whose GPUs are not known yet: never inventoried, none named in the config."""
-    return [n for n in _sorted_nodes(state) if n.inventory is None and not n.spec.gpus]
+def gpus_unknown(state: State, shape: Shape) -> list[Node]:
+    """Nodes not reached yet whose GPUs are unknown (never inventoried, none named in the
+    config) and that would qualify for a GPU job of ``shape`` by name and labels: such a
+    job may fit once they are reached."""
+    if not shape[0]:
+        return []
+    return [n for n in _sorted_nodes(state) if n.inventory is None and not n.spec.gpus
+            and not n.schedulable
+            and _lower_bound((0, *shape[1:]), n.name, frozenset(n.spec.labels), [])
+            is not None]
 
 
 def _sorted_nodes(state: State) -> list[Node]:
