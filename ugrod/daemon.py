@@ -61,6 +61,7 @@ from ugrod.transport.local import LocalTransport
 logger = logging.getLogger("ugrod")
 
 INVENTORY_WAIT_S = 0.25  # of start-up, at most, for the nodes' first GPU inventory
+LOCAL_INVENTORY_WAIT_S = 2.0  # for this machine's own (nvidia-smi answers in ~0.1 s)
 
 # Events after which the planner may decide differently (or word a waiting reason
 # differently: "c1 is running", "busy with x (stopping)").
@@ -163,8 +164,12 @@ class Daemon:
         # always sees them).
         self._inventory_task = asyncio.get_running_loop().create_task(
             self._inventory(self.config, local=False))
-        await self._inventory(self.config, local=True)
+        local = asyncio.get_running_loop().create_task(self._inventory(self.config, local=True))
+        await asyncio.wait({local}, timeout=LOCAL_INVENTORY_WAIT_S)
         await asyncio.wait({self._inventory_task}, timeout=INVENTORY_WAIT_S)
+        if not local.done():  # a hung nvidia-smi here: it goes on in the background
+            self._background.add(local)
+            local.add_done_callback(self._background.discard)
         self.executor.reattach()
         self._start_monitor()
         await self._listen()

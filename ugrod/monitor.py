@@ -437,7 +437,8 @@ class Monitor:
             if prev is not None and prev.health is NodeHealth.UNREACHABLE \
                     and prev.reason != hl.NOT_CONTACTED:
                 return  # already said, with its reason; a count that grows is not news
-            reason = f"{after.failures} consecutive checks failed, last: {why}"
+            reason = (f"{after.failures} consecutive checks failed, last: {why}"
+                      if after.failures > 1 else f"its check failed: {why}")
         else:
             return
         w.score = None
