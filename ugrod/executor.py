@@ -679,7 +679,7 @@ class Executor:
         return exc.message if isinstance(exc, TransportError) else str(exc)
 
     async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int],
-                        exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]) -> None:
+                        exits: asyncio.Queue[Exit]) -> None:
         """SIGTERM every live rank's group, SIGKILL after the grace period; retry on link errors.
 
         A rank that cannot be killed (its node stays unreachable through every retry, or
@@ -701,12 +701,12 @@ class Executor:
                 except Exception as exc:
                     logger.exception("kill %s rank %d failed", job.id, p.rank)
                     self._watch_failures[(job.id, job.attempt, p.rank)] = exc
-                    exits.put_nowait((p, None))
+                    exits.put_nowait((p, None, None))
                     return
             if p.rank not in codes:
                 logger.warning("kill %s rank %d: %s unreachable; giving up on it", job.id,
                                p.rank, p.node)
-                exits.put_nowait((p, None))
+                exits.put_nowait((p, None, None))
         await asyncio.gather(*(one(p, a) for p, a in zip(job.placement, agents, strict=True)))
 
     def _leftover_note(self, job_id: str, attempt: int) -> str:
@@ -872,14 +872,14 @@ class Executor:
                 raise
             except Exception as exc2:
                 self._watch_failures[(job.id, job.attempt, p.rank)] = exc2
-                await exits.put((p, None))
+                await exits.put((p, None, None))
                 return
             logger.warning("job %s rank %d: %r; its exit was found by polling", job.id, p.rank,
                            exc)
-            await exits.put((p, code))
+            await exits.put((p, code, None))
 
     async def _stream_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
-                           exits: asyncio.Queue[tuple[ev.RankPlacement, int | None]]) -> None:
+                           exits: asyncio.Queue[Exit]) -> None:
         log_path = jobdir / f"rank_{p.rank}.log"
         metrics_path = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
         base = self._bases(job, jobdir)[p.rank]

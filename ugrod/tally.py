@@ -30,7 +30,8 @@ _TERMINAL = frozenset(OUTCOMES)
 _MARKERS = (
     ("oom", ("out of memory", "ran out of GPU memory", "OutOfMemoryError")),
     ("time_limit", ("time limit", "time_limit")),
-    ("lost", ("vanished", "declared dead", "could not be confirmed gone")),
+    ("lost", ("vanished", "declared dead", "could not be confirmed gone",
+              "lost: node unreachable")),
     ("stalled", ("stalled:",)),
 )
 
