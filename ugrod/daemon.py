@@ -110,6 +110,7 @@ class Daemon:
         self._storing: dict[str, asyncio.Task[dict[str, Any]]] = {}  # job -> result.json write
         self.code_store = codesync.HeadStore(state_dir / "sync")
         self._inventory_task: asyncio.Task[None] | None = None
+        self._start_node_wait_s = 0.0
         self._background: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle ------------------------------------------------------------
@@ -165,8 +166,10 @@ class Daemon:
         self._inventory_task = asyncio.get_running_loop().create_task(
             self._inventory(self.config, local=False))
         local = asyncio.get_running_loop().create_task(self._inventory(self.config, local=True))
+        t_nodes = time.perf_counter()
         await asyncio.wait({local}, timeout=LOCAL_INVENTORY_WAIT_S)
         await asyncio.wait({self._inventory_task}, timeout=INVENTORY_WAIT_S)
+        self._start_node_wait_s = time.perf_counter() - t_nodes
         if not local.done():  # a hung nvidia-smi here: it goes on in the background
             self._background.add(local)
             local.add_done_callback(self._background.discard)
@@ -178,8 +181,9 @@ class Daemon:
         self._arm_retry_timers(self.ledger.state)
         self.kick()
         self._notify_ready()
-        logger.info("ugrod %s ready on %s in %.2f s (%d nodes)", __version__, self.socket_path,
-                    time.perf_counter() - t0, len(self.ledger.state.nodes))
+        logger.info("ugrod %s ready on %s in %.2f s (%d nodes; %.2f s of it waiting for their "
+                    "inventory)", __version__, self.socket_path, time.perf_counter() - t0,
+                    len(self.ledger.state.nodes), self._start_node_wait_s)
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; the exit code."""

@@ -314,10 +314,12 @@ def test_socket_answers_within_a_second_while_a_node_hangs(
     d.start(wait=False)
     try:
         d.wait_ready(timeout_s=30)
-        m = wait_for("ready line", lambda: re.search(r"ready on \S+ in ([0-9.]+) s", d.log()), d)
-        # ~0.45 s on an idle 2-core VM, of which 0.25 s is the grace given to inventories;
-        # it was 8 s and more (the hung node's inventory first). 2 s allows for a busy box.
-        assert float(m.group(1)) < 2.0, d.log()
+        m = wait_for("ready line", lambda: re.search(
+            r"ready on \S+ in ([0-9.]+) s \(3 nodes; ([0-9.]+) s of it waiting", d.log()), d)
+        # Start-up waits for the nodes' inventory at most 0.25 s whatever they do (it was 8 s
+        # and more: the hung node's inventory first). The whole start takes ~0.45 s on an
+        # idle 2-core VM; 5 s here only because a loaded box can be that slow.
+        assert float(m.group(2)) < 0.5 and float(m.group(1)) < 5.0, d.log()
         docs = node_docs(d)
         # served while node2 is still being connected to (nothing waits for it), and
         # never shown "healthy" meanwhile
