@@ -301,7 +301,7 @@ def _submit(ctx: click.Context, body: dict[str, Any], as_json: bool, wait: bool,
         import shlex
 
         doc = post_job(body, {"dry_run": 1})
-        job = doc["job"]
+        job = {**doc["job"], "plan": doc.get("plan")}  # --json: the job, and the plan
         emit(job, as_json, lambda: f"dry run: would queue {job_line(job)}\n"
                                     f"command: {shlex.join(job.get('argv') or [])}\n"
                                     f"{render.launch_plan(doc.get('plan') or {})}\n"

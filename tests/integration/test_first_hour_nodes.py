@@ -176,8 +176,10 @@ def test_untrusted_nodes_are_unreachable_until_trusted_then_the_job_runs(
 
         job = ["--nodes", "3", "--gpus-per-node", "1", "--no-torchrun", "--", *SLEEP]
         dry = d.ctl("submit", "--dry-run", *job, check=True).stdout
-        assert "would wait: waiting for 3 nodes with a GPU: node1 is unreachable" in dry, dry
-        assert "node2 is unreachable: host key" in dry and "node1 is unreachable" in dry, dry
+        assert "nodes: none free now: waiting for 3 nodes with a GPU: node1 is unreachable" \
+            in dry, dry
+        assert "node node2 is unreachable: host key" in dry, dry
+        assert "node node1 is unreachable: host key" in dry and "CHANGED" in dry, dry
 
         d.ctl("submit", "--name", "three", *job, check=True)
         reason = wait_for("three's waiting reason", lambda: (
