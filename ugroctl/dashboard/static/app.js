@@ -996,13 +996,16 @@ async function start() {
     applyTheme(t);
   });
   window.addEventListener("hashchange", route);
+  // a job's page needs none of the lists: it starts at once, beside them
+  const jobFirst = (location.hash || "").startsWith("#/job/");
+  if (jobFirst) route();
   try {
     await loadAll();
   } catch (e) {
     showLive(false, e.message);
     $("#view-cluster").replaceChildren(h("p.error", null, `cannot load: ${e.message}`));
   }
-  route();
+  if (jobFirst) renderTotals(); else route();
   connectEvents();
   setInterval(poll, POLL_MS);
   document.addEventListener("visibilitychange", () => { if (document.visibilityState === "visible") poll(); });
