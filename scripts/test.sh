@@ -50,6 +50,8 @@ pipq() {
   rm -f "$log"
 }
 pipq install --require-hashes -r requirements/test.lock
+echo "== npm ci + copy of the dashboard's chart library (uPlot) into the package"
+bash scripts/dashboard_assets.sh
 pipq install --no-deps -e .
 
 if [ -f grafana/schema-check/package.json ]; then
