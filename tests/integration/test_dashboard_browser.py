@@ -376,12 +376,24 @@ def test_cluster_jobs_curves_logs_actions_and_injection(gpu_ugrod: GpuUgrod, das
     finally:
         other.stop()
 
+    # priority from the page: asked for in the confirmation, recorded by ugrod
+    page.click("button[data-action='priority']")
+    page.fill("#confirm-input", "7")
+    page.click("#confirm-ok")
+    wait_for("the priority answer", lambda: page.is_visible("#toast")
+             and page.inner_text("#toast").startswith("priority: job web1 is running"), 15)
+    assert d.api("GET", "/v1/jobs/web1")[1]["job"]["priority"] == 7
+    # a confirmation answered "Back" does nothing
+    page.click("button[data-action='cancel']")
+    page.click("#confirm button[value='cancel']")
+    assert d.api("GET", "/v1/jobs/web1")[1]["job"]["state"] == "running"
+
     # the owner's page cancels it, after a confirmation, answered with the API's state
     page.click("button[data-action='cancel']")
     assert "Cancel job web1?" in page.inner_text("#confirm-text")
     page.click("#confirm-ok")
     toast = wait_for("the answer", lambda: page.inner_text("#toast")
-                     if page.is_visible("#toast") else None, 15)
+                     if page.inner_text("#toast").startswith("cancel") else None, 15)
     assert toast.startswith("cancel: job web1 is"), toast
     assert d.wait_job("web1", ("cancelled",), timeout_s=60)["state"] == "cancelled"
     page.wait_for_selector("#job-head .badge.s-cancelled", timeout=10000)
