@@ -117,7 +117,7 @@ def test_ignore_rules(tmp_path: Path) -> None:
     entries, sources = syncing.manifest(str(tmp_path), max_bytes=10**6, max_files=100)
     assert sorted(e[0] for e in entries) == ["keep.ckpt", "pkg/m.py", "run.sh", "train.py"]
     assert {e[0]: e[1] for e in entries}["run.sh"] == 0o700
-    assert all(os.path.isfile(p) for p in sources.values())
+    assert all(os.path.isfile(p) for p, _size, _mtime in sources.values())
     with pytest.raises(syncing.SyncError, match=r"more than 3 files.*ugroignore"):
         syncing.manifest(str(tmp_path), max_bytes=10**6, max_files=3)
     with pytest.raises(syncing.SyncError, match="more than 0 MB"):
