@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A Hugging Face Trainer script run with UGRO: one line adds the integration.
 
-    ugroctl submit --name hf1 --nodes 2 -- examples/train_hf.py --steps 200
+    ugroctl submit --name hf1 --nodes 2 --torchrun -- examples/train_hf.py --steps 200
 
 With ``--no-ugro`` it is a plain Trainer script: ugrod still shows its step and
 loss, read from the Trainer's own output (docs/frameworks.md). The model is a

@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """A Lightning script run with UGRO: one line adds the logger and the checkpoint callback.
 
-    ugroctl submit --name pl1 --nodes 2 -- examples/train_lightning.py --steps 200
+    ugroctl submit --name pl1 --nodes 2 --torchrun -- examples/train_lightning.py --steps 200
 
-Under torchrun (UGRO's default for several nodes) Lightning finds its rank and world
+Under torchrun (`--torchrun`) Lightning finds its rank and world
 from the environment; ``num_nodes`` comes from ``NNODES``. ``ugroctl checkpoint``
 makes every rank save at the same step; ``ugroctl cancel`` sends SIGINT first,
 which Lightning turns into a clean shutdown (docs/frameworks.md).
