@@ -43,14 +43,17 @@ def two_nodes(short_tmp: Path, node_guard: SshdCluster) -> Iterator[Ugrod]:
             _kill_leftovers(n.work_dir)
 
 
-def until(what: str, check: Callable[[], Any], timeout_s: float = 180) -> Any:
+def until(what: str, check: Callable[[], Any], timeout_s: float = 180,
+          logs: Path | None = None) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         got = check()
         if got:
             return got
         time.sleep(0.3)
-    raise AssertionError(f"timed out waiting for {what}")
+    tails = "".join(f"\n--- {p.name}:\n{p.read_text(errors='replace')[-1500:]}"
+                    for p in sorted(logs.glob("rank_*.log"))) if logs else ""
+    raise AssertionError(f"timed out waiting for {what}{tails}")
 
 
 def status(d: Ugrod, job: str) -> dict[str, Any]:
@@ -160,7 +163,8 @@ def test_lightning_script_reports_checkpoints_on_every_rank_and_cancels_promptly
     d.ctl("submit", "--name", "pl", "--nodes", "2", "--torchrun", *ENV, "--stop-grace", "60", "--", PL,
           "--steps", "2000", "--sleep-per-step", "0.05", check=True)
     m = until("Lightning's logged numbers", running_with(d, "pl", "train_loss",
-                                                         "train_weight_norm"))
+                                                         "train_weight_norm"),
+              logs=d.state_dir / "jobs" / "pl")
     assert m["loss"] == m["train_loss"]  # train/loss is the job's loss by default
     checkpoint_everywhere(d, "pl")
     path = lines(d.state_dir / "jobs" / "pl" / "metrics.jsonl")
