@@ -119,7 +119,8 @@ def test_trainer_scripts_progress_checkpoint_cancel_and_lasting_results(
           "--checkpoints", "out/checkpoint-*", "--", sys.executable, HF, "--no-ugro",
           "--output-dir", "out", "--save-steps", "2", "--steps", "400",
           "--sleep-per-step", "0.1", check=True)
-    d.ctl("submit", "--name", "hf", "--nodes", "2", "--torchrun", *ENV, "--stop-grace", "60", "--", HF,
+    d.ctl("submit", "--name", "hf", "--nodes", "2", "--torchrun", *ENV, "--stop-grace", "60",
+          "--", HF,
           "--steps", "400", "--sleep-per-step", "0.1", check=True)
 
     done = d.wait_job("hostile", timeout_s=60)
@@ -160,7 +161,8 @@ def test_trainer_scripts_progress_checkpoint_cancel_and_lasting_results(
 def test_lightning_script_reports_checkpoints_on_every_rank_and_cancels_promptly(
         two_nodes: Ugrod) -> None:
     d = two_nodes
-    d.ctl("submit", "--name", "pl", "--nodes", "2", "--torchrun", *ENV, "--stop-grace", "60", "--", PL,
+    d.ctl("submit", "--name", "pl", "--nodes", "2", "--torchrun", *ENV, "--stop-grace", "60",
+          "--", PL,
           "--steps", "2000", "--sleep-per-step", "0.05", check=True)
     m = until("Lightning's logged numbers", running_with(d, "pl", "train_loss",
                                                          "train_weight_norm"),
