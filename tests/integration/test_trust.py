@@ -381,9 +381,11 @@ metrics:
         d = Ugrod(short_tmp, config=cfg)
         d.start()
         try:
-            res = ctl_other(d, "submit", "--name", "theirs", "--wait", "--env",
+            res = ctl_other(d, "submit", "--name", "theirs", "--env",
                             f"HF_TOKEN={SECRET}", "--", "sh", "-c", "id -u; echo $HOME")
-            assert res.returncode == 0, res.stdout + d.log()
+            assert res.returncode == 0, res.stderr
+            job = d.wait_job("theirs", timeout_s=60)
+            assert job["state"] == "succeeded", job["reason"] + d.log()
             assert ctl_other(d, "logs", "theirs").stdout == f"{pw.pw_uid}\n{pw.pw_dir}\n"
             d.ctl("submit", "--name", "mine", "--wait", "--", "id", "-u", check=True)
             assert d.ctl("logs", "mine", check=True).stdout == "0\n"  # the node's user
