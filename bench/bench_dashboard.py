@@ -89,9 +89,10 @@ def write_config(path: Path, cluster: SshdCluster) -> None:
     path.write_text(yaml.safe_dump(cfg))
 
 
-def setup(root: Path, args: argparse.Namespace) -> tuple[SshdCluster, subprocess.Popen[bytes],
-                                                          Path, dict[str, str]]:
-    cluster = start_sshd_nodes(root / "sshd", count=args.nodes)
+def setup(root: Path, args: argparse.Namespace, cluster: SshdCluster,
+          procs: list[subprocess.Popen[bytes]]) -> tuple[Path, dict[str, str]]:
+    """The nodes' stand-in GPUs, ugrod (appended to ``procs`` at once, so a failed
+    set-up still stops it), the jobs and the 100,000-point metrics file."""
     for n in cluster:
         n.bin_dir.mkdir(parents=True, exist_ok=True)
         shutil.copy(FAKE / "nvidia-smi", n.bin_dir / "nvidia-smi")
@@ -109,6 +110,7 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[SshdCluster, subprocess
     proc = subprocess.Popen([sys.executable, "-m", "ugrod.cli", "--config",
                              str(root / "cluster.yaml"), "--log-level", "warning"],
                             env=env, stdout=log, stderr=log, cwd=ROOT)
+    procs.append(proc)
 
     def all_checked() -> bool:
         try:
@@ -144,7 +146,7 @@ def setup(root: Path, args: argparse.Namespace) -> tuple[SshdCluster, subprocess
         for i in range(args.points):
             f.write(json.dumps({"step": i, "loss": round(2.5 / (1 + i / 500) + 0.05 * ((i * 7919)
                                 % 100) / 100, 6), "lr": 3e-4, "ts": t0 + i * 0.05}) + "\n")
-    return cluster, proc, sock, env
+    return sock, env
 
 
 def load_times(browser: Any, url: str, base: str) -> dict[str, dict[str, float]]:
@@ -284,10 +286,18 @@ def main() -> int:
     from playwright.sync_api import sync_playwright
 
     root = Path(tempfile.mkdtemp(prefix="ugd-", dir="/tmp"))
-    cluster = proc = dash = None
+    cluster = dash = None
+    procs: list[subprocess.Popen[bytes]] = []
     try:
         t0 = time.monotonic()
-        cluster, proc, sock, env = setup(root, args)
+        cluster = start_sshd_nodes(root / "sshd", count=args.nodes)
+        try:
+            sock, env = setup(root, args, cluster, procs)
+        except SystemExit:
+            log = root / "ugrod.log"
+            print(log.read_text()[-3000:] if log.exists() else "(no ugrod log)", file=sys.stderr)
+            raise
+        proc = procs[0]
         print(f"set-up: {args.nodes} nodes x 8 GPUs, {args.jobs} jobs ({args.nodes} running), "
               f"a job with {args.points:,} metric points ({time.monotonic() - t0:.0f} s)")
         dash = subprocess.Popen([sys.executable, "-m", "ugroctl.cli", "dashboard", "--no-open"],
@@ -306,9 +316,10 @@ def main() -> int:
         if dash is not None:
             dash.terminate()
             dash.wait(10)
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            proc.wait(60)
+        for child in procs:  # ugrod stops its jobs' ranks on the nodes as it ends
+            if child.poll() is None:
+                child.terminate()
+                child.wait(60)
         if cluster is not None:
             cluster.close()
         shutil.rmtree(root, ignore_errors=True)
