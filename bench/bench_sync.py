@@ -9,7 +9,7 @@ writes a project tree (random bytes: nothing compresses), then measures in one r
   - ugro: what `--sync` does for a job on the 3 nodes: ugroctl's upload to ugrod (walk,
     sha256, manifest, the contents ugrod lacks) and ugrod's push to each node at launch
     (the node's store is asked what it lacks, only that is streamed over the node's
-    SSH link, the node copies the tree into the job's directory). The push runs here
+    SSH link, the node links the tree into the job's directory, read-only). The push runs here
     with the same code ugrod runs (ugrod.codesync.push over NodeAgent/SshTransport),
     over connections already open, as ugrod keeps them.
 Targets: first sync >= 0.8x rsync's speed; an unchanged re-sync < 0.5 s.
@@ -124,7 +124,7 @@ async def main(files: int, mb: int) -> None:
           f"(target >= 0.80x); upload {up1:.2f} s ({sent1 / 1e6:.0f} MB), push {push1:.2f} s")
     print(f"  ugro --sync, unchanged                : {again:6.2f} s (target < 0.5 s); "
           f"upload {up2:.2f} s ({sent2 / 1e6:.0f} MB sent), push {push2:.2f} s "
-          f"(nothing sent; each node copies the tree into the job's directory)")
+          f"(nothing sent; each node links the tree into the job's directory)")
 
 
 if __name__ == "__main__":
