@@ -59,6 +59,13 @@ if [ -f grafana/schema-check/package.json ]; then
   (cd grafana/schema-check && npm ci --no-audit --no-fund --loglevel=error >/dev/null)
 fi
 
+# The sshd test nodes run commands through the login shell, which on a pyenv machine runs
+# `pyenv rehash` from ~/.bashrc; a rehash killed half-way leaves its lock behind and every
+# later SSH command then waits 60 s for it. Clear a lock that no running rehash holds.
+if command -v pyenv >/dev/null 2>&1 && ! pgrep -f pyenv-rehash >/dev/null 2>&1; then
+  rm -f "$(pyenv root)/shims/.pyenv-shim"
+fi
+
 echo "== ruff"
 $PY -m ruff check ugrod ugroctl exporters
 echo "== mypy --strict"

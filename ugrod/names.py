@@ -24,6 +24,13 @@ NAME_RULE: Final = ("1-64 letters, digits, '.', '_' or '-', starting with a lett
                     "without '..'")
 
 
+# The rule before the one above (64 characters, ``..`` allowed). Only replay uses it: the
+# event log is never rewritten, and a log that recorded such a name (the API accepted it
+# then; the job could never start) must still replay, or an upgrade would refuse to start.
+# Every way in (API, commands, config, directories) checks NAME_RE.
+RECORDED_NAME_RE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
 def valid_name(name: object) -> bool:
     """True when ``name`` is a string following the one naming rule."""
     return isinstance(name, str) and NAME_RE.fullmatch(name) is not None

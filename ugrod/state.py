@@ -38,7 +38,7 @@ import msgspec
 
 from ugrod import events as ev
 from ugrod import tally as tl
-from ugrod.names import NAME_RE  # the one naming rule (re-exported for old importers)
+from ugrod.names import RECORDED_NAME_RE
 
 
 class InvalidEvent(ValueError):
@@ -465,7 +465,7 @@ def _submitted(state: State, record: ev.Record) -> State:
     assert isinstance(e, ev.JobSubmitted)
     if e.job in state.jobs:
         raise InvalidEvent(f"a job named {e.job!r} already exists")
-    if not NAME_RE.fullmatch(e.job):
+    if not RECORDED_NAME_RE.fullmatch(e.job):  # new names are checked where they come in
         raise InvalidEvent(f"invalid job name {e.job[:60]!r}")
     job = Job(id=e.job, spec=_shared_spec(e.spec), owner=_intern(record.actor.user),
               uid=record.actor.uid,
@@ -483,7 +483,7 @@ def _sweep(state: State, record: ev.Record) -> State:
     assert isinstance(e, ev.SweepCreated)
     if e.sweep in state.sweeps:
         raise InvalidEvent(f"a sweep named {e.sweep!r} already exists")
-    if not NAME_RE.fullmatch(e.sweep):
+    if not RECORDED_NAME_RE.fullmatch(e.sweep):
         raise InvalidEvent(f"invalid sweep name {e.sweep[:60]!r}")
     for j in e.jobs:
         state.job(j)

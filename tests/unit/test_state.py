@@ -240,3 +240,17 @@ def test_snapshot_rebuilds_indexes_and_a_reused_request_id_goes_to_the_later_job
     assert dict(back.requests) == {"r1": "b", "r2": "c"}
     assert dict(back.gpus_held) == {("n1", 1): "c"} and back.n_running == 1
     assert set(back.active) == {"b", "c"}
+
+
+def test_a_log_written_under_the_old_name_rule_still_replays() -> None:
+    """Before the one naming rule the API accepted ``a..b``; such a log must replay (the
+    job could never start), while every way in refuses the name now."""
+    from ugrod.names import valid_name
+
+    s = fold(node("n1", 8), submit("a..b"), ev.JobCancelRequested(job="a..b"))
+    assert s.jobs["a..b"].state is JobState.CANCELLED
+    assert not valid_name("a..b")
+    with pytest.raises(InvalidEvent):
+        fold(submit("../x"))
+    with pytest.raises(InvalidEvent):
+        fold(submit("a" * 65))
