@@ -43,13 +43,16 @@ class ApiError(Exception):
         self.status, self.code, self.message = status, code, message
 
 
+_ACTOR = web.RequestKey("actor", ev.Actor)
+
+
 def peer(request: web.Request) -> ev.Actor:
     """The connecting process's user, from SO_PEERCRED (Unix sockets only).
 
     The middleware reads it once per request (and refuses peers the policy does not
     admit); handlers get the same object.
     """
-    known = request.get("actor")
+    known = request.get(_ACTOR)
     if known is not None:
         return known  # type: ignore[no-any-return]
     sock = request.transport.get_extra_info("socket") if request.transport else None
@@ -129,7 +132,7 @@ def _errors(daemon: Daemon) -> Any:
                 daemon.policy.admit(actor.uid or 0, actor.user)
             except trust.Refused as exc:
                 raise ApiError(403, "forbidden", str(exc)) from None
-            request["actor"] = actor
+            request[_ACTOR] = actor
             resp = await handler(request)
             status = resp.status
             return resp
