@@ -77,9 +77,13 @@ def gpu_cluster(short_tmp: Path, node_guard: SshdCluster) -> Iterator[GpuCluster
     d = GpuCluster(short_tmp, node_guard)
     d.start()
     try:
-        nodes = d.api("GET", "/v1/nodes")[1]["nodes"]
+        # ugrod serves before slow nodes are inventoried: wait until all three are
+        def inventoried() -> list[dict[str, Any]] | None:
+            nodes = d.api("GET", "/v1/nodes")[1]["nodes"]
+            return nodes if all(n["health"] != "unreachable" and [
+                g["vram_bytes"] >> 30 for g in n["gpus"]] == [11] for n in nodes) else None
+        nodes = wait_for("every node inventoried", inventoried, timeout_s=30)
         for n in nodes:  # the inventory read from the node agrees with the config
-            assert [g["vram_bytes"] >> 30 for g in n["gpus"]] == [11], n
             assert n["inventory_mismatch"] is None, n
         yield d
     finally:
