@@ -403,6 +403,7 @@ class Handlers:
             if prior is not None:  # a client retrying after a lost answer: same job, once
                 return await self._job_answer(prior, status=200, viewer=actor)
         name = check_name("job", body.name) if body.name else ""
+        await self.d.inventory_known()
         # launch puts the job's name in argv ({name}); one not given yet is decided in
         # the writer below, so the spec carries a placeholder replaced there.
         spec = self.d.job_spec(body, name or jobspec.NAME_PLACEHOLDER)
@@ -787,6 +788,7 @@ class Handlers:
         actor = peer(request)
         body: SweepBody = await _body(request, SweepBody)
         name = check_name("sweep", body.name)
+        await self.d.inventory_known()
         sweep = await self.d.create_sweep(actor, name, body)
         return _json({"sweep": sweep}, status=201)
 

@@ -61,6 +61,7 @@ from ugrod.transport.local import LocalTransport
 logger = logging.getLogger("ugrod")
 
 INVENTORY_WAIT_S = 0.25  # of start-up, at most, for the nodes' first GPU inventory
+INVENTORY_SUBMIT_WAIT_S = 12.0  # a submit's wait for it (each node's own limit is 8 s)
 LOCAL_INVENTORY_WAIT_S = 2.0  # for this machine's own (nvidia-smi answers in ~0.1 s)
 
 # Events after which the planner may decide differently (or word a waiting reason
@@ -1028,13 +1029,28 @@ class Daemon:
         except codesync.SyncError as exc:
             raise ApiError(400, "bad_request", f"--sync: {exc}") from None
 
+    async def inventory_known(self) -> None:
+        """Wait, bounded, for the nodes' first GPU inventory if it is still going on.
+
+        ugrod serves before slow nodes have answered; a GPU job checked before then
+        would be refused as one that can never fit (and ``launch`` would count no GPU
+        node), so submits in the first seconds wait for it, other requests do not.
+        """
+        task = self._inventory_task
+        if task is not None and not task.done():
+            await asyncio.wait({task}, timeout=INVENTORY_SUBMIT_WAIT_S)
+
     def job_spec(self, body: SubmitBody, name: str = "") -> ev.JobSpec:
         """Check a submit body and build its JobSpec (SpecError: the API answers 400)."""
         state = self.ledger.state
 
         def launch_nodes(gpus_per_node: int) -> int:
+            # A node not contacted yet (ugrod just started) counts: the job waits for it
+            # rather than shrinking to the nodes that happened to answer first.
             return sum(1 for n in state.nodes.values()
-                       if n.schedulable and len(n.gpus) >= gpus_per_node)
+                       if (n.schedulable or (not n.drained
+                                             and n.health_reason == health.NOT_CONTACTED))
+                       and len(n.gpus) >= gpus_per_node)
         return jobspec.build(body, self.config, len(state.nodes), launch_nodes, name)
 
 
