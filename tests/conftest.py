@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -165,17 +166,25 @@ class Ugrod:
         self._err.close()
 
 
-@pytest.fixture
-def ugrod(short_tmp: Path) -> Iterator[Ugrod]:
-    """A started ugrod on the built-in one-node cluster (this machine)."""
-    d = Ugrod(short_tmp)
+@contextlib.contextmanager
+def served(d: Ugrod, *job_roots: Path) -> Iterator[Ugrod]:
+    """Start ``d``; on the way out stop it and kill what its jobs left running under
+    ``job_roots`` (default: its state directory; on sshd nodes, their work dirs)."""
     d.start()
     try:
         yield d
     finally:
         if d.proc is not None and d.proc.poll() is None:
             d.stop()
-        _kill_leftovers(d.state_dir)
+        for root in job_roots or (d.state_dir,):
+            _kill_leftovers(root)
+
+
+@pytest.fixture
+def ugrod(short_tmp: Path) -> Iterator[Ugrod]:
+    """A started ugrod on the built-in one-node cluster (this machine)."""
+    with served(Ugrod(short_tmp)) as d:
+        yield d
 
 
 def _kill_leftovers(state_dir: Path) -> None:

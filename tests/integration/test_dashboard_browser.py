@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from playwright.sync_api import Browser, Page, sync_playwright
 
-from tests.conftest import ROOT, Ugrod, _kill_leftovers, ugroctl_argv
+from tests.conftest import ROOT, Ugrod, served, ugroctl_argv
 from tests.integration.test_remote import ssh_wrapper
 from tests.sshd_nodes import SshdCluster
 
@@ -86,14 +86,8 @@ class GpuUgrod(Ugrod):
 @pytest.fixture
 def gpu_ugrod(short_tmp: Path) -> Iterator[GpuUgrod]:
     (short_tmp / "gpus.json").write_text((FAKE_DIR / "scenarios" / "two_gpus.json").read_text())
-    d = GpuUgrod(short_tmp)
-    d.start()
-    try:
+    with served(GpuUgrod(short_tmp)) as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        _kill_leftovers(d.state_dir)
 
 
 class Dash:

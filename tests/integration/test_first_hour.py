@@ -25,7 +25,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Ugrod, _kill_leftovers, ugroctl_argv
+from tests.conftest import Ugrod, served, ugroctl_argv
 from tests.sshd_nodes import SshdCluster
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -149,15 +149,12 @@ def first_hour(short_tmp: Path, node_guard: SshdCluster) -> Iterator[tuple[Ugrod
     cfg["metrics"] = {"enabled": False}
     path = short_tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
-    d = Ugrod(short_tmp, config=path, grace_s=2.0)
-    d.start()
     try:
-        yield d, scripts
+        with served(Ugrod(short_tmp, config=path, grace_s=2.0),
+                    *(node.work_dir for node in node_guard)) as d:
+            yield d, scripts
     finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
         for node in node_guard:
-            _kill_leftovers(node.work_dir)
             (node.bin_dir / "nvidia-smi").unlink(missing_ok=True)
             (node.bin_dir / "state.json").unlink(missing_ok=True)
 

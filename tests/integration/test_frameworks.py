@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-from tests.conftest import Ugrod, _kill_leftovers
+from tests.conftest import Ugrod, served
 from tests.integration.test_multinode import write_config
 from tests.sshd_nodes import SshdCluster, wait_no_job_processes
 
@@ -32,15 +32,9 @@ pytestmark = pytest.mark.timeout(420)
 @pytest.fixture
 def two_nodes(short_tmp: Path, node_guard: SshdCluster) -> Iterator[Ugrod]:
     cfg = write_config(short_tmp / "cluster.yaml", node_guard, only=[0, 1])
-    d = Ugrod(short_tmp, config=cfg, grace_s=3.0)
-    d.start()
-    try:
+    with served(Ugrod(short_tmp, config=cfg, grace_s=3.0),
+                *(n.work_dir for n in node_guard)) as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        for n in node_guard:
-            _kill_leftovers(n.work_dir)
 
 
 def until(what: str, check: Callable[[], Any], timeout_s: float = 180,

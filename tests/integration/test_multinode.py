@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import Ugrod, _kill_leftovers
+from tests.conftest import Ugrod, served
 from tests.sshd_nodes import SshdCluster, job_processes, wait_no_job_processes
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -45,14 +45,8 @@ def write_config(path: Path, nodes: SshdCluster, *, known_hosts: Path | None = N
 def cluster(short_tmp: Path, node_guard: SshdCluster) -> Iterator[Ugrod]:
     d = Ugrod(short_tmp, config=write_config(short_tmp / "cluster.yaml", node_guard),
               grace_s=3.0)
-    d.start()
-    try:
+    with served(d, *(n.work_dir for n in node_guard)):
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        for n in node_guard:
-            _kill_leftovers(n.work_dir)
 
 
 def ddp(d: Ugrod, name: str, *args: str, nodes: int = 3, **kw: object) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import Ugrod, _kill_leftovers
+from tests.conftest import Ugrod, _kill_leftovers, served
 
 OTHER = "ugro-other"
 PY = sys.executable
@@ -106,14 +106,8 @@ def root_ugrod(short_tmp: Path) -> Iterator[Ugrod]:
     """A root ugrod whose socket ugro-other may use (socket_group) and reach (0711 dirs)."""
     other()
     short_tmp.chmod(0o711)
-    d = Ugrod(short_tmp, config=trust_config(short_tmp))
-    d.start()
-    try:
+    with served(Ugrod(short_tmp, config=trust_config(short_tmp)), short_tmp) as d:
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        _kill_leftovers(short_tmp)
 
 
 def test_a_root_ugrod_runs_the_job_as_its_owner_with_a_clean_environment(

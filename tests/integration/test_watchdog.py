@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from tests.conftest import Ugrod, _kill_leftovers
+from tests.conftest import Ugrod, served
 from tests.sshd_nodes import SshdCluster, job_processes, processes_with_env
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -221,14 +221,8 @@ def write_config(path: Path, nodes: SshdCluster) -> Path:
 def cluster(short_tmp: Path, node_guard: SshdCluster) -> Iterator[Ugrod]:
     d = Ugrod(short_tmp, config=write_config(short_tmp / "cluster.yaml", node_guard),
               grace_s=2.0)
-    d.start()
-    try:
+    with served(d, *(n.work_dir for n in node_guard)):
         yield d
-    finally:
-        if d.proc is not None and d.proc.poll() is None:
-            d.stop()
-        for n in node_guard:
-            _kill_leftovers(n.work_dir)
 
 
 def drained(d: Ugrod, node: str) -> str:
