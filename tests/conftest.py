@@ -119,6 +119,13 @@ class Ugrod:
         finally:
             conn.close()
 
+    def recorded_since(self, seq: int) -> list[str]:
+        """Types of the events recorded after ``seq``, less the node monitor's and the
+        daemon's own (those may come at any moment): what a request caused."""
+        lines = self.api("GET", f"/v1/events?after={seq}")[1].splitlines()
+        return [t for t in (json.loads(line)["type"] for line in lines)
+                if not t.startswith(("node_", "daemon_"))]
+
     def ctl(self, *args: str, timeout: float = 60.0, check: bool = False,
             input: bytes | None = None) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([*ugroctl_argv(), *args], env=self.env, capture_output=True,

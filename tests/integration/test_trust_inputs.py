@@ -36,10 +36,7 @@ def refused(d: Ugrod, method: str, path: str, body: Any = None, *, raw: bytes | 
     assert status == 400, (status, answer)
     assert needle in answer["error"], answer
     assert answer["code"] == "bad_request"
-    # nothing recorded about jobs or sweeps (the node monitor may record meanwhile)
-    after = [json.loads(line) for line in d.api("GET", f"/v1/events?after={before}")[1]
-             .splitlines()]
-    assert [e["type"] for e in after if not e["type"].startswith(("node_", "daemon_"))] == []
+    assert d.recorded_since(before) == []  # nothing about jobs or sweeps
     return dict(answer)
 
 
