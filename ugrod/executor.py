@@ -381,7 +381,10 @@ class Executor:
         if not path:
             return None
         name = posixpath.basename(path.rstrip("/"))
-        here = await agent.list_checkpoints(job.id, [path], await self.job_cwd(job, agent))
+        # Only the job's own checkpoint directory counts as "here": the same absolute path
+        # on another machine may hold another file (a reported path outside it is passed
+        # on as is below, which is right when rank 0 lands on the node that wrote it).
+        here = await agent.list_checkpoints(job.id)
         if any(f.path == path for f in here):
             return path
         found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []

@@ -310,7 +310,8 @@ def test_a_service_ugrod_with_setuid_setgid_runs_jobs_as_their_owners(short_tmp:
         res = ctl_other(d, "submit", "--name", "svc1", "--wait", "--", "sh", "-c",
                         "id -u; grep -E '^Cap(Inh|Prm|Eff|Amb)' /proc/self/status; "
                         "sleep 1019 & exit 0")
-        assert res.returncode == 0, res.stderr + d.log()
+        assert res.returncode == 0, (res.stderr + d.ctl("--json", "status", "svc1").stdout
+                                     + d.log())
         lines = ctl_other(d, "logs", "svc1").stdout.splitlines()
         assert lines[0] == str(pw.pw_uid)
         assert [ln.split()[1] for ln in lines[1:5]] == ["0000000000000000"] * 4, lines

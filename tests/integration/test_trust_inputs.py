@@ -341,7 +341,6 @@ def test_nvidia_smi_printing_1e308_makes_the_node_unhealthy_not_unmonitored(
 
 
 def test_a_flood_from_nvidia_smi_is_read_with_a_cap_on_the_node(tmp_path: Path) -> None:
-    import resource
     import subprocess
 
     from ugrod import gpus
@@ -349,9 +348,18 @@ def test_a_flood_from_nvidia_smi_is_read_with_a_cap_on_the_node(tmp_path: Path) 
     flood = tmp_path / "nvidia-smi"
     flood.write_text("#!/bin/sh\nexec head -c 200000000 /dev/zero\n")
     flood.chmod(0o755)
-    res = subprocess.run(gpus.probe_argv(PY, str(tmp_path), smi=str(flood),
-                                         smi_timeout_s=20), capture_output=True, timeout=60)
-    peak_kib = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    # The probe's own peak, measured by a fresh parent whose only child it is (this
+    # process's RUSAGE_CHILDREN keeps the peak of every child the suite has reaped).
+    measure = ("import json, resource, subprocess, sys\n"
+               "r = subprocess.run(json.loads(sys.argv[1]), capture_output=True, timeout=60)\n"
+               "sys.stderr.write(r.stderr.decode(errors='replace') + '\\nPEAK '\n"
+               "                 + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
+               "sys.stdout.buffer.write(r.stdout)\n"
+               "sys.exit(r.returncode)\n")
+    argv = gpus.probe_argv(PY, str(tmp_path), smi=str(flood), smi_timeout_s=20)
+    res = subprocess.run([PY, "-c", measure, json.dumps(argv)], capture_output=True,
+                         timeout=90)
+    peak_kib = int(res.stderr.decode().rsplit("PEAK ", 1)[1])
     assert res.returncode == 0, res.stderr
     assert len(res.stdout) < 600_000  # 64 KiB kept (NULs JSON-escaped 6x)
     sample = gpus.parse_probe(res.stdout, expect_gpus=1)

@@ -79,6 +79,14 @@ def test_concurrent_starts_of_one_rank_start_it_once(tmp_path: Path) -> None:
     os.kill(pids.pop(), signal.SIGKILL)
 
 
+def _alive(pid: int) -> bool:
+    """Running, not a zombie; a process that vanishes while being read is gone."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_rank_lost_with_its_supervisor_ends_as_lost(tmp_path: Path) -> None:
     pid = start(tmp_path, ["sleep", "30"])["pid"]
     supervisor = int((tmp_path / "supervisor").read_text().split()[0])
@@ -86,7 +94,7 @@ def test_a_rank_lost_with_its_supervisor_ends_as_lost(tmp_path: Path) -> None:
     os.kill(supervisor, signal.SIGKILL)  # as if the node rebooted: nobody records the end
     os.kill(pid, signal.SIGKILL)
     deadline = time.monotonic() + 5
-    while Path(f"/proc/{pid}").exists() and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
+    while _alive(pid):
         assert time.monotonic() < deadline
         time.sleep(0.02)
     status = wrapper("status", str(tmp_path))
