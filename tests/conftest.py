@@ -22,6 +22,18 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+@pytest.fixture(autouse=True)
+def _keep_umask() -> Iterator[None]:
+    """A daemon run in-process sets the process umask (0077) for its files; restore it, so
+    a later test's directories do not depend on which tests ran before it."""
+    old = os.umask(0o022)
+    os.umask(old)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
 @pytest.fixture
 def short_tmp() -> Iterator[Path]:
     """A short directory under /tmp: Unix socket paths must fit in 108 bytes."""

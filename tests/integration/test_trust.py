@@ -289,7 +289,8 @@ def test_a_service_ugrod_with_setuid_setgid_runs_jobs_as_their_owners(short_tmp:
     pw, svc = other(), pwd.getpwnam("ugro-svc")
     short_tmp.chmod(0o711)
     base = short_tmp / "svc"
-    base.mkdir()
+    base.mkdir(mode=0o711)
+    base.chmod(0o711)  # owners pass through to the work dir, whatever the umask
     os.chown(base, svc.pw_uid, svc.pw_gid)
     cfg = trust_config(base)
     d = Ugrod(base, config=cfg)
