@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ugrod.log import EventLog
+from ugrod.store.log import EventLog
 
 PAD = b"x" * 255
 

@@ -15,7 +15,7 @@ sides and mostly measure that).
 
   ugrod: ``Monitor.sweep()`` over persistent SSH connections (asyncssh, one per node), all
     nodes at once, one round trip per node to the node's long-lived probe process (see
-    ugrod/monitor.py); the first sweep connects and starts the probes and is not counted.
+    ugrod/loops/monitor.py); the first sweep connects and starts the probes and is not counted.
     Figure: median wall time of ``--sweeps`` sweeps. Target: <= 1 s.
   baseline, the seeds' way (000_*.txt ``_collect_node_metrics`` and 004_*.txt
     ``_check_node_health``): a new ``ssh`` process per command, nodes one after another:
@@ -42,15 +42,14 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sshd_nodes import SshdCluster, start_sshd_nodes  # noqa: E402
 
-from ugrod import config as cfgmod  # noqa: E402
-from ugrod import events as ev  # noqa: E402
-from ugrod import gpus  # noqa: E402
-from ugrod.ledger import Ledger  # noqa: E402
-from ugrod.monitor import Monitor  # noqa: E402
-from ugrod.ranks import NodeAgent  # noqa: E402
-from ugrod.runtime_stats import RuntimeStats  # noqa: E402
-from ugrod.transport.base import Transport  # noqa: E402
-
+from ugrod.config import schema as cfgmod
+from ugrod.core import events as ev
+from ugrod.core import gpus
+from ugrod.loops.monitor import Monitor  # noqa: E402
+from ugrod.metrics.runtime_stats import RuntimeStats  # noqa: E402
+from ugrod.nodes.agent import NodeAgent  # noqa: E402
+from ugrod.nodes.transport.base import Transport  # noqa: E402
+from ugrod.store.ledger import Ledger  # noqa: E402
 
 # The seeds' commands, one ssh each (quoted as the seeds' shell strings were).
 SEED_COMMANDS = [

@@ -39,7 +39,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
 from sshd_nodes import SshdCluster, SshdNode, start_sshd_nodes  # noqa: E402
 
-from ugrod.ranks import NodeAgent, RankExit  # noqa: E402
+from ugrod.nodes.agent import NodeAgent, RankExit  # noqa: E402
 
 # The rank: note when it started running, then end (an ssh that ran `nohup CMD &` returns
 # only once CMD ends, here as in the seeds; a short rank keeps that out of the baseline).

@@ -2,8 +2,8 @@
 
 Usage: python bench/bench_metrics.py [--nodes N] [--gpus G] [--jobs J] [--runs R] [--dump FILE]
 
-State is built with real events through ``ugrod.state.apply``; samples are
-real ``ugrod.gpus.NodeSample`` values. Prints, in one run:
+State is built with real events through ``ugrod.core.state.apply``; samples are
+real ``ugrod.core.gpus.NodeSample`` values. Prints, in one run:
 - the baseline: prometheus-client's own exposition (``generate_latest``) of
   the same number of series, held in plain ``Gauge`` objects (no computing);
 - ugrod: a full HTTP GET of /metrics from its aiohttp listener (the collector
@@ -28,18 +28,18 @@ import aiohttp
 from prometheus_client import CollectorRegistry, Gauge
 from prometheus_client.exposition import generate_latest
 
-from ugrod import events as ev
-from ugrod.exposition import Family
-from ugrod.gpus import GpuSample, NodeSample
-from ugrod.metrics import (
+from ugrod.core import events as ev
+from ugrod.core.gpus import GpuSample, NodeSample
+from ugrod.core.state import State, apply
+from ugrod.metrics.collector import (
     NodeSampleView,
     UgroCollector,
     bound_port,
     make_registry,
     start_metrics_server,
 )
-from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import State, apply
+from ugrod.metrics.exposition import Family
+from ugrod.metrics.runtime_stats import RuntimeStats
 
 GB = 1 << 30
 T0 = 1_700_000_000.0

@@ -30,9 +30,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ugrod import events as ev
-from ugrod import planner
-from ugrod.state import ACTIVE, State, apply
+from ugrod.core import events as ev
+from ugrod.core import planner
+from ugrod.core.state import ACTIVE, State, apply
 
 GB = 1 << 30
 NOW = ev.parse_ts("2026-11-22T14:00:00.000000Z")

@@ -5,7 +5,7 @@ Usage: python bench/bench_progress.py [--mb 200] [--seconds 4] [--rounds 3]
 The real path of a rank's log to the head: the rank wrapper's ``watch`` on a local
 node (LocalTransport), NodeAgent decoding its chunks, and what the executor does with
 each chunk: append it to the central rank log and, with parsing on, feed it to
-``ugrod.progress_formats.ProgressReader`` and write what it finds to progress.jsonl
+``ugrod.core.progress_formats.ProgressReader`` and write what it finds to progress.jsonl
 and the job's latest values. The log is Trainer-like (the worst case: every line is a
 candidate): a tqdm bar redraw and a log dictionary a step, and a warning now and then.
 
@@ -32,9 +32,9 @@ import msgspec
 ROOT = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(ROOT)]
 
-from ugrod import progress_formats as pf  # noqa: E402
-from ugrod.ranks import LogChunk, NodeAgent, RankExit  # noqa: E402
-from ugrod.transport.local import LocalTransport  # noqa: E402
+from ugrod.core import progress_formats as pf
+from ugrod.nodes.agent import LogChunk, NodeAgent, RankExit  # noqa: E402
+from ugrod.nodes.transport.local import LocalTransport  # noqa: E402
 
 
 def trainer_like(total: int, log_every: int = 1, chatter: int = 0) -> bytes:

@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ugrod import events as ev  # noqa: E402
-from ugrod import log as evlog  # noqa: E402
+from ugrod.core import events as ev
+from ugrod.store import log as evlog
 
 ALICE = ev.Actor(user="alice", uid=1000)
 
@@ -106,7 +106,7 @@ def baseline(state_dir: Path) -> float:
 
 def child(state_dir: str, what: str) -> None:
     """Run in a fresh process so RSS and timings are ugrod's alone."""
-    from ugrod.ledger import Ledger
+    from ugrod.store.ledger import Ledger
     gc.freeze()
     t0 = time.perf_counter()
     ledger = Ledger.open(Path(state_dir))

@@ -2,7 +2,7 @@
 
 Usage: python bench/bench_replay_io.py [--events N] [--dir DIR]
 
-The log holds real canonical event lines (ugrod.events.encode) of ~330 B,
+The log holds real canonical event lines (ugrod.core.events.encode) of ~330 B,
 written in batches of 1 (a quiet daemon: one command per fsync) and of 64 (a
 busy one). For each it prints, in one run:
   baseline   reading the files and splitting lines, no checks at all
@@ -27,8 +27,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from ugrod import events as ev
-from ugrod.log import EventLog
+from ugrod.core import events as ev
+from ugrod.store.log import EventLog
 
 
 def template() -> tuple[bytes, bytes]:

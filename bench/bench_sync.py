@@ -10,7 +10,7 @@ writes a project tree (random bytes: nothing compresses), then measures in one r
     sha256, manifest, the contents ugrod lacks) and ugrod's push to each node at launch
     (the node's store is asked what it lacks, only that is streamed over the node's
     SSH link, the node links the tree into the job's directory, read-only). The push runs here
-    with the same code ugrod runs (ugrod.codesync.push over NodeAgent/SshTransport),
+    with the same code ugrod runs (ugrod.nodes.codesync.push over NodeAgent/SshTransport),
     over connections already open, as ugrod keeps them.
 Targets: first sync >= 0.8x rsync's speed; an unchanged re-sync < 0.5 s.
 """
@@ -35,8 +35,8 @@ from sshd_nodes import SshdCluster, start_sshd_nodes  # noqa: E402
 
 from ugroctl import syncing  # noqa: E402
 from ugroctl.client import Client  # noqa: E402
-from ugrod.codesync import HeadStore, push  # noqa: E402
-from ugrod.ranks import NodeAgent  # noqa: E402
+from ugrod.nodes.agent import NodeAgent  # noqa: E402
+from ugrod.nodes.codesync import HeadStore, push  # noqa: E402
 
 
 def make_tree(top: Path, files: int, total_mb: int) -> int:

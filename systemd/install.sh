@@ -6,7 +6,7 @@
 #
 # 1. a virtual environment at $UGRO_PREFIX (default /opt/ugro) with UGRO in it
 #    (re-running upgrades it in place: the same command is the upgrade);
-# 2. python -m ugrod.systemd_install with the same arguments: the ugro user,
+# 2. python -m ugrod.setup.systemd_install with the same arguments: the ugro user,
 #    the units (ExecStart pointing into the venv), docs, and on request the
 #    Prometheus rules + scrape config and the Grafana provisioning + dashboards;
 #    then systemctl daemon-reload and enable --now.
@@ -31,6 +31,6 @@ if [[ " $* " != *" --dry-run "* ]]; then
     # NVML bindings for the GPU exporter (it falls back to nvidia-smi without them).
     "$prefix/bin/python" -m pip install -q --disable-pip-version-check nvidia-ml-py || true
   fi
-  exec "$prefix/bin/python" -m ugrod.systemd_install --source "$here" --prefix "$prefix" "$@"
+  exec "$prefix/bin/python" -m ugrod.setup.systemd_install --source "$here" --prefix "$prefix" "$@"
 fi
-exec "$python" -m ugrod.systemd_install --source "$here" --prefix "$prefix" "$@"
+exec "$python" -m ugrod.setup.systemd_install --source "$here" --prefix "$prefix" "$@"

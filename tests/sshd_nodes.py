@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ugrod.transport.ssh import SshTransport
+from ugrod.nodes.transport.ssh import SshTransport
 
 SSHD = "/usr/sbin/sshd"
 RUN_DIR_MARKER = b"UGRO_RUN_DIR="

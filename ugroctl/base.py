@@ -67,7 +67,7 @@ def socket_from_config(flag: str | None) -> tuple[str, str] | None:
     """
     import os
 
-    from ugrod.paths import ROOT_CONFIG
+    from ugrod.config.paths import ROOT_CONFIG
 
     chosen = flag or os.environ.get("UGRO_CONFIG") or None
     if chosen is None:
@@ -84,7 +84,7 @@ def socket_from_config(flag: str | None) -> tuple[str, str] | None:
                        f"{exc.strerror or exc}; fix the path, or pass --socket PATH") from None
     if b"socket" not in head:
         return None
-    from ugrod import config as cfgmod
+    from ugrod.config import schema as cfgmod
 
     try:
         cfg = cfgmod.load(chosen)

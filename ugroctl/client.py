@@ -73,9 +73,9 @@ class ProtocolError(CtlError):
 
 
 def default_socket_path() -> str:
-    """ugrod's own rule when ``ugrod.paths`` is importable, else the same rule inlined."""
+    """ugrod's own rule when ``ugrod.config.paths`` is importable, else the same rule inlined."""
     try:
-        from ugrod.paths import default_socket_path as daemon_rule
+        from ugrod.config.paths import default_socket_path as daemon_rule
     except ImportError:
         pass
     else:

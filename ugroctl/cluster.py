@@ -240,7 +240,7 @@ def prometheus_config(config_path: str | None, rules_dir: str | None,
     except replaying.OfflineError as exc:
         fail(str(exc))
     if source is None:
-        from ugrod.paths import ROOT_CONFIG
+        from ugrod.config.paths import ROOT_CONFIG
 
         # Said twice: on stderr for the person, and in the file for whoever reads it later.
         note = ("no cluster.yaml given (--config or UGRO_CONFIG) or found at "

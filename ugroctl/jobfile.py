@@ -13,10 +13,10 @@ Example::
 
 ``command`` is an argv list; a string is split with ``shlex.split`` (no shell
 ever runs it). The file is read by the same hardened YAML reader as ugrod's
-cluster.yaml (``ugrod.config_reader``: no tags, alias and size limits, duplicate
+cluster.yaml (``ugrod.config.reader``: no tags, alias and size limits, duplicate
 keys refused, bounded nesting), and every problem is reported at once, each as
 ``FILE: KEY: problem``, with the nearest known key suggested for unknown ones.
-Numbers carry the same bounds ugrod enforces (``ugrod.jobspec``), so a bad value
+Numbers carry the same bounds ugrod enforces (``ugrod.core.jobspec``), so a bad value
 is named here, in the file's own terms. The result is the body of ``POST /v1/jobs``.
 """
 
@@ -30,7 +30,7 @@ from typing import Any
 
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 MAX_FILE_BYTES = 1 << 20
-# The same bounds as ugrod/jobspec.py (not imported: that module pulls in the daemon's
+# The same bounds as ugrod/core/jobspec.py (not imported: that module pulls in the daemon's
 # config); a test checks they agree.
 PRIORITY_MIN, PRIORITY_MAX = -1000, 1000
 MAX_BACKOFF_S = 7 * 86400.0
@@ -228,7 +228,7 @@ ALIASES = {"argv": "command", "node": "node_names", "label": "labels",
 
 def parse(text: str | bytes, path: str) -> dict[str, Any]:
     """YAML text -> a ``POST /v1/jobs`` body; raises JobFileError listing every problem."""
-    from ugrod.config_reader import Refused, parse_yaml  # yaml: ~15 ms, only for job files
+    from ugrod.config.reader import Refused, parse_yaml  # yaml: ~15 ms, only for job files
 
     try:
         doc, duplicates = parse_yaml(text, "a job file", frozenset({"command", "argv"}))

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from ugroctl import render
 
 if TYPE_CHECKING:
-    from ugrod.config import Config
+    from ugrod.config.schema import Config
 
 
 class OfflineError(Exception):
@@ -26,8 +26,8 @@ class OfflineError(Exception):
 def load_config(path: str | None) -> Config:
     """cluster.yaml as ugrod reads it: FILE, else $UGRO_CONFIG, else /etc/ugro/cluster.yaml
     when present, else the built-in one-node cluster."""
-    from ugrod import config as cfgmod
-    from ugrod.paths import ROOT_CONFIG
+    from ugrod.config import schema as cfgmod
+    from ugrod.config.paths import ROOT_CONFIG
 
     chosen = path or os.environ.get("UGRO_CONFIG") or None
     if chosen is None and ROOT_CONFIG.exists():
@@ -41,7 +41,7 @@ def load_config(path: str | None) -> Config:
 def state_dir_for(flag: str | None, config: str | None = None) -> Path:
     """ugrod's state directory: --state-dir, else $UGRO_STATE_DIR, else the config's, else
     the default (as ugrod resolves it)."""
-    from ugrod import config as cfgmod
+    from ugrod.config import schema as cfgmod
 
     if flag:
         return Path(flag)
@@ -73,10 +73,10 @@ def state_at(until: str, state_dir: str | None,
     if not (directory / "events").is_dir():
         raise OfflineError(f"no event log in {directory} (pass --state-dir DIR: the "
                            f"directory ugrod runs with)")
-    from ugrod import events as ev
-    from ugrod import log as evlog
-    from ugrod import render_json as rj
-    from ugrod import state as st
+    from ugrod.core import events as ev
+    from ugrod.core import render_json as rj
+    from ugrod.core import state as st
+    from ugrod.store import log as evlog
 
     state = st.State()
     last_ts: float | None = None
@@ -120,8 +120,8 @@ def state_at(until: str, state_dir: str | None,
 
 def _from_snapshot(directory: Path, until_seq: int, empty: Any) -> Any:
     """The newest snapshot when it is not past ``until_seq`` (saves replaying old events)."""
-    from ugrod import log as evlog
-    from ugrod import state as st
+    from ugrod.core import state as st
+    from ugrod.store import log as evlog
 
     try:
         snap = evlog.read_latest_snapshot(directory)
@@ -156,10 +156,10 @@ def prometheus_config(path: str | None, rules_dir: str | None, exporter_port: in
                       interval: str | None, *, alertmanagers: Sequence[str] = (),
                       rules_out: str | None = None, runbook_base: str | None = None
                       ) -> tuple[str, str | None]:
-    """prometheus.yml for the cluster in cluster.yaml (ugrod.prometheus_config writes it),
+    """prometheus.yml for the cluster in cluster.yaml (ugrod.setup.prometheus_config writes it),
     and the file it describes (None: the built-in one-node cluster); with ``rules_out``,
     the rule files are written there too."""
-    from ugrod import prometheus_config as pc
+    from ugrod.setup import prometheus_config as pc
 
     cfg = load_config(path)
     kwargs: dict[str, Any] = {"alertmanagers": alertmanagers}

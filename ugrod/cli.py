@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"ugrod {__version__}")
         return 0
-    from ugrod import config as cfgmod
+    from ugrod.config import schema as cfgmod
     if args.check_config is not None:
         try:
             cfg = cfgmod.load(args.check_config)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     setup_logging(args.log_level)
     config_path = args.config
-    from ugrod.paths import ROOT_CONFIG
+    from ugrod.config.paths import ROOT_CONFIG
     if config_path is None and ROOT_CONFIG.exists():
         config_path = ROOT_CONFIG
     try:
@@ -102,8 +102,8 @@ def main(argv: list[str] | None = None) -> int:
 async def _serve(cfg: object, config_path: Path | None, state_dir: Path, socket_path: Path,
                  grace: float) -> int:
     from ugrod.daemon import Daemon
-    from ugrod.ledger import ReplayError
-    from ugrod.log import LogError
+    from ugrod.store.ledger import ReplayError
+    from ugrod.store.log import LogError
 
     daemon = Daemon(cfg, config_path, state_dir, socket_path, grace_s=grace)  # type: ignore[arg-type]
     try:

@@ -21,30 +21,16 @@ from typing import Any
 import msgspec
 from aiohttp import web
 
-from ugrod import (
-    __version__,
-    admission,
-    codesync,
-    commands,
-    health,
-    job_results,
-    jobspec,
-    planner,
-    reports,
-    time_limits,
-    trust,
-)
-from ugrod import config as cfgmod
-from ugrod import events as ev
-from ugrod import progress_formats as pf
-from ugrod import render_json as rj
-from ugrod.api import ApiError, build_app
-from ugrod.executor import Executor
-from ugrod.jobspec import SubmitBody, SweepBody
-from ugrod.ledger import Ledger
-from ugrod.ranks import NodeAgent
-from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import (
+from ugrod import __version__
+from ugrod.api import admission, trust
+from ugrod.api.app import ApiError, build_app
+from ugrod.config import schema as cfgmod
+from ugrod.core import commands, health, jobspec, planner, time_limits
+from ugrod.core import events as ev
+from ugrod.core import progress_formats as pf
+from ugrod.core import render_json as rj
+from ugrod.core.jobspec import SubmitBody, SweepBody
+from ugrod.core.state import (
     ACTIVE,
     TERMINAL,
     WAITING,
@@ -55,8 +41,14 @@ from ugrod.state import (
     State,
     Sweep,
 )
-from ugrod.transport.base import NodeUnreachable, Transport, TransportError
-from ugrod.transport.local import LocalTransport
+from ugrod.loops.executor import Executor
+from ugrod.metrics.runtime_stats import RuntimeStats
+from ugrod.nodes import codesync
+from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.transport.base import NodeUnreachable, Transport, TransportError
+from ugrod.nodes.transport.local import LocalTransport
+from ugrod.store import job_results, reports
+from ugrod.store.ledger import Ledger
 
 logger = logging.getLogger("ugrod")
 
@@ -290,7 +282,7 @@ class Daemon:
         m = self.config.metrics
         if m.enabled:
             try:
-                from ugrod import metrics as metrics_mod
+                from ugrod.metrics import collector as metrics_mod
                 collector = metrics_mod.UgroCollector(
                     lambda: self.ledger.state, self._samples, lambda: self.executor.latest,
                     self.stats, get_scores=self._scores, version=__version__)
@@ -320,7 +312,7 @@ class Daemon:
         On the head node, when ugrod may switch users, that is the job's owner (never
         root for someone else); on SSH nodes it is the login the node's agent uses.
         """
-        from ugrod.executor import LaunchError
+        from ugrod.loops.executor import LaunchError
         spec = self.ledger.state.nodes[node].spec
         if spec.transport != "local" and self.policy.switches_users and job.uid != 0:
             account = self.config.remote_account(job.owner, node)
@@ -356,7 +348,7 @@ class Daemon:
 
     def _notify_ready(self) -> None:
         with contextlib.suppress(ImportError, OSError):
-            from ugrod.systemd_notify import notify_ready
+            from ugrod.setup.sd_notify import notify_ready
             notify_ready()
 
     def _start_scheduler(self) -> None:
@@ -371,7 +363,7 @@ class Daemon:
                       id="planner-safety-net", max_instances=1, coalesce=True)
         if self.monitor is not None:
             self.monitor.schedule(sched)
-            from ugrod.watchdog import Watchdog  # stalls, vanished ranks, dead nodes
+            from ugrod.loops.watchdog import Watchdog  # stalls, vanished ranks, dead nodes
             self.watchdog = Watchdog(self.ledger, self.executor, self.monitor)
             self.watchdog.schedule(sched)
         sched.start()
@@ -379,8 +371,8 @@ class Daemon:
 
     async def _verify_history(self) -> None:
         """The whole log, every batch re-checked, off the event loop (an audit, daily)."""
-        from ugrod.ledger import verify_history
-        from ugrod.log import LogError
+        from ugrod.store.ledger import verify_history
+        from ugrod.store.log import LogError
         try:
             n = await asyncio.to_thread(verify_history, self.state_dir)
             logger.info("event log verified: %d events, every batch's checksum good", n)
@@ -447,7 +439,7 @@ class Daemon:
         if spec.transport == "local":
             transport = LocalTransport(spec.name)
         else:
-            from ugrod.transport.ssh import SshTransport
+            from ugrod.nodes.transport.ssh import SshTransport
             transport = SshTransport(
                 spec.name, spec.host, spec.port, spec.user,
                 known_hosts=Path(self.config.cluster.known_hosts).expanduser(),
@@ -501,7 +493,7 @@ class Daemon:
 
         ``local``: only the nodes on the local transport (True) or only the others (False).
         """
-        from ugrod import gpus as gpumod
+        from ugrod.core import gpus as gpumod
 
         async def one(name: str) -> ev.Event | None:
             node = self.ledger.state.nodes.get(name)
@@ -609,7 +601,7 @@ class Daemon:
         spec = self.ledger.state.nodes[name].spec
         if spec.transport != "ssh":
             raise ApiError(409, "conflict", f"node {name} uses the local transport: no host key")
-        from ugrod.transport import ssh
+        from ugrod.nodes.transport import ssh
         try:
             key_type, fp, line = await ssh.fetch_host_key(spec.host, spec.port, 10.0)
         except TransportError as exc:
@@ -633,7 +625,7 @@ class Daemon:
         if current["line"] != line:
             raise ApiError(409, "conflict", f"node {name}'s host key changed while you were "
                            f"deciding; run `ugroctl nodes trust {name}` again")
-        from ugrod.transport import ssh
+        from ugrod.nodes.transport import ssh
         ssh.trust(Path(current["known_hosts"]), line)
         transport = self.transports.get(name)
         if isinstance(transport, ssh.SshTransport):
@@ -649,7 +641,7 @@ class Daemon:
 
     def _start_monitor(self) -> None:
         try:
-            from ugrod.monitor import Monitor
+            from ugrod.loops.monitor import Monitor
         except ImportError:
             return
         self.monitor = Monitor(self, self.agents, self.transports)
@@ -963,7 +955,7 @@ class Daemon:
                 "job_dir": str(jobdir)}
 
     def why(self, job_id: str) -> list[dict[str, Any]]:
-        from ugrod.why import explain
+        from ugrod.core.why import explain
         out = []
         steps: dict[str, int | None] = {}  # checkpoint path -> step, as saved so far
         needle = f'"job":{json.dumps(job_id)}'.encode()

@@ -29,7 +29,7 @@ from sshd_nodes import (
     wait_no_job_processes,
 )
 
-from ugrod.transport.ssh import SshTransport
+from ugrod.nodes.transport.ssh import SshTransport
 
 __all__ = ["SshdCluster", "SshdNode", "job_processes", "wait_no_job_processes"]
 

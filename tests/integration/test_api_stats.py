@@ -7,7 +7,7 @@ from pathlib import Path
 
 import aiohttp
 
-from ugrod import config as cfgmod
+from ugrod.config import schema as cfgmod
 from ugrod.daemon import Daemon
 
 

@@ -323,7 +323,7 @@ def test_torn_tail_is_cut_kept_and_reported(short_tmp: Path) -> None:
 ], ids=["unknown-type", "newer-version"])
 def test_events_this_ugrod_cannot_read_make_it_refuse_to_start(
         short_tmp: Path, line: bytes, why: str) -> None:
-    from ugrod.log import EventLog
+    from ugrod.store.log import EventLog
     d = Ugrod(short_tmp)
     d.start()
     submit(d, ["true"], name="h1", held=True)

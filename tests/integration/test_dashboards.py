@@ -36,12 +36,12 @@ from dashboards_live import (
     variables,
 )
 
-from ugrod import events as ev
-from ugrod.exposition import Family
-from ugrod.gpus import GpuSample, NodeSample
-from ugrod.metrics import NodeSampleView, UgroCollector, bound_port, start_metrics_server
-from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import State, apply
+from ugrod.core import events as ev
+from ugrod.core.gpus import GpuSample, NodeSample
+from ugrod.core.state import State, apply
+from ugrod.metrics.collector import NodeSampleView, UgroCollector, bound_port, start_metrics_server
+from ugrod.metrics.exposition import Family
+from ugrod.metrics.runtime_stats import RuntimeStats
 
 ROOT = Path(__file__).resolve().parents[2]
 SCHEMA_CHECK = ROOT / "grafana" / "schema-check"

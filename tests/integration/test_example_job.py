@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
 import torch  # noqa: F401  (installed by scripts/test.sh: the job needs it)
 
 REPO = Path(__file__).resolve().parents[2]

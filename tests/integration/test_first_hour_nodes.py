@@ -31,7 +31,7 @@ import yaml
 
 from tests.conftest import Ugrod, _kill_leftovers
 from tests.sshd_nodes import SshdCluster, SshdNode, processes_with_env, start_sshd_nodes
-from ugrod import events as ev
+from ugrod.core import events as ev
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_SMI = ROOT / "tests" / "fake_nvidia_smi" / "nvidia-smi"

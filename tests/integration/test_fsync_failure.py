@@ -9,9 +9,9 @@ from pathlib import Path
 
 import aiohttp
 
-from ugrod import config as cfgmod
+from ugrod.config import schema as cfgmod
 from ugrod.daemon import Daemon
-from ugrod.ledger import Ledger
+from ugrod.store.ledger import Ledger
 
 
 async def test_eio_from_fdatasync_is_never_acknowledged(short_tmp: Path) -> None:

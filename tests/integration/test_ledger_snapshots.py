@@ -9,10 +9,10 @@ from pathlib import Path
 import msgspec
 import pytest
 
-from ugrod import events as ev
-from ugrod.ledger import Ledger, ReplayError, replay_until
-from ugrod.log import write_snapshot
-from ugrod.state import STATE_VERSION, State
+from ugrod.core import events as ev
+from ugrod.core.state import STATE_VERSION, State
+from ugrod.store.ledger import Ledger, ReplayError, replay_until
+from ugrod.store.log import write_snapshot
 
 ALICE = ev.Actor(user="alice", uid=1000)
 SPEC = ev.JobSpec(argv=("python3", "train.py", "--lr", "1e-4"))
@@ -63,7 +63,7 @@ async def test_a_snapshot_this_ugrod_cannot_read_is_replaced_by_the_log(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, payload: object, said: str) -> None:
     live = await _fill(tmp_path, 12)
     write_snapshot(tmp_path, live.seq, payload(live))  # type: ignore[operator]
-    with caplog.at_level(logging.WARNING, logger="ugrod.ledger"):
+    with caplog.at_level(logging.WARNING, logger="ugrod.store.ledger"):
         ledger = Ledger.open(tmp_path)
     try:
         assert said in caplog.text and "replaying the whole log instead" in caplog.text
@@ -81,7 +81,7 @@ async def test_a_snapshot_this_ugrod_cannot_read_is_replaced_by_the_log(
 
 async def test_a_snapshot_ahead_of_the_log_still_stops_start_up(tmp_path: Path) -> None:
     live = await _fill(tmp_path, 3)
-    from ugrod.state import to_snapshot
+    from ugrod.core.state import to_snapshot
     ahead = msgspec.structs.replace(live, seq=live.seq + 50)
     write_snapshot(tmp_path, ahead.seq, to_snapshot(ahead))
     with pytest.raises(ReplayError, match="ahead of the log"):
@@ -90,7 +90,7 @@ async def test_a_snapshot_ahead_of_the_log_still_stops_start_up(tmp_path: Path) 
 
 async def test_the_daemons_fits_answer_follows_the_nodes(tmp_path: Path) -> None:
     # check_fits is remembered per spec shape; a change of nodes must change the answer.
-    from ugrod import config as cfgmod
+    from ugrod.config import schema as cfgmod
     from ugrod.daemon import Daemon
     d = Daemon(cfgmod.builtin(), None, tmp_path / "state", tmp_path / "s.sock")
     d.ledger = Ledger.open(tmp_path / "state")

@@ -19,8 +19,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ugrod import events as ev
-from ugrod.log import (
+from ugrod.core import events as ev
+from ugrod.store.log import (
     MAX_BATCH_BYTES,
     CorruptLog,
     EventLog,
@@ -262,7 +262,7 @@ async def test_segments_rotate(tmp_path: Path) -> None:
 def test_reads_across_chunk_boundaries(tmp_path: Path, chunk: int,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     build(tmp_path, [1, 4, 2, 7, 1, 3], pad=30, max_segment_bytes=500)
-    monkeypatch.setattr("ugrod.log._CHUNK_BYTES", chunk)
+    monkeypatch.setattr("ugrod.store.log._CHUNK_BYTES", chunk)
     log = EventLog.open(tmp_path)
     assert log.recovery.segments >= 2
     for after in range(0, 19):
@@ -617,7 +617,7 @@ def test_fsync_error_at_rotation_is_sticky(tmp_path: Path) -> None:
 _PRODUCER = """
 import asyncio, sys
 from pathlib import Path
-from ugrod.log import EventLog
+from ugrod.store.log import EventLog
 
 async def main():
     log = EventLog.open(Path(sys.argv[1]))

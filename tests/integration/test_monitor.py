@@ -21,16 +21,16 @@ import msgspec
 import pytest
 from sshd_nodes import SshdCluster, SshdNode
 
-from ugrod import config as cfgmod
-from ugrod import events as ev
-from ugrod.health import BreakerState
-from ugrod.ledger import Ledger
-from ugrod.monitor import JOB_ID, Monitor
-from ugrod.ranks import NodeAgent
-from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import NodeHealth
-from ugrod.transport.base import CommandResult, Transport, TransportError
-from ugrod.transport.local import LocalStream, LocalTransport
+from ugrod.config import schema as cfgmod
+from ugrod.core import events as ev
+from ugrod.core.health import BreakerState
+from ugrod.core.state import NodeHealth
+from ugrod.loops.monitor import JOB_ID, Monitor
+from ugrod.metrics.runtime_stats import RuntimeStats
+from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.transport.base import CommandResult, Transport, TransportError
+from ugrod.nodes.transport.local import LocalStream, LocalTransport
+from ugrod.store.ledger import Ledger
 
 FAKE_DIR = Path(__file__).resolve().parents[1] / "fake_nvidia_smi"
 SCENARIOS = FAKE_DIR / "scenarios"

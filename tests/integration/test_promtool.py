@@ -16,14 +16,14 @@ import pytest
 import yaml
 
 from tests.conftest import ugroctl_argv
-from ugrod import config
-from ugrod import events as ev
-from ugrod import prometheus_rules as pr
-from ugrod.gpus import GpuSample, NodeSample
-from ugrod.metrics import NodeSampleView, UgroCollector, bound_port, start_metrics_server
-from ugrod.prometheus_config import ScrapeConfigError, scrape_config, scrape_config_dict
-from ugrod.runtime_stats import RuntimeStats
-from ugrod.state import State, apply
+from ugrod.config import schema as config
+from ugrod.core import events as ev
+from ugrod.core.gpus import GpuSample, NodeSample
+from ugrod.core.state import State, apply
+from ugrod.metrics.collector import NodeSampleView, UgroCollector, bound_port, start_metrics_server
+from ugrod.metrics.runtime_stats import RuntimeStats
+from ugrod.setup import prometheus_rules as pr
+from ugrod.setup.prometheus_config import ScrapeConfigError, scrape_config, scrape_config_dict
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = sorted((ROOT / "prometheus" / "rules").glob("*.rules.yml"))

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 from sshd_nodes import SshdCluster, job_processes
 
-from ugrod.ranks import (
+from ugrod.nodes.agent import (
     WRAPPER_SHA256,
     LogChunk,
     MetricLine,
@@ -29,8 +29,8 @@ from ugrod.ranks import (
     RankStartError,
     WrapperProtocolError,
 )
-from ugrod.transport.base import CommandResult, TransportError
-from ugrod.transport.local import LocalStream, LocalTransport
+from ugrod.nodes.transport.base import CommandResult, TransportError
+from ugrod.nodes.transport.local import LocalStream, LocalTransport
 
 PY = sys.executable  # the node's python; skips the pyenv shim's startup cost
 

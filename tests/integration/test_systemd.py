@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from ugrod import systemd_notify
-from ugrod.systemd_install import render_unit
+from ugrod.setup import sd_notify as systemd_notify
+from ugrod.setup.systemd_install import render_unit
 
 ROOT = Path(__file__).resolve().parents[2]
 UNITS = ("ugrod.service", "ugro-gpu-exporter.service")
@@ -96,7 +96,7 @@ def test_installer_puts_everything_in_place(tmp_path: Path) -> None:
         "cluster: {name: lab}\nnodes:\n  gpu1: {host: 10.0.0.5, user: ugro, gpu_exporter: true}\n"
         "health: {thresholds: {gpu_temp_c: {warn: 70, crit: 75}}}\n")
     result = subprocess.run(
-        [sys.executable, "-m", "ugrod.systemd_install", "--head", "--node", "--prometheus",
+        [sys.executable, "-m", "ugrod.setup.systemd_install", "--head", "--node", "--prometheus",
          "--grafana", "--root", str(root), "--prefix", "/opt/ugro", "--no-start"],
         capture_output=True, text=True, timeout=60, check=False, cwd=ROOT)
     assert result.returncode == 0, result.stderr
@@ -136,7 +136,7 @@ def test_install_sh_dry_run_says_what_it_would_do(tmp_path: Path) -> None:
 
 
 def test_installer_wants_something_to_do() -> None:
-    result = subprocess.run([sys.executable, "-m", "ugrod.systemd_install"],
+    result = subprocess.run([sys.executable, "-m", "ugrod.setup.systemd_install"],
                             capture_output=True, text=True, timeout=60, check=False)
     assert result.returncode == 2 and "--head" in result.stderr
 

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 from sshd_nodes import SshdCluster, SshdNode
 
-from ugrod.transport.base import (
+from ugrod.nodes.transport.base import (
     CommandResult,
     HostKeyError,
     Transport,
     TransportError,
     node_deadline,
 )
-from ugrod.transport.local import LocalTransport
-from ugrod.transport.ssh import SshTransport, fetch_host_key, host_pattern, trust
+from ugrod.nodes.transport.local import LocalTransport
+from ugrod.nodes.transport.ssh import SshTransport, fetch_host_key, host_pattern, trust
 
 
 def fingerprint_of(node: SshdNode) -> str:

@@ -343,7 +343,7 @@ def test_nvidia_smi_printing_1e308_makes_the_node_unhealthy_not_unmonitored(
 def test_a_flood_from_nvidia_smi_is_read_with_a_cap_on_the_node(tmp_path: Path) -> None:
     import subprocess
 
-    from ugrod import gpus
+    from ugrod.core import gpus
 
     flood = tmp_path / "nvidia-smi"
     flood.write_text("#!/bin/sh\nexec head -c 200000000 /dev/zero\n")

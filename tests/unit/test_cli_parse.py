@@ -274,7 +274,7 @@ def test_env_socket_is_used_and_flag_wins(peer: Peer) -> None:
 
 
 def test_default_socket_path_follows_the_daemons_rule(monkeypatch: pytest.MonkeyPatch) -> None:
-    from ugrod import paths
+    from ugrod.config import paths
 
     assert ctl_client.default_socket_path() == str(paths.default_socket_path())
 
@@ -671,8 +671,8 @@ def test_main_returns_exit_status(peer: Peer) -> None:
 
 def _write_log(state_dir: Path) -> None:
     """A real event log (ugrod's own writer): a node, then a job submitted, placed, ended."""
-    from ugrod import events as ev
-    from ugrod import log as evlog
+    from ugrod.core import events as ev
+    from ugrod.store import log as evlog
 
     alice = ev.Actor(user="alice", uid=1000)
     spec = ev.JobSpec(argv=("train.py",))
@@ -721,7 +721,7 @@ def test_replay_without_a_log_says_where_it_looked(sock_dir: Path) -> None:
 def test_prometheus_config_for_the_builtin_cluster() -> None:
     import yaml
 
-    from ugrod.paths import ROOT_CONFIG
+    from ugrod.config.paths import ROOT_CONFIG
 
     if ROOT_CONFIG.exists():
         pytest.skip(f"{ROOT_CONFIG} exists here")

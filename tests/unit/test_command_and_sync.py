@@ -9,9 +9,10 @@ from pathlib import Path
 import pytest
 
 from ugroctl import syncing
-from ugrod import codesync, jobspec
-from ugrod import config as cf
-from ugrod.rank_wrapper import precheck
+from ugrod.config import schema as cf
+from ugrod.core import jobspec
+from ugrod.nodes import codesync
+from ugrod.nodes.remote.rank_wrapper import precheck
 
 PY = "/opt/venv/bin/python"
 TR = ["--nnodes=3"]

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from ugrod import commands, time_limits
-from ugrod import events as ev
-from ugrod.commands import Filter, Refused
-from ugrod.state import JobState, State, apply
+from ugrod.core import commands, time_limits
+from ugrod.core import events as ev
+from ugrod.core.commands import Filter, Refused
+from ugrod.core.state import JobState, State, apply
 
 ALICE = ev.Actor(user="alice", uid=1000)
 BOB = ev.Actor(user="bob", uid=1001)

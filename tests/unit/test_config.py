@@ -15,9 +15,9 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ugrod import config as cf
-from ugrod import paths
-from ugrod.events import Gpu, NodeSpec
+from ugrod.config import paths
+from ugrod.config import schema as cf
+from ugrod.core.events import Gpu, NodeSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 ENV = {"USER": "alice", "HOME": "/home/alice"}
@@ -159,7 +159,7 @@ def test_defaults_are_the_seeds_values() -> None:
 
 
 def test_health_settings_fit_the_health_module() -> None:
-    from ugrod import health
+    from ugrod.core import health
 
     assert health.Thresholds(**cf.builtin(env=ENV).health.score_settings()) == (
         health.DEFAULT_THRESHOLDS)
@@ -658,8 +658,8 @@ def test_resolve_paths_precedence_flag_env_config_default() -> None:
 
 
 def test_ugroctl_can_import_the_socket_rule_without_heavy_modules() -> None:
-    code = ("import sys, ugrod.paths; ugrod.paths.default_socket_path(); "
-            "print(sorted(m for m in ('yaml', 'msgspec', 'aiohttp', 'ugrod.config') "
+    code = ("import sys, ugrod.config.paths; ugrod.config.paths.default_socket_path(); "
+            "print(sorted(m for m in ('yaml', 'msgspec', 'aiohttp', 'ugrod.config.schema') "
             "if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
                          text=True, check=True, env={**os.environ, "PYTHONPATH": str(ROOT)})

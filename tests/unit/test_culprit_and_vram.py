@@ -1,13 +1,13 @@
 """The pure rules behind two day-one answers: which rank failed a gang, and VRAM as people
-say it (ugrod/culprit.py, ugrod/vram.py)."""
+say it (ugrod/core/culprit.py, ugrod/core/vram.py)."""
 
 from __future__ import annotations
 
 import pytest
 
-from ugrod import culprit, vram
-from ugrod.culprit import RankEnd
-from ugrod.vram import GIB, MIB
+from ugrod.core import culprit, vram
+from ugrod.core.culprit import RankEnd
+from ugrod.core.vram import GIB, MIB
 
 # ---- culprit -------------------------------------------------------------------------
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ugrod import events as ev
+from ugrod.core import events as ev
 
 ALICE = ev.Actor(user="alice", uid=1000)
 

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from ugrod.gpus import (
+from ugrod.core.gpus import (
     QUERY_FIELDS,
     GpuQueryFailed,
     nvidia_smi_argv,
@@ -29,8 +29,8 @@ from ugrod.gpus import (
     probe_argv,
     readiness_argv,
 )
-from ugrod.health import score
-from ugrod.state import NodeHealth
+from ugrod.core.health import score
+from ugrod.core.state import NodeHealth
 
 FAKE_DIR = Path(__file__).resolve().parents[1] / "fake_nvidia_smi"
 FAKE = FAKE_DIR / "nvidia-smi"

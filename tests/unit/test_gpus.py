@@ -17,8 +17,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ugrod.events import Gpu
-from ugrod.gpus import (
+from ugrod.core.events import Gpu
+from ugrod.core.gpus import (
     MIB,
     QUERY_FIELDS,
     GpuQueryFailed,
@@ -389,7 +389,7 @@ def test_probe_tells_an_ended_rank_from_a_vanished_one(tmp_path: Any) -> None:
     import subprocess
     import sys
 
-    from ugrod.health import RANK_PROCESSES, score
+    from ugrod.core.health import RANK_PROCESSES, score
 
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
                           capture_output=True, text=True, check=True)

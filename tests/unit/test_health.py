@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from ugrod import events as ev
-from ugrod.gpus import MIB, GpuSample, NodeSample, RankProcess
-from ugrod.health import (
+from ugrod.core import events as ev
+from ugrod.core.gpus import MIB, GpuSample, NodeSample, RankProcess
+from ugrod.core.health import (
     DEFAULT_THRESHOLDS,
     Assessment,
     Breaker,
@@ -24,7 +24,7 @@ from ugrod.health import (
     transitions,
     unreachable,
 )
-from ugrod.state import NodeHealth, State, apply
+from ugrod.core.state import NodeHealth, State, apply
 
 G = 1024**3
 
@@ -320,7 +320,7 @@ def test_first_measured_score_is_recorded_once() -> None:
 
 
 def test_interval_ladder_is_configurable() -> None:
-    from ugrod.health import Intervals
+    from ugrod.core.health import Intervals
     i = Intervals(active_s=2, recent_s=3, idle_s=4, long_idle_s=90, max_s=30,
                   recent_window_s=10, idle_window_s=20)
     assert [next_interval(100.0, 100.0 - q, False, i) for q in (0, 10, 20)] == [3, 4, 30]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from ugrod import config as cfgmod
-from ugrod import jobspec
+from ugrod.config import schema as cfgmod
+from ugrod.core import jobspec
 
 ROOT = Path(__file__).resolve().parents[2]
 

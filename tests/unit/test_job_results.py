@@ -5,8 +5,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ugrod import job_results as jr
-from ugrod.monitor import _Usage
+from ugrod.loops.monitor import _Usage
+from ugrod.store import job_results as jr
 
 
 def write(path: Path, *lines: object) -> None:

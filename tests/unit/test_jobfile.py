@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from ugroctl import jobfile
-from ugrod import jobspec
+from ugrod.core import jobspec
 
 ROOT = Path(__file__).resolve().parents[2]
 

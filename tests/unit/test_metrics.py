@@ -10,18 +10,18 @@ import pytest
 from prometheus_client.openmetrics.exposition import generate_latest as openmetrics_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from ugrod import events as ev
-from ugrod.exposition import render
-from ugrod.gpus import GpuSample, NodeSample
-from ugrod.metrics import (
+from ugrod.core import events as ev
+from ugrod.core.gpus import GpuSample, NodeSample
+from ugrod.core.state import State, apply, from_snapshot, to_snapshot
+from ugrod.metrics.collector import (
     NodeSampleView,
     UgroCollector,
     bound_port,
     make_registry,
     start_metrics_server,
 )
-from ugrod.runtime_stats import ENDED_KEEP_S, RuntimeStats
-from ugrod.state import State, apply, from_snapshot, to_snapshot
+from ugrod.metrics.exposition import render
+from ugrod.metrics.runtime_stats import ENDED_KEEP_S, RuntimeStats
 
 ALICE = ev.Actor(user="alice", uid=1000)
 GB = 1 << 30
@@ -293,7 +293,7 @@ def test_terminal_counters_never_step_down_across_resume_and_restart(
     ("failed", "time limit of 3600 s reached", "time_limit"),
 ])
 def test_failure_reasons(outcome: str, reason: str, expected: str) -> None:
-    from ugrod.tally import failure_reason
+    from ugrod.core.tally import failure_reason
     assert failure_reason(outcome, reason) == expected
 
 
@@ -409,7 +409,7 @@ def test_fast_exposition_equals_prometheus_client_output(cluster: Cluster) -> No
 
 
 def test_render_escapes_and_formats() -> None:
-    from ugrod.exposition import Family
+    from ugrod.metrics.exposition import Family
 
     fam = Family("x_total", "a\\b\nc", "counter", ("l",))
     fam.add(('say "hi"\n',), float("inf"))

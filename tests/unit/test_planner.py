@@ -18,9 +18,9 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from ugrod import events as ev
-from ugrod.planner import Plan, UserLimits, check_fits, plan, typical_runtimes
-from ugrod.state import ACTIVE, Job, JobState, State, apply
+from ugrod.core import events as ev
+from ugrod.core.planner import Plan, UserLimits, check_fits, plan, typical_runtimes
+from ugrod.core.state import ACTIVE, Job, JobState, State, apply
 
 GB = 1 << 30
 T0 = ev.parse_ts("2026-11-22T14:00:00.000000Z")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ugrod import progress_formats as pf
+from ugrod.core import progress_formats as pf
 
 TRAINER = (
     b"\r  0%|          | 0/20 [00:00<?, ?it/s]"

@@ -14,7 +14,7 @@ from typing import Any
 
 import pytest
 
-from ugrod import rank_wrapper
+from ugrod.nodes.remote import rank_wrapper
 
 WRAPPER = rank_wrapper.__file__
 
@@ -194,7 +194,7 @@ def test_watch_of_a_finished_rank_drains_everything_then_exit(tmp_path: Path) ->
 def test_status_says_when_the_exit_was_recorded_on_the_node(tmp_path: Path) -> None:
     run = finished_run(tmp_path)
     os.utime(run / "exit_code", (1_700_000_000.25, 1_700_000_000.25))
-    # the culprit rule (ugrod/culprit.py) compares these times across nodes
+    # the culprit rule (ugrod/core/culprit.py) compares these times across nodes
     assert wrapper("status", str(run))["exited_at"] == 1_700_000_000.25
     assert wrapper("status", str(tmp_path / "nothing-here"))["exited_at"] is None
 

@@ -1,7 +1,7 @@
 """render.py: aligned tables, relative times, sizes, clean terminal text, one JSON document.
 
 Job and node documents are built with the daemon's own view functions
-(``ugrod.render_json``) from real state objects, so a change of the API's shape
+(``ugrod.core.render_json``) from real state objects, so a change of the API's shape
 shows up here.
 """
 
@@ -14,10 +14,10 @@ import msgspec
 import pytest
 
 from ugroctl import render
-from ugrod import events as ev
-from ugrod import render_json as rj
-from ugrod.gpus import GpuSample, NodeSample
-from ugrod.state import Alert, Job, JobState, Node, NodeHealth, RankRun
+from ugrod.core import events as ev
+from ugrod.core import render_json as rj
+from ugrod.core.gpus import GpuSample, NodeSample
+from ugrod.core.state import Alert, Job, JobState, Node, NodeHealth, RankRun
 
 NOW = 1_769_000_000.0  # 2026-01-21T12:53:20Z
 GIB = 1024**3

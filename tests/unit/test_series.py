@@ -1,4 +1,4 @@
-"""ugrod.series: metrics.jsonl as chart columns (what the dashboard's curves are drawn from)."""
+"""ugrod.core.series: metrics.jsonl as chart columns (what the dashboard's curves are drawn from)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import json
 import math
 from pathlib import Path
 
-from ugrod.series import MAX_KEYS, read_series
+from ugrod.core.series import MAX_KEYS, read_series
 
 
 def write(path: Path, rows: list[object], tail: str = "") -> None:

@@ -9,8 +9,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from ugrod import events as ev
-from ugrod.state import (
+from ugrod.core import events as ev
+from ugrod.core.state import (
     InvalidEvent,
     JobState,
     NodeState,
@@ -245,7 +245,7 @@ def test_snapshot_rebuilds_indexes_and_a_reused_request_id_goes_to_the_later_job
 def test_a_log_written_under_the_old_name_rule_still_replays() -> None:
     """Before the one naming rule the API accepted ``a..b``; such a log must replay (the
     job could never start), while every way in refuses the name now."""
-    from ugrod.names import valid_name
+    from ugrod.core.names import valid_name
 
     s = fold(node("n1", 8), submit("a..b"), ev.JobCancelRequested(job="a..b"))
     assert s.jobs["a..b"].state is JobState.CANCELLED

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ugrod.watchdog import median_interval, silence_limit, stall_timeout
+from ugrod.loops.watchdog import median_interval, silence_limit, stall_timeout
 
 
 def test_median_interval_needs_two_advances_and_ignores_one_slow_step() -> None:

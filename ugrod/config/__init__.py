@@ -1,0 +1,1 @@
+"""cluster.yaml: the schema, the hardened reader, and the paths ugrod uses."""

@@ -1,0 +1,513 @@
+"""The watchdog: fails jobs whose ranks vanished or whose node died, and catches stalled training.
+
+Runs every second on the daemon's apscheduler and looks at what the executor and
+the monitor already know; it starts no probe of its own. Its decisions:
+
+* **Vanished rank.** The health probe found a running rank's process (pid and start
+  time) gone, and the executor's watch has reported no exit for ``vanish_grace_s``:
+  the rank's supervisor died with it (node reboot, OOM killer, ``kill -9`` of the
+  tree), so no exit status will ever come. The job is stopped as failed (its retry
+  policy applies), and once the node confirms none of the rank's processes is left,
+  the rank is recorded as exited with ``executor.VANISHED_EXIT_CODE``.
+* **Dead node**, only on two independent signals, so a flaky link alone never kills
+  a healthy job: (1) the node's circuit breaker is not closed (``failures_to_open``
+  health checks in a row failed) and (2) the job's own step counter has not advanced
+  for longer than ``silence_limit`` (its ``stall_timeout_s`` when the user set one,
+  else max(60 s, 3 x its median step interval)). For a job that reports no steps
+  (or whose rank 0 has exited) the silence is counted from when the node stopped
+  answering. The job is stopped
+  as failed; its processes on the dead node cannot be confirmed gone, so the node
+  is drained (reason starting ``ugrod watchdog:``) and the executor is told to stop
+  waiting for them (``Executor.abandon``): ``job_ended`` comes once every reachable
+  rank is confirmed gone and says which processes could not be. A job already being
+  stopped (cancel, another rank failed) gives up on an unreachable node the same way.
+* **Leftovers.** When a node answers again after being unreachable, or is drained by
+  the watchdog, every rank process there whose attempt is no longer active is killed
+  (the wrapper's ``kill`` checks pid and start time, so nothing else is hit); once
+  none is left, the watchdog's own drain is lifted.
+* **Stall.** A running job whose step has not advanced for longer than
+  ``stall_timeout`` (``spec.stall_timeout_s``, else max(120 s, 10 x the median step
+  interval) once 5 steps are known; never before the first step nor once a rank has
+  exited, as rank 0's steps then say nothing about the rest) is recorded as
+  ``job_stalled`` once per stall, with the ranks' Python stacks captured by ``py-spy
+  dump`` on every node that has it into ``JOBDIR/stacks-<time>.txt`` (ugrod/loops/stacks.py).
+  Its policy:
+  ``alert`` (the event and ``ugro_job_stalled``) or ``requeue`` (stopped as failed,
+  so the retry policy requeues it from its newest checkpoint).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import json
+import logging
+import posixpath
+import re
+import signal
+import statistics
+from collections.abc import Coroutine, Sequence
+from typing import Any
+
+from ugrod.core import events as ev
+from ugrod.core.health import BreakerState
+from ugrod.core.names import NAME_PATTERN
+from ugrod.core.state import ACTIVE, InvalidEvent, Job, JobState, State
+from ugrod.loops import stacks
+from ugrod.loops.executor import Executor
+from ugrod.loops.monitor import Monitor
+from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.transport.base import TransportError
+from ugrod.store.ledger import Ledger
+
+logger = logging.getLogger("ugrod.loops.watchdog")
+
+JOB_ID = "watchdog"
+TICK_S = 1.0
+VANISH_GRACE_S = 15.0
+SILENCE_MIN_S = 60.0
+SILENCE_INTERVALS = 3.0
+STALL_MIN_S = 120.0
+STALL_INTERVALS = 10.0
+STALL_MIN_STEPS = 5
+REAP_RETRY_S = 30.0
+DRAIN_PREFIX = "ugrod watchdog: "
+
+
+# ---- decisions (pure) ------------------------------------------------------------------
+
+
+def median_interval(times: Sequence[float]) -> float | None:
+    """Median time between consecutive step advances; None with fewer than two."""
+    if len(times) < 2:
+        return None
+    return statistics.median(b - a for a, b in itertools.pairwise(times))
+
+
+def stall_timeout(spec_timeout_s: float | None, times: Sequence[float]) -> float | None:
+    """How long without a step advance is a stall; None while it cannot be known yet."""
+    if spec_timeout_s is not None:
+        return spec_timeout_s
+    step = median_interval(times)
+    if len(times) < STALL_MIN_STEPS or step is None:
+        return None
+    return max(STALL_MIN_S, STALL_INTERVALS * step)
+
+
+def silence_limit(spec_timeout_s: float | None, times: Sequence[float]) -> float:
+    """How long the job's metrics may be silent before that counts against a failing node.
+
+    The user's own stall timeout when set (their statement of how long no progress is
+    abnormal for this job), else max(60 s, 3 x the median step interval).
+    """
+    if spec_timeout_s is not None:
+        return spec_timeout_s
+    step = median_interval(times)
+    return max(SILENCE_MIN_S, SILENCE_INTERVALS * step) if step is not None else SILENCE_MIN_S
+
+
+# ---- node-side helpers (stdlib only, run with ``python3 -c``) ---------------------------
+
+# argv: JOBS_DIR KEEP_RUN_DIR...  Run dirs under JOBS_DIR with a live process (found by
+# UGRO_RUN_DIR in its environment), other than the ones to keep. Prints one JSON object.
+LEFTOVERS_SCRIPT = r'''
+import json, os, sys
+
+def main(args):
+    jobs, keep = args[0].rstrip("/") + "/", set(args[1:])
+    found = set()
+    for name in os.listdir("/proc"):
+        if not name.isdigit() or int(name) == os.getpid():
+            continue
+        try:
+            with open("/proc/%s/environ" % name, "rb") as f:
+                env = f.read().split(b"\0")
+            with open("/proc/%s/stat" % name) as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state in ("Z", "X"):
+            continue
+        for entry in env:
+            if entry.startswith(b"UGRO_RUN_DIR="):
+                d = entry[13:].decode("utf-8", "replace")
+                if d.startswith(jobs) and d not in keep:
+                    found.add(d)
+                break
+    sys.stdout.write(json.dumps({"v": 1, "run_dirs": sorted(found)}) + "\n")
+
+main(sys.argv[1:])
+'''
+
+_RUN_DIR = re.compile(rf"(?P<job>{NAME_PATTERN})/attempt-(?P<attempt>\d+)"
+                      r"/rank-(?P<rank>\d+)")
+
+
+class Watchdog:
+    """Watches running jobs through the executor's and the monitor's eyes; see the module doc."""
+
+    def __init__(self, ledger: Ledger, executor: Executor, monitor: Monitor, *,
+                 vanish_grace_s: float = VANISH_GRACE_S, tick_s: float = TICK_S) -> None:
+        self._ledger = ledger
+        self._executor = executor
+        self._monitor = monitor
+        self.vanish_grace_s = vanish_grace_s
+        self.tick_s = tick_s
+        self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # attempt -> its handling
+        self._dead_seen: dict[tuple[str, int, int], float] = {}  # rank -> first seen gone
+        self._stalls: dict[tuple[str, int], float] = {}  # attempt -> last advance reported
+        self._progress_sent: set[tuple[str, int]] = set()
+        self._down_since: dict[str, float] = {}  # node -> when its breaker was first not closed
+        self._to_reap: set[str] = set()  # nodes to clear of leftover ranks once they answer
+        self._reaping: dict[str, asyncio.Task[None]] = {}
+        self._reap_after: dict[str, float] = {}  # node -> no new attempt before (loop time)
+        self._abandoned: set[tuple[str, int, str]] = set()
+        self._closed = False
+        for node in ledger.state.nodes.values():
+            if node.drained and node.drain_reason.startswith(DRAIN_PREFIX):
+                self._to_reap.add(node.name)
+
+    def schedule(self, sched: Any) -> None:
+        """Add the watchdog to the daemon's apscheduler."""
+        # A tick late under load runs late instead of being skipped with a warning.
+        sched.add_job(self.tick, "interval", seconds=self.tick_s, id=JOB_ID,
+                      max_instances=1, coalesce=True, misfire_grace_time=None)
+
+    async def close(self) -> None:
+        self._closed = True
+        tasks = [*self._busy.values(), *self._reaping.values()]
+        for t in tasks:
+            t.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+    # ---- the tick --------------------------------------------------------------------
+
+    async def tick(self) -> None:
+        """One look at every running job and every node; slow work goes to tasks."""
+        if self._closed:
+            return
+        now = asyncio.get_running_loop().time()
+        state = self._ledger.state
+        self._track_nodes(state, now)
+        for job in state.active_jobs():
+            if job.state is not JobState.RUNNING:
+                continue
+            key = (job.id, job.attempt)
+            if job.stopping is not None:
+                await self._give_up_unreachable(job)
+                continue
+            if key in self._busy:
+                continue
+            try:
+                await self._check(job, now)
+            except Exception:
+                logger.exception("watchdog check of %s failed", job.id)
+        self._prune(state)
+        self._reap_returned(state)
+
+    async def _check(self, job: Job, now: float) -> None:
+        times = self._step_times(job)
+        # Steps come from rank 0: once it (or any rank) has exited, the gang is winding
+        # down and a frozen step counter says nothing about progress.
+        winding_down = any(r.exit_code is not None for r in job.ranks)
+        last = times[-1] if times and not winding_down else None
+        for node in dict.fromkeys(p.node for p in job.placement):
+            why = self._node_dead(job, node, last, times, now)
+            if why is not None:
+                self._start(job, self._node_died(job, node, why))
+                return
+        vanished = await self._vanished(job, now)
+        if vanished is not None:
+            self._start(job, self._rank_vanished(job, *vanished))
+            return
+        if last is None:
+            return  # no step yet (or no more): nothing to call a stall
+        limit = stall_timeout(job.spec.stall_timeout_s, times)
+        key = (job.id, job.attempt)
+        if job.stalled and limit is not None and now - last <= limit \
+                and self._stalls.get(key) != last and key not in self._progress_sent:
+            self._progress_sent.add(key)  # steps advance again: the stall is over
+            self._start(job, self._progressed(job))
+            return
+        if limit is not None and now - last > limit and self._stalls.get(key) != last:
+            self._stalls[key] = last
+            self._start(job, self._stalled(job, now - last, limit))
+
+    def _start(self, job: Job, work: Coroutine[Any, Any, None]) -> None:
+        key = (job.id, job.attempt)
+        task = asyncio.get_running_loop().create_task(work, name=f"watchdog {job.id}")
+        self._busy[key] = task
+        task.add_done_callback(lambda t: self._done(key, t))
+
+    def _done(self, key: tuple[str, int], task: asyncio.Task[None]) -> None:
+        if self._busy.get(key) is task:
+            del self._busy[key]
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("watchdog handling of %s failed", key[0], exc_info=task.exception())
+
+    def _step_times(self, job: Job) -> list[float]:
+        entry = self._executor.step_times.get(job.id)
+        return list(entry[1]) if entry is not None and entry[0] == job.attempt else []
+
+    def _prune(self, state: State) -> None:
+        def active(job_id: str, attempt: int) -> bool:
+            job = state.jobs.get(job_id)
+            return job is not None and job.state in ACTIVE and job.attempt == attempt
+        for k3 in [k for k in self._dead_seen if not active(k[0], k[1])]:
+            del self._dead_seen[k3]
+        for k2 in [k for k in self._stalls if not active(*k)]:
+            del self._stalls[k2]
+        self._abandoned = {k for k in self._abandoned if active(k[0], k[1])}
+        for job_id in [j for j in self._executor.step_times if j not in state.active]:
+            del self._executor.step_times[job_id]
+
+    # ---- dead nodes ------------------------------------------------------------------
+
+    def _track_nodes(self, state: State, now: float) -> None:
+        for name in state.nodes:
+            b = self._monitor.breaker(name)
+            if b is not None and b.state is not BreakerState.CLOSED:
+                if name not in self._down_since:
+                    self._down_since[name] = now
+                    self._to_reap.add(name)
+            else:
+                self._down_since.pop(name, None)
+
+    def _failing(self, node: str) -> str | None:
+        """Signal one: the node's breaker is open; a line saying so, else None."""
+        b = self._monitor.breaker(node)
+        if b is None or b.state is BreakerState.CLOSED:
+            return None
+        view = self._monitor.view(node) or {}
+        last = view.get("last_error") or "no answer"
+        return f"its last {b.failures} health checks failed (breaker {b.state.value}; last: {last})"
+
+    def _node_dead(self, job: Job, node: str, last: float | None, times: list[float],
+                   now: float) -> str | None:
+        failing = self._failing(node)
+        if failing is None:
+            return None
+        limit = silence_limit(job.spec.stall_timeout_s, times)
+        step = self._executor.latest.get(job.id, {}).get("step")
+        if last is not None:
+            silent = now - last
+            quiet = (f"the job's step counter has not advanced for {silent:.0f} s "
+                     f"(last step {step}; limit {limit:.0f} s)")
+        else:
+            silent = now - self._down_since.get(node, now)
+            quiet = (f"the job has reported no step since the node went silent {silent:.0f} s "
+                     f"ago (limit {limit:.0f} s)")
+        if silent <= limit:
+            return None
+        ranks = ", ".join(str(r.rank) for r in job.ranks if r.node == node)
+        return (f"rank {ranks} on {node} lost: node unreachable (node {node} declared dead: "
+                f"{failing}, and {quiet})")
+
+    async def _node_died(self, job: Job, node: str, why: str) -> None:
+        logger.warning("job %s: %s", job.id, why)
+        if not await self._stop(job, why):
+            return
+        await self._abandon(job, node)
+
+    async def _give_up_unreachable(self, job: Job) -> None:
+        """A job being stopped waits for nothing on a node whose breaker is open."""
+        left = {r.node for r in job.ranks if r.exit_code is None}
+        for node in left:
+            if (job.id, job.attempt, node) in self._abandoned or self._failing(node) is None:
+                continue
+            logger.warning("job %s: giving up on its ranks on unreachable node %s",
+                           job.id, node)
+            await self._abandon(job, node)
+
+    async def _abandon(self, job: Job, node: str) -> None:
+        self._abandoned.add((job.id, job.attempt, node))
+        ranks = [r.rank for r in job.ranks if r.node == node and r.exit_code is None]
+        state = self._ledger.state
+        n = state.nodes.get(node)
+        if n is not None and not n.drained:
+            with contextlib.suppress(InvalidEvent):
+                await self._ledger.record(ev.DAEMON, ev.NodeDrained(
+                    node=node, reason=f"{DRAIN_PREFIX}rank {', '.join(map(str, ranks))} of "
+                    f"{job.id} could not be confirmed gone while {node} was unreachable; "
+                    f"undrained once ugrod has killed what is left there"))
+        self._to_reap.add(node)
+        self._executor.abandon(job.id, job.attempt, node)
+
+    # ---- vanished ranks --------------------------------------------------------------
+
+    async def _vanished(self, job: Job, now: float) -> tuple[int, str, int, float] | None:
+        """(rank, node, pid, seconds gone) of a rank gone past the grace period, if any."""
+        samples = self._monitor.latest_samples()
+        for r in job.ranks:
+            if r.exit_code is not None:
+                continue
+            sample = samples.get(r.node)
+            agent = (self._executor.agent_for(job, r.node) if r.node in self._executor.agents
+                     else None)
+            if sample is None or agent is None:
+                continue
+            pid_file = f"{await agent.run_dir(job.id, job.attempt, r.rank)}/pid"
+            seen = next((x for x in sample.ranks if x.file == pid_file), None)
+            key = (job.id, job.attempt, r.rank)
+            if seen is None or seen.error is not None or seen.pid is None:
+                continue
+            if seen.alive:
+                self._dead_seen.pop(key, None)
+                continue
+            first = self._dead_seen.setdefault(key, now)
+            if now - first > self.vanish_grace_s:
+                return r.rank, r.node, seen.pid, now - first
+        return None
+
+    async def _rank_vanished(self, job: Job, rank: int, node: str, pid: int,
+                             gone_s: float) -> None:
+        why = (f"rank {rank} on {node} vanished: its process (pid {pid}) is gone and no exit "
+               f"status came for {gone_s:.0f} s (its supervisor is gone too: node reboot, "
+               f"OOM killer or kill -9?)")
+        logger.warning("job %s: %s", job.id, why)
+        if not await self._stop(job, why):
+            return
+        agent = self._executor.agent_for(job, node) if node in self._executor.agents else None
+        if agent is None:
+            return
+        # The executor now kills what is left of the gang (this rank's descendants too);
+        # once the node confirms nothing of the rank remains, its watch is ended for it.
+        while not self._closed:
+            current = self._ledger.state.jobs.get(job.id)
+            if current is None or current.attempt != job.attempt or current.state not in ACTIVE:
+                return
+            try:
+                async with asyncio.timeout(15):
+                    st = await agent.status(job.id, job.attempt, rank)
+            except (TransportError, TimeoutError) as exc:
+                logger.info("status of %s rank %d: %s", job.id, rank, exc)
+                st = None
+            if st is not None and st.exit_code is not None:
+                return  # the supervisor was only slow: its watch reports the real exit
+            if st is not None and not st.alive:
+                self._executor.rank_gone(job.id, job.attempt, rank)
+                return
+            await asyncio.sleep(1.0)
+
+    # ---- stalls ----------------------------------------------------------------------
+
+    async def _progressed(self, job: Job) -> None:
+        step = self._executor.latest.get(job.id, {}).get("step")
+        try:
+            await self._ledger.record(ev.DAEMON, ev.JobProgressed(
+                job=job.id, attempt=job.attempt,
+                step=int(step) if isinstance(step, int | float) else None))
+        except InvalidEvent as exc:
+            logger.info("progress of %s not recorded: %s", job.id, exc)
+        finally:
+            self._progress_sent.discard((job.id, job.attempt))
+
+    async def _stalled(self, job: Job, idle_s: float, limit_s: float) -> None:
+        step = self._executor.latest.get(job.id, {}).get("step")
+        last = int(step) if isinstance(step, int | float) else None
+        what = (f"stalled: no step advance for {idle_s:.0f} s (last step {last}; stall "
+                f"timeout {limit_s:.0f} s)")
+        logger.warning("job %s: %s", job.id, what)
+        path = await stacks.capture(job, {n: self._executor.agent_for(job, n)
+                                          for n in self._executor.agents},
+                                    self._executor.job_dir(job.id), what)
+        try:
+            await self._ledger.record(ev.DAEMON, ev.JobStalled(
+                job=job.id, attempt=job.attempt, step=last, idle_s=round(idle_s, 1),
+                stacks=str(path) if path is not None else None))
+        except InvalidEvent as exc:
+            logger.info("stall of %s not recorded: %s", job.id, exc)
+            return
+        if job.spec.stall_action == "requeue":
+            await self._stop(job, f"{what}; stall_action requeue: stopped to be retried from "
+                                  f"its newest checkpoint"
+                             + (f"; stacks in {path}" if path is not None else ""))
+
+    # ---- leftovers -------------------------------------------------------------------
+
+    def _reap_returned(self, state: State) -> None:
+        now = asyncio.get_running_loop().time()
+        for name in list(self._to_reap):
+            if name not in state.nodes:
+                self._to_reap.discard(name)
+                continue
+            b = self._monitor.breaker(name)
+            agent = self._executor.agents.get(name)
+            if name in self._reaping or agent is None or b is None \
+                    or b.state is not BreakerState.CLOSED \
+                    or name not in self._monitor.latest_samples() \
+                    or now < self._reap_after.get(name, 0.0):
+                continue
+            self._reap_after[name] = now + REAP_RETRY_S
+            task = asyncio.get_running_loop().create_task(self._reap(name, agent))
+            self._reaping[name] = task
+            task.add_done_callback(lambda t, n=name: self._reaped(n, t))  # type: ignore[misc]
+
+    def _reaped(self, name: str, task: asyncio.Task[None]) -> None:
+        self._reaping.pop(name, None)
+        if not task.cancelled() and task.exception() is not None:
+            logger.error("clearing leftovers on %s failed", name, exc_info=task.exception())
+
+    async def _reap(self, name: str, agent: NodeAgent) -> None:
+        """Kill rank processes of attempts no longer active on a node that answers again."""
+        try:
+            async with asyncio.timeout(60):
+                left = await self._leftovers(name, agent)
+                for job_id, attempt, rank in left:
+                    if self._active(job_id, attempt):
+                        continue  # placed while the node was scanned: not a leftover
+                    logger.warning("node %s: killing leftover rank %d of %s (attempt %d)",
+                                   name, rank, job_id, attempt)
+                    await agent.kill(job_id, attempt, rank, signal.SIGKILL)
+                for _ in range(20):
+                    if not left:
+                        break
+                    await asyncio.sleep(0.25)
+                    left = await self._leftovers(name, agent)
+        except (TransportError, TimeoutError, ValueError) as exc:
+            logger.info("node %s: leftovers not cleared yet: %s", name, exc)
+            return
+        if left:
+            logger.warning("node %s: leftover ranks still alive after SIGKILL: %s", name, left)
+            return
+        self._to_reap.discard(name)
+        self._reap_after.pop(name, None)
+        node = self._ledger.state.nodes.get(name)
+        if node is not None and node.drained and node.drain_reason.startswith(DRAIN_PREFIX):
+            with contextlib.suppress(InvalidEvent):
+                await self._ledger.record(ev.DAEMON, ev.NodeUndrained(node=name))
+            logger.info("node %s: no leftover rank processes; undrained", name)
+
+    async def _leftovers(self, name: str, agent: NodeAgent) -> list[tuple[str, int, int]]:
+        state = self._ledger.state
+        keep = [await agent.run_dir(j.id, j.attempt, p.rank) for j in state.active_jobs()
+                if j.state in ACTIVE for p in j.placement if p.node == name]
+        jobs = posixpath.join(await agent.work_dir(), "jobs")
+        res = await agent.transport.run([agent.python, "-c", LEFTOVERS_SCRIPT, jobs, *keep])
+        if res.exit_code != 0:
+            raise ValueError(f"leftover scan failed: {res.stderr_line()}")
+        found = json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
+        out = []
+        for d in found.get("run_dirs", []):
+            m = _RUN_DIR.fullmatch(posixpath.relpath(str(d), jobs))
+            if m is not None and not self._active(m["job"], int(m["attempt"])):
+                out.append((m["job"], int(m["attempt"]), int(m["rank"])))
+        return out
+
+    def _active(self, job_id: str, attempt: int) -> bool:
+        job = self._ledger.state.jobs.get(job_id)
+        return job is not None and job.state in ACTIVE and job.attempt == attempt
+
+    # ---- recording -------------------------------------------------------------------
+
+    async def _stop(self, job: Job, reason: str) -> bool:
+        """Record the attempt as stopping with outcome failed; False if it changed meanwhile."""
+        try:
+            await self._ledger.record(ev.DAEMON, ev.JobStopping(
+                job=job.id, attempt=job.attempt, outcome="failed", reason=reason[:4000]))
+        except InvalidEvent as exc:
+            logger.info("job %s not stopped: %s", job.id, exc)
+            return False
+        return True
+

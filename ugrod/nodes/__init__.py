@@ -1,0 +1,3 @@
+"""Reaching nodes: transports, the per-node agent, code sync, and the programs that run on nodes
+(remote/).
+"""

@@ -1,0 +1,577 @@
+"""NodeAgent: a rank's lifecycle on one node (start, watch, status, kill) via the rank wrapper.
+
+Works on top of any Transport. Everything the node says back is untrusted input: the
+wrapper's output is decoded against typed structs, offsets are checked for gaps and
+repeats, and anything else is a WrapperProtocolError naming the node, never a crash.
+Nothing is ever passed through a shell built from user input: argv lists only (the SSH
+transport quotes them with ``shlex.join``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import json
+import logging
+import posixpath
+from collections.abc import AsyncGenerator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import msgspec
+
+from ugrod.core.names import valid_name
+from ugrod.nodes.transport.base import CommandResult, Stream, Transport, TransportError
+
+logger = logging.getLogger(__name__)
+
+WRAPPER_SOURCE = (Path(__file__).parent / "remote" / "rank_wrapper.py").read_bytes()
+WRAPPER_SHA256 = hashlib.sha256(WRAPPER_SOURCE).hexdigest()
+# The exit code of a rank that vanished with nobody left to record how it ended (the node
+# rebooted, or its supervisor was killed); see rank_wrapper.LOST.
+LOST = -1
+_MAX_REPLY = 16 * 1024 * 1024
+
+# The wrapper needs only the stdlib: no site-packages (.pth files make a big environment's
+# interpreter start several times slower), no PYTHON* variables, no user site.
+_ISOLATED = ("-I", "-S")
+# Makes the given directories; prints the interpreter's real path (past any pyenv/conda
+# shim, which would cost every wrapper call another shell) and the installed wrapper's
+# sha256 (or "missing").
+# When the wrapper can run ranks as other users (root, or ugrod's service account with
+# CAP_SETUID/CAP_SETGID) the work dir and jobs/ are 0711: owners reach their own run
+# dirs (0700, theirs) and list nothing. Otherwise everything is 0700.
+_PREPARE = """\
+import hashlib, os, sys
+os.umask(0o077)
+caps = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff:")]
+switch = os.geteuid() == 0 or bool(caps and int(caps[0].split()[1], 16) & 0xC0 == 0xC0)
+for d in sys.argv[2:]:
+    os.makedirs(d, exist_ok=True)
+    os.chmod(d, 0o711 if switch and not d.endswith("/.ugro") else 0o700)
+os.chmod(os.path.dirname(sys.argv[2]), 0o711 if switch else 0o700)
+print(sys.executable)
+try:
+    print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
+except FileNotFoundError:
+    print("missing")
+"""
+
+
+class WrapperProtocolError(TransportError):
+    """The node's rank wrapper answered something that is not what the protocol says."""
+
+
+class RankStartError(TransportError):
+    """The rank's command could not be started (e.g. not found: exit_code 127)."""
+
+    def __init__(self, node: str, message: str, exit_code: int) -> None:
+        super().__init__(node, message)
+        self.exit_code = exit_code
+
+
+# ---- events and answers -------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class RankPid:
+    pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class LogChunk:
+    """Bytes of rank.log starting at ``offset``; resume a watch at ``end``."""
+
+    offset: int
+    data: bytes
+
+    @property
+    def end(self) -> int:
+        return self.offset + len(self.data)
+
+
+@dataclass(frozen=True, slots=True)
+class MetricLine:
+    """One line of metrics.jsonl (without its newline); resume a watch at ``end``."""
+
+    offset: int
+    data: bytes
+    end: int
+
+
+@dataclass(frozen=True, slots=True)
+class RankExit:
+    """The rank ended: its exit status, 128+N if killed by signal N, or LOST.
+
+    ``leftovers``: how many processes its main process left running (they were killed
+    before the exit was recorded) and their names.
+    """
+
+    exit_code: int
+    leftovers: int = 0
+    leftover_names: tuple[str, ...] = ()
+    at: float | None = field(default=None, compare=False)  # by the node's clock
+
+
+RankEvent = RankPid | LogChunk | MetricLine | RankExit
+
+
+@dataclass(frozen=True, slots=True)
+class RankStatus:
+    """``alive``: the rank's process (same pid and start time) or one of its descendants."""
+
+    pid: int | None
+    alive: bool
+    exit_code: int | None
+    pids: tuple[int, ...] = ()
+    exited_at: float | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointFile:
+    path: str
+    size_bytes: int
+    mtime: float
+
+
+# ---- the wrapper's wire format --------------------------------------------------------
+
+
+class _Pid(msgspec.Struct, tag_field="t", tag="pid"):
+    pid: int
+
+
+class _Log(msgspec.Struct, tag_field="t", tag="log"):
+    o: int
+    d: str
+
+
+class _Metric(msgspec.Struct, tag_field="t", tag="metric"):
+    o: int
+    e: int
+    d: str
+
+
+class _Exit(msgspec.Struct, tag_field="t", tag="exit"):
+    code: int
+    left: int = 0
+    names: list[str] = []
+    at: float | None = None
+
+
+class _Error(msgspec.Struct, tag_field="t", tag="error"):
+    message: str
+
+
+_WatchLine = _Pid | _Log | _Metric | _Exit | _Error
+_watch_decoder = msgspec.json.Decoder(_WatchLine)
+
+
+class _SessionReply(msgspec.Struct):
+    id: int
+    rc: int
+    out: Any = None
+    err: str = ""
+
+
+_session_decoder = msgspec.json.Decoder(_SessionReply)
+# Answered by the long-lived session; `reach` waits on the network, so it runs on its own.
+_SESSION_COMMANDS = frozenset(
+    {"start", "status", "kill", "alive-pids", "checkpoint", "ls-checkpoints", "free-port",
+     "sync-missing", "sync-tree"}
+)
+
+
+class _Status(msgspec.Struct):
+    pid: int | None
+    alive: bool
+    exit_code: int | None
+    pids: list[int] = []
+    exited_at: float | None = None
+
+
+class _Checkpoint(msgspec.Struct):
+    path: str
+    size_bytes: int
+    mtime: float
+
+
+class NodeAgent:
+    """Ranks on one node, through its Transport and the uploaded rank wrapper."""
+
+    def __init__(self, transport: Transport, work_dir: str, python: str = "python3", *,
+                 clean_env: bool = False, cgroups: bool = True) -> None:
+        self.transport = transport
+        # clean_env: ranks get the login basics of their account (HOME, USER, LOGNAME,
+        # PATH, SHELL, locale) plus the job's env, not the wrapper's environment (the
+        # local node, whose wrapper inherits ugrod's). cgroups: a cgroup per rank where
+        # the wrapper can make one (root and cgroup v2).
+        self.clean_env = clean_env
+        self.cgroups = cgroups
+        self.node = transport.node
+        self.python = python
+        self._work_dir_setting = work_dir
+        self._work_dir: str | None = None
+        self._prepared = False
+        self._wrapper_python = python
+        self._preparing = asyncio.Lock()
+        self._session: Stream | None = None
+        self._session_lock = asyncio.Lock()
+        self._next_id = 0
+
+    # ---- paths ------------------------------------------------------------------------
+
+    async def work_dir(self) -> str:
+        """The node-side work directory, absolute ('~' expanded with the login's home)."""
+        if self._work_dir is None:
+            wd = self._work_dir_setting
+            if wd == "~" or wd.startswith("~/"):
+                wd = await self.transport.home() + wd[1:]
+            if not wd.startswith("/"):
+                raise TransportError(self.node, f"work_dir {wd!r} must be absolute or start with ~")
+            self._work_dir = posixpath.normpath(wd)
+        return self._work_dir
+
+    async def wrapper_path(self) -> str:
+        return f"{await self.work_dir()}/.ugro/rank_wrapper.py"
+
+    async def job_dir(self, job: str) -> str:
+        if not valid_name(job):
+            raise ValueError(f"invalid job id {job!r}")
+        return f"{await self.work_dir()}/jobs/{job}"
+
+    async def run_dir(self, job: str, attempt: int, rank: int) -> str:
+        if attempt < 0 or rank < 0:
+            raise ValueError(f"invalid attempt/rank {attempt}/{rank}")
+        return f"{await self.job_dir(job)}/attempt-{int(attempt)}/rank-{int(rank)}"
+
+    async def checkpoint_dir(self, job: str) -> str:
+        return f"{await self.job_dir(job)}/checkpoints"
+
+    async def code_dir(self, job: str) -> str:
+        """Where a --sync job's copy of its code lives on this node."""
+        return f"{await self.job_dir(job)}/code"
+
+    async def sync_store(self) -> str:
+        return f"{await self.work_dir()}/sync/objects"
+
+    # ---- setup ------------------------------------------------------------------------
+
+    async def prepare(self) -> None:
+        """Make the work dirs and upload the wrapper if the node's copy differs (sha256)."""
+        wd = await self.work_dir()
+        wrapper = await self.wrapper_path()
+        result = await self.transport.run(
+            [self.python, *_ISOLATED, "-c", _PREPARE, wrapper, f"{wd}/.ugro", f"{wd}/jobs"]
+        )
+        if not result.ok:
+            raise TransportError(
+                self.node, f"{self.python} failed on the node: {result.stderr_line()}"
+            )
+        lines = result.stdout.decode(errors="replace").split("\n")
+        if len(lines) < 2 or not lines[0].startswith("/"):
+            raise WrapperProtocolError(
+                self.node, f"unexpected answer from {self.python}: {result.stdout[:200]!r}"
+            )
+        self._wrapper_python = lines[0]
+        if lines[1].strip() != WRAPPER_SHA256:
+            await self.transport.put_file(wrapper, WRAPPER_SOURCE, 0o600)
+        self._prepared = True
+
+    async def _wrapper_argv(self, *args: str) -> list[str]:
+        if not self._prepared:
+            async with self._preparing:
+                if not self._prepared:
+                    await self.prepare()
+        return [self._wrapper_python, *_ISOLATED, await self.wrapper_path(), *args]
+
+    async def _call(self, *args: str, input: bytes | None = None) -> CommandResult:
+        if args[0] in _SESSION_COMMANDS:
+            try:
+                return await self._session_call(list(args), input)
+            except TransportError as exc:  # e.g. the link dropped: one fresh command instead
+                logger.debug(
+                    "node %s: wrapper session failed (%s); running directly", self.node, exc
+                )
+        result = await self.transport.run(await self._wrapper_argv(*args), input=input)
+        if result.exit_code == 2 and b"can't open file" in result.stderr:
+            self._prepared = False  # the work dir was wiped under us: upload again, once
+            result = await self.transport.run(await self._wrapper_argv(*args), input=input)
+        return result
+
+    async def _session_call(self, argv: list[str], input: bytes | None) -> CommandResult:
+        """One request to the node's long-lived ``rank_wrapper serve`` (opened on first use).
+
+        Saves a login shell and an interpreter start per call (~0.1-0.5 s with a busy
+        .bashrc). Requests are serialised; any failure drops the session.
+        """
+        async with self._session_lock:
+            if self._session is None:
+                self._session = await self.transport.open_stream(await self._wrapper_argv("serve"))
+            session = self._session
+            self._next_id += 1
+            request: dict[str, object] = {"id": self._next_id, "argv": argv}
+            if input is not None:
+                request["stdin"] = input.decode()
+            try:
+                await session.write(json.dumps(request).encode() + b"\n")
+                while True:
+                    line = await session.readline()
+                    if not line:
+                        raise TransportError(self.node, "the rank wrapper session ended")
+                    try:
+                        reply = _session_decoder.decode(line)
+                    except msgspec.DecodeError as exc:
+                        raise WrapperProtocolError(
+                            self.node, f"malformed rank wrapper reply: {exc}: {line[:160]!r}"
+                        ) from exc
+                    if reply.id == self._next_id:
+                        break
+            except BaseException:
+                self._session = None
+                await asyncio.shield(session.close())
+                raise
+        out = b"" if reply.out is None else json.dumps(reply.out).encode()
+        return CommandResult(reply.rc, out, reply.err.encode())
+
+    async def close(self) -> None:
+        """End the node's wrapper session (the transport stays open)."""
+        async with self._session_lock:
+            session, self._session = self._session, None
+        if session is not None:
+            await session.close()
+
+    def _reply(self, result: CommandResult, what: str) -> Any:
+        """The wrapper's one JSON document on stdout, or a clear error."""
+        text = result.stdout.strip()
+        if not text:
+            raise TransportError(self.node, f"{what} failed: {result.stderr_line()}")
+        if len(text) > _MAX_REPLY:
+            raise WrapperProtocolError(self.node, f"{what}: reply of {len(text)} bytes")
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise WrapperProtocolError(
+                self.node, f"{what}: not JSON from the rank wrapper: {text[:200]!r}"
+            ) from exc
+
+    # ---- ranks ------------------------------------------------------------------------
+
+    async def spawn(
+        self,
+        job: str,
+        attempt: int,
+        rank: int,
+        argv: Sequence[str],
+        env: Mapping[str, str],
+        cwd: str | None = None,
+        run_as: Mapping[str, Any] | None = None,
+        program: int | None = None,
+    ) -> int:
+        """Start a rank detached on the node; its pid (= its process group id).
+
+        ``run_as`` ({uid, gid, groups, user}): the account the rank runs as, for a
+        wrapper running as root (the head node when ugrod runs as root).
+        ``program``: the index in argv of the user's own command, which the wrapper
+        checks before starting anything (found, executable): RankStartError if not.
+        """
+        rd = await self.run_dir(job, attempt, rank)
+        ckpt = await self.checkpoint_dir(job)
+        full_env = {
+            "UGRO_JOB_DIR": rd,
+            "UGRO_METRICS_FILE": f"{rd}/metrics.jsonl",
+            "UGRO_CHECKPOINT_DIR": ckpt,
+            **env,
+        }
+        spec: dict[str, Any] = {"argv": list(argv), "env": full_env, "cwd": cwd,
+                                "mkdirs": [ckpt], "clean_env": self.clean_env,
+                                "cgroup": self.cgroups,
+                                "program": program}
+        if run_as is not None:
+            spec["run_as"] = dict(run_as)
+        result = await self._call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
+        reply = self._reply(result, f"starting rank {rank} of {job}")
+        match reply:
+            case {"pid": int(pid)} if pid > 0:
+                return pid
+            case {"error": str(error), "exit_code": int(code)}:
+                raise RankStartError(self.node, f"rank {rank} of {job}: {error}", code)
+        raise WrapperProtocolError(self.node, f"starting rank {rank} of {job}: reply {reply!r}")
+
+    async def watch(
+        self, job: str, attempt: int, rank: int, log_offset: int = 0, metrics_offset: int = 0
+    ) -> AsyncGenerator[RankEvent, None]:
+        """Stream a rank's pid, log, metrics and finally its exit (then stop).
+
+        Use ``contextlib.aclosing`` when stopping early. Resume with the last event's
+        ``end`` offsets to lose and repeat nothing.
+        """
+        rd = await self.run_dir(job, attempt, rank)
+        argv = await self._wrapper_argv("watch", rd, str(log_offset), str(metrics_offset))
+        stream = await self.transport.open_stream(argv)
+        offsets = [log_offset, metrics_offset]
+        try:
+            while True:
+                line = await stream.readline()
+                if not line:
+                    raise TransportError(
+                        self.node, f"watch of {rd} ended before the rank's exit was reported"
+                    )
+                event = self._decode(line, offsets, rd)
+                if isinstance(event, RankExit):
+                    await stream.close()  # free the channel even if the caller never closes us
+                    yield event
+                    return
+                yield event
+        finally:
+            await stream.close()
+
+    def _decode(self, line: bytes, offsets: list[int], rd: str) -> RankEvent:
+        """One watch line as an event; checks offsets continue exactly where expected."""
+
+        def bad(why: str) -> WrapperProtocolError:
+            return WrapperProtocolError(
+                self.node,
+                f"malformed line from the rank wrapper watching {rd}: {why}: {line[:160]!r}",
+            )
+
+        try:
+            msg = _watch_decoder.decode(line)
+        except msgspec.DecodeError as exc:
+            raise bad(str(exc)) from exc
+        match msg:
+            case _Pid(pid=pid):
+                if pid <= 0:
+                    raise bad("pid must be positive")
+                return RankPid(pid)
+            case _Log(o=o, d=d):
+                if o != offsets[0]:
+                    raise bad(f"log offset {o}, expected {offsets[0]}")
+                try:
+                    data = base64.b64decode(d, validate=True)
+                except (binascii.Error, ValueError) as exc:
+                    raise bad("log data is not base64") from exc
+                offsets[0] = o + len(data)
+                return LogChunk(o, data)
+            case _Metric(o=o, e=e, d=d):
+                if o != offsets[1] or e <= o:
+                    raise bad(f"metrics offsets {o}-{e}, expected start {offsets[1]}")
+                offsets[1] = e
+                return MetricLine(o, d.encode(), e)
+            case _Exit(code=code, left=left, names=names, at=at):
+                clean = tuple("".join(c for c in n[:32] if c.isprintable()) for n in names[:8])
+                return RankExit(code, max(0, left), clean, at)
+            case _Error(message=message):
+                raise TransportError(self.node, f"watching {rd}: {message[:300]}")
+        raise bad("unknown message")
+
+    async def status(self, job: str, attempt: int, rank: int) -> RankStatus:
+        rd = await self.run_dir(job, attempt, rank)
+        reply = self._reply(await self._call("status", rd), f"status of {rd}")
+        try:
+            st = msgspec.convert(reply, _Status)
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"status of {rd}: {exc}: {reply!r}") from exc
+        return RankStatus(st.pid, st.alive, st.exit_code, tuple(st.pids), st.exited_at)
+
+    async def alive_pids(self, run_dirs: Sequence[str]) -> dict[str, list[int]]:
+        """For each run dir, the pids of its rank's processes still alive (one call)."""
+        if not run_dirs:
+            return {}
+        reply = self._reply(await self._call("alive-pids", *run_dirs), "alive-pids")
+        try:
+            return msgspec.convert(reply, dict[str, list[int]])
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"alive-pids: {exc}") from exc
+
+    async def kill(self, job: str, attempt: int, rank: int, sig: int) -> None:
+        """Signal the rank's process group and its descendants, if still that rank's."""
+        rd = await self.run_dir(job, attempt, rank)
+        result = await self._call("kill", rd, str(int(sig)))
+        if not result.ok:
+            raise TransportError(self.node, f"kill {rd}: {result.stderr_line()}")
+
+    async def request_checkpoint(self, job: str, attempt: int, rank: int) -> None:
+        rd = await self.run_dir(job, attempt, rank)
+        result = await self._call("checkpoint", rd)
+        if not result.ok:
+            raise TransportError(self.node, f"checkpoint request {rd}: {result.stderr_line()}")
+
+    async def list_checkpoints(
+        self, job: str, patterns: Sequence[str] = (), cwd: str | None = None
+    ) -> list[CheckpointFile]:
+        """The job's checkpoint dir, plus what the glob ``patterns`` match on the node
+        (relative ones under ``cwd``, else the wrapper's directory, where ranks start)."""
+        args = ["ls-checkpoints", await self.checkpoint_dir(job)]
+        if patterns:
+            args += [cwd or "", *patterns]
+        reply = self._reply(await self._call(*args), "ls-checkpoints")
+        try:
+            found = msgspec.convert(reply, list[_Checkpoint])
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"ls-checkpoints: {exc}") from exc
+        return [CheckpointFile(c.path, c.size_bytes, c.mtime) for c in found]
+
+    async def free_port(self, low: int = 0, high: int = 0) -> int:
+        """A TCP port free on the node right now (in low..high when given)."""
+        args = ["free-port"] + ([str(low), str(high)] if low else [])
+        reply = self._reply(await self._call(*args), "free-port")
+        match reply:
+            case {"port": int(port)} if 0 < port < 65536:
+                return port
+            case {"error": str(error)}:
+                raise TransportError(self.node, error)
+        raise WrapperProtocolError(self.node, f"free-port: reply {reply!r}")
+
+    async def can_reach(self, host: str, port: int, timeout_s: float) -> bool:
+        """Whether a TCP connect from the node to host:port succeeds within timeout_s."""
+        result = await self._call("reach", host, str(int(port)), str(float(timeout_s)))
+        if result.exit_code not in (0, 1):
+            raise TransportError(self.node, f"reach {host}:{port}: {result.stderr_line()}")
+        return result.exit_code == 0
+
+    # ---- code sync (--sync) -------------------------------------------------------
+
+    async def sync_missing(self, objects: Sequence[tuple[str, int]]) -> list[str]:
+        """The sha256s of ``objects`` ((sha256, size) pairs) this node's store lacks."""
+        payload = json.dumps([list(o) for o in objects]).encode()
+        reply = self._reply(await self._call("sync-missing", await self.sync_store(),
+                                             input=payload), "sync-missing")
+        match reply:
+            case {"missing": list(missing)} if all(isinstance(m, str) for m in missing):
+                return list(missing)
+        raise WrapperProtocolError(self.node, f"sync-missing: reply {str(reply)[:200]!r}")
+
+    async def sync_put(self, frames: AsyncGenerator[bytes, None]) -> int:
+        """Send framed objects (``SHA SIZE\\n`` + bytes, ..., ``end\\n``); bytes stored."""
+        stream = await self.transport.open_stream(
+            await self._wrapper_argv("sync-put", await self.sync_store()))
+        try:
+            async for chunk in frames:
+                await stream.write(chunk)
+            line = await stream.readline()
+        finally:
+            await stream.close()
+        try:
+            reply = json.loads(line) if line.strip() else {"error": "no answer"}
+        except ValueError:
+            reply = {"error": f"not JSON: {line[:200]!r}"}
+        match reply:
+            case {"stored": int(_), "bytes": int(size)}:
+                return size
+            case {"error": str(error)}:
+                raise TransportError(self.node, f"storing code objects: {error}")
+        raise WrapperProtocolError(self.node, f"sync-put: reply {str(reply)[:200]!r}")
+
+    async def sync_tree(self, job: str, tree: str, entries: Sequence[Sequence[Any]]) -> str:
+        """Copy the tree out of the node's store into the job's code dir; that dir."""
+        dest = await self.code_dir(job)
+        payload = json.dumps({"tree": tree, "entries": [list(e) for e in entries]}).encode()
+        result = await self._call("sync-tree", await self.sync_store(), dest, input=payload)
+        reply = self._reply(result, "sync-tree")
+        if not isinstance(reply, dict) or "files" not in reply:
+            raise WrapperProtocolError(self.node, f"sync-tree: reply {str(reply)[:200]!r}")
+        return dest

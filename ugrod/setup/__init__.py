@@ -1,0 +1,2 @@
+"""Installing and wiring ugrod into the host: systemd unit, sd_notify, Prometheus config and rules.
+"""
