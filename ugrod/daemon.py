@@ -14,7 +14,6 @@ import signal
 import socket
 import time
 from collections.abc import Callable, Mapping
-from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +41,7 @@ from ugrod.core.state import (
     Sweep,
 )
 from ugrod.loops.executor import Executor
+from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
 from ugrod.nodes.agent import NodeAgent
@@ -90,7 +90,7 @@ class Daemon:
         self._runner: web.AppRunner | None = None
         self.admission: admission.Admission | None = None  # the control socket's limits
         self._metrics_runner: Any = None
-        self._scheduler: Any = None
+        self._scheduler: Schedule | None = None
         self._kick = asyncio.Event()
         self._planner_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
@@ -211,7 +211,7 @@ class Daemon:
             with contextlib.suppress(Exception):
                 await self._metrics_runner.cleanup()
         if self._scheduler is not None:
-            self._scheduler.shutdown(wait=False)
+            self._scheduler.stop()
         for t in self._timers:
             t.cancel()
         pending = [*self._background, *([self._inventory_task] if self._inventory_task else [])]
@@ -352,15 +352,10 @@ class Daemon:
             notify_ready()
 
     def _start_scheduler(self) -> None:
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
-        sched = AsyncIOScheduler(timezone="UTC")
-        sched.add_job(self._snapshot_job, "interval", seconds=60, id="snapshot",
-                      max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
-        sched.add_job(self._verify_history, "interval", hours=24, id="verify-log",
-                      max_instances=1, coalesce=True,
-                      next_run_time=datetime.now(UTC) + timedelta(minutes=1))
-        sched.add_job(self.kick, "interval", seconds=self.config.scheduler.interval_s,
-                      id="planner-safety-net", max_instances=1, coalesce=True)
+        sched = Schedule()
+        sched.every("snapshot", 60, self._snapshot_job, first_in_s=0)
+        sched.every("verify-log", 24 * 3600, self._verify_history, first_in_s=60)
+        sched.every("planner-safety-net", self.config.scheduler.interval_s, self.kick)
         if self.monitor is not None:
             self.monitor.schedule(sched)
             from ugrod.loops.watchdog import Watchdog  # stalls, vanished ranks, dead nodes

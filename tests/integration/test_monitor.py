@@ -26,6 +26,7 @@ from ugrod.core import events as ev
 from ugrod.core.health import BreakerState
 from ugrod.core.state import NodeHealth
 from ugrod.loops.monitor import JOB_ID, Monitor
+from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.transport.base import CommandResult, Transport, TransportError
@@ -394,18 +395,17 @@ async def test_on_demand_checks(local: tuple[Host, Monitor, FlakyTransport]) -> 
 
 
 async def test_interval_follows_activity(local: tuple[Host, Monitor, FlakyTransport]) -> None:
-    from apscheduler.schedulers.asyncio import AsyncIOScheduler
     host, monitor, _ = local
-    sched = AsyncIOScheduler(timezone="UTC")
+    sched = Schedule()
     sched.start(paused=True)
     try:
         monitor.schedule(sched)
-        assert sched.get_job(JOB_ID).trigger.interval.total_seconds() == 40  # never active
+        assert sched.interval_s(JOB_ID) == 40  # never active
         await host.ledger.record(ev.DAEMON, ev.JobSubmitted(
             job="j1", spec=ev.JobSpec(argv=("x",))))
-        assert sched.get_job(JOB_ID).trigger.interval.total_seconds() == 10
+        assert sched.interval_s(JOB_ID) == 10
     finally:
-        sched.shutdown(wait=False)
+        sched.stop()
 
 
 # ---- real sshd nodes ------------------------------------------------------------------

@@ -14,14 +14,13 @@ Sweeps never overlap. Samples go to a bounded buffer per node (read by
 event log: only transitions do (health changed, alert raised or cleared,
 node unreachable), each once.
 
-The sweep interval adapts (``health.next_interval``): it is rescheduled on
-the apscheduler job whenever job activity moves it.
+The sweep interval adapts (``health.next_interval``): its job on the daemon's
+``Schedule`` is rescheduled whenever job activity moves it.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import random
@@ -29,7 +28,6 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -40,6 +38,7 @@ from ugrod.core import events as ev
 from ugrod.core import gpus
 from ugrod.core import health as hl
 from ugrod.core.state import InvalidEvent, Job, JobState, NodeHealth, State
+from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.transport.base import (
@@ -174,7 +173,7 @@ class _ProbeLink:
 
 
 class Monitor:
-    """Owns the per-node breakers and sample buffers; sweeps on an apscheduler job."""
+    """Owns the per-node breakers and sample buffers; sweeps on a scheduled job."""
 
     def __init__(self, host: Host, agents: Mapping[str, NodeAgent],
                  transports: Mapping[str, Transport], *,
@@ -194,7 +193,7 @@ class Monitor:
         self._inflight: dict[str, asyncio.Task[None]] = {}
         self._links: dict[str, _ProbeLink] = {}
         self._closing: set[asyncio.Task[None]] = set()
-        self._sched: Any = None
+        self._sched: Schedule | None = None
         self._interval: float | None = None
         self._closed = False
         self.sweeps = 0
@@ -219,12 +218,11 @@ class Monitor:
                 del self._watch[name]
                 self._host.stats.forget_node(name)
 
-    def schedule(self, sched: Any) -> None:
-        """Add the sweep to the daemon's apscheduler (first sweep right away)."""
+    def schedule(self, sched: Schedule) -> None:
+        """Add the sweep to the daemon's schedule (first sweep right away)."""
         self._sched = sched
         self._interval = self.interval()
-        sched.add_job(self.sweep, "interval", seconds=self._interval, id=JOB_ID,
-                      max_instances=1, coalesce=True, next_run_time=datetime.now(UTC))
+        sched.every(JOB_ID, self._interval, self.sweep, first_in_s=0)
 
     def interval(self) -> float:
         state = self._host.ledger.state
@@ -238,8 +236,7 @@ class Monitor:
         new = self.interval()
         if new != self._interval:
             self._interval = new
-            with contextlib.suppress(Exception):  # the job is gone once the scheduler stops
-                self._sched.reschedule_job(JOB_ID, trigger="interval", seconds=new)
+            self._sched.reschedule(JOB_ID, new)
             logger.debug("health sweep every %g s", new)
 
     def _on_commit(self, records: list[ev.Record], state: State) -> None:

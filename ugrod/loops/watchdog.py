@@ -1,6 +1,6 @@
 """The watchdog: fails jobs whose ranks vanished or whose node died, and catches stalled training.
 
-Runs every second on the daemon's apscheduler and looks at what the executor and
+Runs every second on the daemon's schedule and looks at what the executor and
 the monitor already know; it starts no probe of its own. Its decisions:
 
 * **Vanished rank.** The health probe found a running rank's process (pid and start
@@ -57,6 +57,7 @@ from ugrod.core.state import ACTIVE, InvalidEvent, Job, JobState, State
 from ugrod.loops import stacks
 from ugrod.loops.executor import Executor
 from ugrod.loops.monitor import Monitor
+from ugrod.loops.schedule import Schedule
 from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.transport.base import TransportError
 from ugrod.store.ledger import Ledger
@@ -168,11 +169,10 @@ class Watchdog:
             if node.drained and node.drain_reason.startswith(DRAIN_PREFIX):
                 self._to_reap.add(node.name)
 
-    def schedule(self, sched: Any) -> None:
-        """Add the watchdog to the daemon's apscheduler."""
+    def schedule(self, sched: Schedule) -> None:
+        """Add the watchdog to the daemon's schedule."""
         # A tick late under load runs late instead of being skipped with a warning.
-        sched.add_job(self.tick, "interval", seconds=self.tick_s, id=JOB_ID,
-                      max_instances=1, coalesce=True, misfire_grace_time=None)
+        sched.every(JOB_ID, self.tick_s, self.tick, run_late=True)
 
     async def close(self) -> None:
         self._closed = True
