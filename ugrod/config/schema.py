@@ -52,7 +52,6 @@ USER_RE: Final = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.@-]{0,63}\$?")
 IFNAME_RE: Final = re.compile(r"[A-Za-z0-9_.:,^=-]{1,64}")
 PLACEHOLDERS: Final = ("model", "dataset", "epochs", "lr", "name", "batch_size_per_gpu",
                        "gradient_accumulation", "nproc_per_node")
-SEED_SCRIPT: Final = "train_production.py"  # what the seeds' launch runs in paths.scripts
 DEFAULT_ARGS: Final = ("--model-name", "{model}", "--dataset-name", "{dataset}",
                        "--num-epochs", "{epochs}", "--learning-rate", "{lr}", "--job-id", "{name}")
 
@@ -134,7 +133,7 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True):
     gradient_accumulation: int = 8
     default_model: str = "unsloth/tinyllama-bnb-4bit"
     default_dataset: str = "wikitext"
-    script: str | None = None  # node-side; relative: in paths.scripts (None: SEED_SCRIPT)
+    script: str | None = None  # node-side; relative: in paths.scripts (None: jobspec.SEED_SCRIPT)
     args_template: tuple[str, ...] = DEFAULT_ARGS
     nodes: int | None = None  # launch's size; None: every schedulable node with the GPUs
     gpus_per_node: int | None = None  # None: 1, the seeds' shape

@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable, Mapping, Sequence
+from typing import Final, Protocol
 
 import msgspec
 
-from ugrod.config import schema as cfgmod
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core import time_limits
@@ -41,6 +41,50 @@ MAX_SWEEP_TRIALS = 1000
 MAX_PATH_CHARS = 4096
 MAX_TEXT_CHARS = 4096              # a sweep value, an environment value
 MAX_LABEL_CHARS = 128
+SEED_SCRIPT: Final = "train_production.py"  # what the seeds' launch runs in paths.scripts
+
+
+# What a submit reads from the cluster's configuration, named here so that the core
+# imports nothing above it (config.schema.Config has these fields and is what is passed).
+class TrainingDefaults(Protocol):
+    @property
+    def script(self) -> str | None: ...
+    @property
+    def nodes(self) -> int | None: ...
+    @property
+    def gpus_per_node(self) -> int | None: ...
+    def render_args(self, *, name: str, model: str | None = None, dataset: str | None = None,
+                    epochs: int | None = None, lr: float | None = None) -> Sequence[str]: ...
+
+
+class PathsDefaults(Protocol):
+    @property
+    def scripts(self) -> str | None: ...
+
+
+class SyncDefaults(Protocol):
+    @property
+    def default(self) -> bool: ...
+
+
+class RetryDefaults(Protocol):
+    @property
+    def default_max_retries(self) -> int: ...
+    @property
+    def retry_backoff_s(self) -> float: ...
+
+
+class SubmitDefaults(Protocol):
+    """The config sections ``build`` reads: the training template, paths, sync, retries."""
+
+    @property
+    def training(self) -> TrainingDefaults: ...
+    @property
+    def paths(self) -> PathsDefaults: ...
+    @property
+    def sync(self) -> SyncDefaults: ...
+    @property
+    def scheduler(self) -> RetryDefaults: ...
 
 
 class SpecFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -138,7 +182,7 @@ def check_request_id(value: str | None) -> None:
         check_text("request_id", value, 128)
 
 
-def build(body: SubmitBody, config: cfgmod.Config, n_nodes: int,
+def build(body: SubmitBody, config: SubmitDefaults, n_nodes: int,
           launch_nodes: Callable[[int], int] | None = None, name: str = "") -> ev.JobSpec:
     """Check a submit body and build the JobSpec (launch: from the training template).
 
@@ -318,14 +362,14 @@ def procs_per_node(spec: ev.JobSpec) -> int:
     return max(spec.gpus_per_node, 1) if spec.gpus_per_node else max(spec.nproc_per_node, 1)
 
 
-def launch_argv(launch: Mapping[str, str | int | float], config: cfgmod.Config) -> list[str]:
+def launch_argv(launch: Mapping[str, str | int | float], config: SubmitDefaults) -> list[str]:
     """The training script and the template's arguments, with {name} the job's name.
 
     The script is ``training.script`` (the seeds' ``train_production.py`` when unset);
     a relative one runs in the job's directory: ``paths.scripts`` as in the seeds, or
     the synced copy of the user's directory with ``--sync``.
     """
-    script = config.training.script or cfgmod.SEED_SCRIPT
+    script = config.training.script or SEED_SCRIPT
     known = {"model", "dataset", "epochs", "lr", "name"}
     for k in launch:
         if k not in known:
