@@ -70,5 +70,7 @@ echo "== ruff"
 $PY -m ruff check ugrod ugroctl exporters
 echo "== mypy --strict"
 $PY -m mypy ugrod ugroctl exporters
+echo "== lint-imports (the layers and import contracts in pyproject.toml)"
+$PY -c "from importlinter.cli import lint_imports_command; lint_imports_command()" --no-logo
 echo "== pytest"
 $PY -m pytest -q -p no:cacheprovider "$@"
