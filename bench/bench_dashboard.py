@@ -106,7 +106,7 @@ def setup(root: Path, args: argparse.Namespace, cluster: SshdCluster,
     sock = root / "ugrod.sock"
     env = dict(os.environ, UGRO_STATE_DIR=str(root / "state"), UGRO_SOCKET=str(sock),
                PYTHONPATH=str(ROOT))
-    log = open(root / "ugrod.store.log", "wb")  # noqa: SIM115 (closed with the process)
+    log = open(root / "ugrod.log", "wb")  # noqa: SIM115 (closed with the process)
     proc = subprocess.Popen([sys.executable, "-m", "ugrod.cli", "--config",
                              str(root / "cluster.yaml"), "--log-level", "warning"],
                             env=env, stdout=log, stderr=log, cwd=ROOT)
@@ -294,7 +294,7 @@ def main() -> int:
         try:
             sock, env = setup(root, args, cluster, procs)
         except SystemExit:
-            log = root / "ugrod.store.log"
+            log = root / "ugrod.log"
             print(log.read_text()[-3000:] if log.exists() else "(no ugrod log)", file=sys.stderr)
             raise
         proc = procs[0]

@@ -101,14 +101,14 @@ def main() -> int:
         sock = root / "ugrod.sock"
         env = dict(os.environ, UGRO_STATE_DIR=str(root / "state"), UGRO_SOCKET=str(sock),
                    PYTHONPATH=str(ROOT))
-        with open(root / "ugrod.store.log", "wb") as log:
+        with open(root / "ugrod.log", "wb") as log:
             proc = subprocess.Popen([sys.executable, "-m", "ugrod.cli", "--config",
                                      str(root / "cluster.yaml"), "--log-level", "info"],
                                     env=env, stdout=log, stderr=log, cwd=ROOT)
         t0 = time.monotonic()
         while True:
             if proc.poll() is not None:
-                raise SystemExit(f"ugrod exited:\n{(root / 'ugrod.store.log').read_text()[-3000:]}")
+                raise SystemExit(f"ugrod exited:\n{(root / 'ugrod.log').read_text()[-3000:]}")
             try:
                 nodes = api(sock, "/v1/nodes")["nodes"]  # type: ignore[index]
                 if sum(1 for n in nodes if n["last_check"]) == args.nodes:
@@ -124,7 +124,7 @@ def main() -> int:
         c0, w0, k0 = cpu_seconds(proc.pid), time.monotonic(), checks_total(port)
         time.sleep(args.seconds)
         c1, w1, k1 = cpu_seconds(proc.pid), time.monotonic(), checks_total(port)
-        errors = [ln for ln in (root / "ugrod.store.log").read_text().splitlines()
+        errors = [ln for ln in (root / "ugrod.log").read_text().splitlines()
                   if " ERROR " in ln or " WARNING " in ln]
     finally:
         if proc is not None and proc.poll() is None:

@@ -122,9 +122,10 @@ def _from_snapshot(directory: Path, until_seq: int, empty: Any) -> Any:
     """The newest snapshot when it is not past ``until_seq`` (saves replaying old events)."""
     from ugrod.core import state as st
     from ugrod.store import log as evlog
+    from ugrod.store.snapshots import read_latest_snapshot
 
     try:
-        snap = evlog.read_latest_snapshot(directory)
+        snap = read_latest_snapshot(directory)
     except (evlog.LogError, OSError):
         return empty
     if snap is None or snap[0] > until_seq:

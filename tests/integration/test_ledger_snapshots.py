@@ -12,7 +12,7 @@ import pytest
 from ugrod.core import events as ev
 from ugrod.core.state import STATE_VERSION, State
 from ugrod.store.ledger import Ledger, ReplayError, replay_until
-from ugrod.store.log import write_snapshot
+from ugrod.store.snapshots import write_snapshot
 
 ALICE = ev.Actor(user="alice", uid=1000)
 SPEC = ev.JobSpec(argv=("python3", "train.py", "--lr", "1e-4"))

@@ -1,4 +1,4 @@
-"""The event-log files on a real filesystem: group commit, recovery, corruption, snapshots."""
+"""The event-log files on a real filesystem: group commit, recovery, corruption, the lock."""
 
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ from ugrod.store.log import (
     LogError,
     LogLocked,
     LogWriteFailed,
-    read_latest_snapshot,
-    write_snapshot,
 )
 
 
@@ -262,7 +260,7 @@ async def test_segments_rotate(tmp_path: Path) -> None:
 def test_reads_across_chunk_boundaries(tmp_path: Path, chunk: int,
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     build(tmp_path, [1, 4, 2, 7, 1, 3], pad=30, max_segment_bytes=500)
-    monkeypatch.setattr("ugrod.store.log._CHUNK_BYTES", chunk)
+    monkeypatch.setattr("ugrod.store.segments.CHUNK_BYTES", chunk)
     log = EventLog.open(tmp_path)
     assert log.recovery.segments >= 2
     for after in range(0, 19):
@@ -719,49 +717,3 @@ def test_junk_after_the_last_commit_is_cut(junk: bytes) -> None:
         assert Path(log.recovery.broken_file or "").read_bytes() == junk
         assert seg(d).read_bytes() == orig
         log.close_sync()
-
-
-# ---- snapshots -------------------------------------------------------------------------------
-
-
-def test_snapshot_round_trip_keeps_newest_two(tmp_path: Path) -> None:
-    assert read_latest_snapshot(tmp_path) is None
-    for seq in (10, 20, 30):
-        path = write_snapshot(tmp_path, seq, b"state at %d" % seq)
-        assert path.name == f"snapshot-{seq:012d}.bin"
-    assert read_latest_snapshot(tmp_path) == (30, b"state at 30")
-    assert sorted(p.name for p in (tmp_path / "snapshots").iterdir()) == [
-        "snapshot-000000000020.bin", "snapshot-000000000030.bin"]
-
-
-@pytest.mark.parametrize("damage", ["flip", "truncate", "header", "empty"])
-def test_bad_newest_snapshot_falls_back(tmp_path: Path, damage: str,
-                                        caplog: pytest.LogCaptureFixture) -> None:
-    write_snapshot(tmp_path, 10, b"older" * 100)
-    newest = write_snapshot(tmp_path, 20, b"newer" * 100)
-    data = newest.read_bytes()
-    newest.write_bytes({"flip": data[:-3] + b"X" + data[-2:], "truncate": data[:-10],
-                        "header": data.replace(b'"seq":20', b'"seq":21'), "empty": b""}[damage])
-    with caplog.at_level(logging.WARNING):
-        assert read_latest_snapshot(tmp_path) == (10, b"older" * 100)
-    assert "snapshot-000000000020.bin" in caplog.text
-    (tmp_path / "snapshots" / "snapshot-000000000010.bin").write_bytes(b"junk")
-    assert read_latest_snapshot(tmp_path) is None
-
-
-def test_snapshot_write_is_atomic(tmp_path: Path) -> None:
-    write_snapshot(tmp_path, 10, b"good")
-
-    def eio(fd: int) -> None:
-        raise OSError(errno.EIO, "Input/output error")
-
-    with pytest.raises(OSError):
-        write_snapshot(tmp_path, 20, b"never durable", fsync=eio)
-    assert [p.name for p in (tmp_path / "snapshots").iterdir()] == ["snapshot-000000000010.bin"]
-    # A crash between write and rename leaves a temp file: never read, removed next time.
-    stale = tmp_path / "snapshots" / ".snapshot-000000000030.bin.tmp-999999"
-    stale.write_bytes(b"half")
-    assert read_latest_snapshot(tmp_path) == (10, b"good")
-    write_snapshot(tmp_path, 40, b"next")
-    assert not stale.exists()
-    assert read_latest_snapshot(tmp_path) == (40, b"next")

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from ugrod.core import events as ev
 from ugrod.core.state import InvalidEvent, State, apply, from_snapshot, to_snapshot
 from ugrod.store import log as evlog
+from ugrod.store.snapshots import read_latest_snapshot, write_snapshot
 
 logger = logging.getLogger("ugrod.store.ledger")
 
@@ -65,7 +66,7 @@ class Ledger:
         try:
             t0 = time.perf_counter()
             state = State()
-            snap = evlog.read_latest_snapshot(state_dir)
+            snap = read_latest_snapshot(state_dir)
             if snap is not None:
                 seq, payload = snap
                 try:
@@ -224,7 +225,7 @@ class Ledger:
         state = self._committed
         if state.seq == self.snapshot_seq:
             return None
-        path = evlog.write_snapshot(self._state_dir, state.seq, to_snapshot(state))
+        path = write_snapshot(self._state_dir, state.seq, to_snapshot(state))
         self.snapshot_seq = state.seq
         return path
 
