@@ -30,12 +30,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ugrod.core import codec, planner
 from ugrod.core import events as ev
-from ugrod.core import planner
 from ugrod.core.state import ACTIVE, State, apply
 
 GB = 1 << 30
-NOW = ev.parse_ts("2026-11-22T14:00:00.000000Z")
+NOW = codec.parse_ts("2026-11-22T14:00:00.000000Z")
 
 
 def put(state: State, event: ev.Event, user: str, ts: float) -> State:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.store import log as evlog
 
@@ -48,7 +49,7 @@ def build(state_dir: Path, n_events: int, churn: int = 0) -> int:
         nonlocal seq, ts
         seq += 1
         ts += 0.001
-        batch.append(ev.encode(ev.Record(seq=seq, ts=ts, actor=actor, event=e)))
+        batch.append(codec.encode(ev.Record(seq=seq, ts=ts, actor=actor, event=e)))
         if len(batch) >= 2000:
             log.append_sync(batch)
             batch.clear()

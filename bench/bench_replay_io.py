@@ -27,6 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.store.log import EventLog
 
@@ -38,7 +39,7 @@ def template() -> tuple[bytes, bytes]:
         rdzv_host="192.168.1.10", rdzv_port=29500)
     rec = ev.Record(seq=123456789, ts=1_790_000_000.123456,
                     actor=ev.Actor(user="alice", uid=1000), event=placed)
-    line = ev.encode(rec)
+    line = codec.encode(rec)
     head, tail = line.split(b"123456789", 1)
     return head, tail
 
@@ -79,7 +80,7 @@ def run(d: Path, n: int, batch: int) -> None:
         for lines in log.read(verify=verify):
             if decode:
                 for line in lines:
-                    ev.decode(line)
+                    codec.decode(line)
             got += len(lines)
         log.close_sync()
         assert got == n, (got, n)

@@ -73,6 +73,7 @@ def state_at(until: str, state_dir: str | None,
     if not (directory / "events").is_dir():
         raise OfflineError(f"no event log in {directory} (pass --state-dir DIR: the "
                            f"directory ugrod runs with)")
+    from ugrod.core import codec
     from ugrod.core import events as ev
     from ugrod.core import render_json as rj
     from ugrod.core import state as st
@@ -89,7 +90,7 @@ def state_at(until: str, state_dir: str | None,
             state = _from_snapshot(directory, until_seq, state)
         for batch in log.read(after_seq=state.seq):
             for line in batch:
-                record = ev.decode(line)
+                record = codec.decode(line)
                 if until_seq is not None and record.seq > until_seq:
                     break
                 if until_ts is not None and record.ts > until_ts:

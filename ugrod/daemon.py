@@ -24,7 +24,7 @@ from ugrod import __version__
 from ugrod.api import admission, trust
 from ugrod.api.app import ApiError, build_app
 from ugrod.config import schema as cfgmod
-from ugrod.core import commands, health, jobspec, planner, time_limits
+from ugrod.core import codec, commands, health, jobspec, planner, time_limits
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core import render_json as rj
@@ -957,13 +957,13 @@ class Daemon:
         for line in self.ledger.history():
             if needle not in line and b'"sweep_created"' not in line:
                 continue
-            rec = ev.decode(line)
+            rec = codec.decode(line)
             e = rec.event
             if getattr(e, "job", None) != job_id and job_id not in getattr(e, "jobs", ()):
                 continue
             if isinstance(e, ev.CheckpointSaved):
                 steps[e.path] = e.step
-            out.append({"seq": rec.seq, "ts": ev.format_ts(rec.ts), "type": e.kind,
+            out.append({"seq": rec.seq, "ts": codec.format_ts(rec.ts), "type": e.kind,
                         "actor": rec.actor.user, "text": explain(rec, steps)})
         return out
 

@@ -31,7 +31,7 @@ import yaml
 
 from tests.conftest import Ugrod, _kill_leftovers
 from tests.sshd_nodes import SshdCluster, SshdNode, processes_with_env, start_sshd_nodes
-from ugrod.core import events as ev
+from ugrod.core import codec
 
 ROOT = Path(__file__).resolve().parents[2]
 FAKE_SMI = ROOT / "tests" / "fake_nvidia_smi" / "nvidia-smi"
@@ -204,7 +204,7 @@ def test_untrusted_nodes_are_unreachable_until_trusted_then_the_job_runs(
         assert "node2 is reachable: healthy" in res.stdout, res.stdout
         started = wait_for("three started", lambda: d.api("GET", "/v1/jobs/three")[1]["job"][
             "started_at"], d, timeout_s=5)
-        assert ev.parse_ts(started) - trusted < 5  # placed on all three nodes
+        assert codec.parse_ts(started) - trusted < 5  # placed on all three nodes
         wait_for("three running", lambda: job_doc(d, "three")["state"] == "running", d)
         assert sorted(job_doc(d, "three")["nodes"]) == ["node0", "node1", "node2"]
         assert {n["name"]: n["state"] for n in node_docs(d).values()} == {

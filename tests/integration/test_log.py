@@ -19,6 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.store.log import (
     MAX_BATCH_BYTES,
@@ -114,10 +115,10 @@ async def test_canonical_records_round_trip(tmp_path: Path) -> None:
     records = [ev.Record(seq=s, ts=1_700_000_000.25 + s, actor=ev.DAEMON,
                          event=ev.DaemonStarted(version=f"0.{s}")) for s in (1, 2, 3)]
     log = EventLog.open(tmp_path)
-    await log.append([ev.encode(r) for r in records])
+    await log.append([codec.encode(r) for r in records])
     await log.close()
     log = EventLog.open(tmp_path)
-    assert [ev.decode(line) for line in read_all(log)] == records
+    assert [codec.decode(line) for line in read_all(log)] == records
     await log.close()
 
 

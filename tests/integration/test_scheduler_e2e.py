@@ -573,5 +573,5 @@ def test_sweep_of_four_trials_ranked_by_final_loss(gpu_cluster: GpuCluster) -> N
 
 
 def ev_ts(iso: str) -> float:
-    from ugrod.core.events import parse_ts
+    from ugrod.core.codec import parse_ts
     return parse_ts(iso)

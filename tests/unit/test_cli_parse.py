@@ -671,6 +671,7 @@ def test_main_returns_exit_status(peer: Peer) -> None:
 
 def _write_log(state_dir: Path) -> None:
     """A real event log (ugrod's own writer): a node, then a job submitted, placed, ended."""
+    from ugrod.core import codec
     from ugrod.core import events as ev
     from ugrod.store import log as evlog
 
@@ -688,7 +689,7 @@ def _write_log(state_dir: Path) -> None:
     try:
         for seq, (actor, event) in enumerate(facts, 1):
             rec = ev.Record(seq=seq, ts=1_769_000_000.0 + seq * 60, actor=actor, event=event)
-            log.append_sync([ev.encode(rec)])
+            log.append_sync([codec.encode(rec)])
     finally:
         log.close_sync()
 

@@ -18,12 +18,13 @@ import pytest
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.core.planner import Plan, UserLimits, check_fits, plan, typical_runtimes
 from ugrod.core.state import ACTIVE, Job, JobState, State, apply
 
 GB = 1 << 30
-T0 = ev.parse_ts("2026-11-22T14:00:00.000000Z")
+T0 = codec.parse_ts("2026-11-22T14:00:00.000000Z")
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = int(os.environ.get("UGRO_PLANNER_EXAMPLES", "300"))  # raise it for a long search
 

@@ -14,6 +14,7 @@ import msgspec
 import pytest
 
 from ugroctl import render
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.core import render_json as rj
 from ugrod.core.gpus import GpuSample, NodeSample
@@ -54,7 +55,7 @@ def _node(name: str, **kw: object) -> dict[str, object]:
     (0, "just now"), (3, "just now"), (45, "45s ago"), (180, "3m ago"), (3600, "1h ago"),
     (3 * 3600 + 120, "3h02m ago"), (2 * 86400 + 3600, "2d1h ago"), (-300, "in 5m")])
 def test_ago(delta: float, text: str) -> None:
-    assert render.ago(ev.format_ts(NOW - delta), NOW) == text
+    assert render.ago(codec.format_ts(NOW - delta), NOW) == text
 
 
 def test_ago_accepts_offsets_and_epoch_and_rejects_junk() -> None:
@@ -160,7 +161,7 @@ def test_queue_table_from_the_daemons_shape() -> None:
     entries = [
         {"position": 1, "job": _job("a", JobState.QUEUED, priority=10,
                                     waiting_reason="waiting for gpu1 (busy with exp3)"),
-         "reason": "waiting for gpu1 (busy with exp3)", "estimated_start": ev.format_ts(NOW
+         "reason": "waiting for gpu1 (busy with exp3)", "estimated_start": codec.format_ts(NOW
                                                                                      + 1200)},
         {"position": 2, "job": _job("b", JobState.QUEUED, held=True), "reason": "behind a",
          "estimated_start": None},
@@ -180,7 +181,7 @@ def test_results_view() -> None:
            "summary": {"final_loss": 0.4321, "steps": 5000, "duration_s": 3725.0,
                        "steps_per_s": 1.3423, "reports": 50},
            "checkpoints": [{"path": "/w/ck/step_5000.pt", "size_bytes": 3 * GIB,
-                            "mtime": ev.format_ts(NOW - 120)}],
+                            "mtime": codec.format_ts(NOW - 120)}],
            "resources": {"ranks": [{"rank": 0, "node": "gpu-master", "gpu": 0,
                                     "util_avg": 91.2, "util_peak": 100,
                                     "mem_avg_bytes": 10 * GIB, "mem_peak_bytes": 11 * GIB}]}}
@@ -206,7 +207,7 @@ def test_health_table_with_a_live_sample() -> None:
     hot = _node("gpu-master", health=NodeHealth.UNHEALTHY, score=42.5,
                 alerts=(Alert(alert="gpu_temperature", severity="critical",
                               message="GPU 0 at 86 °C", since=NOW - 30),),
-                view={"last_check": ev.format_ts(NOW - 8),
+                view={"last_check": codec.format_ts(NOW - 8),
                       "sample": msgspec.to_builtins(sample)})
     idle = _node("gpu1", drained=True, drain_reason="fan", score=100.0)
     out = render.health_table([hot, idle], NOW)
@@ -240,9 +241,9 @@ def test_checks_table() -> None:
 
 def test_why_view() -> None:
     doc = {"job": _job("exp2", JobState.QUEUED, waiting_reason="waiting for gpu1"),
-           "history": [{"seq": 7, "ts": ev.format_ts(NOW - 60), "type": "job_submitted",
+           "history": [{"seq": 7, "ts": codec.format_ts(NOW - 60), "type": "job_submitted",
                         "actor": "alice", "text": "submitted by alice"},
-                       {"seq": 12, "ts": ev.format_ts(NOW), "type": "job_waiting",
+                       {"seq": 12, "ts": codec.format_ts(NOW), "type": "job_waiting",
                         "actor": "ugrod", "text": "queued behind exp1"}]}
     out = render.why_view(doc, NOW)
     assert out.splitlines()[0] == "exp2: queued (waiting for gpu1)"
@@ -254,7 +255,7 @@ def test_event_line_from_a_real_log_line() -> None:
     rec = ev.Record(seq=42, ts=NOW, actor=ev.Actor(user="alice", uid=1000),
                     event=ev.JobEnded(job="exp1", attempt=1, outcome="failed", exit_code=1,
                                       reason="rank 1\x1b[2J died"))
-    event = json.loads(ev.encode(rec))
+    event = json.loads(codec.encode(rec))
     line = render.event_line(event)
     assert line.split()[0] == "42"
     assert "alice  job_ended" in line
@@ -320,7 +321,7 @@ def test_a_requeued_job_shows_no_previous_placement_pids_or_step() -> None:
     assert retry["nodes"] == [] and retry["ranks"] == [] and retry["gpus"] == []
     assert retry["metrics"] == {} and retry["started_at"] is None
     assert retry["last_attempt"] == {"attempt": 1, "nodes": ["gpu-master", "gpu1"],
-                                     "exit_code": 1, "ended_at": ev.format_ts(NOW - 20),
+                                     "exit_code": 1, "ended_at": codec.format_ts(NOW - 20),
                                      "reason": "rank 1 exited 1; retry 1"}
     text = render.job_detail(retry, NOW)
     assert "4242" not in text and "RANK" not in text and "placed" not in text
@@ -351,7 +352,7 @@ def test_nodes_show_free_of_total_gpus_and_the_cluster_line() -> None:
 def test_sweeps_table() -> None:
     out = render.sweeps_table([{"name": "lrs", "owner": "alice", "trials": 4,
                                 "states": {"succeeded": 2, "running": 1, "queued": 1},
-                                "max_parallel": 2, "created_at": ev.format_ts(NOW - 600)}],
+                                "max_parallel": 2, "created_at": codec.format_ts(NOW - 600)}],
                               NOW)
     assert re.search(r"^lrs\s+alice\s+4\s+1 running, 1 queued, 2 succeeded\s+2\s+10m ago$",
                      out, re.M)
@@ -362,8 +363,8 @@ def test_replay_times_count_from_the_replayed_moment() -> None:
     from ugroctl import replaying
 
     moment = NOW - 30 * 86400  # a month ago
-    doc = {"seq": 9, "state_dir": "/var/lib/ugro", "last_event_at": ev.format_ts(moment - 5),
-           "until": {"seq": None, "time": ev.format_ts(moment)},
+    doc = {"seq": 9, "state_dir": "/var/lib/ugro", "last_event_at": codec.format_ts(moment - 5),
+           "until": {"seq": None, "time": codec.format_ts(moment)},
            "jobs": [_job("old", JobState.SUCCEEDED, submitted_at=moment - 900,
                          ended_at=moment - 120, exit_code=0)], "nodes": []}
     out = replaying.describe(doc)

@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.core.state import (
     InvalidEvent,
@@ -191,7 +192,7 @@ def _live(ops: list[tuple[str, int]]) -> tuple[State, list[ev.Record]]:
                 continue
             want = job.attempt + 1 if isinstance(e, ev.JobPlaced) else job.attempt
             e = msgspec.structs.replace(e, attempt=want)  # type: ignore[type-var]
-        r = ev.Record(seq=s.seq + 1, ts=ev.parse_ts(ev.format_ts(2e9 + s.seq * 1.5)),
+        r = ev.Record(seq=s.seq + 1, ts=codec.parse_ts(codec.format_ts(2e9 + s.seq * 1.5)),
                       actor=ALICE, event=e)
         try:
             s = apply(s, r)
@@ -206,13 +207,13 @@ def _live(ops: list[tuple[str, int]]) -> tuple[State, list[ev.Record]]:
 def test_live_equals_replay_equals_snapshot_plus_tail(ops: list[tuple[str, int]],
                                                       cut: int) -> None:
     live, records = _live(ops)
-    lines = [ev.encode(r) for r in records]
-    replayed = replay(BASE, (ev.decode(line) for line in lines))
+    lines = [codec.encode(r) for r in records]
+    replayed = replay(BASE, (codec.decode(line) for line in lines))
     assert replayed == live
     assert to_snapshot(replayed) == to_snapshot(live)  # byte for byte
     cut = min(cut, len(lines))
-    head = replay(BASE, (ev.decode(line) for line in lines[:cut]))
-    resumed = replay(from_snapshot(to_snapshot(head)), (ev.decode(ln) for ln in lines[cut:]))
+    head = replay(BASE, (codec.decode(line) for line in lines[:cut]))
+    resumed = replay(from_snapshot(to_snapshot(head)), (codec.decode(ln) for ln in lines[cut:]))
     assert resumed == live
 
 

@@ -25,7 +25,7 @@ import msgspec
 from aiohttp import web
 
 from ugrod.api import trust
-from ugrod.core import commands, jobspec
+from ugrod.core import codec, commands, jobspec
 from ugrod.core import events as ev
 from ugrod.core import render_json as rj
 from ugrod.core.commands import Refused
@@ -694,7 +694,7 @@ class Handlers:
         try:
             after = int(q.get("after", "0"))
             limit = int(q["limit"]) if "limit" in q else None
-            since = ev.parse_ts(_iso_z(q["since"])) if "since" in q else None
+            since = codec.parse_ts(_iso_z(q["since"])) if "since" in q else None
             if after < 0 or after >= 1 << 63 or (limit is not None
                                                  and not 0 < limit <= 10_000_000):
                 raise ValueError("out of range")
@@ -727,7 +727,7 @@ class Handlers:
                     break
                 if rec.seq <= last or not _matches(rec, job_filter, since):
                     continue
-                await resp.write(ev.encode(_redacted(rec, hide)) + b"\n")
+                await resp.write(codec.encode(_redacted(rec, hide)) + b"\n")
                 last = rec.seq
         except ConnectionError:
             pass  # the client went away mid-write: nothing more to say to it
@@ -919,7 +919,7 @@ def _iso_z(text: str) -> str:
     dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     if dt.tzinfo is None:
         dt = dt.replace(tzinfo=UTC)
-    return ev.format_ts(dt.timestamp())
+    return codec.format_ts(dt.timestamp())
 
 
 def _matches(rec: ev.Record, job: str | None, since: float | None) -> bool:
@@ -949,13 +949,13 @@ def _filtered_history(ledger: Any, after: int, job: str | None, since: float | N
     for line in ledger.history(after_seq=after):
         if needle is not None and needle not in line:
             continue
-        rec = ev.decode(line)
+        rec = codec.decode(line)
         if not _matches(rec, job, since):
             continue
         if hide is not None and b'"env":{"' in line:
             redacted = _redacted(rec, hide)
             if redacted is not rec:
-                line = ev.encode(redacted)
+                line = codec.encode(redacted)
         out.append((rec.seq, line))
     if limit is not None:
         out = out[-limit:]

@@ -45,6 +45,7 @@ from typing import Protocol
 
 import msgspec
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.core.state import Job, JobState, Node, NodeHealth, State
 from ugrod.core.vram import nominal_bytes
@@ -790,7 +791,7 @@ def _clock(t: float, now: float) -> str:
     """'14:20 UTC' today, '2026-11-23 14:20 UTC' another day."""
     if not math.isfinite(t):
         return "an unknown time"
-    at, today = ev.format_ts(t), ev.format_ts(now)
+    at, today = codec.format_ts(t), codec.format_ts(now)
     return f"{at[11:16]} UTC" if at[:10] == today[:10] else f"{at[:10]} {at[11:16]} UTC"
 
 

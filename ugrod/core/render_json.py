@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Collection, Iterable, Mapping
 from typing import Any
 
+from ugrod.core import codec, time_limits
 from ugrod.core import events as ev
-from ugrod.core import time_limits
 from ugrod.core.state import WAITING, Job, Node, State, Sweep
 from ugrod.core.vram import nominal_gb
 
 
 def iso(ts: float | None) -> str | None:
-    return ev.format_ts(ts) if ts is not None else None
+    return codec.format_ts(ts) if ts is not None else None
 
 
 def job(j: Job, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:

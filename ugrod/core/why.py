@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ugrod.core import codec, time_limits
 from ugrod.core import events as ev
-from ugrod.core import time_limits
 
 
 def _at(ts: float | None) -> str:
-    return ev.format_ts(ts)[11:16] + " UTC" if ts is not None else "?"
+    return codec.format_ts(ts)[11:16] + " UTC" if ts is not None else "?"
 
 
 def _checkpoint(path: str, steps: Mapping[str, int | None]) -> str:

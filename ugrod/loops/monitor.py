@@ -34,8 +34,8 @@ from typing import Any, Protocol
 import msgspec
 
 from ugrod.config.schema import Config, HealthConfig
+from ugrod.core import codec, gpus
 from ugrod.core import events as ev
-from ugrod.core import gpus
 from ugrod.core import health as hl
 from ugrod.core.state import InvalidEvent, Job, JobState, NodeHealth, State
 from ugrod.loops.schedule import Schedule
@@ -281,7 +281,7 @@ class Monitor:
             sample = gpus.to_json(latest)
             prev = w.samples[-2] if len(w.samples) > 1 else None
             sample["cpu_percent"] = _round(gpus.cpu_percent(prev, latest))
-        return {"last_check": ev.format_ts(w.last_check) if w.last_check else None,
+        return {"last_check": codec.format_ts(w.last_check) if w.last_check else None,
                 "sample": sample, "breaker": w.breaker.at(self._clock()).state.value,
                 "score": w.score, "last_error": w.last_error}
 

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.core.state import InvalidEvent, State, apply, from_snapshot, to_snapshot
 from ugrod.store import log as evlog
@@ -110,7 +111,7 @@ class Ledger:
 
     def stamp(self) -> float:
         """Now, at the log's microsecond precision, so live state equals replayed state."""
-        return ev.stamp_ts(self._clock())
+        return codec.stamp_ts(self._clock())
 
     def preview(self, actor: ev.Actor, *events: ev.Event) -> State:
         """The state ``record`` would commit, without recording anything (InvalidEvent if not)."""
@@ -151,7 +152,7 @@ class Ledger:
             tip = apply(tip, r)  # InvalidEvent: nothing appended, tip unchanged
             records.append(r)
         try:
-            lines = [ev.encode(r) for r in records]
+            lines = [codec.encode(r) for r in records]
         except ev.EventError as exc:
             raise InvalidEvent(str(exc)) from exc
         self._tip = tip
@@ -256,7 +257,7 @@ def _kind_of(line: bytes) -> str:
 
 
 def _replay(batches: Iterator[list[bytes]], state: State) -> tuple[State, int]:
-    decode, n = ev.decode, 0
+    decode, n = codec.decode, 0
     for batch in batches:
         for line in batch:
             try:
@@ -278,7 +279,7 @@ def replay_until(state_dir: Path, until_seq: int | None = None,
     try:
         for batch in log.read():
             for line in batch:
-                record = ev.decode(line)
+                record = codec.decode(line)
                 if until_seq is not None and record.seq > until_seq:
                     return state
                 if until_ts is not None and record.ts > until_ts:
