@@ -1,13 +1,15 @@
-"""Pure command decisions (names, dependencies, bulk actions) and --time: tables, no mocks."""
+"""Pure command decisions (every command on every kind of job, names, dependencies, bulk
+actions, the lifecycle table) and --time: tables, no mocks."""
 
 from __future__ import annotations
 
 import pytest
 
-from ugrod.core import commands, time_limits
+from ugrod.core import commands, jobspec, time_limits
 from ugrod.core import events as ev
+from ugrod.core import state as state_mod
 from ugrod.core.commands import Filter, Refused
-from ugrod.core.state import JobState, State, apply
+from ugrod.core.state import Job, JobState, State, apply
 
 ALICE = ev.Actor(user="alice", uid=1000)
 BOB = ev.Actor(user="bob", uid=1001)
@@ -135,6 +137,197 @@ def test_select_by_sweep_and_state_names() -> None:
         commands.check_states(["paused"])
     with pytest.raises(Refused, match="no such sweep"):
         commands.select(s, BOB, [], Filter(sweep="nope"))
+
+
+# ---- every command against every kind of job: one table ---------------------------
+
+
+def _zoo() -> State:
+    """One job in each state (and flag) a command may meet."""
+    s = fold(node(), sub("queued"), ev.JobSubmitted(job="held", spec=spec(), held=True),
+             sub("starting"), sub("running"), sub("stopping"), sub("retrying"),
+             sub("succeeded"), sub("failed"), sub("cancelled"),
+             ev.JobSubmitted(job="held-cancelled", spec=spec(), held=True))
+    s = fold(ev.JobPlaced(job="starting", attempt=1,
+                          ranks=(ev.RankPlacement(rank=0, node="n"),)), state=s)
+    for j in ("running", "stopping", "retrying", "succeeded", "failed"):
+        s = run(j, s)
+    s = fold(ev.JobStopping(job="stopping", attempt=1, outcome="cancelled", reason="bye"),
+             ev.JobEnded(job="retrying", attempt=1, outcome="retrying", retry_at=2000.0),
+             ev.JobCancelRequested(job="cancelled", reason="no"),
+             ev.JobCancelRequested(job="held-cancelled", reason="no"), state=s)
+    s = end("succeeded", "succeeded", s)
+    return end("failed", "failed", s)
+
+
+def _do(command: str, job: Job) -> ev.Event:
+    match command:
+        case "cancel":
+            return commands.cancel(job, ALICE)
+        case "hold":
+            return commands.hold(job)
+        case "release":
+            return commands.release(job)
+        case "priority":
+            return commands.set_priority(job, 5)
+        case "checkpoint":
+            return commands.checkpoint(job)
+        case "resume":
+            return commands.resume(job, {"lr": "0.1"})
+    raise AssertionError(command)
+
+
+NOT_WAITING = "only waiting jobs can be held"
+ONLY_RUNNING = "only a running job can be asked to checkpoint"
+ONLY_ENDED = "only failed or cancelled jobs can be resumed"
+# job -> command -> (event kind, state after it) or the refusal's words (all 409 conflicts).
+COMMAND_TABLE: dict[str, dict[str, tuple[str, JobState] | str]] = {
+    "queued": {"cancel": ("job_cancel_requested", JobState.CANCELLED),
+               "hold": ("job_held", JobState.QUEUED), "release": "is not held",
+               "priority": ("job_priority_set", JobState.QUEUED),
+               "checkpoint": ONLY_RUNNING, "resume": ONLY_ENDED},
+    "held": {"cancel": ("job_cancel_requested", JobState.CANCELLED),
+             "hold": "is already held", "release": ("job_released", JobState.QUEUED),
+             "priority": ("job_priority_set", JobState.QUEUED),
+             "checkpoint": ONLY_RUNNING, "resume": ONLY_ENDED},
+    "starting": {"cancel": ("job_stopping", JobState.STARTING), "hold": NOT_WAITING,
+                 "release": "is not held", "priority": ("job_priority_set", JobState.STARTING),
+                 "checkpoint": ONLY_RUNNING, "resume": ONLY_ENDED},
+    "running": {"cancel": ("job_stopping", JobState.RUNNING), "hold": NOT_WAITING,
+                "release": "is not held", "priority": ("job_priority_set", JobState.RUNNING),
+                "checkpoint": ("checkpoint_requested", JobState.RUNNING),
+                "resume": ONLY_ENDED},
+    "stopping": {"cancel": "is already being cancelled", "hold": NOT_WAITING,
+                 "release": "is not held", "priority": ("job_priority_set", JobState.RUNNING),
+                 "checkpoint": ("checkpoint_requested", JobState.RUNNING),
+                 "resume": ONLY_ENDED},
+    "retrying": {"cancel": ("job_cancel_requested", JobState.CANCELLED),
+                 "hold": ("job_held", JobState.RETRYING), "release": "is not held",
+                 "priority": ("job_priority_set", JobState.RETRYING),
+                 "checkpoint": ONLY_RUNNING, "resume": ONLY_ENDED},
+    "succeeded": {"cancel": "already succeeded: nothing to cancel",
+                  "hold": "is succeeded: " + NOT_WAITING, "release": "is not held",
+                  "priority": "already succeeded: only waiting or running jobs",
+                  "checkpoint": ONLY_RUNNING, "resume": "is succeeded: " + ONLY_ENDED},
+    "failed": {"cancel": "already failed: nothing to cancel", "hold": NOT_WAITING,
+               "release": "is not held", "priority": "only waiting or running jobs",
+               "checkpoint": ONLY_RUNNING, "resume": ("job_resumed", JobState.QUEUED)},
+    "cancelled": {"cancel": "already cancelled: nothing to cancel", "hold": NOT_WAITING,
+                  "release": "is not held", "priority": "only waiting or running jobs",
+                  "checkpoint": ONLY_RUNNING, "resume": ("job_resumed", JobState.QUEUED)},
+    "held-cancelled": {"cancel": "already cancelled", "hold": NOT_WAITING,
+                       "release": "is cancelled: only waiting jobs can be released",
+                       "priority": "only waiting or running jobs",
+                       "checkpoint": ONLY_RUNNING, "resume": ("job_resumed", JobState.QUEUED)},
+}
+
+
+@pytest.mark.parametrize(("job_id", "command"), [
+    (j, c) for j, row in COMMAND_TABLE.items() for c in row])
+def test_every_command_on_every_kind_of_job(job_id: str, command: str) -> None:
+    s = _zoo()
+    expected = COMMAND_TABLE[job_id][command]
+    if isinstance(expected, str):
+        with pytest.raises(Refused) as exc:
+            _do(command, s.jobs[job_id])
+        assert exc.value.code == "conflict" and expected in exc.value.message
+        assert job_id in exc.value.message  # names the job, in words, not event kinds
+        return
+    kind, after = expected
+    event = _do(command, s.jobs[job_id])
+    assert event.kind == kind
+    assert state_mod.allows(s.jobs[job_id].state, type(event))  # the table agrees
+    assert fold(event, state=s).jobs[job_id].state is after  # and apply moves as it says
+
+
+def test_the_lifecycle_table_moves_jobs_only_as_drawn() -> None:
+    moved = {(s.value, e.kind): to for (s, e), to in state_mod.JOB_LIFECYCLE.items()
+             if to is not s}
+    assert moved == {
+        ("queued", "job_placed"): "starting", ("retrying", "job_placed"): "starting",
+        ("starting", "job_running"): "running",
+        ("queued", "job_cancel_requested"): "cancelled",
+        ("retrying", "job_cancel_requested"): "cancelled",
+        ("failed", "job_resumed"): "queued", ("cancelled", "job_resumed"): "queued",
+        ("starting", "job_ended"): state_mod.ENDINGS, ("running", "job_ended"): state_mod.ENDINGS,
+    }
+
+
+def test_an_event_the_table_does_not_allow_is_refused_by_apply_unchanged() -> None:
+    s = _zoo()
+    for job_id, event in (("succeeded", ev.JobHeld(job="succeeded")),
+                          ("queued", ev.CheckpointRequested(job="queued")),
+                          ("running", ev.JobResumed(job="running", spec=spec()))):
+        assert not state_mod.allows(s.jobs[job_id].state, type(event))
+        with pytest.raises(state_mod.InvalidEvent, match=f"job {job_id} is"):
+            fold(event, state=s)
+    with pytest.raises(state_mod.InvalidEvent, match="unknown outcome 'paused'"):
+        fold(ev.JobEnded(job="running", attempt=1, outcome="paused"), state=s)
+
+
+def test_resume_changes_the_spec_and_leaves_the_checkpoint_to_the_shell() -> None:
+    s = _zoo()
+    resumed = commands.resume(s.jobs["failed"], {"lr": "0.1", "SEED": "3"})
+    assert resumed.spec.argv == ("sleep", "9", "--lr", "0.1")
+    assert resumed.spec.env == {"SEED": "3"} and resumed.resume_from is None
+    with pytest.raises(jobspec.SpecError):
+        commands.resume(s.jobs["failed"], {"": "x"})
+
+
+def test_lookups_name_where_to_look() -> None:
+    s = _zoo()
+    for lookup, words in ((commands.job, "no job named 'nope' (see `ugroctl status`)"),
+                          (commands.node, "no node named 'nope' (see `ugroctl nodes`)"),
+                          (commands.sweep, "no sweep named 'nope'")):
+        with pytest.raises(Refused) as exc:
+            lookup(s, "nope")
+        assert (exc.value.code, exc.value.message) == ("not_found", words)
+
+
+def test_drain_and_undrain() -> None:
+    s = _zoo()
+    with pytest.raises(Refused, match="node n is not drained") as exc:
+        commands.undrain(s, "n")
+    assert exc.value.code == "conflict"
+    drained = commands.drain(s, "n", "x" * 900)
+    assert isinstance(drained, ev.NodeDrained) and len(drained.reason) == 500
+    s = fold(drained, state=s)
+    assert s.nodes["n"].drained
+    assert not fold(commands.undrain(s, "n"), state=s).nodes["n"].drained
+    with pytest.raises(Refused) as exc:
+        commands.drain(s, "gone", "")
+    assert exc.value.code == "not_found"
+
+
+def test_a_request_id_submits_once_and_a_launch_gets_its_name_in_argv() -> None:
+    s = fold(sub("job-1"))
+    launch = ev.JobSubmitted(job="", request_id="r1", spec=ev.JobSpec(
+        argv=("python", "t.py", "--name", jobspec.NAME_PLACEHOLDER)))
+    events, job_id, new = commands.submit_once(s, launch, name_in_argv=True)
+    assert (job_id, new) == ("job-2", True)
+    assert events[0].spec.argv[-1] == "job-2"  # type: ignore[attr-defined]
+    s = fold(*events, state=s)
+    assert commands.submit_once(s, launch, name_in_argv=True) == ([], "job-2", False)
+    named = ev.JobSubmitted(job="mine", spec=launch.spec)
+    events, job_id, _ = commands.submit_once(s, named, name_in_argv=True)
+    assert job_id == "mine" and events[0] == named  # a given name is the user's own argv
+
+
+def test_cancelling_a_sweep_skips_trials_already_ended_or_being_cancelled() -> None:
+    s = fold(node(), *(sub(f"s-{i}", sweep="s") for i in range(4)))
+    s = fold(ev.SweepCreated(sweep="s", jobs=tuple(f"s-{i}" for i in range(4)),
+                             params={"lr": ("1", "2", "3", "4")}), state=s)
+    s = end("s-0", "succeeded", run("s-0", s))
+    s = run("s-1", s)
+    s = fold(ev.JobStopping(job="s-1", attempt=1, outcome="cancelled", reason="x"),
+             state=s)
+    s = run("s-2", s)
+    events = commands.cancel_sweep(s, BOB, "s")
+    assert [(e.kind, e.job) for e in events] == [  # type: ignore[attr-defined]
+        ("job_stopping", "s-2"), ("job_cancel_requested", "s-3")]
+    assert all(e.reason == "sweep s cancelled by bob" for e in events)  # type: ignore[attr-defined]
+    with pytest.raises(Refused, match="no sweep named 'x'"):
+        commands.cancel_sweep(s, BOB, "x")
 
 
 # ---- --time --------------------------------------------------------------------------

@@ -344,16 +344,14 @@ class Handlers:
     async def drain(self, request: web.Request) -> web.Response:
         actor, name = self._admin(request, "drain nodes"), self._node_name(request)
         body = await _body(request, dict[str, str])
-        state = await self.d.ledger.record(actor, ev.NodeDrained(
-            node=name, reason=body.get("reason", "")[:500]))
+        state = await self.d.ledger.record(actor, commands.drain(
+            self.d.ledger.state, name, body.get("reason", "")))
         return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None,
                                       rj.held_gpus(state).get(name, ()))})
 
     async def undrain(self, request: web.Request) -> web.Response:
         actor, name = self._admin(request, "undrain nodes"), self._node_name(request)
-        if not self.d.ledger.state.nodes[name].drained:
-            raise ApiError(409, "conflict", f"node {name} is not drained")
-        state = await self.d.ledger.record(actor, ev.NodeUndrained(node=name))
+        state = await self.d.ledger.record(actor, commands.undrain(self.d.ledger.state, name))
         return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None,
                                       rj.held_gpus(state).get(name, ()))})
 
@@ -530,12 +528,10 @@ class Handlers:
     async def checkpoint(self, request: web.Request) -> web.Response:
         actor, job = peer(request), self._job(request)
         self._own(actor, job, "checkpoint")
-        if job.state is not JobState.RUNNING:
-            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only a running job "
-                           f"can be asked to checkpoint")
+        asked = commands.checkpoint(job)
         wait_s = _query_number(request, "wait", 0.0, 0.0, 600.0)
         before = len(job.checkpoints)
-        await self.d.ledger.record(actor, ev.CheckpointRequested(job=job.id))
+        await self.d.ledger.record(actor, asked)
         if wait_s > 0:
             deadline = time.monotonic() + min(wait_s, 600)
             while time.monotonic() < deadline:
@@ -550,14 +546,10 @@ class Handlers:
         actor, job = peer(request), self._job(request)
         self._own(actor, job, "resume")
         body = await _body(request, dict[str, dict[str, str]])
-        changes = body.get("set", {})
-        if job.state not in (JobState.FAILED, JobState.CANCELLED):
-            raise ApiError(409, "conflict", f"job {job.id} is {job.state}: only failed or "
-                           f"cancelled jobs can be resumed")
-        spec = jobspec.with_overrides(job.spec, changes)
+        resumed = commands.resume(job, body.get("set", {}))
         resume_from = await self.d.executor._newest_checkpoint(job) if job.placement else None
-        await self.d.ledger.record(actor, ev.JobResumed(job=job.id, spec=spec,
-                                                        resume_from=resume_from))
+        await self.d.ledger.record(actor, msgspec.structs.replace(resumed,
+                                                                  resume_from=resume_from))
         return await self._job_answer(job.id)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
@@ -812,14 +804,9 @@ class Handlers:
             raise ApiError(404, "not_found", f"no sweep named {name!r}")
         for job_id in sweep.jobs:  # all or nothing: every trial must be the caller's to stop
             self._own(actor, self.d.ledger.state.jobs[job_id], "cancel")
-        may = functools.partial(self._may_change, actor)
 
         def decide(tip: State) -> tuple[list[ev.Event], None]:
-            live = [j for j in sweep.jobs if tip.jobs[j].state not in TERMINAL
-                    and tip.jobs[j].stopping != "cancelled"]
-            events, _, _ = commands.bulk(tip, actor, "cancel", live, may,
-                                         reason=f"sweep {name} cancelled by {actor.user}")
-            return events, None
+            return commands.cancel_sweep(tip, actor, name), None
 
         await self.d.ledger.record_decided(actor, decide)
         return _json(self.d.sweep_view(self.d.ledger.state.sweeps[name]))

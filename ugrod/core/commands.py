@@ -11,12 +11,13 @@ No I/O, no clock. Who may change which job is the caller's rule (``may_change``)
 from __future__ import annotations
 
 import itertools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import msgspec
 
 from ugrod.core import events as ev
-from ugrod.core.state import ACTIVE, TERMINAL, WAITING, Job, JobState, State
+from ugrod.core import jobspec
+from ugrod.core.state import TERMINAL, Job, JobState, Node, State, Sweep, allows
 
 ACTIONS = ("cancel", "hold", "release", "priority")
 MAX_BATCH = 10_000  # jobs one bulk request may name or select
@@ -28,6 +29,32 @@ class Refused(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code, self.message = code, message
+
+
+# ---- looking up what a command names ------------------------------------------------
+
+
+def job(state: State, job_id: str) -> Job:
+    """The job ``job_id`` names, or Refused (not found) saying where to look."""
+    found = state.jobs.get(job_id)
+    if found is None:
+        raise Refused("not_found", f"no job named {job_id!r} (see `ugroctl status`)")
+    return found
+
+
+def node(state: State, name: str) -> Node:
+    """The node ``name`` names, or Refused (not found) saying where to look."""
+    found = state.nodes.get(name)
+    if found is None:
+        raise Refused("not_found", f"no node named {name!r} (see `ugroctl nodes`)")
+    return found
+
+
+def sweep(state: State, name: str) -> Sweep:
+    found = state.sweeps.get(name)
+    if found is None:
+        raise Refused("not_found", f"no sweep named {name!r}")
+    return found
 
 
 # ---- submit -------------------------------------------------------------------------
@@ -55,6 +82,25 @@ def submit(state: State, submitted: ev.JobSubmitted) -> list[ev.Event]:
     return [msgspec.structs.replace(submitted, job=name)]
 
 
+def submit_once(state: State, submitted: ev.JobSubmitted, *,
+                name_in_argv: bool = False) -> tuple[list[ev.Event], str, bool]:
+    """``submit`` at most once per client request id: (events, the job, whether it is new).
+
+    A client retrying after a lost answer names the job its first try made (no event).
+    ``name_in_argv``: the argv holds jobspec.NAME_PLACEHOLDER (a launch), replaced by the
+    name picked here.
+    """
+    prior = state.requests.get(submitted.request_id) if submitted.request_id else None
+    if prior is not None:
+        return [], prior, False
+    events = submit(state, submitted)
+    first = events[0]
+    assert isinstance(first, ev.JobSubmitted)
+    if name_in_argv and not submitted.job:
+        events[0] = jobspec.with_name(first, first.job)
+    return events, first.job, True
+
+
 def check_dependencies(state: State, spec: ev.JobSpec) -> None:
     """Refuse dependencies that name no job, or that can no longer be met."""
     for flag, deps in (("--after", spec.after), ("--after-any", spec.after_any),
@@ -76,40 +122,99 @@ def check_dependencies(state: State, spec: ev.JobSpec) -> None:
 
 
 # ---- one job, one action ------------------------------------------------------------
+# Each asks the lifecycle table (state.allows) whether the job may take the event, and
+# says why not in the words of the person who asked.
+
+
+def cancel(job: Job, actor: ev.Actor, reason: str | None = None) -> ev.Event:
+    """The one cancel choice: a job that has not started is cancelled at once; a placed one
+    is stopped (its processes killed, then job_ended); an ended one is refused."""
+    why = reason or f"cancelled by {actor.user}"
+    if allows(job.state, ev.JobCancelRequested):
+        return ev.JobCancelRequested(job=job.id, reason=why)
+    if not allows(job.state, ev.JobStopping):
+        raise Refused("conflict", f"job {job.id} already {job.state}: nothing to cancel")
+    if job.stopping == "cancelled":
+        raise Refused("conflict", f"job {job.id} is already being cancelled (its "
+                      f"processes are being killed)")
+    return ev.JobStopping(job=job.id, attempt=job.attempt, outcome="cancelled", reason=why)
+
+
+def hold(job: Job) -> ev.Event:
+    if not allows(job.state, ev.JobHeld):
+        raise Refused("conflict", f"job {job.id} is {job.state}: only waiting jobs can be "
+                      f"held")
+    if job.held:
+        raise Refused("conflict", f"job {job.id} is already held")
+    return ev.JobHeld(job=job.id)
+
+
+def release(job: Job) -> ev.Event:
+    """Only a held job that still waits can be released (the table lets any waiting job
+    take the event; ``held`` is a flag, not a state)."""
+    if not job.held:
+        raise Refused("conflict", f"job {job.id} is not held")
+    if not allows(job.state, ev.JobReleased):  # held, then cancelled before it started
+        raise Refused("conflict", f"job {job.id} is {job.state}: only waiting jobs can be "
+                      f"released")
+    return ev.JobReleased(job=job.id)
+
+
+def set_priority(job: Job, priority: int | None) -> ev.Event:
+    if priority is None:
+        raise Refused("bad_request", "priority: missing the new priority")
+    if not allows(job.state, ev.JobPrioritySet):
+        raise Refused("conflict", f"job {job.id} already {job.state}: only waiting or "
+                      f"running jobs have a priority to change")
+    return ev.JobPrioritySet(job=job.id, priority=priority)
+
+
+def checkpoint(job: Job) -> ev.Event:
+    """Ask a running job to save a checkpoint now."""
+    if not allows(job.state, ev.CheckpointRequested):
+        raise Refused("conflict", f"job {job.id} is {job.state}: only a running job can be "
+                      f"asked to checkpoint")
+    return ev.CheckpointRequested(job=job.id)
+
+
+def resume(job: Job, changes: Mapping[str, str]) -> ev.JobResumed:
+    """Queue a failed or cancelled job again, its argv/env changed by ``changes``
+    (``resume --set``; SpecError for a bad one). The shell then fills in ``resume_from``
+    (the newest checkpoint: I/O) before recording it."""
+    if not allows(job.state, ev.JobResumed):
+        raise Refused("conflict", f"job {job.id} is {job.state}: only failed or cancelled "
+                      f"jobs can be resumed")
+    return ev.JobResumed(job=job.id, spec=jobspec.with_overrides(job.spec, changes))
 
 
 def job_action(job: Job, action: str, actor: ev.Actor, priority: int | None = None,
                reason: str | None = None) -> ev.Event:
-    """The event doing ``action`` to ``job`` now, or Refused saying why not (user words)."""
+    """The event doing ``action`` (one of ACTIONS) to ``job`` now, or Refused saying why not."""
     if action == "cancel":
-        if job.state in TERMINAL:
-            raise Refused("conflict", f"job {job.id} already {job.state}: nothing to cancel")
-        why = reason or f"cancelled by {actor.user}"
-        if job.state in WAITING:
-            return ev.JobCancelRequested(job=job.id, reason=why)
-        if job.stopping == "cancelled":
-            raise Refused("conflict", f"job {job.id} is already being cancelled (its "
-                          f"processes are being killed)")
-        return ev.JobStopping(job=job.id, attempt=job.attempt, outcome="cancelled", reason=why)
+        return cancel(job, actor, reason)
     if action == "hold":
-        if job.state not in WAITING:
-            raise Refused("conflict", f"job {job.id} is {job.state}: only waiting jobs can be "
-                          f"held")
-        if job.held:
-            raise Refused("conflict", f"job {job.id} is already held")
-        return ev.JobHeld(job=job.id)
+        return hold(job)
     if action == "release":
-        if not job.held:
-            raise Refused("conflict", f"job {job.id} is not held")
-        return ev.JobReleased(job=job.id)
+        return release(job)
     if action == "priority":
-        if priority is None:
-            raise Refused("bad_request", "priority: missing the new priority")
-        if job.state not in WAITING | ACTIVE:
-            raise Refused("conflict", f"job {job.id} already {job.state}: only waiting or "
-                          f"running jobs have a priority to change")
-        return ev.JobPrioritySet(job=job.id, priority=priority)
+        return set_priority(job, priority)
     raise Refused("bad_request", f"unknown action {action!r}; use one of {', '.join(ACTIONS)}")
+
+
+# ---- nodes ----------------------------------------------------------------------------
+
+
+def drain(state: State, name: str, reason: str) -> ev.Event:
+    """Stop placing jobs on a node (running ones go on); the reason is kept, cut to 500."""
+    node(state, name)
+    return ev.NodeDrained(node=name, reason=reason[:500])
+
+
+def undrain(state: State, name: str) -> ev.Event:
+    """Only a drained node can be undrained."""
+    if not node(state, name).drained:
+        raise Refused("conflict", f"node {name} is not drained")
+    return ev.NodeUndrained(node=name)
 
 
 # ---- many jobs at once ----------------------------------------------------------------
@@ -188,6 +293,19 @@ def select(state: State, actor: ev.Actor, names: Sequence[str],
     if len(chosen) > MAX_BATCH:
         raise Refused("bad_request", f"{len(chosen)} jobs selected; at most {MAX_BATCH} at once")
     return sorted(chosen, key=chosen.__getitem__), refused
+
+
+def cancel_sweep(state: State, actor: ev.Actor, name: str) -> list[ev.Event]:
+    """Cancel every trial of sweep ``name`` that can still be cancelled, as one batch
+    (who may is the caller's rule: all or nothing, before this)."""
+    reason = f"sweep {name} cancelled by {actor.user}"
+    events = []
+    for job_id in sweep(state, name).jobs:
+        try:
+            events.append(cancel(state.jobs[job_id], actor, reason))
+        except Refused:
+            continue  # ended, or being cancelled already
+    return events
 
 
 def bulk(state: State, actor: ev.Actor, action: str, jobs: Sequence[str],

@@ -4,7 +4,7 @@ No I/O, no clock, no randomness: every time comes from the record. State is
 immutable (msgspec frozen Structs in ``immutables.Map``s), so a rejected event
 leaves the old state untouched and replay is byte-for-byte repeatable.
 
-Job lifecycle (``JOB_MOVES`` is the table)::
+Job lifecycle (``JOB_LIFECYCLE`` is the table)::
 
     queued ──placed──▶ starting ──all ranks up──▶ running ──all exit 0──▶ succeeded
       │  ▲                │                          │
@@ -29,7 +29,7 @@ kept apart from health so undrain restores the health last measured.
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from enum import StrEnum
 from typing import Any
 
@@ -80,25 +80,52 @@ ENDINGS = {
     "retrying": JobState.RETRYING,
 }
 
-# Which job states each job event may apply to. Events not listed create jobs.
-JOB_MOVES: dict[type[ev.Event], frozenset[JobState]] = {
-    ev.JobWaiting: WAITING,
-    ev.JobPlaced: WAITING,
-    ev.RankStarted: ACTIVE,
-    ev.JobRunning: frozenset({JobState.STARTING}),
-    ev.RankExited: ACTIVE,
-    ev.JobStopping: ACTIVE,
-    ev.JobEnded: ACTIVE,
-    ev.JobCancelRequested: WAITING,
-    ev.JobPrioritySet: WAITING | ACTIVE,
-    ev.JobHeld: WAITING,
-    ev.JobReleased: WAITING,
-    ev.JobResumed: frozenset({JobState.FAILED, JobState.CANCELLED}),
-    ev.CheckpointRequested: frozenset({JobState.RUNNING}),
-    ev.CheckpointSaved: frozenset(JobState),
-    ev.JobStalled: frozenset({JobState.RUNNING}),
-    ev.JobProgressed: frozenset({JobState.RUNNING}),
+# The job lifecycle, one table: (state, job event) -> the state after it. A job event
+# whose pair is not here does not apply (InvalidEvent; a command refuses it first, in its
+# user's words); events not listed create jobs. ``apply`` moves the job to the state this
+# table names, and the commands ask it what a job may still do. job_ended names its end
+# itself: its target is ENDINGS, read by the event's outcome.
+Move = tuple[JobState, type[ev.Event]]
+Target = JobState | Mapping[str, JobState]
+
+
+def _stays(event: type[ev.Event], states: Iterable[JobState]) -> dict[Move, Target]:
+    return {(s, event): s for s in states}
+
+
+def _moves(event: type[ev.Event], states: Iterable[JobState],
+           to: Target) -> dict[Move, Target]:
+    return {(s, event): to for s in states}
+
+
+JOB_LIFECYCLE: Mapping[Move, Target] = {
+    **_stays(ev.JobWaiting, WAITING),
+    **_moves(ev.JobPlaced, WAITING, JobState.STARTING),
+    **_stays(ev.RankStarted, ACTIVE),
+    **_moves(ev.JobRunning, {JobState.STARTING}, JobState.RUNNING),
+    **_stays(ev.RankExited, ACTIVE),
+    **_stays(ev.JobStopping, ACTIVE),
+    **_moves(ev.JobEnded, ACTIVE, ENDINGS),
+    **_moves(ev.JobCancelRequested, WAITING, JobState.CANCELLED),
+    **_stays(ev.JobPrioritySet, WAITING | ACTIVE),
+    **_stays(ev.JobHeld, WAITING),
+    **_stays(ev.JobReleased, WAITING),
+    **_moves(ev.JobResumed, {JobState.FAILED, JobState.CANCELLED}, JobState.QUEUED),
+    **_stays(ev.CheckpointRequested, {JobState.RUNNING}),
+    **_stays(ev.CheckpointSaved, JobState),
+    **_stays(ev.JobStalled, {JobState.RUNNING}),
+    **_stays(ev.JobProgressed, {JobState.RUNNING}),
 }
+
+# Per job event: source state -> target (what ``apply`` looks up, once per event).
+_TARGETS: dict[type[ev.Event], dict[JobState, Target]] = {}
+for (_source, _event), _target in JOB_LIFECYCLE.items():
+    _TARGETS.setdefault(_event, {})[_source] = _target
+
+
+def allows(state: JobState, event: type[ev.Event]) -> bool:
+    """Whether a job in ``state`` may take ``event`` (the lifecycle table's answer)."""
+    return (state, event) in JOB_LIFECYCLE
 
 
 # What each job event does, in the words of the person whose command it was: the
@@ -266,19 +293,27 @@ def apply(state: State, record: ev.Record) -> State:
     how = _DISPATCH.get(e.__class__)
     if how is None:
         raise InvalidEvent(f"no rule for {e.kind}")
-    rule, allowed, attempt = how
-    if allowed is None:
+    rule, targets, attempt = how
+    if targets is None:
         return _rep(rule(state, record), seq=record.seq)  # type: ignore[no-any-return]
     job = state.jobs.get(e.job)  # type: ignore[attr-defined]
     if job is None:
         raise InvalidEvent(f"no job named {e.job!r}")  # type: ignore[attr-defined]
-    if job.state not in allowed:
+    to = targets.get(job.state)
+    if to is None:
         raise InvalidEvent(f"job {job.id} is {job.state}: cannot "
                            f"{_DOING.get(e.__class__, 'change it that way')}")
     if attempt is not None and e.attempt != job.attempt + attempt:  # type: ignore[attr-defined]
         raise InvalidEvent(f"job {job.id}: event for attempt "
                            f"{e.attempt}, current attempt is {job.attempt}")  # type: ignore[attr-defined]
-    new: Job = rule(state, job, e, record.ts)
+    if to.__class__ is not JobState:  # job_ended: its outcome names the state
+        to = to.get(e.outcome)  # type: ignore[attr-defined,union-attr]
+        if to is None:
+            raise InvalidEvent(f"job {job.id}: unknown outcome "
+                               f"{e.outcome!r}")  # type: ignore[attr-defined]
+    new: Job = rule(state, job, e, record.ts, to)
+    if new.state is not to:  # the rules that move a job set the state the table names
+        new = _rep(new, state=to)
     if new.state is not job.state:
         state = _rep(state, tally=tl.count(state.tally, job, new, record.ts))
     if new.state is job.state and new.placement is job.placement:
@@ -329,7 +364,7 @@ def _gpus_of(job: Job) -> Iterator[tuple[str, int]]:
 
 
 _rep = msgspec.structs.replace
-JobRule = Callable[[State, Job, Any, float], Job]
+JobRule = Callable[[State, Job, Any, float, JobState], Job]  # (.., ts, target state)
 Rule = Callable[[State, ev.Record], State]
 _ATTEMPT_EVENTS = frozenset({ev.JobPlaced, ev.RankStarted, ev.JobRunning, ev.RankExited,
                              ev.JobStopping, ev.JobEnded, ev.JobStalled,
@@ -347,12 +382,12 @@ def _shared_spec(spec: ev.JobSpec) -> ev.JobSpec:
                 env=spec.env or _NO_STRINGS, params=spec.params or _NO_STRINGS)
 
 
-def _placed(state: State, job: Job, e: ev.JobPlaced, ts: float) -> Job:
+def _placed(state: State, job: Job, e: ev.JobPlaced, ts: float, to: JobState) -> Job:
     _check_placement(state, job, e)
     placement = tuple(_rep(p, node=_intern(p.node),
                            gpu_uuids=tuple(map(_intern, p.gpu_uuids))) for p in e.ranks)
     return _rep(
-        job, state=JobState.STARTING, attempt=e.attempt, placement=placement,
+        job, state=to, attempt=e.attempt, placement=placement,
         rdzv_host=_intern(e.rdzv_host), rdzv_port=e.rdzv_port,
         ranks=tuple(RankRun(rank=p.rank, node=p.node) for p in placement),
         started_at=ts, running_at=None, ended_at=None, exit_code=None,
@@ -362,7 +397,7 @@ def _placed(state: State, job: Job, e: ev.JobPlaced, ts: float) -> Job:
     )
 
 
-def _stopping(state: State, job: Job, e: ev.JobStopping, ts: float) -> Job:
+def _stopping(state: State, job: Job, e: ev.JobStopping, ts: float, to: JobState) -> Job:
     if e.outcome not in ("failed", "cancelled", "retrying", "succeeded"):
         raise InvalidEvent(f"job {job.id}: unknown outcome {e.outcome!r}")
     if job.stopping is not None and e.outcome != "cancelled":
@@ -370,41 +405,38 @@ def _stopping(state: State, job: Job, e: ev.JobStopping, ts: float) -> Job:
     return _rep(job, stopping=e.outcome, reason=e.reason)
 
 
-def _resumed(state: State, job: Job, e: ev.JobResumed, ts: float) -> Job:
-    return _rep(job, state=JobState.QUEUED, spec=_shared_spec(e.spec),
+def _resumed(state: State, job: Job, e: ev.JobResumed, ts: float, to: JobState) -> Job:
+    return _rep(job, state=to, spec=_shared_spec(e.spec),
                 resume_from=e.resume_from,
                 ended_at=None, exit_code=None, reason="resumed", stopping=None,
                 no_progress_failures=0, retry_at=None)
 
 
 _JOB_RULES: dict[type[ev.Event], JobRule] = {
-    ev.JobWaiting: lambda s, j, e, ts: _rep(j, waiting_reason=_intern(e.reason)),
+    ev.JobWaiting: lambda s, j, e, ts, to: _rep(j, waiting_reason=_intern(e.reason)),
     ev.JobPlaced: _placed,
-    ev.RankStarted: lambda s, j, e, ts: _rep(j, ranks=_set_rank(j, e.rank, pid=e.pid)),
-    ev.JobRunning: lambda s, j, e, ts: _rep(j, state=JobState.RUNNING, running_at=ts),
-    ev.RankExited: lambda s, j, e, ts: _rep(j, ranks=_set_rank(j, e.rank,
-                                                               exit_code=e.exit_code)),
+    ev.RankStarted: lambda s, j, e, ts, to: _rep(j, ranks=_set_rank(j, e.rank, pid=e.pid)),
+    ev.JobRunning: lambda s, j, e, ts, to: _rep(j, state=to, running_at=ts),
+    ev.RankExited: lambda s, j, e, ts, to: _rep(j, ranks=_set_rank(j, e.rank,
+                                                                   exit_code=e.exit_code)),
     ev.JobStopping: _stopping,
-    ev.JobEnded: lambda s, j, e, ts: _ended(j, e, ts),
-    ev.JobCancelRequested: lambda s, j, e, ts: _rep(
-        j, state=JobState.CANCELLED, ended_at=ts, reason=e.reason, waiting_reason=""),
-    ev.JobPrioritySet: lambda s, j, e, ts: _rep(j, priority=e.priority),
-    ev.JobHeld: lambda s, j, e, ts: _rep(j, held=True),
-    ev.JobReleased: lambda s, j, e, ts: _rep(j, held=False),
+    ev.JobEnded: lambda s, j, e, ts, to: _ended(j, e, ts, to),
+    ev.JobCancelRequested: lambda s, j, e, ts, to: _rep(
+        j, state=to, ended_at=ts, reason=e.reason, waiting_reason=""),
+    ev.JobPrioritySet: lambda s, j, e, ts, to: _rep(j, priority=e.priority),
+    ev.JobHeld: lambda s, j, e, ts, to: _rep(j, held=True),
+    ev.JobReleased: lambda s, j, e, ts, to: _rep(j, held=False),
     ev.JobResumed: _resumed,
-    ev.CheckpointRequested: lambda s, j, e, ts: _rep(j, checkpoint_requested=True),
-    ev.CheckpointSaved: lambda s, j, e, ts: _rep(
+    ev.CheckpointRequested: lambda s, j, e, ts, to: _rep(j, checkpoint_requested=True),
+    ev.CheckpointSaved: lambda s, j, e, ts, to: _rep(
         j, checkpoints=(*j.checkpoints, e.path), checkpoint_requested=False),
-    ev.JobStalled: lambda s, j, e, ts: _rep(j, stalled=True),
-    ev.JobProgressed: lambda s, j, e, ts: _rep(j, stalled=False),
+    ev.JobStalled: lambda s, j, e, ts, to: _rep(j, stalled=True),
+    ev.JobProgressed: lambda s, j, e, ts, to: _rep(j, stalled=False),
 }
-assert set(_JOB_RULES) == set(JOB_MOVES) == set(_DOING)
+assert set(_JOB_RULES) == set(_TARGETS) == set(_DOING)
 
 
-def _ended(job: Job, e: ev.JobEnded, ts: float) -> Job:
-    outcome = ENDINGS.get(e.outcome)
-    if outcome is None:
-        raise InvalidEvent(f"job {job.id}: unknown outcome {e.outcome!r}")
+def _ended(job: Job, e: ev.JobEnded, ts: float, outcome: JobState) -> Job:
     failed = outcome in (JobState.FAILED, JobState.RETRYING)
     best = job.best_step
     if e.last_step is not None and (best is None or e.last_step > best):
@@ -565,12 +597,12 @@ _RULES: dict[type[ev.Event], Rule] = {
 }
 assert set(_RULES) | set(_JOB_RULES) == set(ev.EVENT_TYPES.values())
 
-# type -> (rule, job states it applies to (None: not a job event), the attempt it
+# type -> (rule, source state -> target (None: not a job event), the attempt it
 # must name relative to the job's current one (None: names none; JobPlaced: +1)).
-_DISPATCH: dict[type[ev.Event], tuple[Callable[..., Any], frozenset[JobState] | None,
+_DISPATCH: dict[type[ev.Event], tuple[Callable[..., Any], dict[JobState, Target] | None,
                                       int | None]] = {
     **{t: (r, None, None) for t, r in _RULES.items()},
-    **{t: (r, JOB_MOVES[t], (1 if t is ev.JobPlaced else 0) if t in _ATTEMPT_EVENTS else None)
+    **{t: (r, _TARGETS[t], (1 if t is ev.JobPlaced else 0) if t in _ATTEMPT_EVENTS else None)
        for t, r in _JOB_RULES.items()},
 }
 

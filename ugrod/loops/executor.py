@@ -24,7 +24,7 @@ from typing import Any
 
 import msgspec
 
-from ugrod.core import culprit, jobspec
+from ugrod.core import culprit, jobspec, retry
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core.jobspec import procs_per_node
@@ -765,30 +765,13 @@ class Executor:
     async def _end(self, job: Job, outcome: str, reason: str, *, exit_code: int | None = None,
                    failed_rank: int | None = None, failed_node: str | None = None,
                    retryable: bool = False) -> None:
-        """Record job_ended: decide retry (progress-aware) and find the checkpoint to resume."""
-        latest = self.latest.get(job.id, {})
-        step = latest.get("step")
-        last_step = int(step) if isinstance(step, int | float) and math.isfinite(step) \
-            and 0 <= step <= MAX_STEP else None
-        made_progress = last_step is not None and (job.best_step is None
-                                                   or last_step > job.best_step)
-        retry_at = None
-        resume_from = None
-        if retryable and outcome == "failed" and job.spec.max_retries > 0:
-            budget_used = job.no_progress_failures + (0 if made_progress else 1)
-            if budget_used <= job.spec.max_retries and job.failures < 4 * job.spec.max_retries + 4:
-                outcome = "retrying"
-                backoff = job.spec.retry_backoff_s * (2 ** min(max(budget_used - 1, 0), 30))
-                # Bounded both ways even for a spec recorded before submit checked it
-                # (a backoff of -1e308 once made a retry time no event could hold).
-                backoff = min(max(backoff, 0.0), 600.0) if math.isfinite(backoff) else 600.0
-                retry_at = self.ledger.stamp() + backoff
-                reason = f"{reason}; retry {job.failures + 1} " + (
-                    "(made progress: budget kept)" if made_progress else
-                    f"({budget_used} of {job.spec.max_retries} retries without progress used)")
-            elif budget_used > job.spec.max_retries:
-                reason = (f"{reason}; not retried: {job.spec.max_retries} retries without "
-                          f"progress used up (crash loop)")
+        """Record job_ended: the retry decision is core/retry.py's; here its I/O (the
+        checkpoint a retry resumes from)."""
+        ended = retry.ended(job, outcome, reason, now=self.ledger.stamp(),
+                            latest_step=self.latest.get(job.id, {}).get("step"),
+                            exit_code=exit_code, failed_rank=failed_rank,
+                            failed_node=failed_node, retryable=retryable)
+        outcome, reason = ended.outcome, ended.reason
         if outcome == "retrying":
             try:
                 resume_from = await self._newest_checkpoint(job)
@@ -796,10 +779,8 @@ class Executor:
                 raise
             except Exception as exc:
                 logger.warning("job %s: cannot list its checkpoints: %r", job.id, exc)
-        ended = ev.JobEnded(job=job.id, attempt=job.attempt, outcome=outcome, reason=reason[:4000],
-                            exit_code=exit_code, failed_rank=failed_rank, failed_node=failed_node,
-                            last_step=last_step, made_progress=made_progress, retry_at=retry_at,
-                            resume_from=resume_from)
+            else:
+                ended = msgspec.structs.replace(ended, resume_from=resume_from)
         try:
             state = await self.ledger.record(ev.DAEMON, ended)
         except InvalidEvent as exc:
@@ -1042,7 +1023,7 @@ class LaunchError(Exception):
 
 
 MAX_METRIC_LINE = 64 * 1024   # a metrics line is a few hundred bytes; past this it is garbage
-MAX_STEP = (1 << 63) - 1      # steps are recorded in events: a signed 64-bit integer
+MAX_STEP = retry.MAX_STEP      # steps are recorded in events: a signed 64-bit integer
 MAX_METRIC_ABS = 1e300        # finite with room: sums and rates of it stay finite
 
 
