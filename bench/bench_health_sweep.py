@@ -44,9 +44,9 @@ from sshd_nodes import SshdCluster, start_sshd_nodes  # noqa: E402
 
 from ugrod.config import schema as cfgmod
 from ugrod.core import events as ev
-from ugrod.core import gpus
 from ugrod.loops.monitor import Monitor  # noqa: E402
 from ugrod.metrics.runtime_stats import RuntimeStats  # noqa: E402
+from ugrod.nodes import probe  # noqa: E402
 from ugrod.nodes.agent import NodeAgent  # noqa: E402
 from ugrod.nodes.transport.base import Transport  # noqa: E402
 from ugrod.store.ledger import Ledger  # noqa: E402
@@ -129,7 +129,7 @@ async def ugrod_sweeps(cluster: SshdCluster, state_dir: Path, sweeps: int) -> li
         # For comparison: the one-shot probe (a Python process and an SSH session per node
         # per sweep), which is what sweeps did before the long-lived probe process.
         oneshot: list[float] = []
-        argvs = [(a.transport, gpus.probe_argv(a.python, await a.work_dir()))
+        argvs = [(a.transport, probe.probe_argv(a.python, await a.work_dir()))
                  for a in agents.values()]
         for _ in range(min(3, sweeps)):
             t0 = time.perf_counter()

@@ -344,6 +344,7 @@ def test_a_flood_from_nvidia_smi_is_read_with_a_cap_on_the_node(tmp_path: Path) 
     import subprocess
 
     from ugrod.core import gpus
+    from ugrod.nodes import probe
 
     flood = tmp_path / "nvidia-smi"
     flood.write_text("#!/bin/sh\nexec head -c 200000000 /dev/zero\n")
@@ -356,7 +357,7 @@ def test_a_flood_from_nvidia_smi_is_read_with_a_cap_on_the_node(tmp_path: Path) 
                "                 + str(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))\n"
                "sys.stdout.buffer.write(r.stdout)\n"
                "sys.exit(r.returncode)\n")
-    argv = gpus.probe_argv(PY, str(tmp_path), smi=str(flood), smi_timeout_s=20)
+    argv = probe.probe_argv(PY, str(tmp_path), smi=str(flood), smi_timeout_s=20)
     res = subprocess.run([PY, "-c", measure, json.dumps(argv)], capture_output=True,
                          timeout=90)
     peak_kib = int(res.stderr.decode().rsplit("PEAK ", 1)[1])

@@ -26,11 +26,10 @@ from ugrod.core.gpus import (
     parse_nvidia_smi,
     parse_probe,
     parse_readiness,
-    probe_argv,
-    readiness_argv,
 )
 from ugrod.core.health import score
 from ugrod.core.state import NodeHealth
+from ugrod.nodes.probe import probe_argv, readiness_argv
 
 FAKE_DIR = Path(__file__).resolve().parents[1] / "fake_nvidia_smi"
 FAKE = FAKE_DIR / "nvidia-smi"

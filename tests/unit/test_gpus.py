@@ -20,7 +20,6 @@ from hypothesis import strategies as st
 from ugrod.core.events import Gpu
 from ugrod.core.gpus import (
     MIB,
-    QUERY_FIELDS,
     GpuQueryFailed,
     GpuSample,
     NodeSample,
@@ -32,9 +31,10 @@ from ugrod.core.gpus import (
     parse_nvidia_smi,
     parse_probe,
     parse_readiness,
-    probe_argv,
     sample_summary,
 )
+from ugrod.nodes.probe import probe_argv
+from ugrod.nodes.remote import node_sample
 
 U0 = "GPU-5d2f3a1e-8c4b-4e7a-9f10-2b6c8d0e4a11"
 U1 = "GPU-0a1b2c3d-0000-4000-8000-000000000002"
@@ -328,7 +328,8 @@ def test_probe_argv_has_no_shell() -> None:
     argv = probe_argv("python3", "~/ugro", ["/w/a b/pid"], smi_timeout_s=2)
     assert argv[:2] == ["python3", "-c"]
     assert argv[3:] == ["~/ugro", "nvidia-smi", "2.0", "/w/a b/pid"]
-    assert ",".join(QUERY_FIELDS) in argv[2]
+    assert nvidia_smi_argv()[1:] == node_sample.QUERY  # the probe asks what the parser reads
+    assert "from ugrod" not in argv[2]  # one self-contained program
 
 
 # ---- readiness ----------------------------------------------------------------

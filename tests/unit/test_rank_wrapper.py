@@ -14,9 +14,18 @@ from typing import Any
 
 import pytest
 
+from ugrod.nodes.agent import WRAPPER_SOURCE
 from ugrod.nodes.remote import rank_wrapper
 
-WRAPPER = rank_wrapper.__file__
+WRAPPER = ""  # the wrapper as nodes get it (libraries inlined), written by the fixture below
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _shipped_wrapper(tmp_path_factory: pytest.TempPathFactory) -> None:
+    global WRAPPER
+    path = tmp_path_factory.mktemp("node") / "rank_wrapper.py"
+    path.write_bytes(WRAPPER_SOURCE)
+    WRAPPER = str(path)
 
 
 def wrapper(*args: str, input: bytes | None = None, timeout: float = 10) -> Any:

@@ -29,7 +29,7 @@ from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core.jobspec import procs_per_node
 from ugrod.core.state import ACTIVE, WAITING, InvalidEvent, Job, JobState, State
-from ugrod.nodes import codesync
+from ugrod.nodes import codesync, programs
 from ugrod.nodes.agent import (
     CheckpointFile,
     LogChunk,
@@ -1058,14 +1058,8 @@ def parse_metric_line(raw: bytes) -> dict[str, Any] | str:
 
 # Listens on the rank-0 node where torchrun's store will, until ugrod closes the stream.
 # It accepts the expected number of connections, or gives up after 20 s, then exits.
-_LISTENER = (
-    "import socket,sys\n"
-    "s=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n"
-    "s.bind((sys.argv[1], int(sys.argv[2]))); s.listen(64); s.settimeout(20)\n"
-    "print('ready', flush=True)\n"
-    "for _ in range(int(sys.argv[3])):\n"
-    "    try: c,_=s.accept(); c.close()\n"
-    "    except OSError: break\n")
+# argv: HOST PORT COUNT; prints "ready", then accepts COUNT connections (20 s at most each).
+_LISTENER = programs.text("port_listener")
 
 
 @contextlib.asynccontextmanager

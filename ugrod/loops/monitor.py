@@ -4,10 +4,10 @@ The imperative shell around ``ugrod.core.health`` and ``ugrod.core.gpus``. A swe
 one probe per node concurrently, each under its own deadline, and each node
 records its own transitions as soon as it is done, so a slow node never holds
 up the others. The probe is one request line to a long-lived probe process on
-the node (``python3 -c PROBE_SERVER``, started at first contact over the node's
+the node (``remote/probe_server.py``, started at first contact over the node's
 transport, no shell), so a sweep starts no process and opens no SSH session:
 that is what keeps a 50-node sweep well under a second. Where that process
-cannot be started (no usable Python there), the one-shot ``PROBE_SCRIPT`` runs
+cannot be started (no usable Python there), the one-shot ``remote/probe.py`` runs
 instead, so the failure is reported with its exit code and stderr.
 Sweeps never overlap. Samples go to a bounded buffer per node (read by
 ``/metrics``, ``ugroctl health`` and per-job resource figures), never to the
@@ -40,6 +40,7 @@ from ugrod.core import health as hl
 from ugrod.core.state import InvalidEvent, Job, JobState, NodeHealth, State
 from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
+from ugrod.nodes import probe
 from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.transport.base import (
     CommandResult,
@@ -463,7 +464,7 @@ class Monitor:
             link = await self._start_link(name, agent)
             if link is None:  # no probe process possible there: the one-shot form says why
                 t1 = time.monotonic()
-                res = await agent.transport.run(gpus.probe_argv(
+                res = await agent.transport.run(probe.probe_argv(
                     agent.python, await agent.work_dir(), pid_files,
                     smi_timeout_s=self._smi_timeout_s()))
                 return res, time.monotonic() - t1
@@ -471,12 +472,12 @@ class Monitor:
         rid = link.last_id
         try:
             t1 = time.monotonic()
-            await link.stream.write(gpus.probe_request(rid, pid_files))
+            await link.stream.write(probe.probe_request(rid, pid_files))
             while True:
                 line = await link.stream.readline()
                 if not line:
                     raise TransportError(name, "the probe process ended")
-                if gpus.probe_line_kind(line) == ("answer", rid):
+                if probe.probe_line_kind(line) == ("answer", rid):
                     return CommandResult(0, line, b""), time.monotonic() - t1
         except BaseException:
             self._drop_link(name)
@@ -484,7 +485,7 @@ class Monitor:
 
     async def _start_link(self, name: str, agent: NodeAgent) -> _ProbeLink | None:
         """Start the node's probe process; None when it does not come up (not a link error)."""
-        argv = gpus.probe_server_argv(agent.python, await agent.work_dir(),
+        argv = probe.probe_server_argv(agent.python, await agent.work_dir(),
                                       smi_timeout_s=self._smi_timeout_s())
         try:
             stream = await agent.transport.open_stream(argv)
@@ -495,7 +496,7 @@ class Monitor:
                 line = await stream.readline()
                 if not line:
                     break
-                if gpus.probe_line_kind(line)[0] == "ready":
+                if probe.probe_line_kind(line)[0] == "ready":
                     link = self._links[name] = _ProbeLink(stream, agent)
                     return link
         except BaseException:
@@ -641,7 +642,7 @@ class Monitor:
                 pid_files, running = await self._rank_pid_files(name, state, agent)
                 work_dir = await agent.work_dir()
                 t0 = time.monotonic()
-                res = await agent.transport.run(gpus.probe_argv(agent.python, work_dir,
+                res = await agent.transport.run(probe.probe_argv(agent.python, work_dir,
                                                                 pid_files))
         except (TransportError, TimeoutError, OSError) as exc:
             if isinstance(exc, NodeUnreachable) and node.health is not NodeHealth.UNREACHABLE:
@@ -672,7 +673,7 @@ class Monitor:
                     expect_gpus: int) -> list[dict[str, Any]]:
         try:
             async with asyncio.timeout(DEEP_TIMEOUT_S):
-                res = await agent.transport.run(gpus.readiness_argv(
+                res = await agent.transport.run(probe.readiness_argv(
                     agent.python, work_dir, timeout_s=DEEP_TIMEOUT_S - 10))
             checks = gpus.parse_readiness(res.stdout, expect_gpus=expect_gpus,
                                           min_free_bytes=MIN_FREE_BYTES)

@@ -1,13 +1,13 @@
 """Python stacks of a job's ranks, by ``py-spy dump`` run on each node, into the job directory.
 
-The watchdog calls ``capture`` when a job stalls. On each node one stdlib script finds
-the ranks' processes by the ``UGRO_RUN_DIR`` the rank wrapper puts in their environment
-(torchrun's workers inherit it; nothing is matched by name) and dumps them all at once,
-where ``py-spy`` is on the node's PATH or beside its Python. py-spy needs ptrace rights
-over the ranks: root, or the ranks' own user with ``kernel.yama.ptrace_scope`` 0 (at 1,
-only ancestors may trace: grant py-spy CAP_SYS_PTRACE). A node without py-spy, or where
-it fails, gets a line saying so in the file; ``capture`` writes no file when no node
-gave a single stack.
+The watchdog calls ``capture`` when a job stalls. On each node one stdlib program
+(nodes/remote/stack_dump.py) finds the ranks' processes by the ``UGRO_RUN_DIR`` the rank
+wrapper puts in their environment (torchrun's workers inherit it; nothing is matched by
+name) and dumps them all at once, where ``py-spy`` is on the node's PATH or beside its
+Python. py-spy needs ptrace rights over the ranks: root, or the ranks' own user with
+``kernel.yama.ptrace_scope`` 0 (at 1, only ancestors may trace: grant py-spy
+CAP_SYS_PTRACE). A node without py-spy, or where it fails, gets a line saying so in the
+file; ``capture`` writes no file when no node gave a single stack.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from ugrod.core.state import Job
+from ugrod.nodes import programs
 from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.transport.base import TransportError
 
@@ -28,78 +29,8 @@ logger = logging.getLogger("ugrod.loops.stacks")
 
 STACKS_TIMEOUT_S = 20.0
 
-# argv: TIMEOUT_S RUN_DIR...  Finds each rank's processes by UGRO_RUN_DIR in their
-# environment (the rank wrapper sets it; torchrun's workers inherit it) and runs
-# ``py-spy dump --pid`` on each, all at once, within the timeout. Prints one JSON object.
-STACKS_SCRIPT = r'''
-import json, os, shutil, subprocess, sys, time
-
-def spy():
-    found = shutil.which("py-spy")
-    if found:
-        return found
-    beside = os.path.join(os.path.dirname(os.path.realpath(sys.executable)), "py-spy")
-    return beside if os.access(beside, os.X_OK) else None
-
-def marked(run_dirs):
-    want = dict((("UGRO_RUN_DIR=" + d).encode(), d) for d in run_dirs)
-    found = dict((d, []) for d in run_dirs)
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % name, "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        for entry in env:
-            if entry in want:
-                found[want[entry]].append(int(name))
-                break
-    return found
-
-def cmdline(pid):
-    try:
-        with open("/proc/%d/cmdline" % pid, "rb") as f:
-            return f.read().replace(b"\0", b" ").decode("utf-8", "replace").strip()[:300]
-    except OSError:
-        return ""
-
-def main(args):
-    timeout, run_dirs = float(args[0]), args[1:]
-    tool = spy()
-    out = {"v": 1, "py_spy": tool, "ranks": {}}
-    running = []
-    for d, pids in marked(run_dirs).items():
-        rows = out["ranks"][d] = []
-        for pid in sorted(pids)[:32]:
-            row = {"pid": pid, "cmd": cmdline(pid)}
-            rows.append(row)
-            if tool:
-                try:
-                    p = subprocess.Popen([tool, "dump", "--pid", str(pid)],
-                                         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                         stderr=subprocess.PIPE)
-                except OSError as e:
-                    row["error"] = "%s: %s" % (tool, e)
-                    continue
-                running.append((row, p))
-    deadline = time.monotonic() + timeout
-    for row, p in running:
-        try:
-            o, e = p.communicate(timeout=max(0.1, deadline - time.monotonic()))
-            row["exit_code"] = p.returncode
-            row["stacks"] = o[-200000:].decode("utf-8", "replace")
-            if p.returncode:
-                row["error"] = e[-2000:].decode("utf-8", "replace").strip()
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.communicate()
-            row["error"] = "py-spy dump did not finish within %g s" % timeout
-    sys.stdout.write(json.dumps(out) + "\n")
-
-main(sys.argv[1:])
-'''
+# argv: TIMEOUT_S RUN_DIR...; prints one JSON object (see the program's doc).
+STACKS_SCRIPT = programs.text("stack_dump")
 
 
 async def capture(job: Job, agents: Mapping[str, NodeAgent], jobdir: Path,

@@ -58,6 +58,7 @@ from ugrod.loops import stacks
 from ugrod.loops.executor import Executor
 from ugrod.loops.monitor import Monitor
 from ugrod.loops.schedule import Schedule
+from ugrod.nodes import programs
 from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.transport.base import TransportError
 from ugrod.store.ledger import Ledger
@@ -108,38 +109,9 @@ def silence_limit(spec_timeout_s: float | None, times: Sequence[float]) -> float
     return max(SILENCE_MIN_S, SILENCE_INTERVALS * step) if step is not None else SILENCE_MIN_S
 
 
-# ---- node-side helpers (stdlib only, run with ``python3 -c``) ---------------------------
-
-# argv: JOBS_DIR KEEP_RUN_DIR...  Run dirs under JOBS_DIR with a live process (found by
-# UGRO_RUN_DIR in its environment), other than the ones to keep. Prints one JSON object.
-LEFTOVERS_SCRIPT = r'''
-import json, os, sys
-
-def main(args):
-    jobs, keep = args[0].rstrip("/") + "/", set(args[1:])
-    found = set()
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open("/proc/%s/environ" % name, "rb") as f:
-                env = f.read().split(b"\0")
-            with open("/proc/%s/stat" % name) as f:
-                state = f.read().rsplit(")", 1)[1].split()[0]
-        except (OSError, IndexError):
-            continue
-        if state in ("Z", "X"):
-            continue
-        for entry in env:
-            if entry.startswith(b"UGRO_RUN_DIR="):
-                d = entry[13:].decode("utf-8", "replace")
-                if d.startswith(jobs) and d not in keep:
-                    found.add(d)
-                break
-    sys.stdout.write(json.dumps({"v": 1, "run_dirs": sorted(found)}) + "\n")
-
-main(sys.argv[1:])
-'''
+# argv: JOBS_DIR KEEP_RUN_DIR...: run dirs under JOBS_DIR with a live process, other than
+# the ones to keep; prints one JSON object (nodes/remote/leftovers.py).
+LEFTOVERS_SCRIPT = programs.text("leftovers")
 
 _RUN_DIR = re.compile(rf"(?P<job>{NAME_PATTERN})/attempt-(?P<attempt>\d+)"
                       r"/rank-(?P<rank>\d+)")

@@ -18,17 +18,18 @@ import logging
 import posixpath
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ugrod.core.names import valid_name
+from ugrod.nodes import programs
 from ugrod.nodes.transport.base import CommandResult, Stream, Transport, TransportError
 
 logger = logging.getLogger(__name__)
 
-WRAPPER_SOURCE = (Path(__file__).parent / "remote" / "rank_wrapper.py").read_bytes()
+# The wrapper as uploaded: one file, its libraries inlined (ugrod/nodes/programs.py).
+WRAPPER_SOURCE = programs.text("rank_wrapper").encode()
 WRAPPER_SHA256 = hashlib.sha256(WRAPPER_SOURCE).hexdigest()
 # The exit code of a rank that vanished with nobody left to record how it ended (the node
 # rebooted, or its supervisor was killed); see rank_wrapper.LOST.
@@ -38,27 +39,8 @@ _MAX_REPLY = 16 * 1024 * 1024
 # The wrapper needs only the stdlib: no site-packages (.pth files make a big environment's
 # interpreter start several times slower), no PYTHON* variables, no user site.
 _ISOLATED = ("-I", "-S")
-# Makes the given directories; prints the interpreter's real path (past any pyenv/conda
-# shim, which would cost every wrapper call another shell) and the installed wrapper's
-# sha256 (or "missing").
-# When the wrapper can run ranks as other users (root, or ugrod's service account with
-# CAP_SETUID/CAP_SETGID) the work dir and jobs/ are 0711: owners reach their own run
-# dirs (0700, theirs) and list nothing. Otherwise everything is 0700.
-_PREPARE = """\
-import hashlib, os, sys
-os.umask(0o077)
-caps = [ln for ln in open("/proc/self/status") if ln.startswith("CapEff:")]
-switch = os.geteuid() == 0 or bool(caps and int(caps[0].split()[1], 16) & 0xC0 == 0xC0)
-for d in sys.argv[2:]:
-    os.makedirs(d, exist_ok=True)
-    os.chmod(d, 0o711 if switch and not d.endswith("/.ugro") else 0o700)
-os.chmod(os.path.dirname(sys.argv[2]), 0o711 if switch else 0o700)
-print(sys.executable)
-try:
-    print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())
-except FileNotFoundError:
-    print("missing")
-"""
+# Makes the work dirs, says the interpreter's real path and the installed wrapper's sha256.
+_PREPARE = programs.text("prepare")
 
 
 class WrapperProtocolError(TransportError):

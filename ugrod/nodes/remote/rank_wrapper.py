@@ -60,10 +60,11 @@ import sys
 import time
 from typing import TYPE_CHECKING, Any
 
+from ugrod.nodes.remote.procscan import MARKER, pids_by_run_dir, proc_stat
+
 POLL_S = 0.05
 LOG_CHUNK = 48 * 1024
 METRICS_READ = 1024 * 1024
-MARKER = "UGRO_RUN_DIR"
 # Exit code of a rank that vanished with nobody to record its end (node rebooted,
 # supervisor killed): without it a watch would wait forever.
 LOST = -1
@@ -106,16 +107,6 @@ def read_text(path: str) -> str | None:
         return None
 
 
-def proc_stat(pid: int) -> tuple[str, int] | None:
-    """(state, starttime) of a process, or None if it does not exist."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return fields[0], int(fields[19])  # fields[0] is field 3 (state); 22 is starttime
-
-
 def recorded_pid(run_dir: str) -> tuple[int, int] | None:
     text = read_text(os.path.join(run_dir, "pid"))
     if not text:
@@ -134,27 +125,6 @@ def leader_alive(run_dir: str) -> int | None:
     """The rank's pid if that very process is still running."""
     rec = recorded_pid(run_dir)
     return rec[0] if rec is not None and matches(*rec) else None
-
-
-def marked_pids(run_dirs: list[str]) -> dict[str, list[int]]:
-    """Live processes of this user whose environment has UGRO_RUN_DIR=one of run_dirs."""
-    wanted = {(f"{MARKER}={d}").encode(): d for d in run_dirs}
-    found: dict[str, list[int]] = {d: [] for d in run_dirs}
-    for name in os.listdir("/proc"):
-        if not name.isdigit() or int(name) == os.getpid():
-            continue
-        try:
-            with open(f"/proc/{name}/environ", "rb") as f:
-                env = f.read().split(b"\0")
-        except OSError:
-            continue
-        for entry in env:
-            if entry in wanted:
-                stat = proc_stat(int(name))
-                if stat is not None and stat[0] not in ("Z", "X"):
-                    found[wanted[entry]].append(int(name))
-                break
-    return found
 
 
 def ppid_map() -> dict[int, list[int]]:
@@ -216,7 +186,7 @@ def cgroup_pids(cg: str) -> list[int]:
 def rank_pids(run_dir: str) -> list[int]:
     """Every live process of the rank: its cgroup's, its supervisor's descendants, the
     processes marked with its run dir, and the leader."""
-    found = set(marked_pids([run_dir])[run_dir])
+    found = set(pids_by_run_dir([run_dir])[run_dir])
     cg = rank_cgroup(run_dir)
     if cg is not None:
         found.update(cgroup_pids(cg))
