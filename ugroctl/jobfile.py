@@ -28,6 +28,8 @@ import shlex
 from collections.abc import Callable
 from typing import Any
 
+from ugrod.core.names import name_problem  # stdlib only: the one rule for names
+
 ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}\Z")
 MAX_FILE_BYTES = 1 << 20
 # The same bounds as ugrod/core/jobspec.py (not imported: that module pulls in the daemon's
@@ -126,7 +128,17 @@ def _boolean(v: Any) -> bool:
     return v
 
 
-def _strings(v: Any) -> list[str]:
+def _name(kind: str) -> Callable[[Any], str]:
+    """A job's or node's name: ugrod's one rule (ugrod/core/names.py)."""
+    def check(v: Any) -> str:
+        problem = name_problem(kind, _string(v))
+        if problem is not None:
+            raise _Bad(problem)
+        return str(v)
+    return check
+
+
+def _strings(v: Any, item: Callable[[Any], str] = _string) -> list[str]:
     if isinstance(v, str):
         v = [v]
     if not isinstance(v, list):
@@ -134,12 +146,16 @@ def _strings(v: Any) -> list[str]:
     out, bad = [], []
     for i, x in enumerate(v):
         try:
-            out.append(_string(x))
+            out.append(item(x))
         except _Bad as exc:
             bad.append((f"[{i}]", str(exc)))
     if bad:
         raise _Many(bad[:20])
     return out
+
+
+def _names(kind: str) -> Callable[[Any], list[str]]:
+    return lambda v: _strings(v, _name(kind))
 
 
 def _argv(v: Any) -> list[str]:
@@ -192,10 +208,10 @@ def _choice(*allowed: str) -> Callable[[Any], str]:
 
 # key in the file -> (key in the request body, how to check and convert it)
 RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
-    "name": ("name", _string),
+    "name": ("name", _name("job")),
     "command": ("argv", _argv),
     "nodes": ("nodes", _integer(1, 1024)),
-    "node_names": ("node_names", _strings),
+    "node_names": ("node_names", _names("node")),
     "gpus_per_node": ("gpus_per_node", _integer(0, 64)),
     "min_vram_gb": ("min_vram_gb", _vram),
     "labels": ("labels_required", _strings),
@@ -203,9 +219,9 @@ RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "priority": ("priority", _integer(PRIORITY_MIN, PRIORITY_MAX)),
     "max_retries": ("max_retries", _integer(0, 100)),
     "retry_backoff_s": ("retry_backoff_s", _seconds(0, MAX_BACKOFF_S)),
-    "after": ("after", _strings),
-    "after_any": ("after_any", _strings),
-    "after_failed": ("after_failed", _strings),
+    "after": ("after", _names("job")),
+    "after_any": ("after_any", _names("job")),
+    "after_failed": ("after_failed", _names("job")),
     "time": ("time_limit", _time_limit),  # 1:30:00, 90m, or minutes: ugrod checks the form
     "hold": ("held", _boolean),
     "env": ("env", _env),

@@ -11,6 +11,7 @@ import pytest
 
 from ugroctl import jobfile
 from ugrod.core import jobspec
+from ugrod.core.names import name_problem
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -68,6 +69,19 @@ def test_every_problem_at_once_with_key_paths() -> None:
 def test_a_command_keeps_its_words_as_written() -> None:
     body = jobfile.parse("command: [train.py, --lr, 2e-4, --steps, 100, --x, 0x1F]\n", "j")
     assert body["argv"] == ["train.py", "--lr", "2e-4", "--steps", "100", "--x", "0x1F"]
+
+
+def test_names_follow_ugrods_one_rule() -> None:
+    """A name ugrod would refuse is named in the file's terms, in ugrod's words."""
+    long = "n" * 65
+    got = problems(f"name: ../x\ncommand: [t]\nafter: [ok, 'a b']\nnode_names: [{long}]\n")
+    assert got == [
+        f"job.yaml: name: {name_problem('job', '../x')}",
+        f"job.yaml: after[1]: {name_problem('job', 'a b')}",
+        f"job.yaml: node_names[0]: {name_problem('node', long)}",
+    ]
+    body = jobfile.parse(f"name: {'a' * 64}\ncommand: [t]\nafter_any: x.1\n", "j")
+    assert (body["name"], body["after_any"]) == ("a" * 64, ["x.1"])
 
 
 def test_job_file_bounds_are_ugrods() -> None:
