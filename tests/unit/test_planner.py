@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 from ugrod.core import codec
 from ugrod.core import events as ev
-from ugrod.core.planner import Plan, UserLimits, check_fits, plan, typical_runtimes
+from ugrod.core.limits import UserLimits
+from ugrod.core.planner import Plan, check_fits, plan, typical_runtimes
 from ugrod.core.state import ACTIVE, Job, JobState, State, apply
 
 GB = 1 << 30

@@ -37,13 +37,14 @@ from ugrod.config.reader import (
     show,
 )
 from ugrod.core.events import Gpu, NodeSpec
+from ugrod.core.limits import UserLimits, limits_for
 from ugrod.core.names import NAME_RE, NAME_RULE
 
 __all__ = [
     "ApiConfig", "ClusterConfig", "Config", "ConfigError", "HealthConfig", "Intervals", "Level",
     "MetricsConfig", "NodeConfig", "PathsConfig", "Problem", "SchedulerConfig", "SyncConfig",
     "Thresholds", "TrainingConfig", "UserLimits", "Weights", "builtin", "default_socket_path",
-    "load", "loads", "node_changes", "resolve_paths",
+    "load", "loads", "resolve_paths",
 ]
 
 GIB: Final = 1 << 30
@@ -170,11 +171,6 @@ class SyncConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_files: int = 20000
 
 
-class UserLimits(msgspec.Struct, frozen=True, kw_only=True):
-    max_gpus: int | None = None  # None: unlimited
-    max_jobs: int | None = None
-
-
 class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
     interval_s: float = 30.0
     backfill: bool = True
@@ -185,7 +181,7 @@ class SchedulerConfig(msgspec.Struct, frozen=True, kw_only=True):
 
     def limits_for(self, user: str) -> UserLimits:
         """The user's own limits, else those of ``"*"``, else none."""
-        return self.user_limits.get(user) or self.user_limits.get("*") or UserLimits()
+        return limits_for(self.user_limits, user)
 
 
 class Thresholds(msgspec.Struct, frozen=True, kw_only=True):
@@ -291,31 +287,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
                 return n
         raise KeyError(name)
 
-    def rendezvous_host(self) -> str:
-        """cluster.master_ip, else the address of the rank-0 / master / first node."""
-        if self.cluster.master_ip:
-            return self.cluster.master_ip
-        for pick in (lambda n: n.rank == 0, lambda n: n.role == "master", lambda n: True):
-            for n in self.nodes:
-                if pick(n):
-                    return n.host
-        return "127.0.0.1"
-
     def training_script(self) -> str | None:
         """training.script, joined to paths.scripts when relative (both node-side)."""
         script = self.training.script
         if script is None or script.startswith(("/", "~")) or not self.paths.scripts:
             return script
         return f"{self.paths.scripts.rstrip('/')}/{script}"
-
-
-def node_changes(old: Config, new: Config) -> tuple[list[str], list[str], list[str]]:
-    """Node names (added, removed, changed) between two configs, for reload."""
-    before = {s.name: s for s in old.node_specs()}
-    after = {s.name: s for s in new.node_specs()}
-    return ([n for n in after if n not in before], [n for n in before if n not in after],
-            [n for n in after if n in before and after[n] != before[n]])
-
 
 
 # ---- the schema: one reader per section -----------------------------------

@@ -41,12 +41,12 @@ import statistics
 from collections.abc import Callable, Iterable, Mapping
 from operator import attrgetter
 from types import MappingProxyType
-from typing import Protocol
 
 import msgspec
 
 from ugrod.core import codec
 from ugrod.core import events as ev
+from ugrod.core.limits import UserLimits, limits_for
 from ugrod.core.state import Job, JobState, Node, NodeHealth, State
 from ugrod.core.vram import nominal_bytes
 
@@ -57,21 +57,6 @@ _GIB = 1 << 30
 
 RunTimes = Mapping[tuple[str, tuple[str, ...]], float]
 """(owner, argv) -> typical run time in seconds of that owner's succeeded runs of argv."""
-
-
-class Limits(Protocol):
-    """A user's caps on GPUs and jobs starting or running at once; None means no cap."""
-
-    @property
-    def max_gpus(self) -> int | None: ...
-
-    @property
-    def max_jobs(self) -> int | None: ...
-
-
-class UserLimits(msgspec.Struct, frozen=True, kw_only=True):
-    max_gpus: int | None = None
-    max_jobs: int | None = None
 
 
 class Reservation(msgspec.Struct, frozen=True, kw_only=True):
@@ -92,7 +77,7 @@ class Plan(msgspec.Struct, frozen=True, kw_only=True):
     order: tuple[str, ...] = ()
 
 
-_NO_LIMITS: Mapping[str, Limits] = MappingProxyType({})
+_NO_LIMITS: Mapping[str, UserLimits] = MappingProxyType({})
 
 Gpu = tuple[int, int, str]  # (nominal vram_bytes, index, uuid): sorts smallest card first
 Shape = tuple[int, int, int, tuple[str, ...], tuple[str, ...], tuple[str, ...]]
@@ -103,7 +88,7 @@ def plan(
     now: float,
     *,
     backfill: bool = True,
-    user_limits: Mapping[str, Limits] = _NO_LIMITS,
+    user_limits: Mapping[str, UserLimits] = _NO_LIMITS,
     port_for: Callable[[str, int], int] | None = None,
     runtimes: RunTimes | None = None,
 ) -> Plan:
@@ -232,7 +217,7 @@ class _Quota:
 
 class _Round:
     def __init__(self, state: State, now: float, backfill: bool,
-                 user_limits: Mapping[str, Limits], port_for: Callable[[str, int], int] | None,
+                 user_limits: Mapping[str, UserLimits], port_for: Callable[[str, int], int] | None,
                  runtimes: RunTimes | None) -> None:
         self.state, self.now, self.backfill = state, now, backfill
         self.user_limits, self.port_for, self._runtimes = user_limits, port_for, runtimes
@@ -279,9 +264,8 @@ class _Round:
     def user_quota(self, user: str) -> _Quota:
         q = self.users.get(user)
         if q is None:
-            lim = self.user_limits.get(user) or self.user_limits.get("*")
-            q = self.users[user] = _Quota(lim.max_jobs if lim else None,
-                                          lim.max_gpus if lim else None)
+            lim = limits_for(self.user_limits, user)
+            q = self.users[user] = _Quota(lim.max_jobs, lim.max_gpus)
         return q
 
     def sweep_quota(self, name: str) -> _Quota | None:
