@@ -53,6 +53,8 @@ OFFENCES = [
      "ugrod.store.reports -> ugrod.loops.monitor"),
     ("layers", "ugrod/config/paths.py", "from ugrod.nodes import codesync",
      "ugrod.config.paths -> ugrod.nodes.codesync"),
+    ("planner", "ugrod/core/planner/words.py", "from ugrod.core.planner import view",
+     "ugrod.core.planner.words -> ugrod.core.planner.view"),
     ("core-pure", "ugrod/core/names.py", "from ugrod.config import paths",
      "ugrod.core.names -> ugrod.config.paths"),
     ("core-pure", "ugrod/core/vram.py", "import yaml", "ugrod.core.vram -> yaml"),
