@@ -14,7 +14,10 @@ import signal
 import subprocess
 import threading
 import time
-from typing import IO, Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for annotations only: typing would cost every run an import
+    from typing import IO, Any
 
 OUT_CAP = 65536  # what is kept of stdout; the rest is read and dropped (never held)
 ERR_CAP = 4096  # the end of stderr is kept

@@ -8,10 +8,13 @@ head parses the object with ugrod.core.gpus.parse_probe.
 
 import os
 import time
-from typing import Any
 
 from ugrod.nodes.remote.host import disk, run_tool, which
 from ugrod.nodes.remote.procscan import proc_stat
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for annotations only: typing would cost every run an import
+    from typing import Any
 
 # nvidia-smi's arguments: ugrod.core.gpus.nvidia_smi_argv(), which parses the answer
 # (a unit test keeps the two the same).

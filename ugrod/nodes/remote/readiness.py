@@ -8,9 +8,12 @@ Standard library only and Python 3.6 or later, so that an old Python is reported
 
 import json
 import sys
-from typing import Any
 
 from ugrod.nodes.remote.host import disk, run_tool, which
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for annotations only: typing would cost every run an import
+    from typing import Any
 
 # Run with the same interpreter; prints one JSON object.
 TORCH = ("import json, torch\n"

@@ -13,9 +13,12 @@ import shutil
 import subprocess
 import sys
 import time
-from typing import Any
 
 from ugrod.nodes.remote.procscan import pids_by_run_dir
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # for annotations only: typing would cost every run an import
+    from typing import Any
 
 
 def spy() -> "str | None":
