@@ -95,6 +95,16 @@ def test_a_library_that_could_not_be_inlined_is_refused(tmp_path: Path,
                           check=True).stdout == b"1\n"
 
 
+@pytest.mark.parametrize("name", ["probe", "probe_server", "leftovers", "stack_dump"])
+def test_frequent_programs_import_no_typing(name: str, tmp_path: Path) -> None:
+    """typing is for mypy only (annotations are quoted): importing it costs every run."""
+    text = programs.text(name).replace('if __name__ == "__main__":', "if False:")
+    code = text + "\nimport sys\nprint(sorted(m for m in sys.modules if m == 'typing'))\n"
+    res = subprocess.run([sys.executable, "-I", "-S", "-c", code], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=30)
+    assert res.stdout == "[]\n", res.stderr
+
+
 def test_probe_reports_the_node_and_its_ranks(tmp_path: Path, marked: tuple[int, str]) -> None:
     pid, _ = marked
     start = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
