@@ -24,16 +24,16 @@ from ugrod import __version__
 from ugrod.api import admission, trust
 from ugrod.api.app import ApiError, build_app
 from ugrod.config import schema as cfgmod
-from ugrod.core import codec, commands, health, jobspec, planner, time_limits
+from ugrod.core import codec, commands, health, jobspec, planner
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core import render_json as rj
+from ugrod.core.commands import Refused
 from ugrod.core.jobspec import SubmitBody, SweepBody
 from ugrod.core.state import (
     ACTIVE,
     TERMINAL,
     WAITING,
-    InvalidEvent,
     Job,
     JobState,
     NodeHealth,
@@ -41,28 +41,16 @@ from ugrod.core.state import (
     Sweep,
 )
 from ugrod.loops.executor import Executor
+from ugrod.loops.planning import Planning
 from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
-from ugrod.nodes.agent import NodeAgent
-from ugrod.nodes.transport.base import NodeUnreachable, Transport, TransportError
-from ugrod.nodes.transport.local import LocalTransport
+from ugrod.nodes.fleet import Fleet
+from ugrod.nodes.transport.base import TransportError
 from ugrod.store import job_results, reports
 from ugrod.store.ledger import Ledger
 
 logger = logging.getLogger("ugrod")
-
-INVENTORY_WAIT_S = 0.25  # of start-up, at most, for the nodes' first GPU inventory
-INVENTORY_SUBMIT_WAIT_S = 12.0  # a submit's wait for it (each node's own limit is 8 s)
-LOCAL_INVENTORY_WAIT_S = 2.0  # for this machine's own (nvidia-smi answers in ~0.1 s)
-
-# Events after which the planner may decide differently (or word a waiting reason
-# differently: "c1 is running", "busy with x (stopping)").
-_REPLAN = (ev.JobSubmitted, ev.JobRunning, ev.JobStopping, ev.JobEnded, ev.JobCancelRequested,
-           ev.JobHeld, ev.JobReleased,
-           ev.JobPrioritySet, ev.JobResumed, ev.NodeAdded, ev.NodeUpdated, ev.NodeRemoved,
-           ev.NodeDrained, ev.NodeUndrained, ev.NodeHealthChanged, ev.NodeInventoried,
-           ev.SweepCreated)
 
 
 class Daemon:
@@ -81,30 +69,21 @@ class Daemon:
         self.stats = RuntimeStats()
         self.ledger: Ledger = None  # type: ignore[assignment]  # set in start()
         self.executor: Executor = None  # type: ignore[assignment]
-        self.agents: dict[str, NodeAgent] = {}
-        # (node, remote user, identity file) -> agent, for owners mapped under users:
-        self._account_agents: dict[tuple[str, str, str], NodeAgent] = {}
-        self.transports: dict[str, Transport] = {}
+        self.fleet: Fleet = None  # type: ignore[assignment]
+        self.planning: Planning = None  # type: ignore[assignment]
         self.monitor: Any = None
         self.watchdog: Any = None
         self._runner: web.AppRunner | None = None
         self.admission: admission.Admission | None = None  # the control socket's limits
         self._metrics_runner: Any = None
         self._scheduler: Schedule | None = None
-        self._kick = asyncio.Event()
-        self._planner_task: asyncio.Task[None] | None = None
         self._stopped = asyncio.Event()
         self.closing = asyncio.Event()  # set when stopping: streams and waits end at once
-        self._limited: set[str] = set()  # active jobs with a --time limit
         self._exit_code = 0
-        self._timers: list[asyncio.TimerHandle] = []
         self._ended_order: list[str] = []
         self._fits: dict[planner.Shape, tuple[Any, str | None]] = {}
         self._storing: dict[str, asyncio.Task[dict[str, Any]]] = {}  # job -> result.json write
         self.code_store = codesync.HeadStore(state_dir / "sync")
-        self._inventory_task: asyncio.Task[None] | None = None
-        self._start_node_wait_s = 0.0
-        self._background: set[asyncio.Task[Any]] = set()
 
     # ---- life cycle ------------------------------------------------------------
 
@@ -136,47 +115,34 @@ class Daemon:
         self._ended_order = [j.id for j in sorted(
             (j for j in self.ledger.state.jobs.values() if j.state in TERMINAL),
             key=lambda j: j.ended_at or 0)][-200:]
-        self.ledger.on_commit(self._committed)
+        self.fleet = Fleet(self.ledger, self.config, self.state_dir,
+                           switches_users=self.policy.switches_users)
+        self.planning = Planning(self.ledger, self.fleet, lambda: self.config.scheduler,
+                                 self.stats)
         self.stats.rebuild(self.ledger.state)
         self.ledger.on_commit(self.stats.jobs_committed)
-        self.executor = Executor(self.ledger, {}, self.state_dir / "jobs", grace_s=self.grace_s,
+        self.executor = Executor(self.ledger, self.fleet, self.state_dir / "jobs",
+                                 grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
                                  on_job_end=self._job_ended, code_store=self.code_store)
-        self._build_agents()
-        self.executor.agents = self.agents
-        self.executor.rank0_bind = self._node_host
         self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
         self.executor.run_as = self._run_as
-        self.executor.agent_for = self.agent_for
-        self.executor.on_node_unreachable = lambda n: self._in_background(self._check_now(n))
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
-        await self._reconcile_nodes(self.config)
+        await self.fleet.reconcile(self.config)
         # The socket must answer within a second whatever the nodes do: inventory gets a
-        # moment (most nodes answer in it, so a submit right after start sees their GPUs)
-        # and goes on in the background for the slow and the unreachable.
-        # This machine's own GPUs are read before serving (no network: a submit then
-        # always sees them).
-        self._inventory_task = asyncio.get_running_loop().create_task(
-            self._inventory(self.config, local=False))
-        local = asyncio.get_running_loop().create_task(self._inventory(self.config, local=True))
+        # moment and goes on in the background for the slow and the unreachable.
         t_nodes = time.perf_counter()
-        await asyncio.wait({local}, timeout=LOCAL_INVENTORY_WAIT_S)
-        await asyncio.wait({self._inventory_task}, timeout=INVENTORY_WAIT_S)
-        self._start_node_wait_s = time.perf_counter() - t_nodes
-        if not local.done():  # a hung nvidia-smi here: it goes on in the background
-            self._background.add(local)
-            local.add_done_callback(self._background.discard)
+        await self.fleet.first_inventory()
+        node_wait_s = time.perf_counter() - t_nodes
         self.executor.reattach()
         self._start_monitor()
         await self._listen()
-        self._planner_task = asyncio.get_running_loop().create_task(self._planner_loop())
         self._start_scheduler()
-        self._arm_retry_timers(self.ledger.state)
-        self.kick()
+        self.planning.start()
         self._notify_ready()
         logger.info("ugrod %s ready on %s in %.2f s (%d nodes; %.2f s of it waiting for their "
                     "inventory)", __version__, self.socket_path, time.perf_counter() - t0,
-                    len(self.ledger.state.nodes), self._start_node_wait_s)
+                    len(self.ledger.state.nodes), node_wait_s)
 
     async def run(self) -> int:
         """Start, serve until SIGTERM/SIGINT, stop cleanly; the exit code."""
@@ -212,15 +178,10 @@ class Daemon:
                 await self._metrics_runner.cleanup()
         if self._scheduler is not None:
             self._scheduler.stop()
-        for t in self._timers:
-            t.cancel()
-        pending = [*self._background, *([self._inventory_task] if self._inventory_task else [])]
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if self._planner_task is not None:
-            self._planner_task.cancel()
-            await asyncio.gather(self._planner_task, return_exceptions=True)
+        if self.fleet is not None:
+            await self.fleet.stop_tasks()
+        if self.planning is not None:
+            await self.planning.stop()
         if self.watchdog is not None:
             await self.watchdog.close()
         if self.monitor is not None:
@@ -231,10 +192,8 @@ class Daemon:
                 await asyncio.to_thread(self.ledger.snapshot)
         with contextlib.suppress(Exception):
             await self.ledger.close()
-        for transport in [*self.transports.values(),
-                          *(a.transport for a in self._account_agents.values())]:
-            with contextlib.suppress(Exception):
-                await transport.close()
+        if self.fleet is not None:
+            await self.fleet.close()
         with contextlib.suppress(FileNotFoundError):
             self.socket_path.unlink()
 
@@ -359,7 +318,7 @@ class Daemon:
         if self.monitor is not None:
             self.monitor.schedule(sched)
             from ugrod.loops.watchdog import Watchdog  # stalls, vanished ranks, dead nodes
-            self.watchdog = Watchdog(self.ledger, self.executor, self.monitor)
+            self.watchdog = Watchdog(self.ledger, self.executor, self.monitor, self.fleet)
             self.watchdog.schedule(sched)
         sched.start()
         self._scheduler = sched
@@ -399,394 +358,44 @@ class Daemon:
 
     # ---- nodes -------------------------------------------------------------------
 
-    def _build_agents(self) -> None:
-        for spec in self.config.node_specs():
-            if spec.name not in self.agents:
-                self.agents[spec.name] = self._agent(spec)
-
-    def agent_for(self, job: Job, node: str) -> NodeAgent:
-        """The agent ``job``'s ranks use on ``node``: the node's own, or one logged in as
-        the account ``users:`` maps the job's owner to on that node."""
-        default = self.agents[node]
-        try:
-            cfg = self.config.node(node)
-        except KeyError:
-            return default
-        account = self.config.remote_account(job.owner, node) if cfg.transport == "ssh" \
-            else None
-        if account is None or (account.user == cfg.user and account.identity_file in (
-                None, cfg.identity_file)):
-            return default
-        identity = account.identity_file or cfg.identity_file
-        key = (node, account.user, str(identity))
-        agent = self._account_agents.get(key)
-        if agent is None:
-            spec = msgspec.structs.replace(self.ledger.state.nodes[node].spec,
-                                           user=account.user)
-            agent = self._account_agents[key] = self._agent(spec, identity_file=identity,
-                                                            register=False)
-        return agent
-
-    def _agent(self, spec: ev.NodeSpec, *, identity_file: Path | None = None,
-               register: bool = True) -> NodeAgent:
-        transport: Transport
-        node_cfg = self.config.node(spec.name)
-        if spec.transport == "local":
-            transport = LocalTransport(spec.name)
-        else:
-            from ugrod.nodes.transport.ssh import SshTransport
-            transport = SshTransport(
-                spec.name, spec.host, spec.port, spec.user,
-                known_hosts=Path(self.config.cluster.known_hosts).expanduser(),
-                identity_file=identity_file or node_cfg.identity_file,
-                keepalive_s=self.config.cluster.ssh_keepalive_s)
-        if register:
-            self.transports[spec.name] = transport
-        work_dir = spec.work_dir
-        if spec.transport == "local" and self.config.source is None:
-            # Ranks of other users must reach their run dirs: not inside the 0700 state
-            # dir then, but beside it (made 0711; each run dir is its owner's, 0700).
-            work_dir = str(self.state_dir / "work") if not self.policy.switches_users else \
-                str(self.state_dir.parent / f"{self.state_dir.name}-work")
-        return NodeAgent(transport, work_dir, spec.python, clean_env=spec.transport == "local",
-                         cgroups=self.config.cluster.cgroups)
-
-    async def _reconcile_nodes(self, config: cfgmod.Config) -> dict[str, list[str]]:
-        """Turn the config's nodes into node_added/updated/removed events."""
-        state = self.ledger.state
-        wanted = {s.name: s for s in config.node_specs()}
-        events: list[ev.Event] = []
-        added, changed, removed, refused = [], [], [], []
-        for name, spec in wanted.items():
-            node = state.nodes.get(name)
-            if node is None:
-                events.append(ev.NodeAdded(node=spec))
-                if spec.transport == "ssh":  # honest until its first check says otherwise
-                    events.append(ev.NodeHealthChanged(node=name, health="unreachable",
-                                                       reason=health.NOT_CONTACTED))
-                added.append(name)
-            elif node.spec != spec:
-                events.append(ev.NodeUpdated(node=spec))
-                changed.append(name)
-        for name in state.nodes:
-            if name not in wanted:
-                busy = state.jobs_on(name)
-                if busy:
-                    refused.append(f"{name} (runs {', '.join(busy)})")
-                else:
-                    events.append(ev.NodeRemoved(node=name))
-                    removed.append(name)
-        if refused:
-            raise ApiError(409, "conflict", "cannot remove nodes that run jobs: "
-                           + "; ".join(refused) + ". Drain them and wait for the jobs to end.")
-        if events:
-            await self.ledger.record(ev.DAEMON, *events)
-        return {"added": added, "changed": changed, "removed": removed}
-
-    async def _inventory(self, config: cfgmod.Config, local: bool | None = None) -> None:
-        """Read each node's GPUs with nvidia-smi at first contact (a few seconds at most).
-
-        ``local``: only the nodes on the local transport (True) or only the others (False).
-        """
-        from ugrod.core import gpus as gpumod
-
-        async def one(name: str) -> ev.Event | None:
-            node = self.ledger.state.nodes.get(name)
-            transport = self.transports.get(name)
-            if node is None or transport is None:
-                return None
-            # A fixed script; nvidia-smi's arguments travel as positional parameters.
-            argv = ["sh", "-c", 'command -v nvidia-smi >/dev/null 2>&1 || exit 127; '
-                    'exec nvidia-smi "$@"', "sh", *gpumod.nvidia_smi_argv()[1:]]
-            try:
-                async with asyncio.timeout(8):
-                    res = await transport.run(argv)
-            except TransportError as exc:
-                logger.warning("node %s: GPU inventory failed: %s", name, exc)
-                return None
-            except TimeoutError:
-                logger.warning("node %s: GPU inventory did not answer within 8 s; the health "
-                               "monitor will read it later", name)
-                return None
-            if res.exit_code == 127:
-                found: tuple[ev.Gpu, ...] = ()
-            else:
-                reading = gpumod.parse_nvidia_smi(res.stdout.decode("utf-8", "replace"),
-                                                  res.exit_code,
-                                                  res.stderr.decode("utf-8", "replace"))
-                if isinstance(reading, gpumod.GpuQueryFailed):
-                    logger.warning("node %s: GPU inventory failed: %s", name, reading)
-                    return None
-                found = gpumod.inventory(reading)
-            mismatch = gpumod.compare_inventory(node.spec.gpus, found) if node.spec.gpus else None
-            if node.inventory == found and node.inventory_mismatch == mismatch:
-                return None
-            if mismatch:
-                logger.warning("node %s: %s", name, mismatch)
-            return ev.NodeInventoried(node=name, gpus=found, mismatch=mismatch)
-
-        names = [n for n in list(self.agents) if local is None or local == isinstance(
-            self.transports.get(n), LocalTransport)]
-        results = await asyncio.gather(*(one(n) for n in names))
-        events = [e for e in results if e is not None]
-        if events:
-            await self.ledger.record(ev.DAEMON, *events)
-
-    async def reload(self) -> dict[str, Any]:
+    async def reload(self) -> dict[str, list[str]]:
         """Re-read the config: add and remove nodes; running jobs are untouched."""
         if self.config_path is None:
-            raise ApiError(409, "conflict", "ugrod runs the built-in one-node cluster (no "
-                           "config file): nothing to reload")
+            raise Refused("conflict", "ugrod runs the built-in one-node cluster (no config "
+                          "file): nothing to reload")
         try:
             new = await asyncio.to_thread(cfgmod.load, self.config_path)
         except cfgmod.ConfigError as exc:
-            raise ApiError(400, "bad_request", f"config not reloaded: {exc}") from None
-        changes = await self._reconcile_nodes(new)
-        old_agents = self.agents
+            raise Refused("bad_request", f"config not reloaded: {exc}") from None
+        changes = await self.fleet.reconcile(new)
         self.config = new
         self.policy = trust.Policy(self.policy.mode, admin_group=new.cluster.admin_group)
-        # Mapped accounts may have changed: new agents are made on next use (the old ones
-        # keep serving nothing; their connections close when idle or at stop).
-        for name in changes["removed"]:
-            old_agents.pop(name, None)
-            t = self.transports.pop(name, None)
-            if t is not None:
-                await t.close()
-        for name in changes["changed"]:
-            old_agents.pop(name, None)
-            t = self.transports.pop(name, None)
-            if t is not None and not self.ledger.state.jobs_on(name):
-                await t.close()
-        self._build_agents()
-        self.executor.agents = self.agents
-        if self.monitor is not None:
-            self.monitor.set_nodes(self.agents, self.transports)
-        await self._inventory(new)
-        for name in (*changes["added"], *changes["changed"]):
-            self._in_background(self._check_now(name))
+        await self.fleet.reconfigure(new, changes)
         self.kick()
         logger.info("config reloaded: %s", changes)
         return changes
 
-    def _in_background(self, coro: Any) -> None:
-        task = asyncio.get_running_loop().create_task(coro)
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _check_now(self, name: str) -> None:
-        if self.monitor is not None:
-            await self.monitor.check_now(name)
-
     async def _reload_logged(self) -> None:
         try:
             await self.reload()
-        except ApiError as exc:
+        except Refused as exc:
             logger.error("reload refused: %s", exc.message)
-
-    def node_view(self, name: str) -> Mapping[str, Any] | None:
-        return self.monitor.view(name) if self.monitor is not None else None
-
-    async def check_node(self, name: str, *, deep: bool) -> list[dict[str, Any]]:
-        if self.monitor is None:
-            raise ApiError(409, "unavailable", "health monitoring is not running")
-        result: list[dict[str, Any]] = await self.monitor.check(name, deep=deep)
-        return result
-
-    async def host_key(self, name: str) -> dict[str, Any]:
-        spec = self.ledger.state.nodes[name].spec
-        if spec.transport != "ssh":
-            raise ApiError(409, "conflict", f"node {name} uses the local transport: no host key")
-        from ugrod.nodes.transport import ssh
-        try:
-            key_type, fp, line = await ssh.fetch_host_key(spec.host, spec.port, 10.0)
-        except TransportError as exc:
-            raise ApiError(409, "unavailable", str(exc)) from None
-        known_hosts = Path(self.config.cluster.known_hosts).expanduser()
-        try:
-            known = await asyncio.to_thread(ssh.recorded_keys, known_hosts, spec.host,
-                                            spec.port)
-        except TransportError as exc:
-            raise ApiError(409, "unavailable", str(exc)) from None
-        fingerprints = [k for _, k in known]
-        status = "trusted" if fp in fingerprints else "changed" if known else "new"
-        return {"node": name, "host": spec.host, "port": spec.port, "key_type": key_type,
-                "fingerprint": fp, "line": line, "status": status,
-                "known_fingerprint": ", ".join(f"{k} ({t})" for t, k in known) or None,
-                "known_keys": [{"key_type": t, "fingerprint": k} for t, k in known],
-                "known_hosts": str(known_hosts)}
-
-    async def trust_host_key(self, name: str, line: str) -> dict[str, Any]:
-        current = await self.host_key(name)
-        if current["line"] != line:
-            raise ApiError(409, "conflict", f"node {name}'s host key changed while you were "
-                           f"deciding; run `ugroctl nodes trust {name}` again")
-        from ugrod.nodes.transport import ssh
-        ssh.trust(Path(current["known_hosts"]), line)
-        transport = self.transports.get(name)
-        if isinstance(transport, ssh.SshTransport):
-            await transport.close()
-            transport.forget_failures()
-        # Reconnect now, not at the next sweep: the answer says whether it worked, and the
-        # log (hence `nodes`, `health` and the planner) knows before the command returns.
-        await self._check_now(name)
-        node = self.ledger.state.nodes.get(name)
-        return {"node": name, "trusted": current["fingerprint"],
-                "state": node.state.value if node is not None else None,
-                "health_reason": node.health_reason if node is not None else ""}
 
     def _start_monitor(self) -> None:
         try:
             from ugrod.loops.monitor import Monitor
         except ImportError:
             return
-        self.monitor = Monitor(self, self.agents, self.transports)
+        self.monitor = Monitor(self, self.fleet.agents, self.fleet.transports,
+                               agent_for=self.fleet.agent_for)
         self.monitor.job_dir = self.executor.job_dir
+        self.fleet.health = self.monitor
 
     # ---- planning ------------------------------------------------------------------
 
     def kick(self) -> None:
         """Ask for a planner round soon (coalesced)."""
-        self._kick.set()
-
-    def _committed(self, records: list[ev.Record], state: State) -> None:
-        # A job submitted held changes no decision: no planner round for it.
-        if any(isinstance(r.event, _REPLAN)
-               and not (isinstance(r.event, ev.JobSubmitted) and r.event.held)
-               for r in records):
-            self.kick()
-        for r in records:
-            if isinstance(r.event, ev.JobEnded):
-                self._limited.discard(r.event.job)
-                if r.event.retry_at is not None:
-                    self._arm_timer(r.event.retry_at)
-                if r.event.outcome == "succeeded":
-                    self._runtimes = None
-            elif isinstance(r.event, ev.JobPlaced):
-                self._watch_time_limit(state.jobs[r.event.job])
-
-    def _arm_retry_timers(self, state: State) -> None:
-        for job in state.active_jobs():
-            if job.state is JobState.RETRYING and job.retry_at is not None:
-                self._arm_timer(job.retry_at)
-            elif job.state in ACTIVE:
-                self._watch_time_limit(job)
-
-    def _watch_time_limit(self, job: Job) -> None:
-        """A placed job with --time: checked by every planner round, and one is due then."""
-        end = time_limits.deadline(job.started_at, job.spec.time_limit_s)
-        if end is not None:
-            self._limited.add(job.id)
-            self._arm_timer(end)
-
-    async def _enforce_time_limits(self) -> None:
-        """Cancel the jobs past their --time (the decision is time_limits.expired's)."""
-        if not self._limited:
-            return
-        over = time_limits.expired(self.ledger.state, sorted(self._limited), time.time())
-        for stop in over:
-            logger.info("job %s: %s", stop.job, stop.reason)
-            with contextlib.suppress(InvalidEvent):  # it ended meanwhile
-                await self.ledger.record(ev.DAEMON, stop)
-
-    def _arm_timer(self, at: float) -> None:
-        loop = asyncio.get_running_loop()
-        delay = max(0.0, at - time.time()) + 0.05
-        self._timers.append(loop.call_later(delay, self.kick))
-        self._timers = [t for t in self._timers if not t.cancelled()][-1000:]
-
-    async def _planner_loop(self) -> None:
-        while True:
-            await self._kick.wait()
-            self._kick.clear()
-            try:
-                await self._plan_round()
-            except Exception:
-                logger.exception("planner round failed")
-            await asyncio.sleep(0.02)  # coalesce bursts of events into one round
-
-    async def _plan_round(self) -> None:
-        await self._enforce_time_limits()
-        t0 = time.perf_counter()
-        state = self.ledger.state
-        if self._runtimes is None:  # median run times; recomputed when a job succeeds
-            self._runtimes = planner.typical_runtimes(state)
-        p = planner.plan(state, time.time(), backfill=self.config.scheduler.backfill,
-                         user_limits=self.config.scheduler.user_limits,
-                         runtimes=self._runtimes)
-        self._estimates, self._order = p.estimates, p.order
-        decided: list[ev.Event] = [
-            ev.JobCancelRequested(job=j, reason=f"will never run: {why}")
-            for j, why in p.unrunnable.items()]
-        decided += [
-            ev.JobWaiting(job=j, reason=r) for j, r in p.waiting.items()
-            if j in state.jobs and j not in p.unrunnable and not state.jobs[j].held
-            and state.jobs[j].waiting_reason != r and state.jobs[j].state in WAITING]
-        if decided:
-            with contextlib.suppress(InvalidEvent):
-                await self.ledger.record(ev.DAEMON, *decided)
-        placed = 0
-        for placement in p.placements:
-            job = self.ledger.state.jobs.get(placement.job)
-            if job is None or job.state not in WAITING:
-                continue
-            try:
-                placement = await self._with_port(job, placement)
-                await self.ledger.record(ev.DAEMON, placement)
-                placed += 1
-            except InvalidEvent as exc:
-                logger.info("placement of %s rejected: %s", placement.job, exc)
-                self.kick()
-            except (TransportError, TimeoutError) as exc:
-                logger.warning("cannot reserve a rendezvous port for %s: %s", placement.job, exc)
-                node = placement.ranks[0].node
-                why = str(exc) or "no answer within 10 s"
-                with contextlib.suppress(InvalidEvent):  # never a silent wait: say why
-                    await self.ledger.record(ev.DAEMON, ev.JobWaiting(
-                        job=placement.job, reason=f"could not reserve a rendezvous port on "
-                        f"{node}: {why}; trying again"))
-                if isinstance(exc, NodeUnreachable):  # the log learns it: no more tries there
-                    self._in_background(self._check_now(node))
-        self.stats.scheduler_tick(time.perf_counter() - t0, placed)
-
-    _runtimes: dict[tuple[str, tuple[str, ...]], float] | None = None
-    _order: tuple[str, ...] = ()
-    _estimates: Mapping[str, float] = {}
-
-    def _node_host(self, node: str) -> str:
-        n = self.ledger.state.nodes.get(node)
-        return n.spec.host if n is not None else ""
-
-    def _rendezvous_host(self, node: str) -> str:
-        """cluster.master_ip when rank 0 is on the master node, else that node's address."""
-        cluster = self.config.cluster
-        spec = self.ledger.state.nodes[node].spec
-        try:
-            cfg = self.config.node(node)
-        except KeyError:
-            return spec.host
-        if cluster.master_ip and (cfg.rank == 0 or cfg.role == "master"):
-            return cluster.master_ip
-        return spec.host
-
-    async def _with_port(self, job: Job, placement: ev.JobPlaced) -> ev.JobPlaced:
-        """Reserve a free rendezvous port on rank 0's node (torchrun jobs).
-
-        torchrun's c10d rendezvous ranks the nodes by their sorted addresses and
-        ignores --node_rank; ranks are renumbered in that order here, so node_rank,
-        the global rank 0 (metrics, checkpoints) and the rendezvous host agree.
-        """
-        if job.spec.torchrun and len(placement.ranks) > 1:
-            order = sorted(placement.ranks, key=lambda r: (self._node_host(r.node), r.node))
-            placement = msgspec.structs.replace(placement, ranks=tuple(
-                msgspec.structs.replace(r, rank=i) for i, r in enumerate(order)))
-        rank0 = next(r for r in placement.ranks if r.rank == 0)
-        host = self._rendezvous_host(rank0.node)
-        if not job.spec.torchrun:
-            return msgspec.structs.replace(placement, rdzv_host=host)
-        lo, hi = self.config.cluster.rdzv_port_range
-        async with asyncio.timeout(10):
-            port = await self.agents[rank0.node].free_port(lo, hi)
-        return msgspec.structs.replace(placement, rdzv_host=host, rdzv_port=port)
+        self.planning.kick()
 
     def launch_plan(self, state: State, job_id: str) -> dict[str, Any]:
         """What a dry run would start, from a state holding the job: where, how, in which dir.
@@ -795,9 +404,7 @@ class Daemon:
         of the range here (the real one is reserved when the job is placed).
         """
         job = state.jobs[job_id]
-        p = planner.plan(state, time.time(), backfill=self.config.scheduler.backfill,
-                         user_limits=self.config.scheduler.user_limits,
-                         runtimes=self._runtimes or {})
+        p = self.planning.plan(state)
         placed = next((x for x in p.placements if x.job == job_id), None)
         out: dict[str, Any] = {"torchrun": job.spec.torchrun, "cwd": job.spec.cwd,
                                "sync": job.spec.sync, "ranks": [],
@@ -809,12 +416,11 @@ class Daemon:
             return out
         ranks = placed.ranks
         if job.spec.torchrun and len(ranks) > 1:
-            order = sorted(ranks, key=lambda r: (self._node_host(r.node), r.node))
-            ranks = tuple(msgspec.structs.replace(r, rank=i) for i, r in enumerate(order))
+            ranks = self.fleet.rendezvous_order(ranks)
         rank0 = next(r for r in ranks if r.rank == 0)
         port = self.config.cluster.rdzv_port_range[0] if job.spec.torchrun else 0
         job = msgspec.structs.replace(job, placement=ranks, attempt=1, rdzv_port=port,
-                                      rdzv_host=self._rendezvous_host(rank0.node))
+                                      rdzv_host=self.fleet.rendezvous_host(rank0.node))
         for r in sorted(ranks, key=lambda r: r.rank):
             node = state.nodes[r.node]
             argv, _ = self.executor.rank_argv(job, r, node.spec.python)
@@ -828,7 +434,7 @@ class Daemon:
         """Waiting jobs in the planner's queue order, with its reasons and estimates
         (each job as ``render`` makes it: the API's job object unless told otherwise)."""
         state = self.ledger.state
-        ranked = {j: i for i, j in enumerate(self._order)}
+        ranked = {j: i for i, j in enumerate(self.planning.order)}
         waiting = sorted((j for j in state.active_jobs() if j.state in WAITING),
                          key=lambda j: (ranked.get(j.id, len(ranked)), -j.priority,
                                         j.submit_seq))
@@ -837,7 +443,7 @@ class Daemon:
                 return f"held: `ugroctl release {j.id}` lets it run"
             return j.waiting_reason or "waiting for the next planner round"
         return [{"position": i, "job": render(j), "reason": reason(j),
-                 "estimated_start": rj.iso(self._estimates.get(j.id))}
+                 "estimated_start": rj.iso(self.planning.estimates.get(j.id))}
                 for i, j in enumerate(waiting, 1)]
 
     def check_fits(self, spec: ev.JobSpec) -> str | None:
@@ -935,8 +541,7 @@ class Daemon:
             summary["duration_s"] = round(end - job.first_started_at, 3)
         checkpoints: list[dict[str, Any]] = []
         node = job.placement[0].node if job.placement else None
-        agent = self.agent_for(job, node) if node in self.agents else None
-        if agent is not None:
+        if node is not None and self.fleet.agent(node) is not None:
             try:
                 async with asyncio.timeout(10):
                     files = await self.executor.checkpoint_list(job)
@@ -1015,17 +620,6 @@ class Daemon:
             self.code_store.complete(actor.uid, tree)
         except codesync.SyncError as exc:
             raise ApiError(400, "bad_request", f"--sync: {exc}") from None
-
-    async def inventory_known(self) -> None:
-        """Wait, bounded, for the nodes' first GPU inventory if it is still going on.
-
-        ugrod serves before slow nodes have answered; a GPU job checked before then
-        would be refused as one that can never fit (and ``launch`` would count no GPU
-        node), so submits in the first seconds wait for it, other requests do not.
-        """
-        task = self._inventory_task
-        if task is not None and not task.done():
-            await asyncio.wait({task}, timeout=INVENTORY_SUBMIT_WAIT_S)
 
     def job_spec(self, body: SubmitBody, name: str = "") -> ev.JobSpec:
         """Check a submit body and build its JobSpec (SpecError: the API answers 400)."""

@@ -330,7 +330,7 @@ class Handlers:
     async def nodes(self, request: web.Request) -> web.Response:
         state = self.d.ledger.state
         held = rj.held_gpus(state)
-        nodes = [rj.node(n, state.jobs_on(n.name), self.d.node_view(n.name),
+        nodes = [rj.node(n, state.jobs_on(n.name), self.d.fleet.node_view(n.name),
                          held.get(n.name, ()))
                  for n in sorted(state.nodes.values(), key=lambda n: n.name)]
         return _json({"nodes": nodes, "cluster": rj.cluster_summary(nodes)})
@@ -358,12 +358,12 @@ class Handlers:
     async def check(self, request: web.Request) -> web.Response:
         name = self._node_name(request)
         body = await _body(request, dict[str, bool])
-        checks = await self.d.check_node(name, deep=bool(body.get("deep")))
+        checks = await self.d.fleet.check_node(name, deep=bool(body.get("deep")))
         return _json({"node": name, "checks": checks})
 
     async def hostkey(self, request: web.Request) -> web.Response:
         name = self._node_name(request)
-        return _json(await self.d.host_key(name))
+        return _json(await self.d.fleet.host_key(name))
 
     async def trust(self, request: web.Request) -> web.Response:
         self._admin(request, "trust host keys")
@@ -372,7 +372,7 @@ class Handlers:
         line = body.get("line")
         if not isinstance(line, str) or not line:
             raise ApiError(400, "bad_request", "missing 'line': the known_hosts line to trust")
-        return _json(await self.d.trust_host_key(name, line))
+        return _json(await self.d.fleet.trust_host_key(name, line))
 
     async def reload(self, request: web.Request) -> web.Response:
         self._admin(request, "reload the configuration")
@@ -403,7 +403,7 @@ class Handlers:
             if prior is not None:  # a client retrying after a lost answer: same job, once
                 return await self._job_answer(prior, status=200, viewer=actor)
         name = check_name("job", body.name) if body.name else ""
-        await self.d.inventory_known()
+        await self.d.fleet.inventory_known()
         # launch puts the job's name in argv ({name}); one not given yet is decided in
         # the writer below, so the spec carries a placeholder replaced there.
         spec = self.d.job_spec(body, name or jobspec.NAME_PLACEHOLDER)
@@ -782,7 +782,7 @@ class Handlers:
         actor = peer(request)
         body: SweepBody = await _body(request, SweepBody)
         name = check_name("sweep", body.name)
-        await self.d.inventory_known()
+        await self.d.fleet.inventory_known()
         sweep = await self.d.create_sweep(actor, name, body)
         return _json({"sweep": sweep}, status=201)
 

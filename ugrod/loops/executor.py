@@ -38,6 +38,7 @@ from ugrod.nodes.agent import (
     RankExit,
     RankStartError,
 )
+from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import NodeUnreachable, TransportError
 from ugrod.store import log as evlog
 from ugrod.store.ledger import Ledger
@@ -60,17 +61,14 @@ OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOf
 class Executor:
     """Drives every active attempt; reacts to committed events."""
 
-    def __init__(self, ledger: Ledger, agents: Mapping[str, NodeAgent], jobs_root: Path, *,
+    def __init__(self, ledger: Ledger, fleet: Fleet, jobs_root: Path, *,
                  grace_s: float = 10.0, start_timeout_s: float = 120.0,
                  rdzv_join_timeout_s: float = 300.0, network_interface: str | None = None,
                  on_job_end: Callable[[Job], None] | None = None,
                  code_store: codesync.HeadStore | None = None) -> None:
         self.ledger = ledger
         self.code_store = code_store
-        self.agents = dict(agents)
-        # The agent a job's ranks use on a node: the node's own, or the one logged in as
-        # the account cluster.yaml's users: maps the job's owner to (daemon.agent_for).
-        self.agent_for: Callable[[Job, str], NodeAgent] = lambda job, node: self.agents[node]
+        self.fleet = fleet  # the agent a job's ranks use on each node
         self.jobs_root = jobs_root
         self.grace_s = grace_s
         self.start_timeout_s = start_timeout_s
@@ -81,7 +79,6 @@ class Executor:
         self.dropped_metrics: dict[str, int] = {}  # job -> metrics lines dropped
         # (job, attempt, rank) -> why its watch and status both failed: supervision ends it
         self._watch_failures: dict[tuple[str, int, int], BaseException] = {}
-        self.rank0_bind: Callable[[str], str] = lambda node: ""
         # The account a rank of this job runs as on that node (the rank wrapper's run_as),
         # or None for the wrapper's own; raises LaunchError when there is none allowed.
         self.run_as: Callable[[Job, str], Mapping[str, Any] | None] = lambda job, node: None
@@ -96,9 +93,6 @@ class Executor:
         self._exits: dict[tuple[str, int], asyncio.Queue[Exit]] = {}
         # attempts this executor stopped because a rank failed: their reason is the culprit's
         self._rank_stops: set[tuple[str, int]] = set()
-        # a node found unreachable while launching or supervising: the daemon has the monitor
-        # check it now, so the log (and the planner) know before the retry is placed
-        self.on_node_unreachable: Callable[[str], None] = lambda node: None
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stop_now: dict[tuple[str, int], asyncio.Event] = {}
         self._closing = False
@@ -173,7 +167,7 @@ class Executor:
         if job is None or job.state not in ACTIVE or job.attempt != attempt:
             return
         note = ""
-        agents = [self.agent_for(job, p.node) for p in job.placement if p.node in self.agents]
+        agents = [a for p in job.placement if (a := self.fleet.job_agent(job, p.node))]
         if len(agents) == len(job.placement):
             try:
                 async with asyncio.timeout(self.grace_s + 30):
@@ -194,7 +188,7 @@ class Executor:
         job = self.ledger.state.jobs[job_id]
         jobdir = self.job_dir(job_id)
         try:
-            agents = [self.agent_for(job, p.node) for p in job.placement]
+            agents = [self.fleet.agent_for(job, p.node) for p in job.placement]
         except KeyError as exc:
             await self._end(job, "failed", f"node {exc.args[0]} is not in the cluster any more")
             return
@@ -242,8 +236,8 @@ class Executor:
                 node = getattr(res, "node", None) or (p.node if len(results) > 1 else None)
                 if node in ranks_of:
                     blamed.append((not isinstance(res, NodeUnreachable), ranks_of[node], node))
-                if isinstance(res, NodeUnreachable):
-                    self.on_node_unreachable(res.node)
+                if isinstance(res, NodeUnreachable):  # the log learns it before the retry
+                    self.fleet.check_soon(res.node)
             else:
                 pids[p.rank] = res
         if errors or len(pids) != len(job.placement):
@@ -329,7 +323,7 @@ class Executor:
             # No --node_rank: c10d ignores it (and says so in every log). It numbers
             # the nodes by sorted address; pinning each node's address (ranks were
             # assigned in that order) keeps its numbering equal to ours.
-            f"--local_addr={self.rank0_bind(p.node)}",
+            f"--local_addr={self.fleet.node_host(p.node)}",
             # Rank 0's node hosts the store: explicit, so nodes sharing one machine
             # (or one NAT address) never race to host it.
             f"--rdzv_conf=is_host={1 if p.rank == 0 else 0},"
@@ -389,8 +383,8 @@ class Executor:
         if any(f.path == path for f in here):
             return path
         found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []
-        for name in list(self.agents):
-            other = self.agent_for(job, name)
+        for name in list(self.fleet.agents):
+            other = self.fleet.agent_for(job, name)
             if other is agent:
                 continue
             try:
@@ -462,7 +456,7 @@ class Executor:
     async def _precheck_rendezvous(self, job: Job, agents: list[NodeAgent]) -> None:
         """Every node must reach rank 0's rendezvous port before anything starts."""
         host, port = job.rdzv_host, job.rdzv_port
-        async with _listening(agents[0], self.rank0_bind, port, len(agents) - 1):
+        async with _listening(agents[0], self.fleet.node_host, port, len(agents) - 1):
             checks = await asyncio.gather(
                 *(a.can_reach(host, port, 5.0) for a in agents[1:]), return_exceptions=True)
         bad = [f"{p.node}" for p, ok in zip(job.placement[1:], checks, strict=True)
@@ -662,7 +656,7 @@ class Executor:
             if isinstance(st, BaseException):
                 lost[p.rank] = self._unreachable_words(p.node, st)
                 if isinstance(st, NodeUnreachable | TimeoutError):
-                    self.on_node_unreachable(p.node)
+                    self.fleet.check_soon(p.node)
             elif st.exit_code is not None:
                 extra_codes[p.rank] = st.exit_code
                 extra_times[p.rank] = st.exited_at
@@ -824,7 +818,7 @@ class Executor:
         its cwd). Callers own the deadline; TransportError when the node does not answer.
         """
         node = job.placement[0].node if job.placement else None
-        agent = self.agent_for(job, node) if node in self.agents else None
+        agent = self.fleet.job_agent(job, node) if node is not None else None
         if agent is None:
             return []
         patterns = [*job.checkpoints[-100:], *([job.spec.checkpoints]
@@ -833,7 +827,7 @@ class Executor:
 
     async def _request_checkpoint(self, job: Job) -> None:
         for p in job.placement:
-            agent = self.agent_for(job, p.node) if p.node in self.agents else None
+            agent = self.fleet.job_agent(job, p.node)
             if agent is not None:
                 with contextlib.suppress(TransportError):
                     await agent.request_checkpoint(job.id, job.attempt, p.rank)

@@ -178,9 +178,12 @@ class Monitor:
 
     def __init__(self, host: Host, agents: Mapping[str, NodeAgent],
                  transports: Mapping[str, Transport], *,
+                 agent_for: Callable[[Job, str], NodeAgent] | None = None,
                  clock: Callable[[], float] = time.time,
                  jitter: Callable[[], float] = random.random) -> None:
         self._host = host
+        # the agent a job's ranks use on a node (default: the node's own)
+        self._agent_for = agent_for
         self._agents: Mapping[str, NodeAgent] = agents
         self._transports: Mapping[str, Transport] = transports
         self._clock = clock
@@ -557,7 +560,7 @@ class Monitor:
             job = state.jobs[job_id]
             if job.state is not JobState.RUNNING or job.stopping is not None:
                 continue
-            own = self._host.agent_for(job, name) if hasattr(self._host, "agent_for") else agent
+            own = self._agent_for(job, name) if self._agent_for is not None else agent
             for r in job.ranks:
                 if r.node == name and r.exit_code is None:
                     files.append(f"{await own.run_dir(job.id, job.attempt, r.rank)}/pid")

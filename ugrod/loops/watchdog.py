@@ -60,6 +60,7 @@ from ugrod.loops.monitor import Monitor
 from ugrod.loops.schedule import Schedule
 from ugrod.nodes import programs
 from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import TransportError
 from ugrod.store.ledger import Ledger
 
@@ -120,11 +121,12 @@ _RUN_DIR = re.compile(rf"(?P<job>{NAME_PATTERN})/attempt-(?P<attempt>\d+)"
 class Watchdog:
     """Watches running jobs through the executor's and the monitor's eyes; see the module doc."""
 
-    def __init__(self, ledger: Ledger, executor: Executor, monitor: Monitor, *,
+    def __init__(self, ledger: Ledger, executor: Executor, monitor: Monitor, fleet: Fleet, *,
                  vanish_grace_s: float = VANISH_GRACE_S, tick_s: float = TICK_S) -> None:
         self._ledger = ledger
         self._executor = executor
         self._monitor = monitor
+        self._fleet = fleet
         self.vanish_grace_s = vanish_grace_s
         self.tick_s = tick_s
         self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # attempt -> its handling
@@ -315,8 +317,7 @@ class Watchdog:
             if r.exit_code is not None:
                 continue
             sample = samples.get(r.node)
-            agent = (self._executor.agent_for(job, r.node) if r.node in self._executor.agents
-                     else None)
+            agent = self._fleet.job_agent(job, r.node)
             if sample is None or agent is None:
                 continue
             pid_file = f"{await agent.run_dir(job.id, job.attempt, r.rank)}/pid"
@@ -340,7 +341,7 @@ class Watchdog:
         logger.warning("job %s: %s", job.id, why)
         if not await self._stop(job, why):
             return
-        agent = self._executor.agent_for(job, node) if node in self._executor.agents else None
+        agent = self._fleet.job_agent(job, node)
         if agent is None:
             return
         # The executor now kills what is left of the gang (this rank's descendants too);
@@ -381,8 +382,8 @@ class Watchdog:
         what = (f"stalled: no step advance for {idle_s:.0f} s (last step {last}; stall "
                 f"timeout {limit_s:.0f} s)")
         logger.warning("job %s: %s", job.id, what)
-        path = await stacks.capture(job, {n: self._executor.agent_for(job, n)
-                                          for n in self._executor.agents},
+        path = await stacks.capture(job, {n: self._fleet.agent_for(job, n)
+                                          for n in self._fleet.agents},
                                     self._executor.job_dir(job.id), what)
         try:
             await self._ledger.record(ev.DAEMON, ev.JobStalled(
@@ -405,7 +406,7 @@ class Watchdog:
                 self._to_reap.discard(name)
                 continue
             b = self._monitor.breaker(name)
-            agent = self._executor.agents.get(name)
+            agent = self._fleet.agent(name)
             if name in self._reaping or agent is None or b is None \
                     or b.state is not BreakerState.CLOSED \
                     or name not in self._monitor.latest_samples() \
