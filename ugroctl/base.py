@@ -84,10 +84,11 @@ def socket_from_config(flag: str | None) -> tuple[str, str] | None:
                        f"{exc.strerror or exc}; fix the path, or pass --socket PATH") from None
     if b"socket" not in head:
         return None
+    from ugrod.config import loading
     from ugrod.config import schema as cfgmod
 
     try:
-        cfg = cfgmod.load(chosen)
+        cfg = loading.load(chosen)
     except cfgmod.ConfigError as exc:
         raise CtlError(f"{exc.lines()[0]} (read for cluster.socket; fix it, or pass "
                        f"--socket PATH)") from None

@@ -26,6 +26,7 @@ class OfflineError(Exception):
 def load_config(path: str | None) -> Config:
     """cluster.yaml as ugrod reads it: FILE, else $UGRO_CONFIG, else /etc/ugro/cluster.yaml
     when present, else the built-in one-node cluster."""
+    from ugrod.config import loading
     from ugrod.config import schema as cfgmod
     from ugrod.config.paths import ROOT_CONFIG
 
@@ -33,7 +34,7 @@ def load_config(path: str | None) -> Config:
     if chosen is None and ROOT_CONFIG.exists():
         chosen = str(ROOT_CONFIG)
     try:
-        return cfgmod.load(chosen) if chosen is not None else cfgmod.builtin()
+        return loading.load(chosen) if chosen is not None else cfgmod.builtin()
     except cfgmod.ConfigError as exc:
         raise OfflineError(str(exc)) from None
 

@@ -68,11 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     if args.version:
         print(f"ugrod {__version__}")
         return 0
+    from ugrod.config import loading
     from ugrod.config import schema as cfgmod
     if args.check_config is not None:
         try:
-            cfg = cfgmod.load(args.check_config)
-            missing = cfgmod.check_files(cfg)
+            cfg = loading.load(args.check_config)
+            missing = loading.check_files(cfg)
             if missing:
                 raise cfgmod.ConfigError(args.check_config, missing)
         except cfgmod.ConfigError as exc:
@@ -87,11 +88,11 @@ def main(argv: list[str] | None = None) -> int:
     if config_path is None and ROOT_CONFIG.exists():
         config_path = ROOT_CONFIG
     try:
-        cfg = cfgmod.load(config_path) if config_path is not None else cfgmod.builtin()
+        cfg = loading.load(config_path) if config_path is not None else cfgmod.builtin()
     except cfgmod.ConfigError as exc:
         print(f"ugrod: {exc}", file=sys.stderr)
         return 1
-    for line in (cfgmod.ConfigError(config_path or "", cfgmod.check_files(cfg)).lines()
+    for line in (cfgmod.ConfigError(config_path or "", loading.check_files(cfg)).lines()
                  if config_path is not None else ()):
         logging.getLogger("ugrod").warning("%s", line)
     state_dir, socket_path = cfgmod.resolve_paths(cfg, flag_state_dir=args.state_dir,

@@ -23,6 +23,7 @@ from aiohttp import web
 from ugrod import __version__
 from ugrod.api import admission, trust
 from ugrod.api.app import ApiError, build_app
+from ugrod.config import loading
 from ugrod.config import schema as cfgmod
 from ugrod.core import codec, commands, health, jobspec, planner
 from ugrod.core import events as ev
@@ -364,7 +365,7 @@ class Daemon:
             raise Refused("conflict", "ugrod runs the built-in one-node cluster (no config "
                           "file): nothing to reload")
         try:
-            new = await asyncio.to_thread(cfgmod.load, self.config_path)
+            new = await asyncio.to_thread(loading.load, self.config_path)
         except cfgmod.ConfigError as exc:
             raise Refused("bad_request", f"config not reloaded: {exc}") from None
         changes = await self.fleet.reconcile(new)

@@ -16,6 +16,7 @@ import pytest
 import yaml
 
 from tests.conftest import ugroctl_argv
+from ugrod.config import loading
 from ugrod.config import schema as config
 from ugrod.core import events as ev
 from ugrod.core.gpus import GpuSample, NodeSample
@@ -134,7 +135,7 @@ def test_every_alert_has_a_firing_and_a_quiet_case() -> None:
 
 
 def test_generated_scrape_config_passes_promtool(tmp_path: Path) -> None:
-    cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
+    cfg = loading.loads(CLUSTER_YAML, env={"USER": "ugro"})
     data = scrape_config_dict(cfg, alertmanagers=["http://127.0.0.1:9093",
                                                   "https://am.lan/prefix/"])
     ugrod, gpu = data["scrape_configs"]
@@ -157,20 +158,20 @@ def test_generated_scrape_config_passes_promtool(tmp_path: Path) -> None:
     result = promtool("check", "config", str(path))
     ok(result)
     assert "2 rule files found" in result.stdout
-    no_exporter = config.loads("nodes:\n  a: {host: 10.0.0.1, user: u}\n", env={})
+    no_exporter = loading.loads("nodes:\n  a: {host: 10.0.0.1, user: u}\n", env={})
     assert [j["job_name"] for j in scrape_config_dict(no_exporter)["scrape_configs"]] == ["ugrod"]
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:9093", "ftp://am", "http://am:99999",
                                  "http://user@am:9093", "http://am:9093/?x=1"])
 def test_alertmanager_url_is_checked(url: str) -> None:
-    cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
+    cfg = loading.loads(CLUSTER_YAML, env={"USER": "ugro"})
     with pytest.raises(ScrapeConfigError, match="--alertmanager"):
         scrape_config(cfg, alertmanagers=[url])
 
 
 def test_example_scrape_config_is_current() -> None:
-    cfg = config.loads(CLUSTER_YAML, env={"USER": "ugro"})
+    cfg = loading.loads(CLUSTER_YAML, env={"USER": "ugro"})
     example = ROOT / "prometheus" / "prometheus.example.yml"
     assert example.read_text() == scrape_config(cfg, alertmanagers=["http://127.0.0.1:9093"]), \
         "regenerate prometheus/prometheus.example.yml from this test's CLUSTER_YAML"
@@ -286,7 +287,7 @@ def test_runbook_base_must_be_absolute(tmp_path: Path) -> None:
 def test_scrape_config_refuses_what_prometheus_cannot_find(metrics: str, problem: str) -> None:
     text = "nodes:\n  a: {host: 10.0.0.1, user: u}\n" + metrics
     with pytest.raises(ScrapeConfigError, match=problem):
-        scrape_config(config.loads(text, env={}))
+        scrape_config(loading.loads(text, env={}))
 
 
 def _busy_cluster() -> tuple[State, dict[str, NodeSample], RuntimeStats]:

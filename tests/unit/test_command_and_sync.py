@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from ugroctl import syncing
+from ugrod.config import loading
 from ugrod.config import schema as cf
 from ugrod.core import jobspec
 from ugrod.nodes import codesync
@@ -37,7 +38,7 @@ def test_one_rule_for_the_command(argv: list[str], torchrun: list[str] | None,
 
 
 def _cfg(text: str = "") -> cf.Config:
-    return cf.loads("nodes:\n  a: {ip: 10.0.0.1}\n" + text, env={"USER": "u", "HOME": "/h"})
+    return loading.loads("nodes:\n  a: {ip: 10.0.0.1}\n" + text, env={"USER": "u", "HOME": "/h"})
 
 
 def test_launch_defaults_to_every_gpu_node_one_gpu_each_and_passes_the_name() -> None:

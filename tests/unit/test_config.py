@@ -15,7 +15,7 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from ugrod.config import paths
+from ugrod.config import loading, paths, sections
 from ugrod.config import schema as cf
 from ugrod.core.events import Gpu, NodeSpec
 
@@ -76,7 +76,7 @@ ONE_NODE = "nodes:\n  gpu1:\n    ip: 10.0.0.1\n"
 def errors(text: str | bytes, env: dict[str, str] | None = None) -> list[str]:
     """The lines of the ConfigError that loading ``text`` must raise."""
     with pytest.raises(cf.ConfigError) as info:
-        cf.loads(text, env=ENV if env is None else env)
+        loading.loads(text, env=ENV if env is None else env)
     return info.value.lines()
 
 
@@ -94,7 +94,7 @@ def test_the_seeds_cluster_yaml_loads_with_user_expanded() -> None:
     if seeds:  # the test's copy must stay the seeds' text
         block = re.search(r"```yaml\n(cluster:.*?)```", seeds[0].read_text(), re.S)
         assert block is not None and block.group(1) == SEED_YAML
-    cfg = cf.loads(SEED_YAML, env=ENV)
+    cfg = loading.loads(SEED_YAML, env=ENV)
     assert cfg.cluster.name == "Home AI Lab Trondheim"
     assert (cfg.cluster.master_ip, cfg.cluster.master_port) == ("192.168.1.100", 29500)
     assert cfg.cluster.rdzv_port_range == (29500, 29599)
@@ -115,7 +115,7 @@ def test_the_seeds_cluster_yaml_loads_with_user_expanded() -> None:
 
 def test_the_example_loads_and_shows_every_key() -> None:
     path = ROOT / "examples" / "cluster.yaml"
-    cfg = cf.load(path, env=ENV)
+    cfg = loading.load(path, env=ENV)
     assert cfg.source == path
     assert [(n.name, n.user, n.transport) for n in cfg.nodes] == [
         ("gpu-master", "alice", "local"), ("gpu1", "ob", "ssh"), ("gpu2", "ollie", "ssh")]
@@ -131,14 +131,14 @@ def test_the_example_loads_and_shows_every_key() -> None:
                                 cf.SchedulerConfig, cf.HealthConfig, cf.Thresholds, cf.Weights,
                                 cf.Intervals, cf.MetricsConfig, cf.ApiConfig, cf.UserLimits,
                                 cf.SyncConfig]
-    keys = {k for s in structs for k in s.__struct_fields__} | set(cf.NODE_KEYS) | set(
-        cf.SECTIONS) | {"warn", "crit", "model", "vram_gb"}
+    keys = {k for s in structs for k in s.__struct_fields__} | set(sections.NODE_KEYS) | set(
+        sections.SECTIONS) | {"warn", "crit", "model", "vram_gb"}
     missing = sorted(k for k in keys if not re.search(rf"(^|[\s{{#]){k}:", text, re.M))
     assert missing == []
 
 
 def test_defaults_are_the_seeds_values() -> None:
-    cfg = cf.loads(ONE_NODE, env=ENV)
+    cfg = loading.loads(ONE_NODE, env=ENV)
     h = cfg.health
     assert (h.thresholds.gpu_temp_c, h.thresholds.memory_percent) == (cf.Level(80, 85),
                                                                       cf.Level(90, 95))
@@ -162,7 +162,7 @@ def test_health_settings_fit_the_health_module() -> None:
 
     assert health.Thresholds(**cf.builtin(env=ENV).health.score_settings()) == (
         health.DEFAULT_THRESHOLDS)
-    cfg = cf.loads(ONE_NODE + "health:\n  thresholds: {gpu_temp_c: {warn: 70, crit: 75}}\n"
+    cfg = loading.loads(ONE_NODE + "health:\n  thresholds: {gpu_temp_c: {warn: 70, crit: 75}}\n"
                    "  weights: {latency_ms: {warn: 1, crit: 2}}\n  intervals: {active_s: 2}\n",
                    env=ENV)
     t = health.Thresholds(**cfg.health.score_settings())
@@ -187,12 +187,12 @@ def test_builtin_is_this_machine_alone() -> None:
 
 
 def test_a_file_without_nodes_is_the_builtin_node_with_its_settings() -> None:
-    cfg = cf.loads("scheduler: {backfill: false}\n", env=ENV)
+    cfg = loading.loads("scheduler: {backfill: false}\n", env=ENV)
     assert cfg.nodes == cf.builtin(env=ENV).nodes and cfg.scheduler.backfill is False
 
 
 def test_node_specs() -> None:
-    cfg = cf.loads(SEED_YAML, env=ENV)
+    cfg = loading.loads(SEED_YAML, env=ENV)
     specs = cfg.node_specs()
     assert specs[1] == NodeSpec(name="gpu1", host="192.168.1.101", user="ob", transport="ssh",
                                 gpus=(Gpu(index=0, model="RTX 4070", vram_bytes=8 * GIB),),
@@ -203,26 +203,26 @@ def test_node_specs() -> None:
 
 
 def test_gpu_forms() -> None:
-    listed = cf.loads(node("ip: 10.0.0.1\ngpus:\n  - {model: A100, vram_gb: 40}\n"
+    listed = loading.loads(node("ip: 10.0.0.1\ngpus:\n  - {model: A100, vram_gb: 40}\n"
                            "  - {model: A100, vram_gb: 40, uuid: GPU-1}"), env=ENV)
     assert listed.nodes[0].gpus == (Gpu(index=0, model="A100", vram_bytes=40 * GIB),
                                     Gpu(index=1, model="A100", vram_bytes=40 * GIB,
                                         uuid="GPU-1"))
-    none = cf.loads(node("ip: 10.0.0.1\ngpus: []"), env=ENV)
+    none = loading.loads(node("ip: 10.0.0.1\ngpus: []"), env=ENV)
     assert none.nodes[0].gpus == () and none.node_specs()[0].gpus == ()
-    half = cf.loads(node("ip: 10.0.0.1\nvram_gb: 7.5"), env=ENV)
+    half = loading.loads(node("ip: 10.0.0.1\nvram_gb: 7.5"), env=ENV)
     assert half.nodes[0].gpus == (Gpu(index=0, model="", vram_bytes=int(7.5 * GIB)),)
 
 
 def test_anchors_and_merge_keys_work() -> None:
     text = ("x-w: &w {user: ob, port: 2222, labels: [small]}\n"
             "nodes:\n  a: {<<: *w, ip: 10.0.0.1}\n  b: {<<: *w, ip: 10.0.0.2, port: 22}\n")
-    a, b = cf.loads(text, env=ENV).nodes
+    a, b = loading.loads(text, env=ENV).nodes
     assert (a.user, a.port, a.labels, b.port) == ("ob", 2222, ("small",), 22)
 
 
 def test_training_template_renders_argv() -> None:
-    cfg = cf.loads(ONE_NODE + "training:\n  script: /opt/train.py\n  lr: 1e-4\n"
+    cfg = loading.loads(ONE_NODE + "training:\n  script: /opt/train.py\n  lr: 1e-4\n"
                    "  args_template: ['--lr={lr}', '{{literal}}', '{name}', '{model}']\n",
                    env=ENV)
     assert cfg.training_script() == "/opt/train.py"
@@ -236,7 +236,7 @@ def test_training_template_renders_argv() -> None:
 
 def test_environment_expansion() -> None:
     env = {**ENV, "NODE_IP": "10.1.2.3", "PORT": "2222", "EMPTY": ""}
-    cfg = cf.loads(node("ip: $NODE_IP\nport: ${PORT}\nuser: ${WHO:-ob}\npython: "
+    cfg = loading.loads(node("ip: $NODE_IP\nport: ${PORT}\nuser: ${WHO:-ob}\npython: "
                         "/opt/$$HOME/${EMPTY:-py}/bin/python"), env=env)
     n = cfg.nodes[0]
     assert (n.host, n.port, n.user, n.python) == ("10.1.2.3", 2222, "ob",
@@ -247,11 +247,11 @@ def test_user_and_home_come_from_the_password_database_when_unset() -> None:
     import pwd
 
     me = pwd.getpwuid(os.getuid())
-    cfg = cf.loads(SEED_YAML, env={})
+    cfg = loading.loads(SEED_YAML, env={})
     assert cfg.nodes[0].user == me.pw_name
     assert cfg.cluster.known_hosts == Path(me.pw_dir) / ".ssh" / "known_hosts"
-    assert cf.loads(node("ip: 10.0.0.1\nuser: ${LOGNAME}"), env={"USER": ""}).nodes[0].user == (
-        me.pw_name)
+    assert loading.loads(node("ip: 10.0.0.1\nuser: ${LOGNAME}"),
+                         env={"USER": ""}).nodes[0].user == me.pw_name
 
 
 @pytest.mark.parametrize(("value", "problem"), [
@@ -272,7 +272,7 @@ def test_tilde_only_where_paths_are_meant(tmp_path: Path) -> None:
     f = tmp_path / "cluster.yaml"
     f.write_text(node("ip: 10.0.0.1\nidentity_file: keys/id\nwork_dir: ~/w\ngpu: '~x'")
                  + "cluster: {known_hosts: ~/kh, state_dir: '~'}\n")
-    cfg = cf.load(f, env={**ENV, "USER": "ignored"})
+    cfg = loading.load(f, env={**ENV, "USER": "ignored"})
     n = cfg.nodes[0]
     assert n.identity_file == tmp_path / "keys" / "id"  # relative to the file
     assert n.work_dir == "~/w"  # node-side: that node's home
@@ -456,7 +456,7 @@ def test_each_problem_names_the_key_and_what_was_expected(text: str,
 
 
 def test_users_map_owners_to_remote_accounts_per_node_or_cluster_wide() -> None:
-    cfg = cf.loads("nodes:\n  gpu1: {ip: 10.0.0.1, user: shared}\n"
+    cfg = loading.loads("nodes:\n  gpu1: {ip: 10.0.0.1, user: shared}\n"
                    "  gpu2: {ip: 10.0.0.2, user: shared}\n"
                    "users:\n  alice: {user: alice, identity_file: /keys/alice}\n"
                    "  bob: {nodes: {gpu2: {user: bob2}}}\n", env=ENV)
@@ -488,7 +488,7 @@ def test_the_error_carries_path_and_problems(tmp_path: Path) -> None:
     f = tmp_path / "c.yaml"
     f.write_text(node("ip: 10.0.0.1\nvram_gb: eight"))
     with pytest.raises(cf.ConfigError) as info:
-        cf.load(f, env=ENV)
+        loading.load(f, env=ENV)
     e = info.value
     assert e.path == str(f)
     assert e.problems == [cf.Problem("nodes.gpu1.vram_gb",
@@ -500,10 +500,10 @@ def test_the_error_carries_path_and_problems(tmp_path: Path) -> None:
 
 def test_an_unreadable_file(tmp_path: Path) -> None:
     with pytest.raises(cf.ConfigError) as info:
-        cf.load(tmp_path / "nope.yaml")
+        loading.load(tmp_path / "nope.yaml")
     assert str(info.value) == f"{tmp_path / 'nope.yaml'}: cannot read: No such file or directory"
     with pytest.raises(cf.ConfigError, match="cannot read: Is a directory"):
-        cf.load(tmp_path)
+        loading.load(tmp_path)
 
 
 # ---- malformed and hostile input ----------------------------------------------
@@ -558,15 +558,15 @@ def test_duplicate_keys_are_refused_not_silently_overwritten() -> None:
         "cluster.yaml: line 6, column 3: duplicate key 'gpu1' (first on line 2)",
     ]
     # A merge key (<<) may be overridden: that is what it is for.
-    assert cf.loads("x-a: &a {ip: 10.0.0.1}\nnodes: {g: {<<: *a, ip: 10.0.0.2}}\n",
+    assert loading.loads("x-a: &a {ip: 10.0.0.1}\nnodes: {g: {<<: *a, ip: 10.0.0.2}}\n",
                     env=ENV).nodes[0].host == "10.0.0.2"
 
 
 def test_non_utf8_bytes() -> None:
     assert errors(b"nodes:\n  gpu1:\n    ip: \xff\xfe\n") == [
         "cluster.yaml: line 3: not UTF-8 text (byte 0xff at offset 23)"]
-    assert cf.loads(b"\xef\xbb\xbf" + ONE_NODE.encode(), env=ENV).nodes[0].host == "10.0.0.1"
-    assert cf.loads(node("ip: 10.0.0.1\ngpu: 'Tésla ✓'").encode(), env=ENV).nodes[0].gpus
+    assert loading.loads(b"\xef\xbb\xbf" + ONE_NODE.encode(), env=ENV).nodes[0].host == "10.0.0.1"
+    assert loading.loads(node("ip: 10.0.0.1\ngpu: 'Tésla ✓'").encode(), env=ENV).nodes[0].gpus
 
 
 def test_a_billion_laughs_is_refused_quickly() -> None:
@@ -595,7 +595,7 @@ def test_huge_input_is_refused(tmp_path: Path) -> None:
     f = tmp_path / "big.yaml"
     f.write_text(big)
     with pytest.raises(cf.ConfigError, match="larger than 1048576 bytes"):
-        cf.load(f)
+        loading.load(f)
 
 
 def test_ten_kilobyte_keys_and_values_are_shortened_in_messages() -> None:
@@ -638,7 +638,7 @@ def test_default_paths_for_root_and_users() -> None:
 
 
 def test_resolve_paths_precedence_flag_env_config_default() -> None:
-    cfg = cf.loads(ONE_NODE + "cluster: {state_dir: /cfg/state, socket: /cfg/s.sock}\n",
+    cfg = loading.loads(ONE_NODE + "cluster: {state_dir: /cfg/state, socket: /cfg/s.sock}\n",
                    env=ENV)
     env = {"HOME": "/home/a", "XDG_RUNTIME_DIR": "/run/user/7"}
     envd = {**env, "UGRO_STATE_DIR": "~/envstate", "UGRO_SOCKET": "/env/s.sock"}
@@ -664,7 +664,7 @@ def test_ugroctl_can_import_the_socket_rule_without_heavy_modules() -> None:
 
 # ---- fuzzing: a Config or a ConfigError, nothing else -----------------------
 
-KEYS = sorted(set(cf.SECTIONS) | set(cf.NODE_KEYS) | {
+KEYS = sorted(set(sections.SECTIONS) | set(sections.NODE_KEYS) | {
     k for s in (cf.ClusterConfig, cf.TrainingConfig, cf.SchedulerConfig, cf.HealthConfig,
                 cf.MetricsConfig, cf.Intervals, cf.Thresholds) for k in s.__struct_fields__}
     | {"warn", "crit", "model", "gpu1", "x-a", "<<", "*"})
@@ -683,7 +683,7 @@ documents = st.dictionaries(st.sampled_from(KEYS), yamlish, max_size=6)
 def test_fuzzed_mappings_give_a_config_or_a_config_error(doc: dict[str, Any]) -> None:
     text = yaml.safe_dump(doc, allow_unicode=True)
     try:
-        cfg = cf.loads(text, env=ENV)
+        cfg = loading.loads(text, env=ENV)
     except cf.ConfigError as exc:
         assert exc.problems and all(isinstance(p, cf.Problem) for p in exc.problems)
         assert all(line.startswith("cluster.yaml: ") for line in exc.lines())
@@ -695,6 +695,6 @@ def test_fuzzed_mappings_give_a_config_or_a_config_error(doc: dict[str, Any]) ->
 @given(st.text(max_size=200) | st.binary(max_size=200).map(bytes))
 def test_fuzzed_text_and_bytes_give_a_config_or_a_config_error(data: str | bytes) -> None:
     try:
-        cf.loads(data, env=ENV)
+        loading.loads(data, env=ENV)
     except cf.ConfigError as exc:
         assert exc.problems

@@ -5,7 +5,7 @@ needs and an attacker would use: tags (``!!python/object``), duplicate keys
 (safe_load keeps the last silently), more than 1 MiB, deep nesting, alias
 bombs and alias cycles, bytes that are not UTF-8. ``Reader`` then checks
 values one at a time, recording each problem under its key path instead of
-stopping at the first; ``ugrod.config.schema`` holds the schema that drives it.
+stopping at the first; ``sections.py`` walks the schema (``schema.py``) with it.
 """
 
 from __future__ import annotations

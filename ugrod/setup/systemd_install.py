@@ -104,11 +104,12 @@ class Installer:
                    "--no-create-home", "--shell", "/usr/sbin/nologin", USER])
 
     def prometheus(self) -> None:
+        from ugrod.config import loading
         from ugrod.config import schema as config
         from ugrod.setup.prometheus_config import rule_files, scrape_config
 
         cluster = self._dest(CLUSTER_CONFIG)
-        cfg = config.load(cluster) if cluster.is_file() else config.builtin()
+        cfg = loading.load(cluster) if cluster.is_file() else config.builtin()
         # The rules carry this cluster.yaml's health.thresholds (ugroctl prometheus-config
         # --rules-out writes the same files).
         for name, text in rule_files(cfg).items():
