@@ -237,6 +237,10 @@ RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "loss_key": ("loss_key", _string),
     "stop_grace_s": ("stop_grace_s", _seconds(0.1, 3600)),
     "checkpoints": ("checkpoints", _string),
+    "checkpoint_copy": ("checkpoint_copy", _choice("latest", "every", "none")),
+    "checkpoint_keep": ("checkpoint_keep", _integer(0, 10000)),
+    "resume_on": ("resume_on", _choice("rank0", "all")),
+    "expand_env": ("expand_env", _boolean),
 }
 ALIASES = {"argv": "command", "node": "node_names", "label": "labels",
            "avoid_label": "avoid_labels", "held": "hold"}

@@ -167,6 +167,19 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
                      help="Where the job writes checkpoints besides $UGRO_CHECKPOINT_DIR, "
                           "e.g. 'out/checkpoint-*' (relative to --cwd): results and "
                           "resume find them."),
+        click.option("--checkpoint-copy", type=click.Choice(["latest", "every", "none"]),
+                     help="Which checkpoints are copied to the head's job directory "
+                          "[default: the config's checkpoints.copy, latest]."),
+        click.option("--checkpoint-keep", type=click.IntRange(0, 10000), metavar="N",
+                     help="Copies kept on the head, newest first; 0: all [default: the "
+                          "config's checkpoints.keep, 2]."),
+        click.option("--resume-on", type=click.Choice(["rank0", "all"]),
+                     help="Where a retry's checkpoint is put before it starts: rank 0's "
+                          "node, or every node [default: the config's checkpoints.stage]."),
+        click.option("--expand-env", is_flag=True,
+                     help="Let ugrod replace ${UGRO_CHECKPOINT_DIR} (and the other UGRO_* "
+                          "variables it sets) in the command's arguments, per rank; "
+                          "never through a shell."),
         click.option("--wait", is_flag=True,
                      help="Wait until the job ends; exit 0 only if it succeeded."),
         click.option("--dry-run", is_flag=True,
@@ -178,7 +191,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
              "priority", "max_retries", "after", "after_any", "after_failed", "time_limit",
              "hold", "env", "nproc_per_node", "torchrun", "stall_timeout", "cwd", "sync",
              "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
-             "checkpoints", "wait", "dry_run"]
+             "checkpoints", "checkpoint_copy", "checkpoint_keep", "resume_on", "expand_env",
+             "wait", "dry_run"]
 
     def decorate(f: F) -> F:
         for name, opt in reversed(list(zip(names, opts, strict=True))):
@@ -195,7 +209,8 @@ SWEEP_OPTIONS = frozenset({"nodes", "gpus_per_node", "min_vram", "node_names", "
                            "after_failed", "time_limit", "hold", "env", "nproc_per_node",
                            "torchrun", "stall_timeout", "cwd", "sync", "expected_runtime",
                            "progress", "progress_rank", "loss_key", "stop_grace",
-                           "checkpoints"})
+                           "checkpoints", "checkpoint_copy", "checkpoint_keep", "resume_on",
+                           "expand_env"})
 
 
 _SPEC_KEYS = {  # option name -> request body key
@@ -207,6 +222,8 @@ _SPEC_KEYS = {  # option name -> request body key
     "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
     "progress": "progress", "progress_rank": "progress_rank", "loss_key": "loss_key",
     "stop_grace": "stop_grace_s", "checkpoints": "checkpoints",
+    "checkpoint_copy": "checkpoint_copy", "checkpoint_keep": "checkpoint_keep",
+    "resume_on": "resume_on", "expand_env": "expand_env",
 }
 
 

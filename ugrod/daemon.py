@@ -41,13 +41,13 @@ from ugrod.core.state import (
     State,
     Sweep,
 )
+from ugrod.loops.checkpoints import CopySettings
 from ugrod.loops.executor import Executor
 from ugrod.loops.planning import Planning
 from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
 from ugrod.nodes.fleet import Fleet
-from ugrod.nodes.transport.base import TransportError
 from ugrod.store import job_results, reports
 from ugrod.store.ledger import Ledger
 
@@ -122,10 +122,14 @@ class Daemon:
                                  self.stats)
         self.stats.rebuild(self.ledger.state)
         self.ledger.on_commit(self.stats.jobs_committed)
-        self.executor = Executor(self.ledger, self.fleet, self.state_dir / "jobs",
+        results = self.config.paths.results
+        self.executor = Executor(self.ledger, self.fleet, results or self.state_dir / "jobs",
                                  grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
                                  on_job_end=self._job_ended, code_store=self.code_store)
+        self.executor.timestamped_dirs = results is not None
+        self.executor.checkpoints.settings = copy_settings(self.config.checkpoints)
+        self.executor.checkpoints.stats = self.stats
         self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
         self.executor.run_as = self._run_as
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
@@ -136,6 +140,7 @@ class Daemon:
         await self.fleet.first_inventory()
         node_wait_s = time.perf_counter() - t_nodes
         self.executor.reattach()
+        self.executor.checkpoints.reattach()
         self._start_monitor()
         await self._listen()
         self._start_scheduler()
@@ -187,6 +192,7 @@ class Daemon:
             await self.watchdog.close()
         if self.monitor is not None:
             await self.monitor.close()
+        await self.executor.checkpoints.close()
         await self.executor.close()
         if self.ledger.failed is None:
             with contextlib.suppress(OSError):
@@ -372,6 +378,7 @@ class Daemon:
         self.config = new
         self.policy = trust.Policy(self.policy.mode, admin_group=new.cluster.admin_group)
         await self.fleet.reconfigure(new, changes)
+        self.executor.checkpoints.settings = copy_settings(new.checkpoints)
         self.kick()
         logger.info("config reloaded: %s", changes)
         return changes
@@ -540,16 +547,13 @@ class Daemon:
         if job.first_started_at is not None:
             end = job.ended_at if job.ended_at is not None else time.time()
             summary["duration_s"] = round(end - job.first_started_at, 3)
-        checkpoints: list[dict[str, Any]] = []
-        node = job.placement[0].node if job.placement else None
-        if node is not None and self.fleet.agent(node) is not None:
-            try:
-                async with asyncio.timeout(10):
-                    files = await self.executor.checkpoint_list(job)
-                checkpoints = [{"path": f.path, "size_bytes": f.size_bytes,
-                                "mtime": rj.iso(f.mtime)} for f in files]
-            except (TransportError, TimeoutError) as exc:
-                checkpoints = [{"error": str(exc)}]
+        copier = self.executor.checkpoints
+        try:
+            async with asyncio.timeout(20):
+                found = await copier.refresh(job)
+        except TimeoutError:
+            found = copier.discovered(job)
+        checkpoints = copier.describe(job, found)
         resources = self.monitor.job_resources(job) if self.monitor is not None else {}
         return {"job": rj.job(job, self.executor.latest.get(job.id)), "summary": summary,
                 "checkpoints": checkpoints, "resources": resources,
@@ -634,6 +638,13 @@ class Daemon:
                                              and n.health_reason == health.NOT_CONTACTED))
                        and len(n.gpus) >= gpus_per_node)
         return jobspec.build(body, self.config, len(state.nodes), launch_nodes, name)
+
+
+def copy_settings(c: cfgmod.CheckpointsConfig) -> CopySettings:
+    """The ``checkpoints:`` section as the copier takes it."""
+    return CopySettings(copy=c.copy, keep=c.keep, rate_bytes_s=c.max_mb_s * 1e6,
+                        floor_bytes=int(c.min_free_gb * 1e9), interval_s=c.interval_s,
+                        stage=c.stage)
 
 
 def _result_stored(task: asyncio.Task[Any]) -> None:

@@ -518,16 +518,16 @@ def test_an_unreadable_file(tmp_path: Path) -> None:
      "scanning for the next token)"),
     ("- gpu1\n- gpu2\n",
      "expected a mapping of sections (cluster, nodes, training, paths, scheduler, health, "
-     "metrics, api, users, sync), got a list"),
+     "metrics, api, users, sync, checkpoints), got a list"),
     ("just words",
      "expected a mapping of sections (cluster, nodes, training, paths, scheduler, health, "
-     "metrics, api, users, sync), got 'just words'"),
+     "metrics, api, users, sync, checkpoints), got 'just words'"),
     ("42", "expected a mapping of sections (cluster, nodes, training, paths, scheduler, "
-           "health, metrics, api, users, sync), got 42"),
+           "health, metrics, api, users, sync, checkpoints), got 42"),
     ("", "the file is empty: expected a mapping of sections (cluster, nodes, training, paths, "
-         "scheduler, health, metrics, api, users, sync)"),
+         "scheduler, health, metrics, api, users, sync, checkpoints)"),
     ("# only a comment\n", "the file is empty: expected a mapping of sections (cluster, nodes, "
-                           "training, paths, scheduler, health, metrics, api, users, sync)"),
+                           "training, paths, scheduler, health, metrics, api, users, sync, checkpoints)"),
     ("a: 1\n---\nb: 2\n", "line 2, column 1: invalid YAML: expected a single document in the "
                           "stream, but found another document"),
     ("nodes: !!python/object/apply:os.system ['true']\n",

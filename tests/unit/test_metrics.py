@@ -464,6 +464,8 @@ def test_docs_list_every_metric(cluster: Cluster) -> None:
     cluster.stats.snapshot_written(0.1, 10)
     cluster.stats.snapshot_failed()
     cluster.stats.state_dir_usage(1000, 600, 400)
+    cluster.stats.checkpoint_head_free_bytes = 5e9
+    cluster.stats.checkpoint_floor_bytes = 1e9
     cluster.samples["a"] = NodeSample(ts=T0, gpus=(gpu(0),))
     names = {f.name for f in cluster.collector().families()}
     doc = (Path(__file__).resolve().parents[2] / "docs" / "metrics.md").read_text()

@@ -30,6 +30,7 @@ from ugrod.nodes.probe import probe_request
 PROGRAMS = {
     "probe": (3, 6), "probe_server": (3, 6), "readiness": (3, 6), "stack_dump": (3, 6),
     "leftovers": (3, 6), "port_listener": (3, 6), "prepare": (3, 6), "rank_wrapper": (3, 8),
+    "checkpoint_io": (3, 8),
 }
 LIBRARIES = {"procscan", "host", "node_sample"}
 

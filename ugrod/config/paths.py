@@ -100,3 +100,18 @@ def expand_user_path(value: str | os.PathLike[str], env: Mapping[str, str] | Non
     if not path.is_absolute():
         path = (base if base is not None else Path.cwd()) / path
     return path
+
+
+def job_dir(root: Path, name: str, submitted_at: float | None, *,
+            timestamped: bool = False) -> Path:
+    """A job's directory on the head: the one rule, for everything that reads job dirs.
+
+    ``STATE_DIR/jobs/NAME`` by default; under ``paths.results`` (``timestamped``) the
+    seeds' ``experiments/NAME_YYYYmmdd_HHMMSS``, the time being the job's submission in
+    UTC (from the log, so the name never changes, whatever the machine's time zone).
+    """
+    if not timestamped or submitted_at is None:
+        return root / name
+    import time  # only needed here
+
+    return root / f"{name}_{time.strftime('%Y%m%d_%H%M%S', time.gmtime(submitted_at))}"

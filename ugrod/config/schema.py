@@ -145,7 +145,18 @@ class TrainingConfig(msgspec.Struct, frozen=True, kw_only=True):
 class PathsConfig(msgspec.Struct, frozen=True, kw_only=True):
     project_base: str | None = None  # node-side
     scripts: str | None = None  # node-side
-    results: Path | None = None  # head-side; informational (job dirs are STATE_DIR/jobs)
+    results: Path | None = None  # head-side: job dirs RESULTS/NAME_TIME (else STATE_DIR/jobs)
+
+
+class CheckpointsConfig(msgspec.Struct, frozen=True, kw_only=True):
+    """Copies of every job's checkpoints in the head's job directory (docs/frameworks.md)."""
+
+    copy: str = "latest"  # latest | every | none; a job may say otherwise
+    keep: int = 2  # copies kept per job on the head (0: all)
+    max_mb_s: float = 50.0  # the copy's rate, cluster-wide (0: unlimited)
+    min_free_gb: float = 10.0  # copying stops before the head's free space falls below
+    interval_s: float = 30.0  # how often a running job's nodes are looked at
+    stage: str = "rank0"  # where a retry's checkpoint is put: rank 0's node, or all nodes
 
 
 class SyncConfig(msgspec.Struct, frozen=True, kw_only=True):
@@ -255,6 +266,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     users: Mapping[str, UserMapping] = msgspec.field(
         default_factory=lambda: types.MappingProxyType({}))
     sync: SyncConfig = SyncConfig()
+    checkpoints: CheckpointsConfig = CheckpointsConfig()
     source: Path | None = None
 
     def remote_account(self, owner: str, node: str) -> RemoteAccount | None:

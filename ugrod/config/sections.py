@@ -33,6 +33,7 @@ from ugrod.config.schema import (
     PLACEHOLDERS,
     USER_RE,
     ApiConfig,
+    CheckpointsConfig,
     ClusterConfig,
     Config,
     HealthConfig,
@@ -56,7 +57,7 @@ from ugrod.core.limits import UserLimits
 from ugrod.core.names import NAME_RE, NAME_RULE
 
 SECTIONS: Final = ("cluster", "nodes", "training", "paths", "scheduler", "health", "metrics",
-                   "api", "users", "sync")
+                   "api", "users", "sync", "checkpoints")
 NODE_KEYS: Final = ("ip", "host", "hostname", "port", "user", "identity_file", "work_dir",
                     "transport", "python", "gpu", "vram_gb", "gpus", "rank", "role", "labels",
                     "gpu_exporter")
@@ -92,6 +93,7 @@ def read_config(r: Reader, data: Any) -> Config | None:
         metrics=_read_metrics(r, top.get("metrics")),
         api=_read_api(r, top.get("api")),
         sync=_read_sync(r, top.get("sync")),
+        checkpoints=_read_checkpoints(r, top.get("checkpoints")),
     )
 
 
@@ -485,3 +487,15 @@ def placeholders_problem(arg: str) -> str | None:
             allowed = ", ".join("{" + p + "}" for p in PLACEHOLDERS)
             return f"unknown placeholder {{{field}}}; use {allowed}"
     return None
+
+
+def _read_checkpoints(r: Reader, raw: Any) -> CheckpointsConfig:
+    w, d = "checkpoints", CheckpointsConfig()
+    m = r.section(raw, w, _fields(CheckpointsConfig), none_ok=True) or {}
+    return CheckpointsConfig(
+        copy=r.get(m, w, "copy", r.choice("latest", "every", "none"), d.copy),
+        keep=r.get(m, w, "keep", r.integer(0, 10000), d.keep),
+        max_mb_s=r.get(m, w, "max_mb_s", r.number(0, 1e6), d.max_mb_s),
+        min_free_gb=r.get(m, w, "min_free_gb", r.number(0, 1e6), d.min_free_gb),
+        interval_s=r.get(m, w, "interval_s", r.number(1, 86400), d.interval_s),
+        stage=r.get(m, w, "stage", r.choice("rank0", "all"), d.stage))

@@ -106,6 +106,10 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknow
     after_failed: tuple[str, ...] = ()  # start only if these failed or were cancelled
     time_limit_s: float | None = None  # --time: cancelled when an attempt runs longer
     sync: str | None = None  # the code tree (sha256:...) copied to each node; cwd is its copy
+    checkpoint_copy: str | None = None  # latest | every | none (None: the cluster's)
+    checkpoint_keep: int | None = None  # copies kept on the head (None: the cluster's)
+    resume_on: str | None = None  # rank0 | all: where a retry's checkpoint is put
+    expand_env: bool = False  # ${UGRO_*} in argv expanded by ugrod at launch
 
 
 class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True,
@@ -303,6 +307,56 @@ class CheckpointSaved(Event, frozen=True, kw_only=True):
     job: str
     path: str
     step: int | None = None
+    node: str | None = None  # where it was saved (rank 0's node); None in older logs
+
+
+class CheckpointCopied(Event, frozen=True, kw_only=True):
+    """A checkpoint is in the head's job directory (``checkpoints/NAME``), every file
+    verified: its sha256 read on the node equals the one of what the head wrote."""
+
+    kind: ClassVar[str] = "checkpoint_copied"
+    job: str
+    name: str
+    node: str
+    path: str  # where it was copied from, on ``node``
+    size_bytes: int
+    mtime: float  # the source's modification time (the copy keeps it)
+    step: int | None = None
+    files: int = 1
+
+
+class CheckpointCopyFailed(Event, frozen=True, kw_only=True):
+    """Copying a checkpoint to the head failed; ``retry_in_s`` None: it is not retried
+    (the head's disk is at its floor, or the job ended and the tries were used up)."""
+
+    kind: ClassVar[str] = "checkpoint_copy_failed"
+    job: str
+    path: str
+    node: str | None
+    reason: str
+    failures: int = 1  # in a row
+    retry_in_s: float | None = None
+
+
+class CheckpointPruned(Event, frozen=True, kw_only=True):
+    """Copies removed from the head's job directory (past the job's ``keep``)."""
+
+    kind: ClassVar[str] = "checkpoint_pruned"
+    job: str
+    names: tuple[str, ...]
+    reason: str = ""
+
+
+class CheckpointStaged(Event, frozen=True, kw_only=True):
+    """Before an attempt started, the checkpoint it resumes from was put on its node(s):
+    ``paths`` node -> the copy there (UGRO_RESUME_FROM on that node)."""
+
+    kind: ClassVar[str] = "checkpoint_staged"
+    job: str
+    attempt: int
+    source: str  # "NODE:PATH", or "head:checkpoints/NAME"
+    paths: dict[str, str]
+    step: int | None = None
 
 
 class JobStalled(Event, frozen=True, kw_only=True):
@@ -344,6 +398,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobSubmitted, JobWaiting, JobPlaced, RankStarted, JobRunning, RankExited,
         JobStopping, JobEnded, JobPrioritySet, JobHeld, JobReleased,
         JobCancelRequested, JobResumed, CheckpointRequested, CheckpointSaved,
+        CheckpointCopied, CheckpointCopyFailed, CheckpointPruned, CheckpointStaged,
         JobStalled, JobProgressed, SweepCreated, DaemonStarted,
     )
 }

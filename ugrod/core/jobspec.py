@@ -14,6 +14,7 @@ from typing import Final, Protocol
 
 import msgspec
 
+from ugrod.core import checkpoints as ck
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core import time_limits
@@ -120,6 +121,10 @@ class SpecFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     loss_key: str | None = None
     stop_grace_s: float | None = None
     checkpoints: str | None = None
+    checkpoint_copy: str | None = None
+    checkpoint_keep: int | None = None
+    resume_on: str | None = None
+    expand_env: bool = False
     request_id: str | None = None
 
 
@@ -281,6 +286,16 @@ def build(body: SubmitBody, config: SubmitDefaults, n_nodes: int,
             or any(c in body.checkpoints for c in "\x00\n\r")):
         raise SpecError("checkpoints must be one glob pattern of at most 1024 characters, "
                         "e.g. 'out/checkpoint-*'")
+    if body.checkpoint_copy is not None and body.checkpoint_copy not in ck.POLICIES:
+        raise SpecError(f"checkpoint_copy must be {' or '.join(ck.POLICIES)}, got "
+                        f"{body.checkpoint_copy[:40]!r}")
+    if body.checkpoint_keep is not None and not 0 <= body.checkpoint_keep <= 10000:
+        raise SpecError("checkpoint_keep must be 0..10000 (0: keep every copy)")
+    if body.resume_on is not None and body.resume_on not in ck.STAGING:
+        raise SpecError(f"resume_on must be {' or '.join(ck.STAGING)}, got "
+                        f"{body.resume_on[:40]!r}")
+    if body.expand_env:
+        check_references(argv)
     return ev.JobSpec(
         argv=tuple(argv), nodes=nodes, node_names=tuple(body.node_names),
         gpus_per_node=gpus_per_node, min_vram_bytes=int(body.min_vram_gb * (1 << 30)),
@@ -295,7 +310,33 @@ def build(body: SubmitBody, config: SubmitDefaults, n_nodes: int,
         stall_timeout_s=body.stall_timeout_s,
         stall_action=body.stall_action, expected_runtime_s=body.expected_runtime_s,
         progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s,
-        checkpoints=body.checkpoints, sync=sync)
+        checkpoints=body.checkpoints, sync=sync, checkpoint_copy=body.checkpoint_copy,
+        checkpoint_keep=body.checkpoint_keep, resume_on=body.resume_on,
+        expand_env=body.expand_env)
+
+
+# ---- ${UGRO_*} in a job's arguments (--expand-env) -----------------------------------
+
+# What ugrod sets for every rank and may put into its arguments; UGRO_RESUME_FROM is
+# empty on a fresh start.
+EXPANDABLE = ("UGRO_JOB_ID", "UGRO_ATTEMPT", "UGRO_JOB_DIR", "UGRO_METRICS_FILE",
+              "UGRO_CHECKPOINT_DIR", "UGRO_RESUME_FROM")
+_REFERENCE_RE = re.compile(r"\$\{([^}]*)\}")
+
+
+def check_references(argv: Sequence[str]) -> None:
+    """Every ``${NAME}`` in argv names a variable ugrod sets (SpecError otherwise)."""
+    for arg in argv:
+        for m in _REFERENCE_RE.finditer(arg):
+            if m.group(1) not in EXPANDABLE:
+                raise SpecError(f"--expand-env: ${{{m.group(1)[:60]}}} in {arg[:80]!r} is not "
+                                f"a variable ugrod sets; it expands {', '.join(EXPANDABLE)}")
+
+
+def expand_references(argv: Sequence[str], env: Mapping[str, str]) -> list[str]:
+    """argv with each ``${UGRO_...}`` replaced by its value for this rank (never a shell)."""
+    return [_REFERENCE_RE.sub(lambda m: env.get(m.group(1), "") if m.group(1) in EXPANDABLE
+                              else m.group(0), arg) for arg in argv]
 
 
 def progress_spec(body: SubmitBody, nodes: int) -> ev.ProgressSpec | None:

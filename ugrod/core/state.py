@@ -36,6 +36,7 @@ from typing import Any
 import immutables
 import msgspec
 
+from ugrod.core import checkpoints as ck
 from ugrod.core import events as ev
 from ugrod.core import tally as tl
 from ugrod.core.names import RECORDED_NAME_RE
@@ -113,6 +114,10 @@ JOB_LIFECYCLE: Mapping[Move, Target] = {
     **_moves(ev.JobResumed, {JobState.FAILED, JobState.CANCELLED}, JobState.QUEUED),
     **_stays(ev.CheckpointRequested, {JobState.RUNNING}),
     **_stays(ev.CheckpointSaved, JobState),
+    **_stays(ev.CheckpointCopied, JobState),
+    **_stays(ev.CheckpointCopyFailed, JobState),
+    **_stays(ev.CheckpointPruned, JobState),
+    **_stays(ev.CheckpointStaged, ACTIVE),
     **_stays(ev.JobStalled, {JobState.RUNNING}),
     **_stays(ev.JobProgressed, {JobState.RUNNING}),
 }
@@ -138,7 +143,10 @@ _DOING: dict[type[ev.Event], str] = {
     ev.JobPrioritySet: "change its priority", ev.JobHeld: "hold it",
     ev.JobReleased: "release it", ev.JobResumed: "resume it (only failed or cancelled "
     "jobs can be resumed)", ev.CheckpointRequested: "ask it for a checkpoint (it is not "
-    "running)", ev.CheckpointSaved: "record a checkpoint", ev.JobStalled: "mark it stalled",
+    "running)", ev.CheckpointSaved: "record a checkpoint",
+    ev.CheckpointCopied: "record a checkpoint copy", ev.CheckpointCopyFailed: "record a "
+    "failed checkpoint copy", ev.CheckpointPruned: "remove checkpoint copies",
+    ev.CheckpointStaged: "stage its checkpoint", ev.JobStalled: "mark it stalled",
     ev.JobProgressed: "mark it progressing",
 }
 
@@ -183,6 +191,11 @@ class Job(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=True):
     checkpoints: tuple[str, ...] = ()
     checkpoint_requested: bool = False
     stalled: bool = False
+    # The newest checkpoint_saved reports (with their nodes), the verified copies in the
+    # head's job directory, and why copying last failed ("" once a copy succeeds).
+    reported: tuple[ck.Reported, ...] = ()
+    central: tuple[ck.Central, ...] = ()
+    copy_error: str = ""
 
     @property
     def name(self) -> str:
@@ -368,7 +381,8 @@ JobRule = Callable[[State, Job, Any, float, JobState], Job]  # (.., ts, target s
 Rule = Callable[[State, ev.Record], State]
 _ATTEMPT_EVENTS = frozenset({ev.JobPlaced, ev.RankStarted, ev.JobRunning, ev.RankExited,
                              ev.JobStopping, ev.JobEnded, ev.JobStalled,
-                             ev.JobProgressed})
+                             ev.JobProgressed, ev.CheckpointStaged})
+MAX_REPORTED = 100  # checkpoint_saved reports kept per job (with their nodes), newest
 
 
 # Memory: 100k jobs repeat a few node names, commands and reasons. Every decoded
@@ -429,7 +443,16 @@ _JOB_RULES: dict[type[ev.Event], JobRule] = {
     ev.JobResumed: _resumed,
     ev.CheckpointRequested: lambda s, j, e, ts, to: _rep(j, checkpoint_requested=True),
     ev.CheckpointSaved: lambda s, j, e, ts, to: _rep(
-        j, checkpoints=(*j.checkpoints, e.path), checkpoint_requested=False),
+        j, checkpoints=(*j.checkpoints, e.path), checkpoint_requested=False,
+        reported=(*j.reported[-(MAX_REPORTED - 1):], ck.Reported(
+            e.path, e.node or (j.placement[0].node if j.placement else None), e.step, ts))),
+    ev.CheckpointCopied: lambda s, j, e, ts, to: _rep(j, copy_error="", central=(
+        *(c for c in j.central if c.name != e.name),
+        ck.Central(e.name, e.node, e.path, e.size_bytes, e.mtime, e.step))),
+    ev.CheckpointCopyFailed: lambda s, j, e, ts, to: _rep(j, copy_error=e.reason),
+    ev.CheckpointPruned: lambda s, j, e, ts, to: _rep(
+        j, central=tuple(c for c in j.central if c.name not in e.names)),
+    ev.CheckpointStaged: lambda s, j, e, ts, to: j,
     ev.JobStalled: lambda s, j, e, ts, to: _rep(j, stalled=True),
     ev.JobProgressed: lambda s, j, e, ts, to: _rep(j, stalled=False),
 }

@@ -78,6 +78,21 @@ def explain(record: ev.Record, steps: Mapping[str, int | None] | None = None) ->
             return f"checkpoint requested by {who}"
         case ev.CheckpointSaved(path=p, step=s):
             return f"checkpoint saved: {p}" + (f" (step {s})" if s is not None else "")
+        case ev.CheckpointCopied(name=name, node=n, path=p, size_bytes=size, step=s):
+            return (f"checkpoint copied to the head as checkpoints/{name} from {n}:{p} "
+                    f"({size / 2**20:.1f} MiB" + (f", step {s})" if s is not None else ")")
+                    + ", verified")
+        case ev.CheckpointCopyFailed(path=p, node=n, reason=reason, retry_in_s=retry):
+            where = f"{n}:{p}" if n else p
+            again = f"; retry in {retry:.0f} s" if retry is not None else "; not retried"
+            return f"checkpoint copy of {where} failed ({e.failures} in a row): {reason}{again}"
+        case ev.CheckpointPruned(names=names, reason=reason):
+            return f"checkpoint copies removed from the head: {', '.join(names)}" + (
+                f" ({reason})" if reason else "")
+        case ev.CheckpointStaged(attempt=a, source=src, paths=paths, step=s):
+            put = ", ".join(f"{n}:{p}" for n, p in sorted(paths.items()))
+            at = f"step {s} " if s is not None else ""
+            return f"attempt {a} resumes from {at}({src}), put on {put}"
         case ev.JobStalled(step=s, idle_s=idle):
             return f"stalled: no step advance for {idle:.0f} s (last step {s})" + (
                 f"; stacks in {e.stacks}" if e.stacks else "")

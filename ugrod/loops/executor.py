@@ -15,7 +15,6 @@ import json
 import logging
 import math
 import os
-import posixpath
 import signal
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -24,14 +23,15 @@ from typing import Any
 
 import msgspec
 
+from ugrod.config import paths as cfgpaths
 from ugrod.core import culprit, jobspec, retry
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core.jobspec import procs_per_node
 from ugrod.core.state import ACTIVE, WAITING, InvalidEvent, Job, JobState, State
+from ugrod.loops.checkpoints import Checkpoints
 from ugrod.nodes import codesync, programs
 from ugrod.nodes.agent import (
-    CheckpointFile,
     LogChunk,
     MetricLine,
     NodeAgent,
@@ -53,7 +53,6 @@ Exit = tuple[ev.RankPlacement, int | None, float | None]
 VANISHED_EXIT_CODE = -1
 _DEFAULT_PROGRESS = ev.ProgressSpec()
 _encode = msgspec.json.encode
-MAX_CHECKPOINT_COPY_BYTES = 2 << 30  # staged through ugrod's memory: see _stage_checkpoint
 OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError",
                "CUBLAS_STATUS_ALLOC_FAILED", "HIP out of memory")
 
@@ -96,7 +95,10 @@ class Executor:
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stop_now: dict[tuple[str, int], asyncio.Event] = {}
         self._closing = False
+        # paths.results: job dirs are named NAME_TIMESTAMP there (config/paths.job_dir)
+        self.timestamped_dirs = False
         ledger.on_commit(self._on_commit)
+        self.checkpoints = Checkpoints(self)  # copies to the head; staging for retries
 
     # ---- reacting to the log ----------------------------------------------
 
@@ -206,6 +208,7 @@ class Executor:
         """Start every rank at once; on any failure kill what started and end the attempt."""
         self._write_job_files(job, jobdir)
         pids: dict[int, int] = {}
+        resume = await self.checkpoints.stage(job, agents)  # bounded by stalls, not size
         try:
             async with asyncio.timeout(self.start_timeout_s):
                 await asyncio.gather(*(a.prepare() for a in agents))
@@ -213,10 +216,8 @@ class Executor:
                     await self._sync_code(job, agents)
                 if job.spec.torchrun and len(agents) > 1:
                     await self._precheck_rendezvous(job, agents)
-                checkpoint_dir = await agents[0].checkpoint_dir(job.id)
-                resume_from = await self._stage_checkpoint(job, agents[0], checkpoint_dir)
                 results = await asyncio.gather(
-                    *(self._spawn_rank(job, p, agents[i], checkpoint_dir, resume_from)
+                    *(self._spawn_rank(job, p, agents[i], resume.get(p.rank))
                       for i, p in enumerate(job.placement)),
                     return_exceptions=True)
         except TimeoutError:
@@ -296,10 +297,10 @@ class Executor:
         return True
 
     async def _spawn_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
-                          checkpoint_dir: str, resume_from: str | None = None) -> int:
+                          resume_from: str | None = None) -> int:
         run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
-        env = self.rank_env(job, p, run_dir, checkpoint_dir, resume_from)
-        argv, program = self.rank_argv(job, p, agent.python)
+        env = self.rank_env(job, p, run_dir, await agent.checkpoint_dir(job.id), resume_from)
+        argv, program = self.rank_argv(job, p, agent.python, env)
         return await agent.spawn(job.id, job.attempt, p.rank, argv, env,
                                  await self.job_cwd(job, agent),
                                  run_as=self.run_as(job, p.node), program=program)
@@ -309,9 +310,14 @@ class Executor:
         """Where the job's ranks start on the agent's node: its --sync copy, or its cwd."""
         return await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
 
-    def rank_argv(self, job: Job, p: ev.RankPlacement, python: str) -> tuple[list[str], int]:
-        """The rank's argv on its node and the index of the user's own program in it."""
+    def rank_argv(self, job: Job, p: ev.RankPlacement, python: str,
+                  env: Mapping[str, str] | None = None) -> tuple[list[str], int]:
+        """The rank's argv on its node and the index of the user's own program in it;
+        ``${UGRO_...}`` in the job's arguments filled from ``env`` (--expand-env)."""
         spec = job.spec
+        if spec.expand_env and env is not None:
+            spec = msgspec.structs.replace(
+                spec, argv=tuple(jobspec.expand_references(spec.argv, env)))
         if not spec.torchrun:
             return jobspec.rank_command(spec.argv, python, None)
         nnodes = len(job.placement)
@@ -361,70 +367,6 @@ class Executor:
             env["NCCL_SOCKET_IFNAME"] = self.network_interface
             env["GLOO_SOCKET_IFNAME"] = self.network_interface
         return env
-
-    async def _stage_checkpoint(self, job: Job, agent: NodeAgent,
-                                checkpoint_dir: str) -> str | None:
-        """The checkpoint to resume from as rank 0's node can read it: copied there if needed.
-
-        Checkpoints are saved on the node of rank 0. A retry that avoids the node it
-        failed on (or a resume placed elsewhere) would otherwise be told to resume from
-        a file that exists only on another machine. The copy goes through ugrod (tar
-        over both SSH links), so it is capped; past the cap, or when no node has the
-        file, the path is passed on as is (shared storage) and the job reports it.
-        """
-        path = job.resume_from
-        if not path:
-            return None
-        name = posixpath.basename(path.rstrip("/"))
-        # Only the job's own checkpoint directory counts as "here": the same absolute path
-        # on another machine may hold another file (a reported path outside it is passed
-        # on as is below, which is right when rank 0 lands on the node that wrote it).
-        here = await agent.list_checkpoints(job.id)
-        if any(f.path == path for f in here):
-            return path
-        found: list[tuple[int, float, NodeAgent, CheckpointFile]] = []
-        for name in list(self.fleet.agents):
-            other = self.fleet.agent_for(job, name)
-            if other is agent:
-                continue
-            try:
-                async with asyncio.timeout(15):
-                    files = await other.list_checkpoints(job.id)
-            except (TransportError, TimeoutError):
-                continue
-            for f in files:
-                if f.path == path or posixpath.basename(f.path) == name:
-                    found.append((f.path == path, f.mtime, other, f))
-        local = next((f.path for f in here if posixpath.basename(f.path) == name), None)
-        if local is not None and not any(exact for exact, *_ in found):
-            return local
-        if not found:
-            logger.warning("job %s: checkpoint %s is on no node; passing the path as is",
-                           job.id, path)
-            return local or path
-        _, _, source, src = max(found, key=lambda x: (x[0], x[1]))
-        if src.size_bytes > MAX_CHECKPOINT_COPY_BYTES:
-            logger.warning("job %s: checkpoint %s on %s is %d bytes, too big to copy to %s "
-                           "through ugrod (put checkpoints on shared storage); passing the "
-                           "path as is", job.id, src.path, source.node, src.size_bytes,
-                           agent.node)
-            return path
-        parent, base = posixpath.split(src.path.rstrip("/"))
-        packed = await source.transport.run(["tar", "-C", parent, "-cf", "-", f"./{base}"])
-        if packed.exit_code != 0:
-            raise LaunchError(f"node {source.node}: cannot read checkpoint {src.path}: "
-                              f"{packed.stderr.decode(errors='replace').strip()[-300:]}")
-        unpacked = await agent.transport.run(
-            ["sh", "-c", 'mkdir -p -- "$1" && exec tar -C "$1" -xf -', "sh", checkpoint_dir],
-            input=packed.stdout)
-        if unpacked.exit_code != 0:
-            raise LaunchError(f"node {agent.node}: cannot write checkpoint into "
-                              f"{checkpoint_dir}: "
-                              f"{unpacked.stderr.decode(errors='replace').strip()[-300:]}")
-        dest = posixpath.join(checkpoint_dir, base)
-        logger.info("job %s: copied checkpoint %s from %s to %s:%s", job.id, src.path,
-                    source.node, agent.node, dest)
-        return dest
 
     async def _sync_code(self, job: Job, agents: list[NodeAgent]) -> None:
         """Copy the job's code tree to every node of the job (only what each lacks)."""
@@ -802,28 +744,12 @@ class Executor:
             self.on_job_end(done)
 
     async def _newest_checkpoint(self, job: Job) -> str | None:
+        """The newest checkpoint anywhere (nodes that answer, the head's copies, reports)."""
         try:
-            async with asyncio.timeout(15):
-                files = await self.checkpoint_list(job)
-        except (TransportError, TimeoutError):
+            async with asyncio.timeout(30):
+                return await self.checkpoints.newest(job)
+        except TimeoutError:
             return job.resume_from
-        if not files:
-            return job.resume_from
-        return max(files, key=lambda f: (f.mtime, f.path)).path
-
-    async def checkpoint_list(self, job: Job) -> list[CheckpointFile]:
-        """The job's checkpoints on rank 0's node, oldest first: the one list ``results``
-        shows and a retry resumes from. What it reported saving, what is under
-        ``UGRO_CHECKPOINT_DIR``, and what its ``checkpoints`` glob matches (relative to
-        its cwd). Callers own the deadline; TransportError when the node does not answer.
-        """
-        node = job.placement[0].node if job.placement else None
-        agent = self.fleet.job_agent(job, node) if node is not None else None
-        if agent is None:
-            return []
-        patterns = [*job.checkpoints[-100:], *([job.spec.checkpoints]
-                                               if job.spec.checkpoints else [])]
-        return await agent.list_checkpoints(job.id, patterns, await self.job_cwd(job, agent))
 
     async def _request_checkpoint(self, job: Job) -> None:
         for p in job.placement:
@@ -929,7 +855,8 @@ class Executor:
             with contextlib.suppress(InvalidEvent):
                 await self.ledger.record(ev.DAEMON, ev.CheckpointSaved(
                     job=job.id, path=values["path"][:4096],
-                    step=int(step) if isinstance(step, int | float) else None))
+                    step=int(step) if isinstance(step, int | float) else None,
+                    node=job.placement[0].node if job.placement else None))
             return
         if "event" not in values:
             self._values(job, values)
@@ -962,7 +889,11 @@ class Executor:
     # ---- job directory ---------------------------------------------------------
 
     def job_dir(self, job_id: str) -> Path:
-        return self.jobs_root / job_id
+        """The job's directory on the head: everything that reads job dirs asks here."""
+        job = self.ledger.state.jobs.get(job_id)
+        return cfgpaths.job_dir(self.jobs_root, job_id,
+                                job.submitted_at if job is not None else None,
+                                timestamped=self.timestamped_dirs)
 
     def _write_job_files(self, job: Job, jobdir: Path) -> None:
         # Only ugrod reads the central job dir (0700): owners read it through the API,

@@ -498,6 +498,26 @@ def daemon(rt: RuntimeStats, out: list[AnyFamily]) -> None:
     for route, h in rt.api_latency.items():
         api.add((route,), h)
     out.append(api)
+    counter("ugro_checkpoint_copied_bytes_total",
+            "Checkpoint bytes copied from nodes to the head since ugrod started.",
+            rt.checkpoint_copy_bytes)
+    counter("ugro_checkpoint_copies_total",
+            "Checkpoints copied to the head and verified (sha256 on both ends).",
+            rt.checkpoint_copies)
+    counter("ugro_checkpoint_copy_failures_total",
+            "Checkpoint copies that failed (each is retried with backoff and recorded).",
+            rt.checkpoint_copy_failures)
+    out.append(single("ugro_checkpoint_copy_stopped",
+                      "1 while checkpoint copies are stopped because the head's free space "
+                      "would fall below checkpoints.min_free_gb; else 0.",
+                      1.0 if rt.checkpoint_copy_stopped else 0.0))
+    if rt.checkpoint_head_free_bytes is not None and rt.checkpoint_floor_bytes is not None:
+        out.append(single("ugro_checkpoint_head_free_bytes",
+                          "Free space where the head keeps checkpoint copies, at the last copy.",
+                          rt.checkpoint_head_free_bytes))
+        out.append(single("ugro_checkpoint_head_floor_bytes",
+                          "The free space checkpoint copies never go below "
+                          "(checkpoints.min_free_gb).", rt.checkpoint_floor_bytes))
     hist("ugro_scheduler_tick_duration_seconds",
          "Time one scheduler pass (plan + record) took.", rt.scheduler_ticks)
     counter("ugro_scheduler_placements_total", "Jobs the scheduler placed.",

@@ -134,6 +134,13 @@ class RuntimeStats:
         self.health_last_duration: dict[str, float] = {}
         self.health_last_success: dict[str, float] = {}
         self.breakers: dict[str, str] = {}
+        # checkpoint copies to the head (ugrod/loops/checkpoints.py)
+        self.checkpoint_copy_bytes = Counter()
+        self.checkpoint_copies = Counter()
+        self.checkpoint_copy_failures = Counter()
+        self.checkpoint_copy_stopped = False  # the head's disk reached its floor
+        self.checkpoint_head_free_bytes: float | None = None
+        self.checkpoint_floor_bytes: float | None = None
         # jobs: histograms since this start; lifetime counters are State.tally
         self.job_wait = Histogram(JOB_WAIT_BUCKETS)
         self.job_run = Histogram(JOB_RUN_BUCKETS)

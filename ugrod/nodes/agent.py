@@ -270,6 +270,11 @@ class NodeAgent:
                     await self.prepare()
         return [self._wrapper_python, *_ISOLATED, await self.wrapper_path(), *args]
 
+    async def program_argv(self, source: str, *args: str) -> list[str]:
+        """argv running a stdlib-only program (its source text) with the node's Python."""
+        await self._wrapper_argv()  # prepared: the interpreter's real path is known
+        return [self._wrapper_python, *_ISOLATED, "-c", source, *args]
+
     async def _call(self, *args: str, input: bytes | None = None) -> CommandResult:
         if args[0] in _SESSION_COMMANDS:
             try:

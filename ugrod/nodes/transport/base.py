@@ -72,8 +72,16 @@ class Stream(Protocol):
         """The next line including its newline; ``b""`` at EOF."""
         ...
 
+    async def read(self, n: int) -> bytes:
+        """Up to ``n`` bytes of raw output (a file being copied); ``b""`` at EOF."""
+        ...
+
     async def write(self, data: bytes) -> None:
         """Send bytes to the command's stdin (a request to a long-lived helper)."""
+        ...
+
+    async def write_eof(self) -> None:
+        """Close the command's stdin (it has everything); its output can still be read."""
         ...
 
     async def close(self) -> None:
@@ -95,8 +103,12 @@ class Transport(Protocol):
         """Run argv to completion; a non-zero exit is a result, not an error."""
         ...
 
-    async def open_stream(self, argv: Sequence[str]) -> Stream:
-        """Start argv and return its stdout as a Stream."""
+    async def open_stream(self, argv: Sequence[str], *, bulk: bool = False) -> Stream:
+        """Start argv and return its stdout as a Stream.
+
+        ``bulk``: the stream carries a large transfer (a checkpoint copy), kept off the
+        connection that carries rank control and logs.
+        """
         ...
 
     async def put_file(self, path: str, data: bytes, mode: int = 0o600) -> None:

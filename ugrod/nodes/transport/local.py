@@ -49,6 +49,14 @@ class LocalStream:
                 self._node, f"stream line longer than {_STREAM_LINE_LIMIT} bytes"
             ) from exc
 
+    async def read(self, n: int) -> bytes:
+        assert self._proc.stdout is not None
+        return await self._proc.stdout.read(n)
+
+    async def write_eof(self) -> None:
+        if self._proc.stdin is not None and not self._proc.stdin.is_closing():
+            self._proc.stdin.close()
+
     async def write(self, data: bytes) -> None:
         stdin = self._proc.stdin
         if stdin is None or stdin.is_closing():
@@ -100,7 +108,7 @@ class LocalTransport:
             raise
         return CommandResult(exit_code_of(proc.returncode), stdout, stderr)
 
-    async def open_stream(self, argv: Sequence[str]) -> LocalStream:
+    async def open_stream(self, argv: Sequence[str], *, bulk: bool = False) -> LocalStream:
         try:
             proc = await asyncio.create_subprocess_exec(
                 *argv,

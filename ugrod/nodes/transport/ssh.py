@@ -43,6 +43,10 @@ BACKOFF_FIRST_S = 0.5
 BACKOFF_MAX_S = 30.0
 # Channels that streams may hold; the rest stay free for run()/put_file().
 _RESERVED_FOR_RUN = 2
+# Bulk transfers (checkpoint copies) prefer AES-GCM, which OpenSSL runs in hardware on
+# both ends; control connections keep asyncssh's defaults.
+_BULK_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
+                 "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
 
 
 def host_pattern(host: str, port: int) -> str:
@@ -152,6 +156,16 @@ class SshStream:
         except (asyncssh.Error, OSError) as exc:
             raise self._transport._lost(exc, "stream") from exc
 
+    async def read(self, n: int) -> bytes:
+        try:
+            return await self._process.stdout.read(n)
+        except (asyncssh.Error, OSError) as exc:
+            raise self._transport._lost(exc, "stream") from exc
+
+    async def write_eof(self) -> None:
+        with contextlib.suppress(asyncssh.Error, OSError):
+            self._process.stdin.write_eof()
+
     async def write(self, data: bytes) -> None:
         if self._closed:
             raise TransportError(self._transport.node, "stream closed")
@@ -227,6 +241,7 @@ class SshTransport:
         self._max_concurrency = max_concurrency
         self._channels = asyncio.Semaphore(max_concurrency)
         self._lanes: list[_Lane] = []
+        self._bulk: _Lane | None = None  # the connection of bulk streams, while any is open
         self._lanes_lock = asyncio.Lock()
         self._stream_slots = asyncio.Semaphore(max(1, max_concurrency - _RESERVED_FOR_RUN))
 
@@ -308,9 +323,10 @@ class SshTransport:
             ) from exc
         return conn
 
-    async def _connect(self) -> asyncssh.SSHClientConnection:
+    async def _connect(self, *, bulk: bool = False) -> asyncssh.SSHClientConnection:
         known = self._known_hosts()
         keys: object = [self._identity()] if self.identity_file else ()
+        ciphers: dict[str, object] = {"encryption_algs": list(_BULK_CIPHERS)} if bulk else {}
         try:
             return await asyncssh.connect(
                 self.host,
@@ -323,6 +339,7 @@ class SshTransport:
                 connect_timeout=self.connect_timeout_s,
                 keepalive_interval=self.keepalive_s,
                 keepalive_count_max=3,
+                **ciphers,
             )
         except asyncssh.HostKeyNotVerifiable as exc:
             raise await self._host_key_error(known) from exc
@@ -455,6 +472,9 @@ class SshTransport:
             with contextlib.suppress(BaseException):
                 await task
         conns = [lane.conn for lane in self._lanes]
+        if self._bulk is not None:
+            conns.append(self._bulk.conn)
+            self._bulk = None
         if self._conn is not None:
             conns.append(self._conn)
         self._conn = None
@@ -495,11 +515,14 @@ class SshTransport:
         stderr = done.stderr if isinstance(done.stderr, bytes) else b""
         return CommandResult(code, stdout, stderr)
 
-    async def open_stream(self, argv: Sequence[str]) -> SshStream:
+    async def open_stream(self, argv: Sequence[str], *, bulk: bool = False) -> SshStream:
         command = shlex.join(argv)
         conn = await self._connection()
         lane: _Lane | None = None
-        if self._stream_slots.locked():
+        if bulk:
+            lane = await self._bulk_lane()
+            conn = lane.conn
+        elif self._stream_slots.locked():
             # sshd allows ~10 sessions per connection: long-lived streams past our share of
             # the main connection go over extra connections instead of waiting for a slot.
             lane = await self._overflow_lane()
@@ -532,12 +555,24 @@ class SshTransport:
             self._lanes.append(lane)
             return lane
 
+    async def _bulk_lane(self) -> _Lane:
+        """The connection of bulk streams (opened if none is), its count taken."""
+        async with self._lanes_lock:
+            lane = self._bulk
+            if lane is None or lane.conn.is_closed():
+                lane = self._bulk = _Lane(await self._connect(bulk=True))
+            lane.streams += 1
+            return lane
+
     def _release_stream(self, lane: _Lane | None) -> None:
         if lane is None:
             self._channels.release()
             self._stream_slots.release()
             return
         lane.streams -= 1
+        if lane.streams == 0 and lane is self._bulk:
+            self._bulk = None
+            lane.conn.close()
         if lane.streams == 0 and lane in self._lanes:  # idle extra connections are not kept
             self._lanes.remove(lane)
             lane.conn.close()
