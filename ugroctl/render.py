@@ -331,8 +331,18 @@ def job_detail(job: Mapping[str, Any], now: float) -> str:
     elif spec.get("cwd"):
         pairs.append(("directory", spec["cwd"]))
     ckpts = job.get("checkpoints") or []
-    if ckpts:
+    found = [c for c in job.get("checkpoints_found") or [] if isinstance(c, Mapping)]
+    if found:
+        newest, copied = found[-1], sum(1 for c in found if c.get("central"))
+        where = f"{clean(newest.get('node'))}:{_ckpt_path(newest.get('path'))}" \
+            if newest.get("path") else f"head:{_ckpt_path(newest.get('central'))}"
+        step = f"step {number(newest.get('step'))}, " if newest.get("step") is not None else ""
+        pairs.append(("checkpoint", f"{where} ({step}{len(found)} found, {copied} copied "
+                                    f"to the head)"))
+    elif ckpts:
         pairs.append(("checkpoint", f"{_ckpt_path(ckpts[-1])} ({len(ckpts)} in all)"))
+    if job.get("copy_error"):
+        pairs.append(("copy error", job["copy_error"]))
     out = fields(pairs)
     ranks = [r for r in job.get("ranks") or [] if isinstance(r, Mapping)]
     if ranks:
@@ -449,9 +459,12 @@ def results_view(doc: Mapping[str, Any], now: float) -> str:
         out.append(f"checkpoints: could not list them: {clean(errors[0])}")
     elif ckpts:
         out.append(f"checkpoints ({len(ckpts)}):")
-        out.append(table(["PATH", "SIZE", "SAVED"],
-                         [[c.get("path"), size(c.get("size_bytes")), ago(c.get("mtime"), now)]
-                          for c in ckpts], right=[1]))
+        out.append(table(["NAME", "STEP", "SIZE", "SAVED", "ON", "HEAD COPY"],
+                         [[c.get("name") or c.get("path"), number(c.get("step")),
+                           size(c.get("size_bytes")), ago(c.get("mtime"), now),
+                           f"{c['node']}:{c['path']}" if c.get("node") else "-",
+                           c.get("central") or "-"]
+                          for c in ckpts], right=[1, 2]))
     else:
         out.append("checkpoints: none")
     res = _resource_rows(doc.get("resources"))

@@ -229,6 +229,7 @@ def test_runs_on_its_oldest_python(name: str, tmp_path: Path) -> None:
         "leftovers": [str(tmp_path / "jobs")],
         "prepare": [str(tmp_path / "w"), str(tmp_path / ".ugro"), str(tmp_path / "jobs")],
         "rank_wrapper": ["status", str(tmp_path / "r")],
+        "checkpoint_io": ["list", str(tmp_path)],
     }
     if name == "port_listener":
         res = run(name, "127.0.0.1", "0", "0", python=python, cwd=tmp_path)

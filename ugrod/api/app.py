@@ -298,6 +298,9 @@ class Handlers:
             out["spec"]["env"] = trust.redact_env(job.spec.env)
         else:
             out = rj.job(job, self.d.executor.latest.get(job.id))
+            # every checkpoint found (reported, on nodes, on the head), as last looked at
+            copier = self.d.executor.checkpoints
+            out["checkpoints_found"] = copier.describe(job, copier.discovered(job))
         if job.spec.gpus_per_node == 0 and job.placement:
             # CUDA_VISIBLE_DEVICES is empty for a job that asked for no GPU (another job
             # may hold them): said here, so "why is it slow?" has an answer.

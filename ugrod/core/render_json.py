@@ -39,6 +39,12 @@ def job(j: Job, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
         "metrics": dict(metrics or {}) if current else {}, "stopping": j.stopping,
         "retry_at": iso(j.retry_at),
         "checkpoints": list(j.checkpoints), "resume_from": j.resume_from,
+        # verified copies in the head's job directory (checkpoints/NAME), and why
+        # copying last failed ("" since the last copy that worked)
+        "central_checkpoints": [{"name": c.name, "node": c.node, "path": c.path,
+                                 "size_bytes": c.size_bytes, "mtime": iso(c.mtime),
+                                 "step": c.step} for c in j.central],
+        "copy_error": j.copy_error,
         "failures": j.failures, "best_step": j.best_step, "stalled": j.stalled,
         "rendezvous": f"{j.rdzv_host}:{j.rdzv_port}" if j.rdzv_port and current else None,
         "time_limit": time_limits.show(j.spec.time_limit_s) if j.spec.time_limit_s else None,

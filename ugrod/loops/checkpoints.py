@@ -228,12 +228,16 @@ class Checkpoints:
     def describe(self, job: Job, found: Iterable[ck.Found]) -> list[dict[str, Any]]:
         """The list as the API shows it (results, status)."""
         central = self.central_dir(job)
-        return [{"name": f.name, "path": f.at[0].path if f.at else None,
-                 "node": f.at[0].node if f.at else None, "size_bytes": f.size_bytes,
-                 "mtime": iso(f.mtime), "step": f.step,
-                 "copies": [f"{w.node}:{w.path}" for w in f.at[1:]],
-                 "central": str(central / f.central) if f.central else None}
-                for f in found]
+        sources = {c.name: ck.Where(c.node, c.path) for c in job.central}
+        out = []
+        for f in found:
+            saved = f.at[0] if f.at else sources.get(f.central or "")
+            out.append({"name": f.name, "path": saved.path if saved else None,
+                        "node": saved.node if saved else None, "size_bytes": f.size_bytes,
+                        "mtime": iso(f.mtime), "step": f.step,
+                        "on": [f"{w.node}:{w.path}" for w in f.at],
+                        "central": str(central / f.central) if f.central else None})
+        return out
 
     async def newest(self, job: Job) -> str | None:
         """The path the newest checkpoint was saved at (a retry's ``resume_from``)."""
