@@ -180,8 +180,13 @@ def test_results_view() -> None:
     doc = {"job": _job("exp1", JobState.SUCCEEDED, exit_code=0, ended_at=NOW),
            "summary": {"final_loss": 0.4321, "steps": 5000, "duration_s": 3725.0,
                        "steps_per_s": 1.3423, "reports": 50},
-           "checkpoints": [{"path": "/w/ck/step_5000.pt", "size_bytes": 3 * GIB,
-                            "mtime": codec.format_ts(NOW - 120)}],
+           "checkpoints": [{"name": "step_5000.pt", "path": "/w/ck/step_5000.pt",
+                            "node": "gpu1", "step": 5000, "size_bytes": 3 * GIB,
+                            "mtime": codec.format_ts(NOW - 120),
+                            "central": "/s/jobs/exp1/checkpoints/step_5000.pt"},
+                           {"name": "step_9.pt", "path": "/w/ck/step_9.pt", "node": "gpu1",
+                            "step": None, "size_bytes": 10, "mtime": codec.format_ts(NOW - 60),
+                            "central": None}],
            "resources": {"ranks": [{"rank": 0, "node": "gpu-master", "gpu": 0,
                                     "util_avg": 91.2, "util_peak": 100,
                                     "mem_avg_bytes": 10 * GIB, "mem_peak_bytes": 11 * GIB}]}}
@@ -189,7 +194,10 @@ def test_results_view() -> None:
     assert re.search(r"^final loss:\s+0\.4321$", out, re.M)
     assert re.search(r"^duration:\s+1h02m$", out, re.M)
     assert re.search(r"^steps/s:\s+1\.34$", out, re.M)
-    assert "/w/ck/step_5000.pt  3.0 GB  2m ago" in out
+    assert re.search(r"^step_5000\.pt\s+5000\s+3\.0 GB\s+2m ago\s+gpu1:/w/ck/step_5000\.pt\s+"
+                     r"/s/jobs/exp1/checkpoints/step_5000\.pt$", out, re.M), out
+    assert re.search(r"^step_9\.pt\s+-\s+10 B\s+1m ago\s+gpu1:/w/ck/step_9\.pt\s+-$", out,
+                     re.M), out
     assert re.search(r"^\s*0\s+gpu-master\s+0\s+91%\s+100%\s+10\.0 GB\s+11\.0 GB$", out, re.M)
     doc["checkpoints"] = [{"error": "node gpu-master: unreachable"}]
     assert "could not list them: node gpu-master: unreachable" in render.results_view(doc, NOW)
