@@ -203,9 +203,9 @@ def cmd_receive(dest: str, rate: float) -> int:
         newest = max(newest, mtime_ns)
         expected = json.loads(inp.readline() or b"{}").get("sha256")
         if sha.hexdigest() != expected:
+            remove(partial)  # before answering: ugrod may end this program once answered
             emit({"error": f"{rel or name}: sha256 {sha.hexdigest()[:12]} on the node, "
                            f"{str(expected)[:12]} sent"})
-            remove(partial)
             return 1
         emit({"ok": True})
     if not single:
