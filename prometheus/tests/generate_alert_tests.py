@@ -483,6 +483,17 @@ case(
     ],
     [("14m", "UgroSnapshotsFailing", [])],
 )
+# UgroCheckpointCopyStopped
+case(
+    "checkpoint copies stopped at the head's disk floor: fires",
+    [(ug("ugro_checkpoint_copy_stopped"), "0 1x10")],
+    [("2m", "UgroCheckpointCopyStopped", [alert({"severity": "warning", **U})])],
+)
+case(
+    "checkpoint copies going: quiet",
+    [(ug("ugro_checkpoint_copy_stopped"), "0x10")],
+    [("5m", "UgroCheckpointCopyStopped", [])],
+)
 # UgroRankProcessesGone
 case(
     "rank process missing on a node: fires critical",

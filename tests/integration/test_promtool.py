@@ -38,7 +38,7 @@ REQUIRED_ALERTS = {
     "UgroGpuMemoryNearlyFull", "UgroGpuAllocatedIdle", "UgroDiskNearlyFull",
     "UgroStateDiskFilling", "UgroSnapshotsFailing", "UgroJobFailed", "UgroJobStalled",
     "UgroRankProcessesGone", "UgroJobsWaitingWhileGpusIdle", "UgroEventLogFsyncSlow",
-    "UgroGpuExporterFailing",
+    "UgroGpuExporterFailing", "UgroCheckpointCopyStopped",
 }
 CLUSTER_YAML = """
 cluster:

@@ -493,6 +493,21 @@ groups:
             full no command can be recorded. Free space now.
           runbook_url: @@runbook@@#ugrostatediskfilling
 
+      - alert: UgroCheckpointCopyStopped
+        expr: ugro_checkpoint_copy_stopped == 1
+        for: 0m
+        labels:
+          severity: warning
+        annotations:
+          summary: Checkpoint copies to the head are stopped (disk floor)
+          description: >-
+            Copying one more checkpoint to the head ({{ $labels.instance }}) would leave
+            less free space than checkpoints.min_free_gb, so copies have stopped; new
+            checkpoints stay on the nodes only, and a retry on another node cannot
+            resume from them if their node is lost. Free space or lower the jobs'
+            checkpoint_keep; copying goes on by itself.
+          runbook_url: @@runbook@@#ugrocheckpointcopystopped
+
       - alert: UgroSnapshotsFailing
         expr: |
           ugro_snapshot_last_failure_timestamp_seconds > ugro_snapshot_last_success_timestamp_seconds
