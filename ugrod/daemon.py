@@ -5,41 +5,29 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import itertools
-import json
 import logging
 import os
 import shutil
 import signal
 import socket
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import msgspec
 from aiohttp import web
 
 from ugrod import __version__
 from ugrod.api import admission, trust
-from ugrod.api.app import ApiError, build_app
+from ugrod.api.app import build_app
 from ugrod.config import loading
 from ugrod.config import schema as cfgmod
-from ugrod.core import codec, commands, health, jobspec, planner
+from ugrod.control import Control
 from ugrod.core import events as ev
-from ugrod.core import progress_formats as pf
-from ugrod.core import render_json as rj
 from ugrod.core.commands import Refused
-from ugrod.core.jobspec import SubmitBody, SweepBody
 from ugrod.core.state import (
     ACTIVE,
-    TERMINAL,
-    WAITING,
     Job,
-    JobState,
-    NodeHealth,
-    State,
-    Sweep,
 )
 from ugrod.loops.checkpoints import CopySettings
 from ugrod.loops.executor import Executor
@@ -48,8 +36,8 @@ from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
 from ugrod.nodes.fleet import Fleet
-from ugrod.store import job_results, reports
 from ugrod.store.ledger import Ledger
+from ugrod.views import Views
 
 logger = logging.getLogger("ugrod")
 
@@ -81,9 +69,8 @@ class Daemon:
         self._stopped = asyncio.Event()
         self.closing = asyncio.Event()  # set when stopping: streams and waits end at once
         self._exit_code = 0
-        self._ended_order: list[str] = []
-        self._fits: dict[planner.Shape, tuple[Any, str | None]] = {}
-        self._storing: dict[str, asyncio.Task[dict[str, Any]]] = {}  # job -> result.json write
+        self.control: Control = Control(self)  # client commands: the one door
+        self.views: Views = Views(self)  # client reads: queue, why, results, sweeps
         self.code_store = codesync.HeadStore(state_dir / "sync")
 
     # ---- life cycle ------------------------------------------------------------
@@ -113,9 +100,7 @@ class Daemon:
             self.stats.log_repaired()
         logger.info("state: seq %d (%d events replayed in %.3f s)", self.ledger.state.seq,
                     self.ledger.replayed, self.ledger.replay_s)
-        self._ended_order = [j.id for j in sorted(
-            (j for j in self.ledger.state.jobs.values() if j.state in TERMINAL),
-            key=lambda j: j.ended_at or 0)][-200:]
+        self.views.remember_ended(self.ledger.state)
         self.fleet = Fleet(self.ledger, self.config, self.state_dir,
                            switches_users=self.policy.switches_users)
         self.planning = Planning(self.ledger, self.fleet, lambda: self.config.scheduler,
@@ -126,7 +111,7 @@ class Daemon:
         self.executor = Executor(self.ledger, self.fleet, results or self.state_dir / "jobs",
                                  grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
-                                 on_job_end=self._job_ended, code_store=self.code_store)
+                                 on_job_end=self.views.job_ended, code_store=self.code_store)
         self.executor.timestamped_dirs = results is not None
         self.executor.checkpoints.settings = copy_settings(self.config.checkpoints)
         self.executor.checkpoints.stats = self.stats
@@ -405,251 +390,12 @@ class Daemon:
         """Ask for a planner round soon (coalesced)."""
         self.planning.kick()
 
-    def launch_plan(self, state: State, job_id: str) -> dict[str, Any]:
-        """What a dry run would start, from a state holding the job: where, how, in which dir.
-
-        The planner's own decision on that state (pure); the rendezvous port is the first
-        of the range here (the real one is reserved when the job is placed).
-        """
-        job = state.jobs[job_id]
-        p = self.planning.plan(state)
-        placed = next((x for x in p.placements if x.job == job_id), None)
-        out: dict[str, Any] = {"torchrun": job.spec.torchrun, "cwd": job.spec.cwd,
-                               "sync": job.spec.sync, "ranks": [],
-                               "unreachable": [{"node": n.name, "reason": n.health_reason}
-                                               for n in state.nodes.values()
-                                               if n.health is NodeHealth.UNREACHABLE]}
-        if placed is None:
-            out["waiting"] = p.waiting.get(job_id) or p.unrunnable.get(job_id) or ""
-            return out
-        ranks = placed.ranks
-        if job.spec.torchrun and len(ranks) > 1:
-            ranks = self.fleet.rendezvous_order(ranks)
-        rank0 = next(r for r in ranks if r.rank == 0)
-        port = self.config.cluster.rdzv_port_range[0] if job.spec.torchrun else 0
-        job = msgspec.structs.replace(job, placement=ranks, attempt=1, rdzv_port=port,
-                                      rdzv_host=self.fleet.rendezvous_host(rank0.node))
-        for r in sorted(ranks, key=lambda r: r.rank):
-            node = state.nodes[r.node]
-            argv, _ = self.executor.rank_argv(job, r, node.spec.python)
-            cwd = (f"{node.spec.work_dir.rstrip('/')}/jobs/{job_id}/code" if job.spec.sync
-                   else job.spec.cwd)
-            out["ranks"].append({"rank": r.rank, "node": r.node, "gpus": list(r.gpus),
-                                 "argv": argv, "cwd": cwd})
-        return out
-
-    def queue_view(self, render: Callable[[Job], Any] = rj.job) -> list[dict[str, Any]]:
-        """Waiting jobs in the planner's queue order, with its reasons and estimates
-        (each job as ``render`` makes it: the API's job object unless told otherwise)."""
-        state = self.ledger.state
-        ranked = {j: i for i, j in enumerate(self.planning.order)}
-        waiting = sorted((j for j in state.active_jobs() if j.state in WAITING),
-                         key=lambda j: (ranked.get(j.id, len(ranked)), -j.priority,
-                                        j.submit_seq))
-        def reason(j: Job) -> str:
-            if j.held:
-                return f"held: `ugroctl release {j.id}` lets it run"
-            return j.waiting_reason or "waiting for the next planner round"
-        return [{"position": i, "job": render(j), "reason": reason(j),
-                 "estimated_start": rj.iso(self.planning.estimates.get(j.id))}
-                for i, j in enumerate(waiting, 1)]
-
-    def check_fits(self, spec: ev.JobSpec) -> str | None:
-        """Why ``spec`` can never run here (None: it can); remembered per shape and node set."""
-        # The answer depends only on the nodes (a new Map whenever one changes) and
-        # the spec's shape: a burst of submits of one kind asks once.
-        nodes, shape = self.ledger.state.nodes, planner.spec_shape(spec)
-        hit = self._fits.get(shape)
-        if hit is not None and hit[0] is nodes:
-            return hit[1]
-        why = planner.check_fits(self.ledger.state, spec)
-        if why is not None and planner.gpus_unknown(self.ledger.state, shape):
-            # A node not yet reached may have what the job needs: it waits instead (the
-            # planner's reason names the nodes whose GPUs are not known).
-            why = None
-        if len(self._fits) >= 256:
-            self._fits.clear()
-        self._fits[shape] = (nodes, why)
-        return why
-
-    def check_user_limits(self, actor: ev.Actor, spec: ev.JobSpec) -> None:
-        limits = self.config.scheduler.limits_for(actor.user)
-        if limits.max_gpus is None:
-            return
-        need = spec.nodes * spec.gpus_per_node
-        if need > limits.max_gpus:
-            raise ApiError(400, "bad_request", f"job needs {need} GPUs; {actor.user} may use "
-                           f"at most {limits.max_gpus} at once")
-
-    # ---- jobs --------------------------------------------------------------------------
-
-    def _job_ended(self, job: Job) -> None:
-        self._ended_order.append(job.id)
-        del self._ended_order[:-200]
-        if job.state in TERMINAL:  # result.json now, whether or not anyone asks
-            task = asyncio.get_running_loop().create_task(self.results(job))
-            task.add_done_callback(_result_stored)
-
-    def recent_ended(self, n: int) -> list[str]:
-        """The ``n`` jobs that ended last, oldest first."""
-        state = self.ledger.state
-        out: list[str] = []
-        for j in reversed(self._ended_order):
-            if j not in out and j in state.jobs and state.jobs[j].state in TERMINAL:
-                out.append(j)
-                if len(out) == n:
-                    break
-        return out[::-1]
-
-    async def wait_terminal(self, job_id: str, timeout_s: float) -> None:
-        await self.wait_terminal_all([job_id], timeout_s)
-
-    async def wait_terminal_all(self, job_ids: list[str], timeout_s: float) -> None:
-        """Until every job has ended (or waits to retry), the deadline, or ugrod stopping."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not self.closing.is_set():
-            jobs = self.ledger.state.jobs
-            if all(jobs[j].state in TERMINAL or jobs[j].state is JobState.RETRYING
-                   for j in job_ids):
-                return
-            await asyncio.sleep(0.1)
-
-    async def results(self, job: Job) -> dict[str, Any]:
-        """A running job's figures now; an ended job's from its result.json (written once)."""
-        if job.state not in TERMINAL:
-            return await self._results(job)
-        jobdir = self.executor.job_dir(job.id)
-        stored = await asyncio.to_thread(job_results.load, jobdir, job.attempt, job.ended_at)
-        if stored is not None:
-            return stored
-        task = self._storing.get(job.id)
-        if task is None:
-            task = asyncio.get_running_loop().create_task(self._store_results(job))
-            self._storing[job.id] = task
-        return await asyncio.shield(task)
-
-    async def _store_results(self, job: Job) -> dict[str, Any]:
-        try:
-            doc = await self._results(job)
-            doc.update(results_version=job_results.VERSION, state=job.state.value,
-                       attempt=job.attempt, ended_at_ts=job.ended_at)
-            jobdir = self.executor.job_dir(job.id)
-            if jobdir.is_dir():
-                await asyncio.to_thread(job_results.store, jobdir, doc)
-            return doc
-        finally:
-            self._storing.pop(job.id, None)
-
-    async def _results(self, job: Job) -> dict[str, Any]:
-        jobdir = self.executor.job_dir(job.id)
-        loss_key = job.spec.progress.loss_key if job.spec.progress else None
-        summary = await asyncio.to_thread(job_results.summarise, jobdir, pf.loss_keys(loss_key))
-        if job.first_started_at is not None:
-            end = job.ended_at if job.ended_at is not None else time.time()
-            summary["duration_s"] = round(end - job.first_started_at, 3)
-        copier = self.executor.checkpoints
-        try:
-            async with asyncio.timeout(20):
-                found = await copier.refresh(job)
-        except TimeoutError:
-            found = copier.discovered(job)
-        checkpoints = copier.describe(job, found)
-        resources = self.monitor.job_resources(job) if self.monitor is not None else {}
-        return {"job": rj.job(job, self.executor.latest.get(job.id)), "summary": summary,
-                "checkpoints": checkpoints, "resources": resources,
-                "job_dir": str(jobdir)}
-
-    def why(self, job_id: str) -> list[dict[str, Any]]:
-        from ugrod.core.why import explain
-        out = []
-        steps: dict[str, int | None] = {}  # checkpoint path -> step, as saved so far
-        needle = f'"job":{json.dumps(job_id)}'.encode()
-        for line in self.ledger.history():
-            if needle not in line and b'"sweep_created"' not in line:
-                continue
-            rec = codec.decode(line)
-            e = rec.event
-            if getattr(e, "job", None) != job_id and job_id not in getattr(e, "jobs", ()):
-                continue
-            if isinstance(e, ev.CheckpointSaved):
-                steps[e.path] = e.step
-            out.append({"seq": rec.seq, "ts": codec.format_ts(rec.ts), "type": e.kind,
-                        "actor": rec.actor.user, "text": explain(rec, steps)})
-        return out
-
-    # ---- sweeps --------------------------------------------------------------------------
-
-    async def create_sweep(self, actor: ev.Actor, name: str, body: SweepBody) -> dict[str, Any]:
-        state = self.ledger.state
-        if name in state.sweeps:
-            raise ApiError(409, "conflict", f"a sweep named {name!r} already exists")
-        jobspec.check_sweep(body)  # sized before anything is built (SpecError: 400)
-        if isinstance(body.sync, str):
-            self.check_code(actor, body.sync)
-        keys = sorted(body.params)
-        grid = list(itertools.product(*(body.params[k] for k in keys)))
-        events: list[ev.Event] = []
-        names = []
-        for i, values in enumerate(grid):
-            job_name = f"{name}-{i}"
-            if job_name in state.jobs:
-                raise ApiError(409, "conflict", f"a job named {job_name!r} already exists")
-            shared = {f: getattr(body, f) for f in jobspec.SHARED_FIELDS
-                      if f not in ("priority", "request_id", "held")}
-            sub = SubmitBody(argv=body.argv, **shared)
-            base = self.job_spec(sub, job_name)
-            spec = jobspec.with_overrides(base, dict(zip(keys, values, strict=True)))
-            spec = msgspec.structs.replace(spec, sweep=name)
-            if i == 0:  # --after and its kin, as for one job (Refused: 4xx)
-                commands.check_dependencies(state, spec)
-            why = self.check_fits(spec)
-            if why:
-                raise ApiError(400, "bad_request", f"sweep can never run here: {why}")
-            events.append(ev.JobSubmitted(job=job_name, spec=spec, priority=body.priority,
-                                          held=body.held))
-            names.append(job_name)
-        events.append(ev.SweepCreated(sweep=name, jobs=tuple(names),
-                                      params={k: tuple(v) for k, v in body.params.items()},
-                                      max_parallel=body.max_parallel))
-        await self.ledger.record(actor, *events)
-        self.kick()
-        return self.sweep_view(self.ledger.state.sweeps[name])
-
-    def sweep_view(self, sweep: Sweep) -> dict[str, Any]:
-        return reports.sweep_view(self.ledger.state, sweep, self.executor.job_dir,
-                                  self.executor.latest)
-
-    def check_code(self, actor: ev.Actor, tree: str) -> None:
-        """A --sync job's code tree must be on the head, uploaded by its owner."""
-        try:
-            self.code_store.complete(actor.uid, tree)
-        except codesync.SyncError as exc:
-            raise ApiError(400, "bad_request", f"--sync: {exc}") from None
-
-    def job_spec(self, body: SubmitBody, name: str = "") -> ev.JobSpec:
-        """Check a submit body and build its JobSpec (SpecError: the API answers 400)."""
-        state = self.ledger.state
-
-        def launch_nodes(gpus_per_node: int) -> int:
-            # A node not contacted yet (ugrod just started) counts: the job waits for it
-            # rather than shrinking to the nodes that happened to answer first.
-            return sum(1 for n in state.nodes.values()
-                       if (n.schedulable or (not n.drained
-                                             and n.health_reason == health.NOT_CONTACTED))
-                       and len(n.gpus) >= gpus_per_node)
-        return jobspec.build(body, self.config, len(state.nodes), launch_nodes, name)
-
 
 def copy_settings(c: cfgmod.CheckpointsConfig) -> CopySettings:
     """The ``checkpoints:`` section as the copier takes it."""
     return CopySettings(copy=c.copy, keep=c.keep, rate_bytes_s=c.max_mb_s * 1e6,
                         floor_bytes=int(c.min_free_gb * 1e9), interval_s=c.interval_s,
                         stage=c.stage)
-
-
-def _result_stored(task: asyncio.Task[Any]) -> None:
-    if not task.cancelled() and task.exception() is not None:
-        logger.error("could not write result.json", exc_info=task.exception())
 
 
 def _socket_alive(path: Path) -> bool:

@@ -97,13 +97,13 @@ async def test_the_daemons_fits_answer_follows_the_nodes(tmp_path: Path) -> None
     try:
         await d.ledger.record(ev.DAEMON, ev.NodeAdded(node=ev.NodeSpec(name="cpu", host="h1")))
         spec = ev.JobSpec(argv=("train.py",), gpus_per_node=1)
-        assert d.check_fits(spec) == "needs a GPU; no node has one"
-        assert d.check_fits(ev.JobSpec(argv=("other.py",), gpus_per_node=1)) == \
+        assert d.control.check_fits(spec) == "needs a GPU; no node has one"
+        assert d.control.check_fits(ev.JobSpec(argv=("other.py",), gpus_per_node=1)) == \
             "needs a GPU; no node has one"  # same shape, other command: same answer
         gpu = ev.NodeSpec(name="gpu", host="h2", gpus=(ev.Gpu(index=0, vram_bytes=8 << 30),))
         await d.ledger.record(ev.DAEMON, ev.NodeAdded(node=gpu))
-        assert d.check_fits(spec) is None
+        assert d.control.check_fits(spec) is None
         await d.ledger.record(ev.DAEMON, ev.NodeRemoved(node="gpu"))
-        assert d.check_fits(spec) == "needs a GPU; no node has one"
+        assert d.control.check_fits(spec) == "needs a GPU; no node has one"
     finally:
         await d.ledger.close()

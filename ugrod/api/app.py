@@ -25,14 +25,16 @@ import msgspec
 from aiohttp import web
 
 from ugrod.api import trust
+from ugrod.control import BulkBody, Control
 from ugrod.core import codec, commands, jobspec
 from ugrod.core import events as ev
 from ugrod.core import render_json as rj
 from ugrod.core.commands import Refused
-from ugrod.core.jobspec import SubmitBody, SweepBody, check_name, procs_per_node
-from ugrod.core.state import TERMINAL, InvalidEvent, Job, JobState, State
+from ugrod.core.jobspec import SubmitBody, SweepBody, procs_per_node
+from ugrod.core.state import TERMINAL, InvalidEvent, Job, JobState
 from ugrod.nodes import codesync
 from ugrod.store.log import LogError, LogWriteFailed
+from ugrod.views import Views
 
 if TYPE_CHECKING:
     from ugrod.daemon import Daemon
@@ -249,51 +251,28 @@ def _duplicate_key(raw: bytes) -> str | None:
     return None
 
 
-class BulkBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
-    """``POST /v1/jobs/actions``: an action over named jobs and/or a filter."""
-
-    action: str
-    jobs: list[str] = []
-    user: str | None = None
-    all_users: bool = False
-    states: list[str] = []
-    sweep: str | None = None
-    priority: int | None = None
-    wait: bool = False
-
-
 class Handlers:
     """Route handlers; thin: parse, check, record, answer."""
 
     def __init__(self, daemon: Daemon) -> None:
         self.d = daemon
+        self.c: Control = daemon.control  # client commands
+        self.v: Views = daemon.views  # client reads
         self.streams = 0  # followers being served now (logs -f, events -f, submit --wait)
 
     # ---- helpers -----------------------------------------------------------
 
     def _job(self, request: web.Request) -> Job:
-        job_id = request.match_info["job"]
-        job = self.d.ledger.state.jobs.get(job_id)
-        if job is None:
-            raise ApiError(404, "not_found", f"no job named {job_id!r} (see `ugroctl status`)")
-        return job
-
-    def _own(self, actor: ev.Actor, job: Job, verb: str) -> None:
-        """Only the job's owner and admins may change it (ugrod's own uid is nobody)."""
-        if actor.uid is None or not self.d.policy.may_see(actor.uid, job.uid):
-            raise ApiError(403, "forbidden", f"only {job.owner} (the owner) or "
-                           f"{self.d.policy.admin_phrase()} may {verb} job {job.id}")
+        return self.c.job(request.match_info["job"])
 
     def _admin(self, request: web.Request, verb: str) -> ev.Actor:
         actor = peer(request)
-        if actor.uid is None or not self.d.policy.is_admin(actor.uid):
-            raise ApiError(403, "forbidden", f"only {self.d.policy.admin_phrase()} may "
-                           f"{verb}; {actor.user} may not")
+        self.c.admin(actor, verb)
         return actor
 
     def _job_json(self, job: Job, viewer: ev.Actor | None = None) -> dict[str, Any]:
         """A job as ``viewer`` may see it: someone else's env values and metrics hidden."""
-        if viewer is not None and not self.d.policy.may_see(viewer.uid, job.uid):
+        if not self.c.may_see(viewer, job):
             out = rj.job(job, None)
             out["spec"]["env"] = trust.redact_env(job.spec.env)
         else:
@@ -310,11 +289,7 @@ class Handlers:
         return out
 
     def _may_see(self, request: web.Request, job: Job, what: str) -> None:
-        actor = peer(request)
-        if not self.d.policy.may_see(actor.uid, job.uid):
-            raise ApiError(403, "forbidden", f"only {job.owner} (the owner) or "
-                           f"{self.d.policy.admin_phrase()} may read the {what} of job "
-                           f"{job.id}")
+        self.c.may_read(peer(request), job, what)
 
     async def _job_answer(self, job_id: str, status: int = 200,
                           viewer: ev.Actor | None = None) -> web.Response:
@@ -339,22 +314,18 @@ class Handlers:
         return _json({"nodes": nodes, "cluster": rj.cluster_summary(nodes)})
 
     def _node_name(self, request: web.Request) -> str:
-        name = request.match_info["node"]
-        if name not in self.d.ledger.state.nodes:
-            raise ApiError(404, "not_found", f"no node named {name!r} (see `ugroctl nodes`)")
-        return name
+        return self.c.node(request.match_info["node"])
 
     async def drain(self, request: web.Request) -> web.Response:
         actor, name = self._admin(request, "drain nodes"), self._node_name(request)
         body = await _body(request, dict[str, str])
-        state = await self.d.ledger.record(actor, commands.drain(
-            self.d.ledger.state, name, body.get("reason", "")))
+        state = await self.c.drain(actor, name, body.get("reason", ""))
         return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None,
                                       rj.held_gpus(state).get(name, ()))})
 
     async def undrain(self, request: web.Request) -> web.Response:
         actor, name = self._admin(request, "undrain nodes"), self._node_name(request)
-        state = await self.d.ledger.record(actor, commands.undrain(self.d.ledger.state, name))
+        state = await self.c.undrain(actor, name)
         return _json({"node": rj.node(state.nodes[name], state.jobs_on(name), None,
                                       rj.held_gpus(state).get(name, ()))})
 
@@ -389,7 +360,7 @@ class Handlers:
             chosen = sorted(state.jobs.values(), key=lambda j: j.submit_seq)
         else:
             active = list(state.active_jobs())
-            ended = [state.jobs[j] for j in self.d.recent_ended(50)]
+            ended = [state.jobs[j] for j in self.v.recent_ended(50)]
             chosen = ended + active
         viewer = peer(request)
         return _json({"jobs": [self._job_json(j, viewer) for j in chosen]})
@@ -400,118 +371,34 @@ class Handlers:
     async def submit(self, request: web.Request) -> web.Response:
         actor = peer(request)
         body: SubmitBody = await _body(request, SubmitBody)
-        state = self.d.ledger.state
-        if body.request_id is not None:
-            prior = state.requests.get(body.request_id)
-            if prior is not None:  # a client retrying after a lost answer: same job, once
-                return await self._job_answer(prior, status=200, viewer=actor)
-        name = check_name("job", body.name) if body.name else ""
-        await self.d.fleet.inventory_known()
-        # launch puts the job's name in argv ({name}); one not given yet is decided in
-        # the writer below, so the spec carries a placeholder replaced there.
-        spec = self.d.job_spec(body, name or jobspec.NAME_PLACEHOLDER)
-        if spec.sync is not None:
-            self.d.check_code(actor, spec.sync)
-        why = self.d.check_fits(spec)
-        if why:
-            raise ApiError(400, "bad_request", f"job can never run here: {why}")
-        self.d.check_user_limits(actor, spec)
-        submitted = ev.JobSubmitted(job=name, spec=spec, priority=body.priority,
-                                    held=body.held, request_id=body.request_id)
-
-        # The name (when none was given) and the dependencies are decided on the newest
-        # state, inside the writer: concurrent unnamed submits get distinct names.
-        def decide(tip: State) -> tuple[list[ev.Event], tuple[str, int]]:
-            prior = tip.requests.get(body.request_id) if body.request_id else None
-            if prior is not None:  # the same request, still in flight when it came again
-                return [], (prior, 200)
-            events = commands.submit(tip, submitted)
-            job_id: str = events[0].job  # type: ignore[attr-defined]
-            if body.launch is not None and not name:
-                events[0] = jobspec.with_name(events[0], job_id)  # type: ignore[arg-type]
-            return events, (job_id, 201)
-
-        if request.query.get("dry_run") in ("1", "true"):
-            # Every check a submit makes, and the job as it would be queued; nothing
-            # is recorded (the same rule builds it, on a state that is then dropped).
-            preview, (job_id, _) = self.d.ledger.preview_decided(actor, decide)
-            return _json({"job": self._job_json(preview.jobs[job_id]), "dry_run": True,
-                          "plan": self.d.launch_plan(preview, job_id)})
-        _, (job_id, status) = await self.d.ledger.record_decided(actor, decide)
-        async with asyncio.timeout(30):  # a twin request's job: answered once it is durable
-            while job_id not in self.d.ledger.state.jobs:
-                await asyncio.sleep(0.01)
-        return await self._job_answer(job_id, status=status)
+        dry_run = request.query.get("dry_run") in ("1", "true")
+        done = await self.c.submit(actor, body, dry_run=dry_run)
+        if done.preview is not None:
+            return _json({"job": self._job_json(done.preview), "dry_run": True,
+                          "plan": done.plan})
+        return await self._job_answer(done.job, status=201 if done.created else 200,
+                                      viewer=actor)
 
     async def _act(self, request: web.Request, action: str, verb: str,
                    priority: int | None = None) -> Job:
         """One action on the job in the path, decided on the newest state (user words)."""
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, verb)
-
-        def decide(tip: State) -> tuple[list[ev.Event], None]:
-            return [commands.job_action(tip.jobs[job.id], action, actor, priority)], None
-
-        await self.d.ledger.record_decided(actor, decide)
-        return self.d.ledger.state.jobs[job.id]
+        return await self.c.act(peer(request), request.match_info["job"], action, verb,
+                                priority)
 
     async def bulk(self, request: web.Request) -> web.Response:
-        """cancel/hold/release/priority over named jobs and/or a filter, as one batch.
-
-        Each job is judged on its own (owner, state): the ones that can take the action
-        are changed together in one atomic append; the others are listed with why not.
-        """
-        actor = peer(request)
+        """cancel/hold/release/priority over named jobs and/or a filter, as one batch."""
         body: BulkBody = await _body(request, BulkBody)
-        if body.action not in commands.ACTIONS:
-            raise ApiError(400, "bad_request", f"unknown action {body.action!r}; use one of "
-                           f"{', '.join(commands.ACTIONS)}")
-        if body.action == "priority":
-            jobspec.check_priority(body.priority)
-        where = commands.Filter(user=body.user, all_users=body.all_users,
-                                states=commands.check_states(body.states), sweep=body.sweep)
-        if not body.jobs and where.empty:
-            raise ApiError(400, "bad_request", "name the jobs, or select them with --user, "
-                           "--state or --sweep")
-        if len(body.jobs) > commands.MAX_BATCH:
-            raise ApiError(400, "bad_request", f"at most {commands.MAX_BATCH} jobs at once")
-        for name in body.jobs:
-            check_name("job", name)
-        if body.sweep is not None:
-            check_name("sweep", body.sweep)
-        if body.user is not None and not 1 <= len(body.user) <= 64:
-            raise ApiError(400, "bad_request", "--user: expected a user name (1-64 characters)")
-        may = functools.partial(self._may_change, actor)
-
-        def decide(tip: State) -> tuple[list[ev.Event], tuple[list[str], list[Any]]]:
-            chosen, missing = commands.select(tip, actor, body.jobs, where)
-            events, done, refused = commands.bulk(tip, actor, body.action, chosen, may,
-                                                  body.priority)
-            return events, (done, missing + refused)
-
-        _, (done, refused) = await self.d.ledger.record_decided(actor, decide)
-        if body.action == "cancel" and body.wait:
-            await self.d.wait_terminal_all(done, timeout_s=120)
+        done, refused = await self.c.bulk(peer(request), body)
         state = self.d.ledger.state
         return _json({"action": body.action, "jobs": [self._job_json(state.jobs[j])
                                                       for j in done],
                       "refused": [ev.to_builtins(r) for r in refused]})
 
-    def _may_change(self, actor: ev.Actor, job: Job) -> bool:
-        try:
-            self._own(actor, job, "change")
-        except ApiError:
-            return False
-        return True
-
     async def cancel(self, request: web.Request) -> web.Response:
-        job = await self._act(request, "cancel", "cancel")
-        if job.state in TERMINAL:
-            return await self._job_answer(job.id)
-        if request.query.get("wait") in ("1", "true"):
-            await self.d.wait_terminal(job.id, timeout_s=120)
-            return await self._job_answer(job.id)
-        return await self._job_answer(job.id, status=202)
+        job_id = request.match_info["job"]
+        wait = request.query.get("wait") in ("1", "true")
+        settled = await self.c.cancel(peer(request), job_id, wait=wait)
+        return await self._job_answer(job_id, status=200 if settled else 202)
 
     async def priority(self, request: web.Request) -> web.Response:
         self._job(request)
@@ -529,31 +416,16 @@ class Handlers:
         return await self._job_answer(job.id)
 
     async def checkpoint(self, request: web.Request) -> web.Response:
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, "checkpoint")
-        asked = commands.checkpoint(job)
+        job_id = request.match_info["job"]
         wait_s = _query_number(request, "wait", 0.0, 0.0, 600.0)
-        before = len(job.checkpoints)
-        await self.d.ledger.record(actor, asked)
-        if wait_s > 0:
-            deadline = time.monotonic() + min(wait_s, 600)
-            while time.monotonic() < deadline:
-                cur = self.d.ledger.state.jobs[job.id]
-                if len(cur.checkpoints) > before or cur.state is not JobState.RUNNING \
-                        or _gone(request) or self.d.closing.is_set():
-                    break
-                await asyncio.sleep(0.2)
-        return await self._job_answer(job.id)
+        await self.c.checkpoint(peer(request), job_id, wait_s, gone=lambda: _gone(request))
+        return await self._job_answer(job_id)
 
     async def resume(self, request: web.Request) -> web.Response:
-        actor, job = peer(request), self._job(request)
-        self._own(actor, job, "resume")
+        job_id = request.match_info["job"]
         body = await _body(request, dict[str, dict[str, str]])
-        resumed = commands.resume(job, body.get("set", {}))
-        resume_from = await self.d.executor._newest_checkpoint(job) if job.placement else None
-        await self.d.ledger.record(actor, msgspec.structs.replace(resumed,
-                                                                  resume_from=resume_from))
-        return await self._job_answer(job.id)
+        await self.c.resume(peer(request), job_id, body.get("set", {}))
+        return await self._job_answer(job_id)
 
     async def logs(self, request: web.Request) -> web.StreamResponse:
         job = self._job(request)
@@ -664,19 +536,19 @@ class Handlers:
     async def results(self, request: web.Request) -> web.Response:
         job = self._job(request)
         self._may_see(request, job, "results (metrics and checkpoints)")
-        return _json(await self.d.results(job))
+        return _json(await self.v.results(job))
 
     async def why(self, request: web.Request) -> web.Response:
         job = self._job(request)
         try:
-            history = await asyncio.to_thread(self.d.why, job.id)
+            history = await asyncio.to_thread(self.v.why, job.id)
         except LogError as exc:
             raise _log_damaged(exc) from None
         return _json({"job": self._job_json(job, peer(request)), "history": history})
 
     async def queue(self, request: web.Request) -> web.Response:
         viewer = peer(request)
-        queue = self.d.queue_view()
+        queue = self.v.queue_view()
         for item in queue:
             j = self.d.ledger.state.jobs.get(item["job"]["id"])
             if j is not None:
@@ -782,37 +654,22 @@ class Handlers:
     # ---- sweeps ----------------------------------------------------------------
 
     async def sweep_create(self, request: web.Request) -> web.Response:
-        actor = peer(request)
         body: SweepBody = await _body(request, SweepBody)
-        name = check_name("sweep", body.name)
-        await self.d.fleet.inventory_known()
-        sweep = await self.d.create_sweep(actor, name, body)
-        return _json({"sweep": sweep}, status=201)
+        name = await self.c.create_sweep(peer(request), body)
+        return _json({"sweep": self.v.sweep_view(self.d.ledger.state.sweeps[name])},
+                     status=201)
 
     async def sweep_status(self, request: web.Request) -> web.Response:
-        name = request.match_info["sweep"]
-        sweep = self.d.ledger.state.sweeps.get(name)
-        if sweep is None:
-            raise ApiError(404, "not_found", f"no sweep named {name!r}")
+        sweep = commands.sweep(self.d.ledger.state, request.match_info["sweep"])
         first = self.d.ledger.state.jobs.get(sweep.jobs[0]) if sweep.jobs else None
         if first is not None:
             self._may_see(request, first, "results")
-        return _json(self.d.sweep_view(sweep))
+        return _json(self.v.sweep_view(sweep))
 
     async def sweep_cancel(self, request: web.Request) -> web.Response:
-        actor = peer(request)
         name = request.match_info["sweep"]
-        sweep = self.d.ledger.state.sweeps.get(name)
-        if sweep is None:
-            raise ApiError(404, "not_found", f"no sweep named {name!r}")
-        for job_id in sweep.jobs:  # all or nothing: every trial must be the caller's to stop
-            self._own(actor, self.d.ledger.state.jobs[job_id], "cancel")
-
-        def decide(tip: State) -> tuple[list[ev.Event], None]:
-            return commands.cancel_sweep(tip, actor, name), None
-
-        await self.d.ledger.record_decided(actor, decide)
-        return _json(self.d.sweep_view(self.d.ledger.state.sweeps[name]))
+        await self.c.cancel_sweep(peer(request), name)
+        return _json(self.v.sweep_view(self.d.ledger.state.sweeps[name]))
 
     # ---- reads for `ugroctl dashboard` (issue 12) --------------------------------------
 
@@ -820,7 +677,7 @@ class Handlers:
         """The page's lists in one answer: jobs as ``/v1/jobs`` chooses them, in a short
         form (what a row shows), and the queue's order, reasons and estimates."""
         state = self.d.ledger.state
-        ended = [state.jobs[j] for j in self.d.recent_ended(50)]
+        ended = [state.jobs[j] for j in self.v.recent_ended(50)]
         latest = self.d.executor.latest
 
         def row(j: Job) -> dict[str, Any]:
@@ -836,7 +693,7 @@ class Handlers:
                     "sweep": j.spec.sweep, "stalled": j.stalled, "stopping": j.stopping}
         return _json({"seq": state.seq,
                       "jobs": [row(j) for j in [*ended, *state.active_jobs()]],
-                      "queue": self.d.queue_view(render=lambda j: {"id": j.id})})
+                      "queue": self.v.queue_view(render=lambda j: {"id": j.id})})
 
     async def metrics_series(self, request: web.Request) -> web.Response:
         """A job's metrics.jsonl as chart columns, from byte ``after``, at most ``max_points``.
@@ -846,7 +703,7 @@ class Handlers:
         """
         from ugrod.core.series import read_series
         actor, job = peer(request), self._job(request)
-        self._own(actor, job, "read the metrics of")
+        self.c.own(actor, job, "read the metrics of")
         q = request.query
         try:
             after = int(q.get("after", "0"))
