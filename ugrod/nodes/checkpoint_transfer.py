@@ -23,6 +23,7 @@ logger = logging.getLogger(__name__)
 PROGRAM = programs.text("checkpoint_io")
 STALL_S = 60.0
 READ = 1 << 20
+SINK_BYTES = 4 << 20  # what a sink is given at once (SSH reads are ~100-250 KB)
 MAX_LINE = 64 * 1024
 
 
@@ -145,6 +146,8 @@ class Sender(_Session):
             await self.close()  # its bytes are on the way: this stream is done
             raise SourceChanged(self.node, f"{path} changed since it was listed")
         left = size - offset
+        batch: list[bytes] = []
+        held = 0
         while left:
             async with node_deadline(self.node, f"reading {path}", STALL_S):
                 data = await self.stream.read(min(left, READ))
@@ -152,7 +155,11 @@ class Sender(_Session):
                 raise TransferError(self.node, f"reading {path}: the stream ended "
                                                f"{left} bytes early")
             left -= len(data)
-            await sink(data)
+            batch.append(data)
+            held += len(data)
+            if held >= SINK_BYTES or not left:  # a few large writes, not thousands
+                await sink(b"".join(batch) if len(batch) > 1 else data)
+                batch, held = [], 0
         tail = await self.line(f"reading {path}")
         if tail.get("changed"):
             raise SourceChanged(self.node, f"{path} changed while it was copied")

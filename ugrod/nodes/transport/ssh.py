@@ -45,6 +45,8 @@ BACKOFF_MAX_S = 30.0
 _RESERVED_FOR_RUN = 2
 # Bulk transfers (checkpoint copies) prefer AES-GCM, which OpenSSL runs in hardware on
 # both ends; control connections keep asyncssh's defaults.
+_BULK_WINDOW = 8 << 20
+_BULK_PACKET = 64 << 10
 _BULK_CIPHERS = ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com",
                  "chacha20-poly1305@openssh.com", "aes128-ctr", "aes256-ctr")
 
@@ -536,7 +538,12 @@ class SshTransport:
                 raise
         try:
             # stdin stays open until close(): a command can watch it to notice the head leave.
-            process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL)
+            # A bulk stream gets a larger window and packets (measured: ~1.5x the
+            # throughput of asyncssh's 2 MiB / 32 KiB defaults on one link).
+            sizes: dict[str, int] = {"window": _BULK_WINDOW, "max_pktsize": _BULK_PACKET} \
+                if bulk else {}
+            process = await conn.create_process(command, encoding=None, stderr=asyncssh.DEVNULL,
+                                                **sizes)
         except BaseException as exc:
             self._release_stream(lane)
             if isinstance(exc, asyncssh.Error | OSError):
