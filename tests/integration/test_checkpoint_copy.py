@@ -205,34 +205,35 @@ def test_a_retry_on_another_node_resumes_from_the_copy_on_the_head(
                  checkpoints={"interval_s": 1, "min_free_gb": 0})
     d = Ugrod(short_tmp, config=cfg)
     with served(d, *(n.work_dir for n in nodes)):
-        submit(d, "rt", [TRAIN, "--samples", "256", "--batch-size", "16", "--steps", "80",
+        # a name no other test uses: processes are found by UGRO_JOB_ID (other suites run beside)
+        submit(d, "ckrt", [TRAIN, "--samples", "256", "--batch-size", "16", "--steps", "80",
                          "--sleep-per-step", "0.15", "--checkpoint-every", "10"],
                torchrun=True, max_retries=1, retry_backoff_s=4,
                env={"OMP_NUM_THREADS": "1"})
         copied = until("a checkpoint copied to the head",
-                       lambda: events(d, "rt", "checkpoint_copied"), d, 120)
-        first = d.api("GET", "/v1/jobs/rt")[1]["job"]
+                       lambda: events(d, "ckrt", "checkpoint_copied"), d, 120)
+        first = d.api("GET", "/v1/jobs/ckrt")[1]["job"]
         node = next(n for n in nodes if n.name == first["nodes"][0])
         d.ctl("drain", node.name, "--reason", "test", check=True)
         os.killpg(first["ranks"][0]["pid"], signal.SIGKILL)
         until("the job waiting to retry",
-              lambda: d.api("GET", "/v1/jobs/rt")[1]["job"]["state"] == "retrying", d)
+              lambda: d.api("GET", "/v1/jobs/ckrt")[1]["job"]["state"] == "retrying", d)
         node.stop()  # the checkpoints on it are out of reach now
-        done = d.wait_job("rt", timeout_s=180)
+        done = d.wait_job("ckrt", timeout_s=180)
         assert done["state"] == "succeeded", (done["reason"], d.log()[-4000:])
         assert done["attempt"] == 2 and done["nodes"][0] != node.name, done
-        heads = {e["data"]["step"] for e in events(d, "rt", "checkpoint_copied")}
-        staged = events(d, "rt", "checkpoint_staged")
+        heads = {e["data"]["step"] for e in events(d, "ckrt", "checkpoint_copied")}
+        staged = events(d, "ckrt", "checkpoint_staged")
         assert len(staged) == 1 and staged[0]["data"]["source"].startswith("head:"), staged
         step = staged[0]["data"]["step"]
         assert step in heads and step >= copied[0]["data"]["step"], (step, heads)
         new = next(n for n in nodes if n.name == done["nodes"][0])
-        log = (d.state_dir / "jobs" / "rt" / "rank_0.log").read_text(errors="replace")
-        assert f"resumed from step {step} ({new.work_dir}/jobs/rt/checkpoints/" \
+        log = (d.state_dir / "jobs" / "ckrt" / "rank_0.log").read_text(errors="replace")
+        assert f"resumed from step {step} ({new.work_dir}/jobs/ckrt/checkpoints/" \
             f"step-{step:06d}.pt)" in log, log[-3000:]
-        why = d.ctl("why", "rt", check=True).stdout
+        why = d.ctl("why", "ckrt", check=True).stdout
         assert f"attempt 2 resumes from step {step} (head:checkpoints/" in why, why
-        wait_no_job_processes("rt", timeout_s=10)
+        wait_no_job_processes("ckrt", timeout_s=10)
 
 
 def test_expand_env_gives_each_node_its_own_checkpoint_dir_and_paths_results(
