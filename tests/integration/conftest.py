@@ -9,6 +9,8 @@ or pauses a node uses ``node_guard``, which brings every node back afterwards.
 ``ssh_transports`` gives one SshTransport per node, closed after the test.
 ``job_processes``/``wait_no_job_processes`` (fixture ``no_job_processes``) find a job's
 processes by UGRO_JOB_ID in /proc/*/environ, never by name.
+``partition`` cuts a node's SSH path for real (iptables DROP on its address and port, see
+tests/partition.py) and heals every cut after the test, whatever happened.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from partition import Partitions
 from sshd_nodes import (
     SshdCluster,
     SshdNode,
@@ -52,6 +55,24 @@ def node_guard(ssh_nodes: SshdCluster) -> Iterator[SshdCluster]:
         node.resume()
         if not node.running:
             node.start()
+
+
+@pytest.fixture(scope="session")
+def _partitions() -> Iterator[Partitions]:
+    parts = Partitions()
+    try:
+        yield parts
+    finally:
+        parts.close()
+
+
+@pytest.fixture
+def partition(_partitions: Partitions) -> Iterator[Partitions]:
+    """Real partitions of the sshd nodes' SSH paths; every cut is healed after the test."""
+    try:
+        yield _partitions
+    finally:
+        _partitions.heal_all()
 
 
 @pytest.fixture
