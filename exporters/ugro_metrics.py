@@ -31,6 +31,11 @@ Lines appended to ``$UGRO_METRICS_FILE``, one JSON object each::
   never interleave within a line.
 * Only global rank 0 (``RANK`` unset or ``0``, as torchrun sets it) writes,
   unless ``all_ranks=True``; such lines carry ``"rank": N``.
+* Heartbeats: on every other node, the first process (``LOCAL_RANK`` 0) that calls
+  ``report`` with a step writes at most one line a second to its own node's file,
+  ``{"ts":...,"step":N,"rank":R,"event":"heartbeat"}``: the job's progress then reaches
+  ugrod by each node's own path, so a cut link to rank 0's node is not mistaken for a
+  job that stopped training (ugrod/core/node_loss.py). Call ``report`` on every rank.
 
 Checkpoint requests: ``ugroctl checkpoint JOB`` makes ugrod write
 ``$UGRO_JOB_DIR/checkpoint.request`` on every node of the job (a new file each
@@ -87,6 +92,8 @@ _signal_seen = False
 _handler_installed = False
 _previous_handler: Any = None
 _seen_request: tuple[int, int, int] | None = None
+HEARTBEAT_S = 1.0
+_last_beat = -HEARTBEAT_S
 
 
 def enabled() -> bool:
@@ -101,6 +108,8 @@ def report(step: int | None = None, *, all_ranks: bool = False, **values: object
         return
     rank = _rank()
     if rank != 0 and not all_ranks:
+        if step is not None:
+            _heartbeat(path, rank, step)
         return
     line: dict[str, object] = {"ts": round(time.time(), 6)}
     if step is not None:
@@ -292,6 +301,22 @@ def _step(step: object) -> int | None:
     return None
 
 
+def _heartbeat(path: str, rank: int, step: object) -> None:
+    """The newest step of a rank other than 0, at most once a second, from LOCAL_RANK 0."""
+    global _last_beat
+    if (os.environ.get("LOCAL_RANK") or "0") != "0":
+        return
+    now = time.monotonic()
+    if now - _last_beat < HEARTBEAT_S:
+        return
+    step_n = _step(step)
+    if step_n is None:
+        return
+    _last_beat = now
+    _append(path, {"ts": round(time.time(), 6), "step": step_n, "rank": rank,
+                   "event": "heartbeat"})
+
+
 def _rank() -> int:
     try:
         return int(os.environ.get("RANK") or 0)
@@ -352,8 +377,9 @@ def _install_handler() -> None:
 
 def _reset() -> None:
     """Forget open files, warnings and the signal handler (for tests)."""
-    global _signal_seen, _handler_installed, _previous_handler, _seen_request
+    global _signal_seen, _handler_installed, _previous_handler, _seen_request, _last_beat
     _seen_request = None
+    _last_beat = -HEARTBEAT_S
     with _lock:
         _close()
     _warned.clear()

@@ -230,6 +230,7 @@ RULES: dict[str, tuple[str, Callable[[Any], Any]]] = {
     "cwd": ("cwd", _string),
     "sync": ("sync", _boolean),
     "stall_timeout_s": ("stall_timeout_s", _seconds(1, MAX_STALL_S)),
+    "unreachable_tolerance_s": ("unreachable_tolerance_s", _seconds(1, MAX_STALL_S)),
     "stall_action": ("stall_action", _choice("alert", "requeue")),
     "expected_runtime_s": ("expected_runtime_s", _seconds(0, MAX_RUNTIME_S, positive=True)),
     "progress": ("progress", _strings),

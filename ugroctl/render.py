@@ -279,6 +279,17 @@ def ellipsize(text: str, room: int) -> str:
     return "".join(out) + "…"
 
 
+def _fenced(fenced: Any, now: float) -> str | None:
+    """Ranks of ended attempts found running and killed (ugrod's fencing), newest last."""
+    rows = [f for f in fenced or [] if isinstance(f, Mapping)]
+    if not rows:
+        return None
+    return "; ".join(
+        f"attempt {f.get('attempt')} rank {f.get('rank')} on {clean(f.get('node'))}, found "
+        f"running after its attempt ended and killed {ago(f.get('at'), now)}"
+        for f in rows[-3:])
+
+
 def job_detail(job: Mapping[str, Any], now: float) -> str:
     """``status JOB``: everything a person asks about one job."""
     spec = job.get("spec") or {}
@@ -315,6 +326,7 @@ def job_detail(job: Mapping[str, Any], now: float) -> str:
         ("exit code", job.get("exit_code") if not job.get("last_attempt") else None),
         ("retry at", _when(job.get("retry_at"), now)),
         ("last try", _last_attempt(job.get("last_attempt"), now)),
+        ("fenced", _fenced(job.get("fenced"), now)),
     ]
     if metrics:
         pairs += [("step", number(metrics.get("step")) if "step" in metrics else None),

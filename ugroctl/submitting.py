@@ -140,6 +140,11 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
         click.option("--stall-timeout", type=click.FloatRange(min=0, min_open=True),
                      metavar="S", help="Report the job stalled when its step stops "
                                        "advancing for S seconds."),
+        click.option("--unreachable-tolerance", type=click.FloatRange(min=1, max=7 * 86400),
+                     metavar="S", help="How long one of the job's nodes may be out of "
+                                       "reach while the others still show progress before "
+                                       "ugrod gives the attempt up [default: the config's "
+                                       "health.unreachable_tolerance_s, 30 min]."),
         click.option("--cwd", metavar="DIR",
                      help="Directory the ranks start in, on every node [default: the one "
                           "you run ugroctl in; launch: paths.scripts when the config has "
@@ -189,7 +194,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
     ]
     names = ["nodes", "gpus_per_node", "min_vram", "node_names", "labels", "avoid_labels",
              "priority", "max_retries", "after", "after_any", "after_failed", "time_limit",
-             "hold", "env", "nproc_per_node", "torchrun", "stall_timeout", "cwd", "sync",
+             "hold", "env", "nproc_per_node", "torchrun", "stall_timeout",
+             "unreachable_tolerance", "cwd", "sync",
              "expected_runtime", "progress", "progress_rank", "loss_key", "stop_grace",
              "checkpoints", "checkpoint_copy", "checkpoint_keep", "resume_on", "expand_env",
              "wait", "dry_run"]
@@ -207,7 +213,8 @@ def job_options(only: frozenset[str] | None = None) -> Callable[[F], F]:
 SWEEP_OPTIONS = frozenset({"nodes", "gpus_per_node", "min_vram", "node_names", "labels",
                            "avoid_labels", "priority", "max_retries", "after", "after_any",
                            "after_failed", "time_limit", "hold", "env", "nproc_per_node",
-                           "torchrun", "stall_timeout", "cwd", "sync", "expected_runtime",
+                           "torchrun", "stall_timeout", "unreachable_tolerance", "cwd",
+                           "sync", "expected_runtime",
                            "progress", "progress_rank", "loss_key", "stop_grace",
                            "checkpoints", "checkpoint_copy", "checkpoint_keep", "resume_on",
                            "expand_env"})
@@ -219,6 +226,7 @@ _SPEC_KEYS = {  # option name -> request body key
     "max_retries": "max_retries", "after": "after", "after_any": "after_any",
     "after_failed": "after_failed", "time_limit": "time_limit", "hold": "held", "env": "env",
     "torchrun": "torchrun", "stall_timeout": "stall_timeout_s",
+    "unreachable_tolerance": "unreachable_tolerance_s",
     "nproc_per_node": "nproc_per_node", "expected_runtime": "expected_runtime_s",
     "progress": "progress", "progress_rank": "progress_rank", "loss_key": "loss_key",
     "stop_grace": "stop_grace_s", "checkpoints": "checkpoints",

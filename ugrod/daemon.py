@@ -62,6 +62,7 @@ class Daemon:
         self.planning: Planning = None  # type: ignore[assignment]
         self.monitor: Any = None
         self.watchdog: Any = None
+        self.fencer: Any = None
         self._runner: web.AppRunner | None = None
         self.admission: admission.Admission | None = None  # the control socket's limits
         self._metrics_runner: Any = None
@@ -124,9 +125,9 @@ class Daemon:
         t_nodes = time.perf_counter()
         await self.fleet.first_inventory()
         node_wait_s = time.perf_counter() - t_nodes
+        self._start_monitor()  # (the fencer too: an attempt reattached may end at once)
         self.executor.reattach()
         self.executor.checkpoints.reattach()
-        self._start_monitor()
         await self._listen()
         self._start_scheduler()
         self.planning.start()
@@ -175,6 +176,8 @@ class Daemon:
             await self.planning.stop()
         if self.watchdog is not None:
             await self.watchdog.close()
+        if self.fencer is not None:
+            await self.fencer.close()
         if self.monitor is not None:
             await self.monitor.close()
         await self.executor.checkpoints.close()
@@ -310,8 +313,11 @@ class Daemon:
         if self.monitor is not None:
             self.monitor.schedule(sched)
             from ugrod.loops.watchdog import Watchdog  # stalls, vanished ranks, dead nodes
-            self.watchdog = Watchdog(self.ledger, self.executor, self.monitor, self.fleet)
+            self.watchdog = Watchdog(
+                self.ledger, self.executor, self.monitor, self.fleet, self.fencer,
+                tolerance_s=lambda: self.config.health.unreachable_tolerance_s)
             self.watchdog.schedule(sched)
+            self.fencer.schedule(sched)
         sched.start()
         self._scheduler = sched
 
@@ -383,6 +389,12 @@ class Daemon:
                                agent_for=self.fleet.agent_for)
         self.monitor.job_dir = self.executor.job_dir
         self.fleet.health = self.monitor
+        # Nodes that may run an ended attempt are drained until cleared (loops/fencing.py).
+        from ugrod.loops.fencing import Fencer
+        self.fencer = Fencer(self.ledger, self.fleet, self.monitor, self.executor.job_dir,
+                             on_metric=self.executor.backfilled_metric)
+        self.executor.fence = self.fencer.fence
+        self.monitor.on_answer = self.fencer.answered
 
     # ---- planning ------------------------------------------------------------------
 

@@ -257,7 +257,7 @@ def test_dead_node_fails_the_gang_and_its_leftovers_are_killed_on_return(
     assert "has not advanced" in reason, reason
     assert "rank 1 on node1 could not be confirmed gone" in reason, reason
     assert not node_ranks(node_guard[0].work_dir, "gang")  # the reachable rank is gone
-    assert "ugrod watchdog" in drained(cluster, "node1")
+    assert "ugrod fence" in drained(cluster, "node1")
     assert node_ranks(node1.work_dir, "gang")  # left behind on the dead node
     node1.start()
     deadline = time.monotonic() + 90

@@ -389,3 +389,27 @@ def test_checkpoint_listing_with_a_glob_and_reported_paths(tmp_path: Path) -> No
         capture_output=True).stdout)
     assert sorted((Path(c["path"]).name, c["size_bytes"]) for c in listed) == [
         ("checkpoint-2", 2), ("checkpoint-4", 4), ("saved [1].pt", 3), ("step-1.pt", 1)]
+
+
+def test_fence_kills_the_rank_and_a_start_delivered_later_refuses(tmp_path: Path) -> None:
+    # ugrod fences a run dir of an ended attempt; a start request sent before a partition
+    # and delivered after it must not run that attempt again.
+    rd = tmp_path / "jobs" / "j" / "attempt-1" / "rank-0"
+    pid = start(rd, ["sleep", "30"])["pid"]
+    answer = wrapper("fence", str(rd))
+    assert answer["_rc"] == 0, answer
+    assert pid in answer[str(rd)]["killed"] and answer[str(rd)]["alive"] == []
+    assert wait_for(rd / "exit_code").strip() == str(128 + signal.SIGKILL)
+    late = start(rd, ["sleep", "30"])
+    assert "fenced" in late["error"] and wrapper("status", str(rd))["pids"] == []
+
+
+def test_fence_of_a_rank_never_started_ends_it(tmp_path: Path) -> None:
+    rd = tmp_path / "jobs" / "j" / "attempt-2" / "rank-1"
+    answer = wrapper("fence", str(rd))
+    assert answer[str(rd)] == {"killed": [], "alive": []}
+    assert (rd / "exit_code").read_text().strip() == str(rank_wrapper.LOST)
+    assert "fenced" in start(rd, ["sleep", "30"])["error"]
+    exit_line = subprocess.run([sys.executable, WRAPPER, "watch", str(rd), "0", "0"],
+                               capture_output=True, timeout=10).stdout.splitlines()[-1]
+    assert json.loads(exit_line)["code"] == rank_wrapper.LOST  # a watch of it ends

@@ -100,3 +100,16 @@ def test_the_decision_applies_and_the_retry_avoids_the_failed_node() -> None:
 def test_a_long_reason_is_cut_to_what_an_event_keeps() -> None:
     ended = retry.ended(job(), "failed", "x" * 10_000, now=NOW, retryable=True)
     assert len(ended.reason) == retry.MAX_REASON
+
+
+def test_an_attempt_lost_to_the_cluster_keeps_the_budget() -> None:
+    # A partition, a node lost, a launch that could not reach its node: not the job's fault.
+    spent = job(failures=2, no_progress=2)  # a failure of its own now would be a crash loop
+    ended = retry.ended(spent, "failed", "node lost", now=NOW, retryable=True,
+                        cluster_fault=True)
+    assert ended.outcome == "retrying" and ended.cluster_fault and not ended.made_progress
+    assert ended.reason == "node lost; retry 3 (lost to the cluster, not to the job: budget kept)"
+    assert ended.retry_at == NOW + 20.0  # the backoff still counts what is used
+    capped = retry.ended(job(failures=12), "failed", "node lost", now=NOW, retryable=True,
+                         cluster_fault=True)
+    assert capped.outcome == "failed"  # still never past 4 * max_retries + 4 failures

@@ -25,6 +25,7 @@ UGRO_VARS = (
     "UGRO_RESUME_FROM",
     "UGRO_ATTEMPT",
     "RANK",
+    "LOCAL_RANK",
 )
 
 
@@ -228,12 +229,32 @@ def test_only_rank_zero_writes_unless_all_ranks(
     ugro: Path, monkeypatch: pytest.MonkeyPatch, rank: str
 ) -> None:
     monkeypatch.setenv("RANK", rank)
-    ugro_metrics.report(step=1, loss=1.0)
+    ugro_metrics.report(loss=1.0)  # no step: not even a heartbeat
     ugro_metrics.saved_checkpoint("a.pt", 1)
     assert not ugro.exists()
     ugro_metrics.report(step=1, loss=2.0, all_ranks=True)
     (got,) = lines(ugro)
     assert got["rank"] == int(rank) and got["loss"] == 2.0
+
+
+def test_other_ranks_write_a_heartbeat_of_their_step_at_most_once_a_second(
+    ugro: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The job's progress by the node's own path: ugrod sees training go on on a node
+    # whose rank 0 it cannot reach (ugrod/core/node_loss.py).
+    monkeypatch.setenv("RANK", "3")
+    for step in range(1, 50):
+        ugro_metrics.report(step=step, loss=1.0)
+    (beat,) = lines(ugro)
+    assert beat["step"] == 1 and beat["rank"] == 3 and beat["event"] == "heartbeat"
+    assert "loss" not in beat
+    monkeypatch.setattr(ugro_metrics, "_last_beat", time.monotonic() - 1.5)
+    ugro_metrics.report(step=50, loss=1.0)
+    assert [b["step"] for b in lines(ugro)] == [1, 50]
+    ugro_metrics._reset()
+    monkeypatch.setenv("LOCAL_RANK", "1")  # one heartbeat per node: its first process's
+    ugro_metrics.report(step=51)
+    assert [b["step"] for b in lines(ugro)] == [1, 50]
 
 
 def test_rank_zero_explicit_writes(ugro: Path, monkeypatch: pytest.MonkeyPatch) -> None:

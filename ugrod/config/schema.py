@@ -219,6 +219,9 @@ class HealthConfig(msgspec.Struct, frozen=True, kw_only=True):
     max_backoff_s: float = 300.0
     intervals: Intervals = Intervals()
     check_timeout_s: float = 10.0
+    # A job keeps running while one of its nodes is out of reach as long as its other
+    # nodes show progress, for at most this long (a job's own unreachable_tolerance_s wins).
+    unreachable_tolerance_s: float = 1800.0
 
     def score_settings(self) -> dict[str, Any]:
         """Keyword arguments for ``ugrod.core.health.Thresholds`` (its flat field names)."""

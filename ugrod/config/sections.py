@@ -436,6 +436,8 @@ def _read_health(r: Reader, raw: Any) -> HealthConfig:
         intervals=r.get(m, w, "intervals", intervals, d.intervals),
         check_timeout_s=r.get(m, w, "check_timeout_s", r.number(0, 3600, strict=True),
                               d.check_timeout_s),
+        unreachable_tolerance_s=r.get(m, w, "unreachable_tolerance_s",
+                                      r.number(1, 7 * 86400), d.unreachable_tolerance_s),
     )
     if health.degraded_min > health.healthy_min:
         r.fail("health.degraded_min", f"{health.degraded_min:g} is above healthy_min "

@@ -110,6 +110,9 @@ class JobSpec(msgspec.Struct, frozen=True, gc=False, kw_only=True, forbid_unknow
     checkpoint_keep: int | None = None  # copies kept on the head (None: the cluster's)
     resume_on: str | None = None  # rank0 | all: where a retry's checkpoint is put
     expand_env: bool = False  # ${UGRO_*} in argv expanded by ugrod at launch
+    # How long one of its nodes may be out of reach while the others still show progress
+    # before the attempt is given up on (None: the config's health.unreachable_tolerance_s).
+    unreachable_tolerance_s: float | None = None
 
 
 class RankPlacement(msgspec.Struct, frozen=True, gc=False, kw_only=True,
@@ -262,6 +265,9 @@ class JobEnded(Event, frozen=True, kw_only=True):
     made_progress: bool = False
     retry_at: float | None = None
     resume_from: str | None = None
+    # Lost to the cluster, not to the job (a partition, a node lost, a launch that could
+    # not reach a node, ugrod stopped while it started): no-progress budget kept.
+    cluster_fault: bool = False
 
 
 class JobPrioritySet(Event, frozen=True, kw_only=True):
@@ -359,6 +365,18 @@ class CheckpointStaged(Event, frozen=True, kw_only=True):
     step: int | None = None
 
 
+class RankFenced(Event, frozen=True, kw_only=True):
+    """A rank of an attempt that is no longer live was found running on its node and
+    killed there (ugrod/loops/fencing.py): ``pids`` processes of it were alive."""
+
+    kind: ClassVar[str] = "rank_fenced"
+    job: str
+    attempt: int
+    rank: int
+    node: str
+    pids: int = 0
+
+
 class JobStalled(Event, frozen=True, kw_only=True):
     kind: ClassVar[str] = "job_stalled"
     job: str
@@ -399,7 +417,7 @@ EVENT_TYPES: dict[str, type[Event]] = {
         JobStopping, JobEnded, JobPrioritySet, JobHeld, JobReleased,
         JobCancelRequested, JobResumed, CheckpointRequested, CheckpointSaved,
         CheckpointCopied, CheckpointCopyFailed, CheckpointPruned, CheckpointStaged,
-        JobStalled, JobProgressed, SweepCreated, DaemonStarted,
+        JobStalled, JobProgressed, SweepCreated, DaemonStarted, RankFenced,
     )
 }
 

@@ -115,6 +115,7 @@ class SpecFields(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     held: bool = False
     stall_timeout_s: float | None = None
     stall_action: str = "alert"
+    unreachable_tolerance_s: float | None = None
     expected_runtime_s: float | None = None
     progress: list[str] | None = None
     progress_rank: int | None = None
@@ -278,6 +279,9 @@ def build(body: SubmitBody, config: SubmitDefaults, n_nodes: int,
         raise SpecError("stall_action must be 'alert' or 'requeue'")
     if body.stall_timeout_s is not None and not 1 <= body.stall_timeout_s <= MAX_STALL_S:
         raise SpecError("stall_timeout_s must be 1 s .. 7 days")
+    if body.unreachable_tolerance_s is not None \
+            and not 1 <= body.unreachable_tolerance_s <= MAX_STALL_S:
+        raise SpecError("unreachable_tolerance_s must be 1 s .. 7 days")
     nodes = nodes if not body.node_names else max(nodes, len(body.node_names))
     if body.stop_grace_s is not None and not 0.1 <= body.stop_grace_s <= 3600:
         raise SpecError("stop_grace_s must be 0.1 s .. 1 hour")
@@ -312,7 +316,7 @@ def build(body: SubmitBody, config: SubmitDefaults, n_nodes: int,
         progress=progress_spec(body, nodes), stop_grace_s=body.stop_grace_s,
         checkpoints=body.checkpoints, sync=sync, checkpoint_copy=body.checkpoint_copy,
         checkpoint_keep=body.checkpoint_keep, resume_on=body.resume_on,
-        expand_env=body.expand_env)
+        expand_env=body.expand_env, unreachable_tolerance_s=body.unreachable_tolerance_s)
 
 
 # ---- ${UGRO_*} in a job's arguments (--expand-env) -----------------------------------

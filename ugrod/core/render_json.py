@@ -46,6 +46,8 @@ def job(j: Job, metrics: Mapping[str, Any] | None = None) -> dict[str, Any]:
                                  "step": c.step} for c in j.central],
         "copy_error": j.copy_error,
         "failures": j.failures, "best_step": j.best_step, "stalled": j.stalled,
+        "fenced": [{"attempt": f.attempt, "rank": f.rank, "node": f.node, "at": iso(f.at),
+                    "pids": f.pids} for f in j.fenced],
         "rendezvous": f"{j.rdzv_host}:{j.rdzv_port}" if j.rdzv_port and current else None,
         "time_limit": time_limits.show(j.spec.time_limit_s) if j.spec.time_limit_s else None,
         "deadline": iso(time_limits.deadline(j.started_at, j.spec.time_limit_s))

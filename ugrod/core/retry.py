@@ -8,6 +8,9 @@ the job's last step, finds the checkpoint a retry resumes from (I/O, only when t
 - **Budget**: ``max_retries`` counts failures *without progress* in a row. An attempt
   that got past the job's best step so far keeps the budget (a long run that fails now
   and then is not a crash loop); one that did not uses one retry of it.
+- **Lost to the cluster**: an attempt lost to a fault of the cluster, not of the job (a
+  partition, a node lost with its ranks, a launch that could not reach its node, ugrod
+  stopped while it started: ``cluster_fault``) keeps the budget too, progress or not.
 - **Crash loop**: once the budget is used up, the job fails for good and the reason says
   so. Progress or not, no job is retried past ``4 * max_retries + 4`` failures in all.
 - **Backoff**: ``retry_backoff_s`` doubled for each retry without progress used, capped
@@ -52,7 +55,8 @@ def backoff_s(job: Job, budget_used: int) -> float:
 
 def ended(job: Job, outcome: str, reason: str, *, now: float, latest_step: object = None,
           exit_code: int | None = None, failed_rank: int | None = None,
-          failed_node: str | None = None, retryable: bool = False) -> ev.JobEnded:
+          failed_node: str | None = None, retryable: bool = False,
+          cluster_fault: bool = False) -> ev.JobEnded:
     """The ``job_ended`` for the current attempt of ``job``, ending in ``outcome``.
 
     ``retryable``: a failure the job's own ranks caused (not a cancel, not a failed start);
@@ -65,12 +69,13 @@ def ended(job: Job, outcome: str, reason: str, *, now: float, latest_step: objec
     retry_at = None
     max_retries = job.spec.max_retries
     if retryable and outcome == "failed" and max_retries > 0:
-        budget_used = job.no_progress_failures + (0 if progress else 1)
+        budget_used = job.no_progress_failures + (0 if progress or cluster_fault else 1)
         if budget_used <= max_retries and job.failures < 4 * max_retries + 4:
             outcome = "retrying"
             retry_at = now + backoff_s(job, budget_used)
             reason = f"{reason}; retry {job.failures + 1} " + (
                 "(made progress: budget kept)" if progress else
+                "(lost to the cluster, not to the job: budget kept)" if cluster_fault else
                 f"({budget_used} of {max_retries} retries without progress used)")
         elif budget_used > max_retries:
             reason = (f"{reason}; not retried: {max_retries} retries without progress "
@@ -78,4 +83,4 @@ def ended(job: Job, outcome: str, reason: str, *, now: float, latest_step: objec
     return ev.JobEnded(job=job.id, attempt=job.attempt, outcome=outcome,
                        reason=reason[:MAX_REASON], exit_code=exit_code,
                        failed_rank=failed_rank, failed_node=failed_node, last_step=step,
-                       made_progress=progress, retry_at=retry_at)
+                       made_progress=progress, retry_at=retry_at, cluster_fault=cluster_fault)

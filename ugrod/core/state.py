@@ -120,6 +120,7 @@ JOB_LIFECYCLE: Mapping[Move, Target] = {
     **_stays(ev.CheckpointStaged, ACTIVE),
     **_stays(ev.JobStalled, {JobState.RUNNING}),
     **_stays(ev.JobProgressed, {JobState.RUNNING}),
+    **_stays(ev.RankFenced, JobState),  # an old attempt's rank: whatever the job does now
 }
 
 # Per job event: source state -> target (what ``apply`` looks up, once per event).
@@ -147,7 +148,7 @@ _DOING: dict[type[ev.Event], str] = {
     ev.CheckpointCopied: "record a checkpoint copy", ev.CheckpointCopyFailed: "record a "
     "failed checkpoint copy", ev.CheckpointPruned: "remove checkpoint copies",
     ev.CheckpointStaged: "stage its checkpoint", ev.JobStalled: "mark it stalled",
-    ev.JobProgressed: "mark it progressing",
+    ev.JobProgressed: "mark it progressing", ev.RankFenced: "record a fenced rank",
 }
 
 
@@ -156,6 +157,19 @@ class RankRun(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=Tr
     node: str
     pid: int | None = None
     exit_code: int | None = None
+
+
+class FencedRank(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=True):
+    """A rank of an attempt no longer live, found running on its node and killed there."""
+
+    attempt: int
+    rank: int
+    node: str
+    at: float
+    pids: int = 0
+
+
+MAX_FENCED = 20  # kept per job (the log keeps every one)
 
 
 class Job(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=True):
@@ -196,6 +210,7 @@ class Job(msgspec.Struct, frozen=True, gc=False, kw_only=True, array_like=True):
     reported: tuple[ck.Reported, ...] = ()
     central: tuple[ck.Central, ...] = ()
     copy_error: str = ""
+    fenced: tuple[FencedRank, ...] = ()
 
     @property
     def name(self) -> str:
@@ -455,6 +470,9 @@ _JOB_RULES: dict[type[ev.Event], JobRule] = {
     ev.CheckpointStaged: lambda s, j, e, ts, to: j,
     ev.JobStalled: lambda s, j, e, ts, to: _rep(j, stalled=True),
     ev.JobProgressed: lambda s, j, e, ts, to: _rep(j, stalled=False),
+    ev.RankFenced: lambda s, j, e, ts, to: _rep(j, fenced=(*j.fenced, FencedRank(
+        attempt=e.attempt, rank=e.rank, node=_intern(e.node), at=ts,
+        pids=e.pids))[-MAX_FENCED:]),
 }
 assert set(_JOB_RULES) == set(_TARGETS) == set(_DOING)
 
@@ -471,7 +489,9 @@ def _ended(job: Job, e: ev.JobEnded, ts: float, outcome: JobState) -> Job:
         job, state=outcome, ended_at=ts, exit_code=e.exit_code, reason=_intern(e.reason),
         stopping=None, best_step=best, failed_nodes=failed_nodes,
         failures=job.failures + failed,
-        no_progress_failures=(0 if e.made_progress else job.no_progress_failures + 1)
+        # An attempt lost to the cluster (e.cluster_fault) leaves the count as it was.
+        no_progress_failures=(0 if e.made_progress else job.no_progress_failures
+                              + (0 if e.cluster_fault else 1))
         if failed else job.no_progress_failures,
         retry_at=e.retry_at if outcome is JobState.RETRYING else None,
         resume_from=e.resume_from if e.resume_from is not None else job.resume_from,

@@ -98,6 +98,10 @@ def explain(record: ev.Record, steps: Mapping[str, int | None] | None = None) ->
                 f"; stacks in {e.stacks}" if e.stacks else "")
         case ev.JobProgressed(step=s):
             return "progressing again" + (f" at step {s}" if s is not None else "")
+        case ev.RankFenced(attempt=a, rank=r, node=n, pids=pids):
+            return (f"rank {r} of attempt {a} was found running on {n} although its attempt "
+                    f"had ended: fenced (killed{f', {pids} processes' if pids else ''}) "
+                    f"before its GPUs were used again")
         case ev.SweepCreated(sweep=name):
             return f"created as a trial of sweep {name}"
     return e.kind.replace("_", " ")

@@ -17,18 +17,19 @@ import math
 import os
 import signal
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import msgspec
 
 from ugrod.config import paths as cfgpaths
-from ugrod.core import culprit, jobspec, retry
+from ugrod.core import culprit, fencing, jobspec, retry
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core.jobspec import procs_per_node
 from ugrod.core.state import ACTIVE, WAITING, InvalidEvent, Job, JobState, State
+from ugrod.loops import node_progress
 from ugrod.loops.checkpoints import Checkpoints
 from ugrod.nodes import codesync, programs
 from ugrod.nodes.agent import (
@@ -37,6 +38,7 @@ from ugrod.nodes.agent import (
     NodeAgent,
     RankExit,
     RankStartError,
+    WrapperProtocolError,
 )
 from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import NodeUnreachable, TransportError
@@ -88,6 +90,12 @@ class Executor:
         self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
         # job -> (attempt, loop times of its last step advances): the watchdog's step interval
         self.step_times: dict[str, tuple[int, deque[float]]] = {}
+        # the newest step seen through each node (a second path when rank 0's is cut)
+        self.node_progress = node_progress.NodeProgress()
+        # An attempt ends with ranks not confirmed gone (node -> ranks): the fencer drains
+        # those nodes before the end is recorded (ugrod/loops/fencing.py).
+        self.fence: Callable[[Job, Mapping[str, Sequence[int]], str], Awaitable[None]] = \
+            _no_fence
         # attempt -> its supervision's queue of rank exits (the watchdog's abandon() feeds it)
         self._exits: dict[tuple[str, int], asyncio.Queue[Exit]] = {}
         # attempts this executor stopped because a rank failed: their reason is the culprit's
@@ -116,10 +124,33 @@ class Executor:
                 self._spawn_bg(self._request_checkpoint(job))
 
     def reattach(self) -> None:
-        """After a restart: supervise every attempt the log says is starting or running."""
+        """After a restart: supervise every attempt the log says is starting or running,
+        knowing its progress so far (from the central files: the watch goes on from there)."""
         for job in self.ledger.state.active_jobs():
             if job.state in ACTIVE:
+                self._recall_progress(job)
                 self._start(job.id, job.attempt, fresh=False)
+
+    def _recall_progress(self, job: Job) -> None:
+        """The attempt's newest step and when it was reached, as its central files say, so
+        a silence is counted from then and an end says whether it made progress."""
+        jobdir = self.job_dir(job.id)
+        base = self._bases(job, jobdir).get(0, {"metrics": 0})["metrics"]
+        seen = node_progress.newest_step(jobdir, metrics_from=base,
+                                         since_ts=job.started_at or 0.0)
+        if seen is None:
+            return
+        step, ts = seen
+        loop = asyncio.get_running_loop()
+        at = min(loop.time(), loop.time() - (self.ledger.stamp() - ts))
+        latest = self.latest.setdefault(job.id, {})
+        latest.setdefault("step", step)
+        latest.setdefault("ts", ts)
+        self.metric_times[job.id] = at
+        self.step_times[job.id] = (job.attempt, deque([at], maxlen=64))
+        rank0 = next((p.node for p in job.placement if p.rank == 0), None)
+        if rank0 is not None:
+            self.node_progress.saw(job.id, job.attempt, rank0, step, at)
 
     def _start(self, job_id: str, attempt: int, *, fresh: bool) -> None:
         key = (job_id, attempt)
@@ -173,13 +204,17 @@ class Executor:
         if len(agents) == len(job.placement):
             try:
                 async with asyncio.timeout(self.grace_s + 30):
-                    await self._kill_started(job, agents, {p.rank: 0 for p in job.placement})
+                    missed = await self._kill_started(job, agents,
+                                                      {p.rank: 0 for p in job.placement})
             except (asyncio.CancelledError, evlog.LogWriteFailed):
                 raise
             except Exception as kill_exc:
                 logger.warning("job %s: could not kill its ranks after %r: %r", job_id, exc,
                                kill_exc)
                 note = f"; its processes could not be confirmed gone ({_short(kill_exc)})"
+                missed = [p.rank for p in job.placement]
+            await self._fence(job, missed, "its supervision failed and its kill did not get "
+                                           "through")
         what = exc.args[0] if isinstance(exc, ValueError | OSError) and exc.args else repr(exc)
         reason = (job.reason + "; " if job.stopping is not None and job.reason else "") + \
             f"ugrod could not supervise the job: {_short(what)}{note}"
@@ -208,6 +243,10 @@ class Executor:
         """Start every rank at once; on any failure kill what started and end the attempt."""
         self._write_job_files(job, jobdir)
         pids: dict[int, int] = {}
+        # Ranks whose start request was sent (their node may have started them although
+        # the answer never came) and ranks known not to run: the fence's facts.
+        requested: set[int] = set()
+        not_running: set[int] = set()
         resume = await self.checkpoints.stage(job, agents)  # bounded by stalls, not size
         try:
             async with asyncio.timeout(self.start_timeout_s):
@@ -217,7 +256,8 @@ class Executor:
                 if job.spec.torchrun and len(agents) > 1:
                     await self._precheck_rendezvous(job, agents)
                 results = await asyncio.gather(
-                    *(self._spawn_rank(job, p, agents[i], resume.get(p.rank))
+                    *(self._spawn_rank(job, p, agents[i], resume.get(p.rank),
+                                       requested=requested)
                       for i, p in enumerate(job.placement)),
                     return_exceptions=True)
         except TimeoutError:
@@ -226,6 +266,8 @@ class Executor:
             results = [exc]
         errors = []
         cannot_start = [res for res in results if isinstance(res, RankStartError)]
+        not_running |= {p.rank for p, res in zip(job.placement, results, strict=False)
+                        if isinstance(res, RankStartError)}
         # A launch failure is a node's failure: the node it happened on is recorded, so the
         # retry goes elsewhere while other nodes fit (a node that cannot be reached first).
         blamed: list[tuple[bool, int, str]] = []
@@ -237,13 +279,24 @@ class Executor:
                 node = getattr(res, "node", None) or (p.node if len(results) > 1 else None)
                 if node in ranks_of:
                     blamed.append((not isinstance(res, NodeUnreachable), ranks_of[node], node))
-                if isinstance(res, NodeUnreachable):  # the log learns it before the retry
-                    self.fleet.check_soon(res.node)
+                if isinstance(res, TransportError) and not isinstance(
+                        res, RankStartError | WrapperProtocolError):
+                    # A node the launch could not reach takes no work until a check
+                    # passes: the log learns it before the retry is placed.
+                    self.fleet.suspect(res.node, f"a launch could not reach it: {res}")
             else:
                 pids[p.rank] = res
         if errors or len(pids) != len(job.placement):
-            await self._kill_started(job, agents, pids)
+            missed = await self._kill_started(job, agents, pids)
+            not_running |= set(pids) - set(missed)
+            maybe = fencing.may_run(job.placement, requested | set(pids), not_running)
+            if not blamed and maybe:  # a launch that timed out: the node it waited on
+                node = next(iter(maybe))
+                blamed.append((False, ranks_of[node], node))
             _, failed_rank, failed_node = min(blamed) if blamed else (True, None, None)
+            if maybe:
+                await self.fence(job, maybe, "its launch failed after its start request "
+                                             "was sent")
             if cannot_start:
                 # The same command fails the same way on every attempt: no retry, and
                 # a sweep stops instead of failing each of its trials the same way.
@@ -254,8 +307,10 @@ class Executor:
                 await self._stop_sweep(job, reason)
                 return False
             reason = "launch failed: " + "; ".join(errors or ["not every rank started"])
+            # A launch that never reached the job's own command is the cluster's failure,
+            # not the job's: it does not use the no-progress budget.
             await self._end(job, "failed", reason, retryable=True, failed_rank=failed_rank,
-                            failed_node=failed_node)
+                            failed_node=failed_node, cluster_fault=failed_node is not None)
             return False
         events: list[ev.Event] = [
             ev.RankStarted(job=job.id, attempt=job.attempt, rank=p.rank, node=p.node,
@@ -274,6 +329,7 @@ class Executor:
             return True
         missing: list[ev.Event] = []
         pids: dict[int, int] = {}
+        unknown: list[int] = []  # ranks whose node did not say whether they started
         for p, a in zip(job.placement, agents, strict=True):
             run = next(r for r in job.ranks if r.rank == p.rank)
             if run.pid is not None:
@@ -283,27 +339,33 @@ class Executor:
                 st = await a.status(job.id, job.attempt, p.rank)
             except TransportError:
                 st = None
+                unknown.append(p.rank)
             if st is not None and st.pid:
                 pids[p.rank] = st.pid
                 missing.append(ev.RankStarted(job=job.id, attempt=job.attempt, rank=p.rank,
                                               node=p.node, pid=st.pid))
         if len(pids) != len(job.placement):
-            await self._kill_started(job, agents, pids)
+            missed = await self._kill_started(job, agents, pids)
+            await self._fence(job, [*missed, *unknown], "ugrod stopped while the attempt "
+                                                        "was starting")
             await self._end(job, "failed", "ugrod stopped while the job was starting; not "
-                            "every rank had started", retryable=True)
+                            "every rank had started", retryable=True, cluster_fault=True)
             return False
         await self.ledger.record(ev.DAEMON, *missing, ev.JobRunning(job=job.id,
                                                                     attempt=job.attempt))
         return True
 
     async def _spawn_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
-                          resume_from: str | None = None) -> int:
+                          resume_from: str | None = None, *,
+                          requested: set[int] | None = None) -> int:
         run_dir = await agent.run_dir(job.id, job.attempt, p.rank)
         env = self.rank_env(job, p, run_dir, await agent.checkpoint_dir(job.id), resume_from)
         argv, program = self.rank_argv(job, p, agent.python, env)
-        return await agent.spawn(job.id, job.attempt, p.rank, argv, env,
-                                 await self.job_cwd(job, agent),
-                                 run_as=self.run_as(job, p.node), program=program)
+        cwd, run_as = await self.job_cwd(job, agent), self.run_as(job, p.node)
+        if requested is not None:
+            requested.add(p.rank)  # from here on the node may start it, answer or not
+        return await agent.spawn(job.id, job.attempt, p.rank, argv, env, cwd,
+                                 run_as=run_as, program=program)
 
     @staticmethod
     async def job_cwd(job: Job, agent: NodeAgent) -> str | None:
@@ -408,13 +470,28 @@ class Executor:
                               f"{host}:{port} on {job.placement[0].node} (firewall? wrong "
                               f"address or network_interface?)", node=bad[0])
 
-    async def _kill_started(self, job: Job, agents: list[NodeAgent], pids: dict[int, int]) -> None:
-        """Kill ranks that did start; wait until each is confirmed gone."""
+    async def _kill_started(self, job: Job, agents: list[NodeAgent],
+                            pids: dict[int, int]) -> list[int]:
+        """Kill ranks that did start; wait until each is confirmed gone. Returns the ranks
+        whose node did not take the kill (they may still run: the caller fences them)."""
+        missed = []
         for p, a in zip(job.placement, agents, strict=True):
             if p.rank not in pids:
                 continue
-            with contextlib.suppress(TransportError):
+            try:
                 await self._kill_rank(job, p, a)
+            except TransportError:
+                missed.append(p.rank)
+        return missed
+
+    async def _fence(self, job: Job, ranks: Sequence[int], why: str) -> None:
+        """Fence the nodes of ``ranks`` (of the job's current attempt) that may still run."""
+        by_node: dict[str, list[int]] = {}
+        for p in job.placement:
+            if p.rank in ranks:
+                by_node.setdefault(p.node, []).append(p.rank)
+        if by_node:
+            await self.fence(job, by_node, why)
 
     async def _kill_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent) -> None:
         """SIGINT, SIGTERM after half the job's grace, SIGKILL after all of it.
@@ -695,18 +772,24 @@ class Executor:
             nodes = ", ".join(sorted(set(lost.values())))
             reason = (f"{reason}; the processes of {ranks} could not be confirmed gone "
                       f"({nodes} unreachable): ugrod kills any left when {nodes} answers again")
+            await self._fence(job, list(lost), f"{nodes} did not answer as the attempt ended")
+        # Ranks lost with their node: the attempt was lost to the cluster, not to the job.
         await self._end(job, outcome, reason, exit_code=exit_code, failed_rank=failed_rank,
-                        failed_node=failed_node, retryable=outcome == "failed")
+                        failed_node=failed_node, retryable=outcome == "failed",
+                        cluster_fault=bool(lost))
 
     async def _end(self, job: Job, outcome: str, reason: str, *, exit_code: int | None = None,
                    failed_rank: int | None = None, failed_node: str | None = None,
-                   retryable: bool = False) -> None:
+                   retryable: bool = False, cluster_fault: bool = False) -> None:
         """Record job_ended: the retry decision is core/retry.py's; here its I/O (the
-        checkpoint a retry resumes from)."""
+        checkpoint a retry resumes from). ``cluster_fault``: lost to the cluster (a
+        partition, a node lost, a launch that could not reach its node, ugrod stopped
+        during a launch), not to the job: it keeps the no-progress budget."""
         ended = retry.ended(job, outcome, reason, now=self.ledger.stamp(),
                             latest_step=self.latest.get(job.id, {}).get("step"),
                             exit_code=exit_code, failed_rank=failed_rank,
-                            failed_node=failed_node, retryable=retryable)
+                            failed_node=failed_node, retryable=retryable,
+                            cluster_fault=cluster_fault)
         outcome, reason = ended.outcome, ended.reason
         if outcome == "retrying":
             try:
@@ -802,11 +885,15 @@ class Executor:
                     if isinstance(item, LogChunk):
                         _append_kept(log_path, item.data)
                         if reader is not None:
-                            self._progress(job, jobdir, reader.feed(item.data))
+                            records = reader.feed(item.data)
+                            self._progress(job, jobdir, records)
+                            self._node_steps(job, p.node, records)
                     elif isinstance(item, MetricLine):
                         _append_kept(metrics_path, item.data.rstrip(b"\n") + b"\n")
                         if p.rank == 0:
                             await self._metric(job, item.data)
+                        self.node_progress.line(job.id, job.attempt, p.node, item.data,
+                                                asyncio.get_running_loop().time())
                     elif isinstance(item, RankExit):
                         if item.leftovers:
                             self._leftovers.setdefault((job.id, job.attempt), {})[p.rank] = (
@@ -860,6 +947,30 @@ class Executor:
             return
         if "event" not in values:
             self._values(job, values)
+
+    async def backfilled_metric(self, job: Job, node: str, raw: bytes) -> None:
+        """A metrics line of an ended attempt, back-filled from ``node`` after a partition
+        (ugrod/loops/backfill.py): a checkpoint it reports saving there is recorded."""
+        values = parse_metric_line(raw)
+        if isinstance(values, str) or values.get("event") != "checkpoint" \
+                or not isinstance(values.get("path"), str):
+            return
+        current = self.ledger.state.jobs.get(job.id)
+        path = values["path"][:4096]
+        if current is None or path in current.checkpoints:
+            return
+        step = values.get("step")
+        with contextlib.suppress(InvalidEvent):
+            await self.ledger.record(ev.DAEMON, ev.CheckpointSaved(
+                job=job.id, path=path, step=int(step) if isinstance(step, int | float) else None,
+                node=node))
+
+    def _node_steps(self, job: Job, node: str, records: list[dict[str, int | float]]) -> None:
+        now = asyncio.get_running_loop().time()
+        for r in records:
+            step = r.get("step")
+            if isinstance(step, int) and step >= 0:
+                self.node_progress.saw(job.id, job.attempt, node, step, now)
 
     def _progress(self, job: Job, jobdir: Path, records: list[dict[str, int | float]]) -> None:
         """Progress read from the rank's output: to progress.jsonl and the job's latest."""
@@ -1002,6 +1113,12 @@ async def _listening(agent: NodeAgent, bind: Callable[[str], str], port: int,
         yield
     finally:
         await stream.close()
+
+
+async def _no_fence(job: Job, ranks: Mapping[str, Sequence[int]], why: str) -> None:
+    """The executor's fence when no fencer is wired (no monitor): a warning, no drain."""
+    logger.warning("job %s attempt %d: ranks %s may still run (%s); no fencer to drain "
+                   "their nodes", job.id, job.attempt, dict(ranks), why)
 
 
 def _short(what: object) -> str:

@@ -160,6 +160,8 @@ class _Watch:
     score: float | None = None  # latest, recorded or not
     samples: deque[gpus.NodeSample] = field(default_factory=lambda: deque(maxlen=HISTORY))
     last_check: float | None = None
+    last_answer: float | None = None  # when the node last answered a check (the clock's)
+    silent: bool = False  # the last check failed for want of an answer (not a bad one)
     last_error: str | None = None
     latencies: deque[float] = field(default_factory=lambda: deque(maxlen=LATENCY_WINDOW))
 
@@ -201,6 +203,8 @@ class Monitor:
         self._interval: float | None = None
         self._closed = False
         self.sweeps = 0
+        # Called with a node's name each time it answers a check (the fencer clears it then).
+        self.on_answer: Callable[[str], None] = lambda name: None
         self.last_activity = _last_activity(host.ledger.state)
         host.ledger.on_commit(self._on_commit)
 
@@ -269,6 +273,16 @@ class Monitor:
     def history(self, name: str) -> list[gpus.NodeSample]:
         w = self._watch.get(name)
         return list(w.samples) if w else []
+
+    def last_answer(self, name: str) -> float | None:
+        """When ``name`` last answered a check (this monitor's clock), None if never."""
+        w = self._watch.get(name)
+        return w.last_answer if w else None
+
+    def unanswered_s(self, name: str) -> float | None:
+        """Seconds since ``name`` last answered a check; None if it has not since start."""
+        last = self.last_answer(name)
+        return None if last is None else max(0.0, self._clock() - last)
 
     def breaker(self, name: str) -> hl.Breaker | None:
         w = self._watch.get(name)
@@ -378,7 +392,9 @@ class Monitor:
         now = self._clock()
         breaker = w.breaker.at(now)
         if not breaker.due(now):
-            if not force:
+            # A node that went silent is tried as soon as it answers again (a cheap poke
+            # each sweep), not only when its backoff ends: it takes work again at once.
+            if not force and not (w.silent and await self._answers_again(name, agent)):
                 return
             breaker = msgspec.structs.replace(breaker, state=hl.BreakerState.HALF_OPEN)
         self._set_breaker(name, w, breaker)
@@ -391,11 +407,14 @@ class Monitor:
         except (TransportError, TimeoutError, OSError) as exc:
             why = str(exc) if not isinstance(exc, TimeoutError) else \
                 f"node {name}: probe did not answer within {self._cfg.check_timeout_s:g} s"
+            w.silent = isinstance(exc, NodeUnreachable | TimeoutError)
             await self._failed(name, w, breaker, now, time.monotonic() - t0, why,
                                exc.reason if isinstance(exc, NodeUnreachable) else None)
             return
         self._set_breaker(name, w, breaker.record(True, now))
         w.last_check = now
+        w.last_answer = self._clock()
+        w.silent = False
         sample: gpus.NodeSample | None = None
         if res.exit_code != 0:
             new = hl.probe_failed(f"probe exited with code {res.exit_code}: "
@@ -420,6 +439,7 @@ class Monitor:
             extra.append(ev.NodeInventoried(
                 node=name, gpus=found, mismatch=gpus.compare_inventory(node.spec.gpus, found)))
         await self._record(name, w, new, sample, extra)
+        self.on_answer(name)
 
     async def _failed(self, name: str, w: _Watch, breaker: hl.Breaker, now: float,
                       seconds: float, why: str, unreachable: str | None = None) -> None:
@@ -429,7 +449,9 @@ class Monitor:
         self._host.stats.health_check(name, seconds, False)
         w.last_check = now
         w.last_error = why
-        after = breaker.record(False, now, jitter=self._jitter())
+        # The backoff runs from the failure, not from the check's start (a check may take
+        # its whole timeout): else the breaker reads half-open, due, the moment it opens.
+        after = breaker.record(False, self._clock(), jitter=self._jitter())
         self._set_breaker(name, w, after)
         logger.info("%s (failure %d)", why, after.failures)
         prev = self._prev(name, w)
@@ -445,6 +467,32 @@ class Monitor:
             return
         w.score = None
         await self._record(name, w, hl.unreachable(prev, reason), None, [])
+
+    async def _answers_again(self, name: str, agent: NodeAgent) -> bool:
+        """Whether a silent node's transport answers now (then its reconnect backoff is
+        forgotten, so the trial that follows connects at once)."""
+        transport = agent.transport
+        if not await transport.poke(min(1.0, self._cfg.check_timeout_s)):
+            return False
+        logger.info("node %s answers again: checking it now", name)
+        forget = getattr(transport, "forget_failures", None)
+        if forget is not None:
+            forget()
+        return True
+
+    async def suspect(self, name: str, why: str) -> None:
+        """Something other than a check failed to reach ``name`` (a launch, a kill): the log
+        says unreachable now, for the planner too, and a check runs at once; the node is
+        reachable again as soon as a check passes."""
+        state = self._host.ledger.state
+        node = state.nodes.get(name)
+        if self._closed or node is None or name not in self._agents:
+            return
+        if node.health is not NodeHealth.UNREACHABLE:
+            w = self._watch_for(name, state)
+            w.silent = True
+            await self._record(name, w, hl.unreachable(self._prev(name, w), why), None, [])
+        await self.check_now(name)
 
     def _prev(self, name: str, w: _Watch) -> hl.Assessment | None:
         """What the log says of the node now: the one record every reader goes by."""

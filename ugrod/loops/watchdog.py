@@ -9,22 +9,25 @@ the monitor already know; it starts no probe of its own. Its decisions:
   tree), so no exit status will ever come. The job is stopped as failed (its retry
   policy applies), and once the node confirms none of the rank's processes is left,
   the rank is recorded as exited with ``executor.VANISHED_EXIT_CODE``.
-* **Dead node**, only on two independent signals, so a flaky link alone never kills
+* **Dead node**, only on two independent signals, so a cut link alone never kills
   a healthy job: (1) the node's circuit breaker is not closed (``failures_to_open``
-  health checks in a row failed) and (2) the job's own step counter has not advanced
-  for longer than ``silence_limit`` (its ``stall_timeout_s`` when the user set one,
-  else max(60 s, 3 x its median step interval)). For a job that reports no steps
-  (or whose rank 0 has exited) the silence is counted from when the node stopped
-  answering. The job is stopped
-  as failed; its processes on the dead node cannot be confirmed gone, so the node
-  is drained (reason starting ``ugrod watchdog:``) and the executor is told to stop
-  waiting for them (``Executor.abandon``): ``job_ended`` comes once every reachable
-  rank is confirmed gone and says which processes could not be. A job already being
-  stopped (cancel, another rank failed) gives up on an unreachable node the same way.
-* **Leftovers.** When a node answers again after being unreachable, or is drained by
-  the watchdog, every rank process there whose attempt is no longer active is killed
-  (the wrapper's ``kill`` checks pid and start time, so nothing else is hit); once
-  none is left, the watchdog's own drain is lifted.
+  health checks in a row failed) and (2) the job's progress has stopped on the nodes
+  that still answer: steps reach ugrod from every node (rank 0's metrics, the other
+  nodes' heartbeats), and the job is stopped only when none of those paths showed an
+  advance for longer than ``silence_limit`` (its ``stall_timeout_s`` when the user set
+  one, else max(60 s, 3 x its median step interval)), or when the node has been out of
+  reach longer than the job's tolerance (``unreachable_tolerance_s``, else the config's
+  ``health.unreachable_tolerance_s``); the decision is ugrod/core/node_loss.py's. For a
+  job that reports no steps (or whose rank 0 has exited) the silence is counted from
+  when the node stopped answering. The job is stopped
+  as failed; its processes on the dead node cannot be confirmed gone, so the executor
+  is told to stop waiting for them (``Executor.abandon``): ``job_ended`` comes once every
+  reachable rank is confirmed gone and says which processes could not be, and the node
+  is fenced first (drained until ugrod has cleared it: ugrod/loops/fencing.py). A job
+  already being stopped (cancel, another rank failed) gives up on an unreachable node
+  the same way.
+* **Leftovers.** Every node whose breaker opens is handed to the fencer, which kills
+  whatever of an ended attempt runs there as soon as it answers again.
 * **Stall.** A running job whose step has not advanced for longer than
   ``stall_timeout`` (``spec.stall_timeout_s``, else max(120 s, 10 x the median step
   interval) once 5 steps are known; never before the first step nor once a rank has
@@ -39,27 +42,22 @@ the monitor already know; it starts no probe of its own. Its decisions:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import itertools
-import json
 import logging
-import posixpath
-import re
-import signal
 import statistics
-from collections.abc import Coroutine, Sequence
+import time
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any
 
 from ugrod.core import events as ev
+from ugrod.core import node_loss
 from ugrod.core.health import BreakerState
-from ugrod.core.names import NAME_PATTERN
-from ugrod.core.state import ACTIVE, InvalidEvent, Job, JobState, State
+from ugrod.core.state import ACTIVE, InvalidEvent, Job, JobState, NodeHealth, State
 from ugrod.loops import stacks
 from ugrod.loops.executor import Executor
+from ugrod.loops.fencing import Fencer
 from ugrod.loops.monitor import Monitor
 from ugrod.loops.schedule import Schedule
-from ugrod.nodes import programs
-from ugrod.nodes.agent import NodeAgent
 from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import TransportError
 from ugrod.store.ledger import Ledger
@@ -74,8 +72,6 @@ SILENCE_INTERVALS = 3.0
 STALL_MIN_S = 120.0
 STALL_INTERVALS = 10.0
 STALL_MIN_STEPS = 5
-REAP_RETRY_S = 30.0
-DRAIN_PREFIX = "ugrod watchdog: "
 
 
 # ---- decisions (pure) ------------------------------------------------------------------
@@ -110,23 +106,19 @@ def silence_limit(spec_timeout_s: float | None, times: Sequence[float]) -> float
     return max(SILENCE_MIN_S, SILENCE_INTERVALS * step) if step is not None else SILENCE_MIN_S
 
 
-# argv: JOBS_DIR KEEP_RUN_DIR...: run dirs under JOBS_DIR with a live process, other than
-# the ones to keep; prints one JSON object (nodes/remote/leftovers.py).
-LEFTOVERS_SCRIPT = programs.text("leftovers")
-
-_RUN_DIR = re.compile(rf"(?P<job>{NAME_PATTERN})/attempt-(?P<attempt>\d+)"
-                      r"/rank-(?P<rank>\d+)")
-
-
 class Watchdog:
     """Watches running jobs through the executor's and the monitor's eyes; see the module doc."""
 
-    def __init__(self, ledger: Ledger, executor: Executor, monitor: Monitor, fleet: Fleet, *,
-                 vanish_grace_s: float = VANISH_GRACE_S, tick_s: float = TICK_S) -> None:
+    def __init__(self, ledger: Ledger, executor: Executor, monitor: Monitor, fleet: Fleet,
+                 fencer: Fencer, *, vanish_grace_s: float = VANISH_GRACE_S,
+                 tick_s: float = TICK_S,
+                 tolerance_s: Callable[[], float] = lambda: 1800.0) -> None:
         self._ledger = ledger
         self._executor = executor
         self._monitor = monitor
         self._fleet = fleet
+        self._fencer = fencer
+        self._tolerance_s = tolerance_s  # the config's health.unreachable_tolerance_s
         self.vanish_grace_s = vanish_grace_s
         self.tick_s = tick_s
         self._busy: dict[tuple[str, int], asyncio.Task[None]] = {}  # attempt -> its handling
@@ -134,14 +126,8 @@ class Watchdog:
         self._stalls: dict[tuple[str, int], float] = {}  # attempt -> last advance reported
         self._progress_sent: set[tuple[str, int]] = set()
         self._down_since: dict[str, float] = {}  # node -> when its breaker was first not closed
-        self._to_reap: set[str] = set()  # nodes to clear of leftover ranks once they answer
-        self._reaping: dict[str, asyncio.Task[None]] = {}
-        self._reap_after: dict[str, float] = {}  # node -> no new attempt before (loop time)
         self._abandoned: set[tuple[str, int, str]] = set()
         self._closed = False
-        for node in ledger.state.nodes.values():
-            if node.drained and node.drain_reason.startswith(DRAIN_PREFIX):
-                self._to_reap.add(node.name)
 
     def schedule(self, sched: Schedule) -> None:
         """Add the watchdog to the daemon's schedule."""
@@ -150,7 +136,7 @@ class Watchdog:
 
     async def close(self) -> None:
         self._closed = True
-        tasks = [*self._busy.values(), *self._reaping.values()]
+        tasks = list(self._busy.values())
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -178,7 +164,6 @@ class Watchdog:
             except Exception:
                 logger.exception("watchdog check of %s failed", job.id)
         self._prune(state)
-        self._reap_returned(state)
 
     async def _check(self, job: Job, now: float) -> None:
         times = self._step_times(job)
@@ -235,6 +220,7 @@ class Watchdog:
         self._abandoned = {k for k in self._abandoned if active(k[0], k[1])}
         for job_id in [j for j in self._executor.step_times if j not in state.active]:
             del self._executor.step_times[job_id]
+        self._executor.node_progress.forget(state.active)
 
     # ---- dead nodes ------------------------------------------------------------------
 
@@ -244,7 +230,7 @@ class Watchdog:
             if b is not None and b.state is not BreakerState.CLOSED:
                 if name not in self._down_since:
                     self._down_since[name] = now
-                    self._to_reap.add(name)
+                    self._fencer.watch(name)  # leftovers are cleared when it answers
             else:
                 self._down_since.pop(name, None)
 
@@ -262,21 +248,35 @@ class Watchdog:
         failing = self._failing(node)
         if failing is None:
             return None
-        limit = silence_limit(job.spec.stall_timeout_s, times)
         step = self._executor.latest.get(job.id, {}).get("step")
-        if last is not None:
-            silent = now - last
-            quiet = (f"the job's step counter has not advanced for {silent:.0f} s "
-                     f"(last step {step}; limit {limit:.0f} s)")
-        else:
-            silent = now - self._down_since.get(node, now)
-            quiet = (f"the job has reported no step since the node went silent {silent:.0f} s "
-                     f"ago (limit {limit:.0f} s)")
-        if silent <= limit:
-            return None
-        ranks = ", ".join(str(r.rank) for r in job.ranks if r.node == node)
-        return (f"rank {ranks} on {node} lost: node unreachable (node {node} declared dead: "
-                f"{failing}, and {quiet})")
+        # The other paths: each node of the job that still answers, and when the step
+        # seen through it last advanced (rank 0's metrics, the others' heartbeats).
+        advanced = self._executor.node_progress.advanced(job.id, job.attempt) \
+            if last is not None else {}
+        elsewhere = [now - at for n, at in advanced.items()
+                     if n != node and self._failing(n) is None]
+        newest = max([last, *advanced.values()]) if last is not None else None
+        down_s = now - self._down_since.get(node, now)
+        return node_loss.judge(node_loss.Silence(
+            node=node, ranks=", ".join(str(r.rank) for r in job.ranks if r.node == node),
+            failing=failing, gone_s=self._gone_s(node, down_s),
+            tolerance_s=job.spec.unreachable_tolerance_s or self._tolerance_s(),
+            silence_limit_s=silence_limit(job.spec.stall_timeout_s, times),
+            silent_s=now - newest if newest is not None else None,
+            last_step=int(step) if isinstance(step, int | float) else None,
+            down_s=down_s, elsewhere_s=min(elsewhere) if elsewhere else None))
+
+    def _gone_s(self, node: str, down_s: float) -> float:
+        """Since the node last answered: the monitor's word, else (nothing heard since
+        ugrod started) since the log says it became unreachable, else since its breaker
+        opened."""
+        unanswered = self._monitor.unanswered_s(node)
+        if unanswered is not None:
+            return unanswered
+        n = self._ledger.state.nodes.get(node)
+        if n is not None and n.health is NodeHealth.UNREACHABLE and n.health_since:
+            return max(down_s, time.time() - n.health_since)
+        return down_s
 
     async def _node_died(self, job: Job, node: str, why: str) -> None:
         logger.warning("job %s: %s", job.id, why)
@@ -295,17 +295,10 @@ class Watchdog:
             await self._abandon(job, node)
 
     async def _abandon(self, job: Job, node: str) -> None:
+        """Stop waiting for the job's ranks on ``node``: the executor fences the node as the
+        attempt ends (drained until ugrod has cleared it: ugrod/loops/fencing.py)."""
         self._abandoned.add((job.id, job.attempt, node))
-        ranks = [r.rank for r in job.ranks if r.node == node and r.exit_code is None]
-        state = self._ledger.state
-        n = state.nodes.get(node)
-        if n is not None and not n.drained:
-            with contextlib.suppress(InvalidEvent):
-                await self._ledger.record(ev.DAEMON, ev.NodeDrained(
-                    node=node, reason=f"{DRAIN_PREFIX}rank {', '.join(map(str, ranks))} of "
-                    f"{job.id} could not be confirmed gone while {node} was unreachable; "
-                    f"undrained once ugrod has killed what is left there"))
-        self._to_reap.add(node)
+        self._fencer.watch(node)
         self._executor.abandon(job.id, job.attempt, node)
 
     # ---- vanished ranks --------------------------------------------------------------
@@ -396,81 +389,6 @@ class Watchdog:
             await self._stop(job, f"{what}; stall_action requeue: stopped to be retried from "
                                   f"its newest checkpoint"
                              + (f"; stacks in {path}" if path is not None else ""))
-
-    # ---- leftovers -------------------------------------------------------------------
-
-    def _reap_returned(self, state: State) -> None:
-        now = asyncio.get_running_loop().time()
-        for name in list(self._to_reap):
-            if name not in state.nodes:
-                self._to_reap.discard(name)
-                continue
-            b = self._monitor.breaker(name)
-            agent = self._fleet.agent(name)
-            if name in self._reaping or agent is None or b is None \
-                    or b.state is not BreakerState.CLOSED \
-                    or name not in self._monitor.latest_samples() \
-                    or now < self._reap_after.get(name, 0.0):
-                continue
-            self._reap_after[name] = now + REAP_RETRY_S
-            task = asyncio.get_running_loop().create_task(self._reap(name, agent))
-            self._reaping[name] = task
-            task.add_done_callback(lambda t, n=name: self._reaped(n, t))  # type: ignore[misc]
-
-    def _reaped(self, name: str, task: asyncio.Task[None]) -> None:
-        self._reaping.pop(name, None)
-        if not task.cancelled() and task.exception() is not None:
-            logger.error("clearing leftovers on %s failed", name, exc_info=task.exception())
-
-    async def _reap(self, name: str, agent: NodeAgent) -> None:
-        """Kill rank processes of attempts no longer active on a node that answers again."""
-        try:
-            async with asyncio.timeout(60):
-                left = await self._leftovers(name, agent)
-                for job_id, attempt, rank in left:
-                    if self._active(job_id, attempt):
-                        continue  # placed while the node was scanned: not a leftover
-                    logger.warning("node %s: killing leftover rank %d of %s (attempt %d)",
-                                   name, rank, job_id, attempt)
-                    await agent.kill(job_id, attempt, rank, signal.SIGKILL)
-                for _ in range(20):
-                    if not left:
-                        break
-                    await asyncio.sleep(0.25)
-                    left = await self._leftovers(name, agent)
-        except (TransportError, TimeoutError, ValueError) as exc:
-            logger.info("node %s: leftovers not cleared yet: %s", name, exc)
-            return
-        if left:
-            logger.warning("node %s: leftover ranks still alive after SIGKILL: %s", name, left)
-            return
-        self._to_reap.discard(name)
-        self._reap_after.pop(name, None)
-        node = self._ledger.state.nodes.get(name)
-        if node is not None and node.drained and node.drain_reason.startswith(DRAIN_PREFIX):
-            with contextlib.suppress(InvalidEvent):
-                await self._ledger.record(ev.DAEMON, ev.NodeUndrained(node=name))
-            logger.info("node %s: no leftover rank processes; undrained", name)
-
-    async def _leftovers(self, name: str, agent: NodeAgent) -> list[tuple[str, int, int]]:
-        state = self._ledger.state
-        keep = [await agent.run_dir(j.id, j.attempt, p.rank) for j in state.active_jobs()
-                if j.state in ACTIVE for p in j.placement if p.node == name]
-        jobs = posixpath.join(await agent.work_dir(), "jobs")
-        res = await agent.transport.run([agent.python, "-c", LEFTOVERS_SCRIPT, jobs, *keep])
-        if res.exit_code != 0:
-            raise ValueError(f"leftover scan failed: {res.stderr_line()}")
-        found = json.loads(res.stdout.decode("utf-8", "replace").strip().splitlines()[-1])
-        out = []
-        for d in found.get("run_dirs", []):
-            m = _RUN_DIR.fullmatch(posixpath.relpath(str(d), jobs))
-            if m is not None and not self._active(m["job"], int(m["attempt"])):
-                out.append((m["job"], int(m["attempt"]), int(m["rank"])))
-        return out
-
-    def _active(self, job_id: str, attempt: int) -> bool:
-        job = self._ledger.state.jobs.get(job_id)
-        return job is not None and job.state in ACTIVE and job.attempt == attempt
 
     # ---- recording -------------------------------------------------------------------
 

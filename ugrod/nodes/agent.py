@@ -163,7 +163,7 @@ _session_decoder = msgspec.json.Decoder(_SessionReply)
 # Answered by the long-lived session; `reach` waits on the network, so it runs on its own.
 _SESSION_COMMANDS = frozenset(
     {"start", "status", "kill", "alive-pids", "checkpoint", "ls-checkpoints", "free-port",
-     "sync-missing", "sync-tree"}
+     "sync-missing", "sync-tree", "fence"}
 )
 
 
@@ -173,6 +173,11 @@ class _Status(msgspec.Struct):
     exit_code: int | None
     pids: list[int] = []
     exited_at: float | None = None
+
+
+class _Fenced(msgspec.Struct):
+    killed: list[int]
+    alive: list[int]
 
 
 class _Checkpoint(msgspec.Struct):
@@ -480,6 +485,18 @@ class NodeAgent:
         result = await self._call("kill", rd, str(int(sig)))
         if not result.ok:
             raise TransportError(self.node, f"kill {rd}: {result.stderr_line()}")
+
+    async def fence(self, run_dirs: Sequence[str]) -> dict[str, tuple[int, int]]:
+        """Fence run dirs of ended attempts: no late start of them may run, and whatever of
+        their ranks is alive is killed. Run dir -> (processes killed, processes still alive)."""
+        if not run_dirs:
+            return {}
+        reply = self._reply(await self._call("fence", *run_dirs), "fence")
+        try:
+            found = msgspec.convert(reply, dict[str, _Fenced])
+        except msgspec.ValidationError as exc:
+            raise WrapperProtocolError(self.node, f"fence: {exc}") from exc
+        return {d: (len(f.killed), len(f.alive)) for d, f in found.items()}
 
     async def request_checkpoint(self, job: str, attempt: int, rank: int) -> None:
         rd = await self.run_dir(job, attempt, rank)

@@ -42,6 +42,8 @@ class HealthChecks(Protocol):
 
     async def check_now(self, name: str) -> None: ...
 
+    async def suspect(self, name: str, why: str) -> None: ...
+
     async def check(self, name: str, *, deep: bool = False) -> list[dict[str, Any]]: ...
 
     def view(self, name: str) -> dict[str, Any] | None: ...
@@ -279,6 +281,12 @@ class Fleet:
         planner) learn whether it answers before the next sweep."""
         if self.health is not None:
             self._keep(asyncio.get_running_loop().create_task(self.health.check_now(name)))
+
+    def suspect(self, name: str, why: str) -> None:
+        """Something other than a check (a launch) could not reach ``name``: it takes no
+        new work until a check passes, and one runs now, in the background."""
+        if self.health is not None:
+            self._keep(asyncio.get_running_loop().create_task(self.health.suspect(name, why)))
 
     def node_view(self, name: str) -> Mapping[str, Any] | None:
         """What the monitor knows of a node now (None: not monitored)."""

@@ -33,6 +33,7 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   status RUN_DIR                        {"pid", "alive", "exit_code", "pids"}
   kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
+  fence RUN_DIR...                      {"RUN_DIR": {"killed": [pid...], "alive": [pid...]}}
   checkpoint RUN_DIR | ls-checkpoints DIR [CWD PATTERN...] | free-port [LOW HIGH]
   reach HOST PORT TIMEOUT
   sync-missing STORE | sync-put STORE | sync-tree STORE DEST   the code of --sync jobs
@@ -65,6 +66,9 @@ from ugrod.nodes.remote.procscan import MARKER, pids_by_run_dir, proc_stat
 POLL_S = 0.05
 LOG_CHUNK = 48 * 1024
 METRICS_READ = 1024 * 1024
+# In a run dir: ugrod ended that attempt and fenced it; a start that arrives later (sent
+# before a partition, delivered after it) must not run it.
+FENCED = "fenced"
 # Exit code of a rank that vanished with nobody to record its end (node rebooted,
 # supervisor killed): without it a watch would wait forever.
 LOST = -1
@@ -505,6 +509,9 @@ def start_as_owner(run_dir: str, spec: dict[str, Any], spec_text: str,
 
 
 def start_locked(run_dir: str, spec: dict[str, Any], lock: int, cg: str | None = None) -> Answer:
+    if os.path.exists(os.path.join(run_dir, FENCED)):  # its attempt ended: a late request
+        return 1, {"error": "not started: ugrod fenced this attempt (it had ended)",
+                   "exit_code": LOST}
     rec = recorded_pid(run_dir)
     if rec is not None:  # started before (a retried spawn): same answer, no second rank
         return 0, {"pid": rec[0], "existing": True}
@@ -895,6 +902,39 @@ def kill_rank(run_dir: str, sig: int) -> Answer:
     return 0, {"pid": rec[0] if rec else None, "group": leader is not None, "signalled": signalled}
 
 
+def cmd_fence(run_dirs: list[str]) -> Answer:
+    """Fence each run dir: no start of it may run from now on, and whatever of its rank is
+    alive is killed (SIGKILL, waited for up to 5 s)."""
+    out = {}
+    for d in run_dirs:
+        _, out[d] = as_owner(d, fence_one, d)
+    return 0, out
+
+
+def fence_one(run_dir: str) -> Answer:
+    os.makedirs(run_dir, mode=0o700, exist_ok=True)
+    lock = os.open(os.path.join(run_dir, "start.lock"),
+                   os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # a start in progress finishes first (then killed)
+        write_atomic(os.path.join(run_dir, FENCED), f"{time.time():f}\n")
+    finally:
+        os.close(lock)
+    found = rank_pids(run_dir)
+    if found:
+        kill_rank(run_dir, signal.SIGKILL)
+    deadline = time.monotonic() + 5.0
+    alive = rank_pids(run_dir)
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.05)
+        alive = rank_pids(run_dir)
+    if recorded_pid(run_dir) is None and exit_code(run_dir) is None and not alive:
+        # Never started: its end is this (a watch of it ends instead of waiting forever).
+        write_atomic(os.path.join(run_dir, "start_error"), "fenced by ugrod before it started")
+        write_atomic(os.path.join(run_dir, "exit_code"), f"{LOST}\n")
+    return 0, {"killed": found, "alive": alive}
+
+
 def cmd_checkpoint(run_dir: str) -> Answer:
     def write() -> Answer:
         write_atomic(os.path.join(run_dir, "checkpoint.request"), f"{time.time():f}\n")
@@ -1121,6 +1161,8 @@ def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
         return cmd_alive_pids(args)
     if cmd == "checkpoint":
         return cmd_checkpoint(args[0])
+    if cmd == "fence":
+        return cmd_fence(args)
     if cmd == "ls-checkpoints":
         return cmd_ls_checkpoints(args[0], args[1] if len(args) > 1 else "", args[2:])
     if cmd == "free-port":

@@ -119,6 +119,12 @@ class Transport(Protocol):
         """The login user's home directory on that node."""
         ...
 
+    async def poke(self, timeout_s: float) -> bool:
+        """Whether the node answers at all right now, as cheaply as can be asked (no login,
+        no command): the monitor asks it while a node's breaker is open, to try it at once
+        when its path comes back instead of after the backoff. Never raises."""
+        ...
+
     async def close(self) -> None:
         """Drop connections; the transport may be used again afterwards."""
         ...

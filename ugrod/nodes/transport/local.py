@@ -131,6 +131,9 @@ class LocalTransport:
     async def home(self) -> str:
         return os.path.expanduser("~")
 
+    async def poke(self, timeout_s: float) -> bool:
+        return True  # this machine
+
     async def close(self) -> None:
         return None
 

@@ -461,6 +461,21 @@ class SshTransport:
             )
         return TransportError(self.node, f"{what}: SSH connection to {self.where} lost: {exc}")
 
+    async def poke(self, timeout_s: float) -> bool:
+        """Whether the node's sshd sends its banner on a new TCP connection within
+        ``timeout_s`` (no key exchange, no login: cheap enough for every health sweep)."""
+        writer = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                reader, writer = await asyncio.open_connection(self.host, self.port)
+                line = await reader.readline()
+        except (OSError, TimeoutError, ValueError):
+            return False
+        finally:
+            if writer is not None:
+                writer.close()
+        return line.startswith(b"SSH-")
+
     def forget_failures(self) -> None:
         """Let the next call connect at once (e.g. after its host key was trusted)."""
         self._last_error = None
