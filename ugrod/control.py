@@ -26,7 +26,7 @@ from ugrod.core import commands, health, jobspec, planner
 from ugrod.core import events as ev
 from ugrod.core.commands import Refused
 from ugrod.core.jobspec import SubmitBody, SweepBody, check_name
-from ugrod.core.state import TERMINAL, Job, JobState, NodeHealth, State
+from ugrod.core.state import TERMINAL, Job, JobState, State
 from ugrod.loops.executor import Executor
 from ugrod.loops.planning import Planning
 from ugrod.nodes import codesync
@@ -81,12 +81,11 @@ class Host(Protocol):
 
 class Submitted(msgspec.Struct, frozen=True, kw_only=True):
     """What a submit did: the job, whether this request made it, and for a dry run the
-    job as it would be queued and where it would start (nothing recorded)."""
+    state it would make (nothing recorded; ``views.launch_plan`` says where it starts)."""
 
     job: str
     created: bool
-    preview: Job | None = None
-    plan: dict[str, Any] | None = None
+    preview: State | None = None
 
 
 class BulkBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
@@ -100,6 +99,9 @@ class BulkBody(msgspec.Struct, forbid_unknown_fields=True, kw_only=True):
     sweep: str | None = None
     priority: int | None = None
     wait: bool = False
+
+
+Judged = tuple[list[str], list[commands.Refusal]]  # (jobs changed, jobs refused and why)
 
 
 class Control:
@@ -191,8 +193,7 @@ class Control:
             # Every check a submit makes, and the job as it would be queued; nothing
             # is recorded (the same rule builds it, on a state that is then dropped).
             preview, (job_id, _) = self.ledger.preview_decided(actor, decide)
-            return Submitted(job=job_id, created=False, preview=preview.jobs[job_id],
-                             plan=self.launch_plan(preview, job_id))
+            return Submitted(job=job_id, created=False, preview=preview)
         _, (job_id, created) = await self.ledger.record_decided(actor, decide)
         async with asyncio.timeout(30):  # a twin request's job: answered once it is durable
             while job_id not in self.state.jobs:
@@ -247,40 +248,6 @@ class Control:
         except codesync.SyncError as exc:
             raise Refused("bad_request", f"--sync: {exc}") from None
 
-    def launch_plan(self, state: State, job_id: str) -> dict[str, Any]:
-        """What a dry run would start, from a state holding the job: where, how, in which dir.
-
-        The planner's own decision on that state (pure); the rendezvous port is the first
-        of the range here (the real one is reserved when the job is placed).
-        """
-        host, fleet = self._host, self._host.fleet
-        job = state.jobs[job_id]
-        p = host.planning.plan(state)
-        placed = next((x for x in p.placements if x.job == job_id), None)
-        out: dict[str, Any] = {"torchrun": job.spec.torchrun, "cwd": job.spec.cwd,
-                               "sync": job.spec.sync, "ranks": [],
-                               "unreachable": [{"node": n.name, "reason": n.health_reason}
-                                               for n in state.nodes.values()
-                                               if n.health is NodeHealth.UNREACHABLE]}
-        if placed is None:
-            out["waiting"] = p.waiting.get(job_id) or p.unrunnable.get(job_id) or ""
-            return out
-        ranks = placed.ranks
-        if job.spec.torchrun and len(ranks) > 1:
-            ranks = fleet.rendezvous_order(ranks)
-        rank0 = next(r for r in ranks if r.rank == 0)
-        port = host.config.cluster.rdzv_port_range[0] if job.spec.torchrun else 0
-        job = msgspec.structs.replace(job, placement=ranks, attempt=1, rdzv_port=port,
-                                      rdzv_host=fleet.rendezvous_host(rank0.node))
-        for r in sorted(ranks, key=lambda r: r.rank):
-            node = state.nodes[r.node]
-            argv, _ = host.executor.rank_argv(job, r, node.spec.python)
-            cwd = (f"{node.spec.work_dir.rstrip('/')}/jobs/{job_id}/code" if job.spec.sync
-                   else job.spec.cwd)
-            out["ranks"].append({"rank": r.rank, "node": r.node, "gpus": list(r.gpus),
-                                 "argv": argv, "cwd": cwd})
-        return out
-
     # ---- one job --------------------------------------------------------------------------
 
     async def act(self, actor: ev.Actor, job_id: str, action: str, verb: str,
@@ -334,8 +301,7 @@ class Control:
 
     # ---- many jobs --------------------------------------------------------------------------
 
-    async def bulk(self, actor: ev.Actor, body: BulkBody
-                   ) -> tuple[list[str], list[commands.Refusal]]:
+    async def bulk(self, actor: ev.Actor, body: BulkBody) -> Judged:
         """cancel/hold/release/priority over named jobs and/or a filter, as one batch.
 
         Each job is judged on its own (owner, state): the ones that can take the action
@@ -362,8 +328,7 @@ class Control:
             raise Refused("bad_request", "--user: expected a user name (1-64 characters)")
         may = functools.partial(self.may_change, actor)
 
-        def decide(tip: State) -> tuple[list[ev.Event],
-                                         tuple[list[str], list[commands.Refusal]]]:
+        def decide(tip: State) -> tuple[list[ev.Event], Judged]:
             chosen, missing = commands.select(tip, actor, body.jobs, where)
             events, done, refused = commands.bulk(tip, actor, body.action, chosen, may,
                                                   body.priority)

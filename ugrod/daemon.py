@@ -15,11 +15,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from aiohttp import web
-
 from ugrod import __version__
 from ugrod.api import admission, trust
-from ugrod.api.app import build_app
+from ugrod.api import app as api_app
 from ugrod.config import loading
 from ugrod.config import schema as cfgmod
 from ugrod.control import Control
@@ -63,7 +61,7 @@ class Daemon:
         self.monitor: Any = None
         self.watchdog: Any = None
         self.fencer: Any = None
-        self._runner: web.AppRunner | None = None
+        self._listener: api_app.Listener | None = None  # the control socket
         self.admission: admission.Admission | None = None  # the control socket's limits
         self._metrics_runner: Any = None
         self._scheduler: Schedule | None = None
@@ -162,9 +160,8 @@ class Daemon:
         self.closing.set()
         if self.ledger is not None:
             self.ledger.end_streams()
-        if self._runner is not None:
-            await self._runner.shutdown()
-            await self._runner.cleanup()
+        if self._listener is not None:
+            await self._listener.close()
         if self._metrics_runner is not None:
             with contextlib.suppress(Exception):
                 await self._metrics_runner.cleanup()
@@ -213,17 +210,9 @@ class Daemon:
         logger.info("control socket: at most %d connections (%d per user; descriptor limit "
                     "%d), idle ones closed after %g s", self.admission.max_total,
                     self.admission.per_user, fd_limit, api.idle_timeout_s)
-        app = build_app(self, max_body_bytes=api.max_body_bytes)
-        self._runner = web.AppRunner(app, handle_signals=False, access_log=None,
-                                     shutdown_timeout=10, keepalive_timeout=api.idle_timeout_s)
-        await self._runner.setup()
-        old = os.umask(0o117)
-        try:
-            site = admission.gated_unix_site(self.admission)(self._runner, str(path),
-                                                             backlog=1024)
-            await site.start()
-        finally:
-            os.umask(old)
+        self._listener = await api_app.listen(self, path, self.admission,
+                                              max_body_bytes=api.max_body_bytes,
+                                              idle_timeout_s=api.idle_timeout_s)
         if group is not None:
             try:
                 os.chown(path, -1, group)

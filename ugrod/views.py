@@ -1,4 +1,5 @@
-"""What clients read about jobs beyond their state: the queue, ``why``, results, sweeps.
+"""What clients read about jobs beyond their state: the queue, ``why``, results, sweeps,
+and where a dry run would start.
 
 Each is read from the committed state, the event history, a job's directory and the
 executor's latest metrics; none changes anything but a finished job's ``result.json``
@@ -14,14 +15,18 @@ import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
+import msgspec
+
+from ugrod.config import schema as cfgmod
 from ugrod.core import codec
 from ugrod.core import events as ev
 from ugrod.core import progress_formats as pf
 from ugrod.core import render_json as rj
-from ugrod.core.state import TERMINAL, WAITING, Job, State, Sweep
+from ugrod.core.state import TERMINAL, WAITING, Job, NodeHealth, State, Sweep
 from ugrod.core.why import explain
 from ugrod.loops.executor import Executor
 from ugrod.loops.planning import Planning
+from ugrod.nodes.fleet import Fleet
 from ugrod.store import job_results, reports
 from ugrod.store.ledger import Ledger
 
@@ -44,6 +49,12 @@ class Sources(Protocol):
 
     @property
     def planning(self) -> Planning: ...
+
+    @property
+    def fleet(self) -> Fleet: ...
+
+    @property
+    def config(self) -> cfgmod.Config: ...
 
 
 class Views:
@@ -168,6 +179,42 @@ class Views:
         return {"job": rj.job(job, executor.latest.get(job.id)), "summary": summary,
                 "checkpoints": checkpoints, "resources": resources,
                 "job_dir": str(jobdir)}
+
+    # ---- a dry run ----------------------------------------------------------------------
+
+    def launch_plan(self, state: State, job_id: str) -> dict[str, Any]:
+        """What a dry run would start, from a state holding the job: where, how, in which dir.
+
+        The planner's own decision on that state (pure); the rendezvous port is the first
+        of the range here (the real one is reserved when the job is placed).
+        """
+        src, fleet = self._src, self._src.fleet
+        job = state.jobs[job_id]
+        p = src.planning.plan(state)
+        placed = next((x for x in p.placements if x.job == job_id), None)
+        out: dict[str, Any] = {"torchrun": job.spec.torchrun, "cwd": job.spec.cwd,
+                               "sync": job.spec.sync, "ranks": [],
+                               "unreachable": [{"node": n.name, "reason": n.health_reason}
+                                               for n in state.nodes.values()
+                                               if n.health is NodeHealth.UNREACHABLE]}
+        if placed is None:
+            out["waiting"] = p.waiting.get(job_id) or p.unrunnable.get(job_id) or ""
+            return out
+        ranks = placed.ranks
+        if job.spec.torchrun and len(ranks) > 1:
+            ranks = fleet.rendezvous_order(ranks)
+        rank0 = next(r for r in ranks if r.rank == 0)
+        port = src.config.cluster.rdzv_port_range[0] if job.spec.torchrun else 0
+        job = msgspec.structs.replace(job, placement=ranks, attempt=1, rdzv_port=port,
+                                      rdzv_host=fleet.rendezvous_host(rank0.node))
+        for r in sorted(ranks, key=lambda r: r.rank):
+            node = state.nodes[r.node]
+            argv, _ = src.executor.rank_argv(job, r, node.spec.python)
+            cwd = (f"{node.spec.work_dir.rstrip('/')}/jobs/{job_id}/code" if job.spec.sync
+                   else job.spec.cwd)
+            out["ranks"].append({"rank": r.rank, "node": r.node, "gpus": list(r.gpus),
+                                 "argv": argv, "cwd": cwd})
+        return out
 
     # ---- sweeps -----------------------------------------------------------------------------
 
