@@ -56,6 +56,8 @@ class UgroCallback(_Base):  # type: ignore[misc,valid-type,unused-ignore]
             ugro_torch.report(numbers, step=state.global_step)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if ugro_metrics.enabled() and not state.is_world_process_zero:
+            ugro_metrics.report(step=state.global_step)  # a heartbeat by this node's path
         if ugro_torch.should_checkpoint():
             control.should_save = True
 

@@ -85,6 +85,8 @@ class UgroCallback(_Callback):  # type: ignore[misc,valid-type,unused-ignore]
                            batch_idx: int) -> None:
         if not ugro_metrics.enabled():
             return
+        if not getattr(trainer, "is_global_zero", True):  # a heartbeat by this node's path
+            ugro_metrics.report(step=int(trainer.global_step))
         asked = ugro_metrics.checkpoint_requested(all_ranks=True)
         if not trainer.strategy.reduce_boolean_decision(asked, all=False):
             return

@@ -117,3 +117,35 @@ def test_job_file_keys() -> None:
                          "loss_key: train/loss\nstop_grace_s: 20\n", "job.yaml")
     assert body["progress"] == ["hf", "tqdm"] and body["loss_key"] == "train/loss"
     assert body["stop_grace_s"] == 20.0 and body["progress_rank"] == 0
+
+
+HEARTBEAT = r"""
+import sys
+for name in ("transformers", "lightning", "torch", "pytorch_lightning"):
+    sys.modules[name] = None
+from types import SimpleNamespace as NS
+from exporters import ugro_hf, ugro_lightning
+state = NS(is_world_process_zero=False, global_step=7, max_steps=10)
+ugro_hf.UgroCallback().on_step_end(NS(), state, NS(should_save=False))
+trainer = NS(strategy=NS(reduce_boolean_decision=lambda d, all=False: d), is_global_zero=False,
+             default_root_dir=".", global_step=8, save_checkpoint=lambda p: None)
+ugro_lightning.UgroCallback().on_train_batch_end(trainer, None, None, None, 0)
+"""
+
+
+def test_on_other_ranks_the_integrations_write_a_heartbeat_of_the_step(tmp_path: Path) -> None:
+    # The job's progress by each node's own path (ugrod/core/node_loss.py): rank 1's
+    # callbacks report its step; at most one line a second.
+    run_dir = tmp_path / "rank-1"
+    run_dir.mkdir()
+    script = tmp_path / "beat.py"
+    script.write_text(HEARTBEAT)
+    base = {k: v for k, v in os.environ.items() if not k.startswith("UGRO_")}
+    res = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=60, env={
+                             **base, "PYTHONPATH": str(ROOT), "RANK": "1", "LOCAL_RANK": "0",
+                             "UGRO_JOB_DIR": str(run_dir),
+                             "UGRO_METRICS_FILE": str(run_dir / "m.jsonl")})
+    assert res.returncode == 0, res.stderr
+    (beat,) = [json.loads(x) for x in (run_dir / "m.jsonl").read_text().splitlines()]
+    assert (beat["event"], beat["step"], beat["rank"]) == ("heartbeat", 7, 1)
