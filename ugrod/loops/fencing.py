@@ -32,6 +32,7 @@ from typing import Any, Protocol
 from ugrod.core import events as ev
 from ugrod.core import fencing as fc
 from ugrod.core.fencing import RunDir
+from ugrod.core.health import Breaker, BreakerState
 from ugrod.core.state import TERMINAL, InvalidEvent, Job, State
 from ugrod.loops import backfill
 from ugrod.loops.schedule import Schedule
@@ -45,7 +46,6 @@ logger = logging.getLogger("ugrod.loops.fencing")
 
 JOB_ID = "fencing"
 TICK_S = 1.0
-RETRY_S = 30.0  # a node the monitor says nothing about is tried again this often
 RECENT_S = 7 * 86400.0  # ended jobs whose back-fill marks are looked for at start
 # argv: JOBS_DIR KEEP_RUN_DIR...: run dirs under JOBS_DIR with a live process, other than
 # the ones to keep; prints one JSON object (nodes/remote/leftovers.py).
@@ -53,9 +53,12 @@ LEFTOVERS_SCRIPT = programs.text("leftovers")
 
 
 class Monitor(Protocol):
-    """What fencing needs of the monitor: when a node last answered a check (its clock)."""
+    """What fencing needs of the monitor: when a node last answered a check (its clock),
+    and its breaker."""
 
     def last_answer(self, name: str) -> float | None: ...
+
+    def breaker(self, name: str) -> Breaker | None: ...
 
 
 class Fencer:
@@ -71,7 +74,6 @@ class Fencer:
         self._on_metric = on_metric
         self._pending: dict[str, set[RunDir]] = {}  # node -> ranks that may run there
         self._tried: dict[str, float] = {}  # node -> its last answer when last tried
-        self._tried_at: dict[str, float] = {}  # node -> when last tried (loop time)
         self._running: dict[str, asyncio.Task[None]] = {}
         self._marks: dict[str, list[backfill.Mark]] = {}  # node -> back-fills to do there
         self._closed = False
@@ -105,10 +107,6 @@ class Fencer:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
 
-    def pending(self) -> dict[str, list[RunDir]]:
-        """Fenced nodes and the ranks known to be fenced there (for tests and views)."""
-        return {n: sorted(r) for n, r in self._pending.items()}
-
     # ---- fencing ----------------------------------------------------------------------
 
     async def fence(self, job: Job, ranks: Mapping[str, Sequence[int]], why: str) -> None:
@@ -139,11 +137,20 @@ class Fencer:
             with contextlib.suppress(InvalidEvent):  # a node removed meanwhile
                 await self._ledger.record(ev.DAEMON, *drains)
         for node in ranks:
-            self._tried.pop(node, None)
+            self._await_answer(node)
 
     def watch(self, node: str) -> None:
         """Clear ``node`` of ranks of ended attempts once it answers (its breaker opened)."""
-        self._pending.setdefault(node, set())
+        if node not in self._pending:
+            self._pending[node] = set()
+            self._await_answer(node)
+
+    def _await_answer(self, node: str) -> None:
+        """Clear ``node`` at its next answer, not before: a try on a node that does not
+        answer would only hang (and hold up the one that follows its return)."""
+        if node not in self._running:
+            last = self._monitor.last_answer(node)
+            self._tried[node] = last if last is not None else -math.inf
 
     def answered(self, node: str) -> None:
         """The monitor heard from ``node``: clear it now if it is fenced."""
@@ -154,16 +161,12 @@ class Fencer:
         """Clear every fenced node that answered since it was last tried."""
         if self._closed:
             return
-        now = asyncio.get_running_loop().time()
         for node in list(self._pending):
             if node not in self._ledger.state.nodes:
                 self._pending.pop(node, None)
                 continue
             last = self._monitor.last_answer(node)
-            if last is not None:
-                if last > self._tried.get(node, -math.inf):
-                    self._start(node)
-            elif now - self._tried_at.get(node, -math.inf) >= RETRY_S:
+            if last is not None and last > self._tried.get(node, -math.inf):
                 self._start(node)
 
     def _on_commit(self, records: list[ev.Record], state: State) -> None:
@@ -175,16 +178,16 @@ class Fencer:
                 continue
             job = getattr(e, "job", "")
             for node, rds in list(self._pending.items()):
-                if any(rd.job == job for rd in rds):
-                    self._tried.pop(node, None)  # cancel reaches its orphans: try now
-                    self._start(node)
+                b = self._monitor.breaker(node)
+                if any(rd.job == job for rd in rds) and b is not None \
+                        and b.state is BreakerState.CLOSED:
+                    self._start(node)  # cancel reaches its orphans: now, if the node answers
 
     def _start(self, node: str) -> None:
         if self._closed or node in self._running or node not in self._fleet.agents:
             return
         last = self._monitor.last_answer(node)
         self._tried[node] = last if last is not None else -math.inf
-        self._tried_at[node] = asyncio.get_running_loop().time()
         task = asyncio.get_running_loop().create_task(self._clear(node), name=f"fence {node}")
         self._running[node] = task
         task.add_done_callback(lambda t, n=node: self._cleared(n, t))  # type: ignore[misc]
