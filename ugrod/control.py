@@ -15,7 +15,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import itertools
-import time
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
@@ -35,6 +34,8 @@ from ugrod.store.ledger import Ledger
 
 WAIT_CANCEL_S = 120.0  # how long `cancel --wait` waits for the processes to be gone
 WAIT_CHECKPOINT_S = 600.0  # the longest `checkpoint --wait`
+WAIT_TWIN_S = 30.0  # a retried submit's wait for the job its first try is recording
+GONE_CHECK_S = 0.5  # how often a waiting command looks whether its asker went away
 
 
 class Policy(Protocol):
@@ -195,9 +196,9 @@ class Control:
             preview, (job_id, _) = self.ledger.preview_decided(actor, decide)
             return Submitted(job=job_id, created=False, preview=preview)
         _, (job_id, created) = await self.ledger.record_decided(actor, decide)
-        async with asyncio.timeout(30):  # a twin request's job: answered once it is durable
-            while job_id not in self.state.jobs:
-                await asyncio.sleep(0.01)
+        # A twin request's job (still in flight when this one came): answered once durable.
+        if not await self._until(lambda state: job_id in state.jobs, WAIT_TWIN_S):
+            raise TimeoutError(f"job {job_id} was not recorded within {WAIT_TWIN_S:g} s")
         return Submitted(job=job_id, created=created)
 
     def job_spec(self, body: SubmitBody, name: str = "") -> ev.JobSpec:
@@ -281,13 +282,10 @@ class Control:
         before = len(job.checkpoints)
         await self.ledger.record(actor, commands.checkpoint(job))
         if wait_s > 0:
-            deadline = time.monotonic() + min(wait_s, WAIT_CHECKPOINT_S)
-            while time.monotonic() < deadline:
-                cur = self.state.jobs[job.id]
-                if len(cur.checkpoints) > before or cur.state is not JobState.RUNNING \
-                        or gone() or self._host.closing.is_set():
-                    break
-                await asyncio.sleep(0.2)
+            def saved_or_ended(state: State) -> bool:
+                cur = state.jobs[job.id]
+                return len(cur.checkpoints) > before or cur.state is not JobState.RUNNING
+            await self._until(saved_or_ended, min(wait_s, WAIT_CHECKPOINT_S), gone)
 
     async def resume(self, actor: ev.Actor, job_id: str, changes: Mapping[str, str]) -> None:
         """Queue a failed or cancelled job again, from its newest checkpoint."""
@@ -344,13 +342,46 @@ class Control:
 
     async def wait_terminal_all(self, job_ids: list[str], timeout_s: float) -> None:
         """Until every job has ended (or waits to retry), the deadline, or ugrod stopping."""
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline and not self._host.closing.is_set():
-            jobs = self.state.jobs
-            if all(jobs[j].state in TERMINAL or jobs[j].state is JobState.RETRYING
-                   for j in job_ids):
-                return
-            await asyncio.sleep(0.1)
+        def ended(state: State) -> bool:
+            jobs = state.jobs
+            return all(jobs[j].state in TERMINAL or jobs[j].state is JobState.RETRYING
+                       for j in job_ids)
+        await self._until(ended, timeout_s)
+
+    async def _until(self, done: Callable[[State], bool], timeout_s: float,
+                     gone: Callable[[], bool] = lambda: False) -> bool:
+        """Wait until ``done(state)`` (True), the deadline, ugrod stopping or ``gone()``
+        (the asker left; looked at every GONE_CHECK_S).
+
+        Woken by the ledger's commits (``Ledger.subscribe``), not by polling: ``done`` is
+        asked again after each batch of events, on the committed state.
+        """
+        ledger, closing = self.ledger, self._host.closing
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout_s
+        sub = None
+        try:
+            while True:
+                if done(self.state):
+                    return True
+                left = deadline - loop.time()
+                if left <= 0 or closing.is_set() or gone():
+                    return False
+                if sub is None:  # no await since done() was asked: no commit is missed
+                    sub = ledger.subscribe()
+                try:
+                    async with asyncio.timeout(min(left, GONE_CHECK_S)):
+                        rec = await sub.get()
+                except TimeoutError:
+                    continue
+                while rec is not None and not sub.empty():  # a batch: one look at the end
+                    rec = sub.get_nowait()
+                if rec is None:  # ugrod stopping, or cut off (it fell behind): anew
+                    ledger.unsubscribe(sub)
+                    sub = None
+        finally:
+            if sub is not None:
+                ledger.unsubscribe(sub)
 
     # ---- sweeps ---------------------------------------------------------------------------
 
