@@ -293,7 +293,7 @@ class Control:
         self.own(actor, job, "resume")
         resumed = commands.resume(job, changes)
         executor = self._host.executor
-        resume_from = await executor._newest_checkpoint(job) if job.placement else None
+        resume_from = await executor.newest_checkpoint(job) if job.placement else None
         await self.ledger.record(actor, msgspec.structs.replace(resumed,
                                                                 resume_from=resume_from))
 

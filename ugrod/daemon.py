@@ -29,7 +29,9 @@ from ugrod.core.state import (
 )
 from ugrod.loops.checkpoints import CopySettings
 from ugrod.loops.executor import Executor
+from ugrod.loops.exits import Exits
 from ugrod.loops.planning import Planning
+from ugrod.loops.progress import Progress
 from ugrod.loops.schedule import Schedule
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
@@ -58,6 +60,8 @@ class Daemon:
         self.executor: Executor = None  # type: ignore[assignment]
         self.fleet: Fleet = None  # type: ignore[assignment]
         self.planning: Planning = None  # type: ignore[assignment]
+        self.progress: Progress = None  # type: ignore[assignment]  # each job's progress
+        self.exits: Exits = None  # type: ignore[assignment]  # rank ends, to supervision
         self.monitor: Any = None
         self.watchdog: Any = None
         self.fencer: Any = None
@@ -107,10 +111,13 @@ class Daemon:
         self.stats.rebuild(self.ledger.state)
         self.ledger.on_commit(self.stats.jobs_committed)
         results = self.config.paths.results
+        self.progress = Progress(self.ledger)
+        self.exits = Exits(self.ledger)
         self.executor = Executor(self.ledger, self.fleet, results or self.state_dir / "jobs",
                                  grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
-                                 on_job_end=self.views.job_ended, code_store=self.code_store)
+                                 on_job_end=self.views.job_ended, code_store=self.code_store,
+                                 progress=self.progress, exits=self.exits)
         self.executor.timestamped_dirs = results is not None
         self.executor.checkpoints.settings = copy_settings(self.config.checkpoints)
         self.executor.checkpoints.stats = self.stats
@@ -227,7 +234,7 @@ class Daemon:
             try:
                 from ugrod.metrics import collector as metrics_mod
                 collector = metrics_mod.UgroCollector(
-                    lambda: self.ledger.state, self._samples, lambda: self.executor.latest,
+                    lambda: self.ledger.state, self._samples, self.progress.all_latest,
                     self.stats, get_scores=self._scores, version=__version__)
                 self._metrics_runner = await metrics_mod.start_metrics_server(
                     m.host, m.port, collector)
@@ -303,7 +310,8 @@ class Daemon:
             self.monitor.schedule(sched)
             from ugrod.loops.watchdog import Watchdog  # stalls, vanished ranks, dead nodes
             self.watchdog = Watchdog(
-                self.ledger, self.executor, self.monitor, self.fleet, self.fencer,
+                self.ledger, self.exits, self.progress, self.monitor, self.fleet, self.fencer,
+                self.executor.job_dir,
                 tolerance_s=lambda: self.config.health.unreachable_tolerance_s)
             self.watchdog.schedule(sched)
             self.fencer.schedule(sched)

@@ -2,7 +2,7 @@
 and where a dry run would start.
 
 Each is read from the committed state, the event history, a job's directory and the
-executor's latest metrics; none changes anything but a finished job's ``result.json``
+jobs' progress (``loops/progress.py``); none changes anything but a finished job's ``result.json``
 (written once, the first time it is read or when the job ends).
 """
 
@@ -26,6 +26,7 @@ from ugrod.core.state import TERMINAL, WAITING, Job, NodeHealth, State, Sweep
 from ugrod.core.why import explain
 from ugrod.loops.executor import Executor
 from ugrod.loops.planning import Planning
+from ugrod.loops.progress import Progress
 from ugrod.nodes.fleet import Fleet
 from ugrod.store import job_results, reports
 from ugrod.store.ledger import Ledger
@@ -43,6 +44,9 @@ class Sources(Protocol):
 
     @property
     def executor(self) -> Executor: ...
+
+    @property
+    def progress(self) -> Progress: ...
 
     @property
     def monitor(self) -> Any: ...
@@ -176,7 +180,7 @@ class Views:
             found = copier.discovered(job)
         checkpoints = copier.describe(job, found)
         resources = monitor.job_resources(job) if monitor is not None else {}
-        return {"job": rj.job(job, executor.latest.get(job.id)), "summary": summary,
+        return {"job": rj.job(job, self._src.progress.latest(job.id)), "summary": summary,
                 "checkpoints": checkpoints, "resources": resources,
                 "job_dir": str(jobdir)}
 
@@ -221,7 +225,7 @@ class Views:
     def sweep_view(self, sweep: Sweep) -> dict[str, Any]:
         executor = self._src.executor
         return reports.sweep_view(self._src.ledger.state, sweep, executor.job_dir,
-                                  executor.latest)
+                                  self._src.progress.all_latest())
 
 
 def _result_stored(task: asyncio.Task[Any]) -> None:

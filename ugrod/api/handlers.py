@@ -60,7 +60,7 @@ class Handlers:
             out = rj.job(job, None)
             out["spec"]["env"] = trust.redact_env(job.spec.env)
         else:
-            out = rj.job(job, self.d.executor.latest.get(job.id))
+            out = rj.job(job, self.d.progress.latest(job.id))
             # every checkpoint found (reported, on nodes, on the head), as last looked at
             copier = self.d.executor.checkpoints
             out["checkpoints_found"] = copier.describe(job, copier.discovered(job))
@@ -266,7 +266,7 @@ class Handlers:
         form (what a row shows), and the queue's order, reasons and estimates."""
         state = self.d.ledger.state
         ended = [state.jobs[j] for j in self.v.recent_ended(50)]
-        latest = self.d.executor.latest
+        latest = self.d.progress.all_latest()
 
         def row(j: Job) -> dict[str, Any]:
             m = latest.get(j.id) or {}

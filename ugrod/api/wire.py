@@ -27,6 +27,7 @@ from ugrod.core import events as ev
 from ugrod.core.commands import Refused
 from ugrod.core.state import InvalidEvent
 from ugrod.loops.executor import Executor
+from ugrod.loops.progress import Progress
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
 from ugrod.nodes.fleet import Fleet
@@ -49,6 +50,9 @@ class Host(Protocol):
 
     @property
     def executor(self) -> Executor: ...
+
+    @property
+    def progress(self) -> Progress: ...
 
     @property
     def fleet(self) -> Fleet: ...

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import signal
-from collections import deque
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,6 +30,8 @@ from ugrod.core.jobspec import procs_per_node
 from ugrod.core.state import ACTIVE, WAITING, InvalidEvent, Job, JobState, State
 from ugrod.loops import node_progress
 from ugrod.loops.checkpoints import Checkpoints
+from ugrod.loops.exits import VANISHED_EXIT_CODE, Exit, Exits
+from ugrod.loops.progress import Progress
 from ugrod.nodes import codesync, programs
 from ugrod.nodes.agent import (
     LogChunk,
@@ -47,12 +48,6 @@ from ugrod.store.ledger import Ledger
 
 logger = logging.getLogger("ugrod.loops.executor")
 
-Exit = tuple[ev.RankPlacement, int | None, float | None]
-"""A rank's end as its watch reports it: (rank, exit code or None if lost, when on its node)."""
-
-# The exit code of a rank whose processes vanished without an exit status (its supervisor
-# died with it: node reboot, OOM killer, kill -9 of the tree); the rank wrapper's LOST.
-VANISHED_EXIT_CODE = -1
 _DEFAULT_PROGRESS = ev.ProgressSpec()
 _encode = msgspec.json.encode
 OOM_MARKERS = ("CUDA out of memory", "torch.OutOfMemoryError", "torch.cuda.OutOfMemoryError",
@@ -66,8 +61,11 @@ class Executor:
                  grace_s: float = 10.0, start_timeout_s: float = 120.0,
                  rdzv_join_timeout_s: float = 300.0, network_interface: str | None = None,
                  on_job_end: Callable[[Job], None] | None = None,
-                 code_store: codesync.HeadStore | None = None) -> None:
+                 code_store: codesync.HeadStore | None = None,
+                 progress: Progress | None = None, exits: Exits | None = None) -> None:
         self.ledger = ledger
+        self.progress = progress or Progress(ledger)  # written here from what ranks report
+        self.exits = exits or Exits(ledger)  # rank ends, to each attempt's supervision
         self.code_store = code_store
         self.fleet = fleet  # the agent a job's ranks use on each node
         self.jobs_root = jobs_root
@@ -78,26 +76,15 @@ class Executor:
         self.on_job_end = on_job_end
         self.on_metric_dropped: Callable[[], None] | None = None
         self.dropped_metrics: dict[str, int] = {}  # job -> metrics lines dropped
-        # (job, attempt, rank) -> why its watch and status both failed: supervision ends it
-        self._watch_failures: dict[tuple[str, int, int], BaseException] = {}
         # The account a rank of this job runs as on that node (the rank wrapper's run_as),
         # or None for the wrapper's own; raises LaunchError when there is none allowed.
         self.run_as: Callable[[Job, str], Mapping[str, Any] | None] = lambda job, node: None
         # attempt -> rank -> (count, names) of processes a rank's main process left behind
         self._leftovers: dict[tuple[str, int], dict[int, tuple[int, tuple[str, ...]]]] = {}
-        # (job, attempt, rank) -> when the rank ended, by its node's clock
-        self.latest: dict[str, dict[str, Any]] = {}  # job -> newest training metrics
-        self.metric_times: dict[str, float] = {}  # job -> when the step last advanced
-        # job -> (attempt, loop times of its last step advances): the watchdog's step interval
-        self.step_times: dict[str, tuple[int, deque[float]]] = {}
-        # the newest step seen through each node (a second path when rank 0's is cut)
-        self.node_progress = node_progress.NodeProgress()
         # An attempt ends with ranks not confirmed gone (node -> ranks): the fencer drains
         # those nodes before the end is recorded (ugrod/loops/fencing.py).
         self.fence: Callable[[Job, Mapping[str, Sequence[int]], str], Awaitable[None]] = \
             _no_fence
-        # attempt -> its supervision's queue of rank exits (the watchdog's abandon() feeds it)
-        self._exits: dict[tuple[str, int], asyncio.Queue[Exit]] = {}
         # attempts this executor stopped because a rank failed: their reason is the culprit's
         self._rank_stops: set[tuple[str, int]] = set()
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
@@ -141,16 +128,7 @@ class Executor:
         if seen is None:
             return
         step, ts = seen
-        loop = asyncio.get_running_loop()
-        at = min(loop.time(), loop.time() - (self.ledger.stamp() - ts))
-        latest = self.latest.setdefault(job.id, {})
-        latest.setdefault("step", step)
-        latest.setdefault("ts", ts)
-        self.metric_times[job.id] = at
-        self.step_times[job.id] = (job.attempt, deque([at], maxlen=64))
-        rank0 = next((p.node for p in job.placement if p.rank == 0), None)
-        if rank0 is not None:
-            self.node_progress.saw(job.id, job.attempt, rank0, step, at)
+        self.progress.recall(job, step, ts, age_s=self.ledger.stamp() - ts)
 
     def _start(self, job_id: str, attempt: int, *, fresh: bool) -> None:
         key = (job_id, attempt)
@@ -518,14 +496,13 @@ class Executor:
                          jobdir: Path) -> None:
         job = self.ledger.state.jobs[job_id]
         stop_flag = self._stop_now[(job_id, attempt)]
-        exits: asyncio.Queue[Exit] = asyncio.Queue()
-        self._exits[(job_id, attempt)] = exits
+        exits = self.exits.open(job_id, attempt)
         times: dict[int, float | None] = {}  # rank -> when its exit was recorded on its node
         seen: list[int] = []  # ranks in the order their exits reached ugrod
         lost: dict[int, str] = {}  # rank -> node: abandoned, its end cannot be confirmed
         watchers = [
             asyncio.get_running_loop().create_task(
-                self._watch_rank(job, p, a, jobdir, exits), name=f"watch {job_id} r{p.rank}")
+                self._watch_rank(job, p, a, jobdir), name=f"watch {job_id} r{p.rank}")
             for p, a in zip(job.placement, agents, strict=True)
         ]
         killer: asyncio.Task[None] | None = None
@@ -537,7 +514,7 @@ class Executor:
             while len(codes) + len(lost) < len(job.placement):
                 if stop_flag.is_set() and killer is None:
                     killer = asyncio.get_running_loop().create_task(
-                        self._kill_all(job, agents, codes, exits))
+                        self._kill_all(job, agents, codes))
                 get = asyncio.ensure_future(exits.get())
                 if not stop_flag.is_set():  # once set, only exits are waited for
                     flag = asyncio.ensure_future(stop_flag.wait())
@@ -546,13 +523,13 @@ class Executor:
                     if not get.done():
                         get.cancel()
                         continue
-                p, code, at = await get
+                end = await get
+                p, code, at = end.rank, end.exit_code, end.at
                 if p.rank in codes or p.rank in lost:
                     continue
                 if code is None:
-                    failure = self._watch_failures.pop((job_id, attempt, p.rank), None)
-                    if failure is not None:
-                        raise failure  # ends the attempt with the reason (see _attempt)
+                    if end.failure is not None:
+                        raise end.failure  # ends the attempt with the reason (see _attempt)
                     lost[p.rank] = p.node
                     continue
                 codes[p.rank] = code
@@ -574,42 +551,11 @@ class Executor:
                     killer.cancel()
                 await asyncio.gather(killer, return_exceptions=True)
         finally:
-            self._exits.pop((job_id, attempt), None)
+            self.exits.close(job_id, attempt)
             for w in watchers:
                 w.cancel()
             await asyncio.gather(*watchers, return_exceptions=True)
         await self._finish(job_id, attempt, codes, agents, lost, times, seen)
-
-    def rank_gone(self, job_id: str, attempt: int, rank: int,
-                  exit_code: int = VANISHED_EXIT_CODE) -> bool:
-        """End a rank's watch: the watchdog confirmed its processes are gone, yet no exit
-        status will ever come (its supervisor vanished with it). Recorded as its exit."""
-        exits = self._exits.get((job_id, attempt))
-        job = self.ledger.state.jobs.get(job_id)
-        if exits is None or job is None or job.attempt != attempt:
-            return False
-        p = next((p for p in job.placement if p.rank == rank), None)
-        if p is None:
-            return False
-        exits.put_nowait((p, exit_code, None))
-        return True
-
-    def abandon(self, job_id: str, attempt: int, node: str) -> list[int]:
-        """Stop waiting for the ranks on ``node``: the watchdog declared it dead.
-
-        Their processes cannot be confirmed gone, so the attempt ends as soon as every
-        other rank is, and its reason says so (``ugrod/loops/watchdog.py`` drains the node and
-        kills the leftovers when it answers again). Returns the ranks given up on.
-        """
-        exits = self._exits.get((job_id, attempt))
-        job = self.ledger.state.jobs.get(job_id)
-        if exits is None or job is None or job.attempt != attempt:
-            return []
-        gone = {r.rank for r in job.ranks if r.exit_code is not None}
-        ranks = [p for p in job.placement if p.node == node and p.rank not in gone]
-        for p in ranks:
-            exits.put_nowait((p, None, None))
-        return [p.rank for p in ranks]
 
     def _failure(self, job: Job, p: ev.RankPlacement, code: int,
                  jobdir: Path) -> tuple[int, str]:
@@ -695,8 +641,7 @@ class Executor:
             return "no answer within 3 s"
         return exc.message if isinstance(exc, TransportError) else str(exc)
 
-    async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int],
-                        exits: asyncio.Queue[Exit]) -> None:
+    async def _kill_all(self, job: Job, agents: list[NodeAgent], codes: dict[int, int]) -> None:
         """SIGTERM every live rank's group, SIGKILL after the grace period; retry on link errors.
 
         A rank that cannot be killed (its node stays unreachable through every retry, or
@@ -717,13 +662,12 @@ class Executor:
                     raise
                 except Exception as exc:
                     logger.exception("kill %s rank %d failed", job.id, p.rank)
-                    self._watch_failures[(job.id, job.attempt, p.rank)] = exc
-                    exits.put_nowait((p, None, None))
+                    self.exits.report(job.id, job.attempt, Exit(p, None, failure=exc))
                     return
             if p.rank not in codes:
                 logger.warning("kill %s rank %d: %s unreachable; giving up on it", job.id,
                                p.rank, p.node)
-                exits.put_nowait((p, None, None))
+                self.exits.report(job.id, job.attempt, Exit(p, None))
         await asyncio.gather(*(one(p, a) for p, a in zip(job.placement, agents, strict=True)))
 
     def _leftover_note(self, job_id: str, attempt: int) -> str:
@@ -786,14 +730,14 @@ class Executor:
         partition, a node lost, a launch that could not reach its node, ugrod stopped
         during a launch), not to the job: it keeps the no-progress budget."""
         ended = retry.ended(job, outcome, reason, now=self.ledger.stamp(),
-                            latest_step=self.latest.get(job.id, {}).get("step"),
+                            latest_step=self.progress.step(job.id),
                             exit_code=exit_code, failed_rank=failed_rank,
                             failed_node=failed_node, retryable=retryable,
                             cluster_fault=cluster_fault)
         outcome, reason = ended.outcome, ended.reason
         if outcome == "retrying":
             try:
-                resume_from = await self._newest_checkpoint(job)
+                resume_from = await self.newest_checkpoint(job)
             except (asyncio.CancelledError, evlog.LogWriteFailed):
                 raise
             except Exception as exc:
@@ -826,7 +770,7 @@ class Executor:
         if self.on_job_end is not None:
             self.on_job_end(done)
 
-    async def _newest_checkpoint(self, job: Job) -> str | None:
+    async def newest_checkpoint(self, job: Job) -> str | None:
         """The newest checkpoint anywhere (nodes that answer, the head's copies, reports)."""
         try:
             async with asyncio.timeout(30):
@@ -841,11 +785,11 @@ class Executor:
                 with contextlib.suppress(TransportError):
                     await agent.request_checkpoint(job.id, job.attempt, p.rank)
 
-    async def _watch_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
-                          exits: asyncio.Queue[Exit]) -> None:
+    async def _watch_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
+                          jobdir: Path) -> None:
         """Stream one rank's log and metrics into the job dir until it exits; survive link drops."""
         try:
-            await self._stream_rank(job, p, agent, jobdir, exits)
+            await self._stream_rank(job, p, agent, jobdir)
         except (asyncio.CancelledError, evlog.LogWriteFailed):
             raise
         except Exception as exc:
@@ -859,15 +803,14 @@ class Executor:
             except (asyncio.CancelledError, evlog.LogWriteFailed):
                 raise
             except Exception as exc2:
-                self._watch_failures[(job.id, job.attempt, p.rank)] = exc2
-                await exits.put((p, None, None))
+                self.exits.report(job.id, job.attempt, Exit(p, None, failure=exc2))
                 return
             logger.warning("job %s rank %d: %r; its exit was found by polling", job.id, p.rank,
                            exc)
-            await exits.put((p, code, None))
+            self.exits.report(job.id, job.attempt, Exit(p, code))
 
-    async def _stream_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent, jobdir: Path,
-                           exits: asyncio.Queue[Exit]) -> None:
+    async def _stream_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
+                           jobdir: Path) -> None:
         log_path = jobdir / f"rank_{p.rank}.log"
         metrics_path = jobdir / ("metrics.jsonl" if p.rank == 0 else f"metrics_rank_{p.rank}.jsonl")
         base = self._bases(job, jobdir)[p.rank]
@@ -887,18 +830,18 @@ class Executor:
                         if reader is not None:
                             records = reader.feed(item.data)
                             self._progress(job, jobdir, records)
-                            self._node_steps(job, p.node, records)
+                            self.progress.steps_from(job, p.node, records)
                     elif isinstance(item, MetricLine):
                         _append_kept(metrics_path, item.data.rstrip(b"\n") + b"\n")
                         if p.rank == 0:
                             await self._metric(job, item.data)
-                        self.node_progress.line(job.id, job.attempt, p.node, item.data,
-                                                asyncio.get_running_loop().time())
+                        self.progress.line_from(job, p.node, item.data)
                     elif isinstance(item, RankExit):
                         if item.leftovers:
                             self._leftovers.setdefault((job.id, job.attempt), {})[p.rank] = (
                                 item.leftovers, item.leftover_names)
-                        await exits.put((p, item.exit_code, item.at))
+                        self.exits.report(job.id, job.attempt,
+                                          Exit(p, item.exit_code, item.at))
                         return
             except TransportError as exc:
                 logger.warning("watching %s rank %d on %s: %s; reconnecting in %.1f s",
@@ -946,7 +889,7 @@ class Executor:
                     node=job.placement[0].node if job.placement else None))
             return
         if "event" not in values:
-            self._values(job, values)
+            self.progress.record(job, values)
 
     async def backfilled_metric(self, job: Job, node: str, raw: bytes) -> None:
         """A metrics line of an ended attempt, back-filled from ``node`` after a partition
@@ -965,13 +908,6 @@ class Executor:
                 job=job.id, path=path, step=int(step) if isinstance(step, int | float) else None,
                 node=node))
 
-    def _node_steps(self, job: Job, node: str, records: list[dict[str, int | float]]) -> None:
-        now = asyncio.get_running_loop().time()
-        for r in records:
-            step = r.get("step")
-            if isinstance(step, int) and step >= 0:
-                self.node_progress.saw(job.id, job.attempt, node, step, now)
-
     def _progress(self, job: Job, jobdir: Path, records: list[dict[str, int | float]]) -> None:
         """Progress read from the rank's output: to progress.jsonl and the job's latest."""
         if not records:
@@ -980,22 +916,7 @@ class Executor:
         lines = b"".join(_encode({"ts": ts, **r}) + b"\n" for r in records)
         _append_kept(jobdir / "progress.jsonl", lines)
         for r in records:
-            self._values(job, {"ts": ts, **r})
-
-    def _values(self, job: Job, values: Mapping[str, Any]) -> None:
-        latest = self.latest.setdefault(job.id, {})
-        step = values.get("step")
-        if isinstance(step, int | float) and step != latest.get("step"):
-            now = asyncio.get_running_loop().time()
-            self.metric_times[job.id] = now
-            times = self.step_times.get(job.id)
-            if times is None or times[0] != job.attempt:
-                times = self.step_times[job.id] = (job.attempt, deque(maxlen=64))
-            times[1].append(now)
-        progress = job.spec.progress or _DEFAULT_PROGRESS
-        pf.merge(latest, values, pf.loss_keys(progress.loss_key))
-        if isinstance(values.get("ts"), int | float) and math.isfinite(values["ts"]):
-            latest["ts"] = values["ts"]
+            self.progress.record(job, {"ts": ts, **r})
 
     # ---- job directory ---------------------------------------------------------
 
@@ -1044,7 +965,7 @@ class Executor:
             return
         result = {"job": job.id, "state": job.state.value, "attempt": job.attempt,
                   "exit_code": job.exit_code, "reason": job.reason,
-                  "metrics": self.latest.get(job.id, {}),
+                  "metrics": self.progress.latest(job.id) or {},
                   "started_at": job.first_started_at, "ended_at": job.ended_at}
         with contextlib.suppress(OSError):
             _write_atomic(jobdir / "result.json", json.dumps(result, indent=2).encode())

@@ -1,6 +1,6 @@
 """The watchdog: fails jobs whose ranks vanished or whose node died, and catches stalled training.
 
-Runs every second on the daemon's schedule and looks at what the executor and
+Runs every second on the daemon's schedule and looks at what the jobs' progress and
 the monitor already know; it starts no probe of its own. Its decisions:
 
 * **Vanished rank.** The health probe found a running rank's process (pid and start
@@ -8,7 +8,7 @@ the monitor already know; it starts no probe of its own. Its decisions:
   the rank's supervisor died with it (node reboot, OOM killer, ``kill -9`` of the
   tree), so no exit status will ever come. The job is stopped as failed (its retry
   policy applies), and once the node confirms none of the rank's processes is left,
-  the rank is recorded as exited with ``executor.VANISHED_EXIT_CODE``.
+  the rank is recorded as exited with ``exits.VANISHED_EXIT_CODE``.
 * **Dead node**, only on two independent signals, so a cut link alone never kills
   a healthy job: (1) the node's circuit breaker is not closed (``failures_to_open``
   health checks in a row failed) and (2) the job's progress has stopped on the nodes
@@ -21,7 +21,7 @@ the monitor already know; it starts no probe of its own. Its decisions:
   job that reports no steps (or whose rank 0 has exited) the silence is counted from
   when the node stopped answering. The job is stopped
   as failed; its processes on the dead node cannot be confirmed gone, so the executor
-  is told to stop waiting for them (``Executor.abandon``): ``job_ended`` comes once every
+  is told to stop waiting for them (``Exits.abandon``): ``job_ended`` comes once every
   reachable rank is confirmed gone and says which processes could not be, and the node
   is fenced first (drained until ugrod has cleared it: ugrod/loops/fencing.py). A job
   already being stopped (cancel, another rank failed) gives up on an unreachable node
@@ -47,6 +47,7 @@ import logging
 import statistics
 import time
 from collections.abc import Callable, Coroutine, Sequence
+from pathlib import Path
 from typing import Any
 
 from ugrod.core import events as ev
@@ -54,9 +55,10 @@ from ugrod.core import node_loss
 from ugrod.core.health import BreakerState
 from ugrod.core.state import ACTIVE, InvalidEvent, Job, JobState, NodeHealth, State
 from ugrod.loops import stacks
-from ugrod.loops.executor import Executor
+from ugrod.loops.exits import Exits
 from ugrod.loops.fencing import Fencer
 from ugrod.loops.monitor import Monitor
+from ugrod.loops.progress import Progress
 from ugrod.loops.schedule import Schedule
 from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import TransportError
@@ -107,14 +109,17 @@ def silence_limit(spec_timeout_s: float | None, times: Sequence[float]) -> float
 
 
 class Watchdog:
-    """Watches running jobs through the executor's and the monitor's eyes; see the module doc."""
+    """Watches running jobs through their progress and the monitor's eyes; see the module doc."""
 
-    def __init__(self, ledger: Ledger, executor: Executor, monitor: Monitor, fleet: Fleet,
-                 fencer: Fencer, *, vanish_grace_s: float = VANISH_GRACE_S,
+    def __init__(self, ledger: Ledger, exits: Exits, progress: Progress, monitor: Monitor,
+                 fleet: Fleet, fencer: Fencer, job_dir: Callable[[str], Path], *,
+                 vanish_grace_s: float = VANISH_GRACE_S,
                  tick_s: float = TICK_S,
                  tolerance_s: Callable[[], float] = lambda: 1800.0) -> None:
         self._ledger = ledger
-        self._executor = executor
+        self._exits = exits  # where the ranks it gives up on are reported
+        self._progress = progress
+        self._job_dir = job_dir
         self._monitor = monitor
         self._fleet = fleet
         self._fencer = fencer
@@ -166,7 +171,7 @@ class Watchdog:
         self._prune(state)
 
     async def _check(self, job: Job, now: float) -> None:
-        times = self._step_times(job)
+        times = self._progress.step_times(job)
         # Steps come from rank 0: once it (or any rank) has exited, the gang is winding
         # down and a frozen step counter says nothing about progress.
         winding_down = any(r.exit_code is not None for r in job.ranks)
@@ -205,10 +210,6 @@ class Watchdog:
         if not task.cancelled() and task.exception() is not None:
             logger.error("watchdog handling of %s failed", key[0], exc_info=task.exception())
 
-    def _step_times(self, job: Job) -> list[float]:
-        entry = self._executor.step_times.get(job.id)
-        return list(entry[1]) if entry is not None and entry[0] == job.attempt else []
-
     def _prune(self, state: State) -> None:
         def active(job_id: str, attempt: int) -> bool:
             job = state.jobs.get(job_id)
@@ -218,9 +219,6 @@ class Watchdog:
         for k2 in [k for k in self._stalls if not active(*k)]:
             del self._stalls[k2]
         self._abandoned = {k for k in self._abandoned if active(k[0], k[1])}
-        for job_id in [j for j in self._executor.step_times if j not in state.active]:
-            del self._executor.step_times[job_id]
-        self._executor.node_progress.forget(state.active)
 
     # ---- dead nodes ------------------------------------------------------------------
 
@@ -248,11 +246,10 @@ class Watchdog:
         failing = self._failing(node)
         if failing is None:
             return None
-        step = self._executor.latest.get(job.id, {}).get("step")
+        step = self._progress.step(job.id)
         # The other paths: each node of the job that still answers, and when the step
         # seen through it last advanced (rank 0's metrics, the others' heartbeats).
-        advanced = self._executor.node_progress.advanced(job.id, job.attempt) \
-            if last is not None else {}
+        advanced = self._progress.advanced(job) if last is not None else {}
         elsewhere = [now - at for n, at in advanced.items()
                      if n != node and self._failing(n) is None]
         newest = max([last, *advanced.values()]) if last is not None else None
@@ -299,7 +296,7 @@ class Watchdog:
         attempt ends (drained until ugrod has cleared it: ugrod/loops/fencing.py)."""
         self._abandoned.add((job.id, job.attempt, node))
         self._fencer.watch(node)
-        self._executor.abandon(job.id, job.attempt, node)
+        self._exits.abandon(job.id, job.attempt, node)
 
     # ---- vanished ranks --------------------------------------------------------------
 
@@ -352,14 +349,14 @@ class Watchdog:
             if st is not None and st.exit_code is not None:
                 return  # the supervisor was only slow: its watch reports the real exit
             if st is not None and not st.alive:
-                self._executor.rank_gone(job.id, job.attempt, rank)
+                self._exits.rank_gone(job.id, job.attempt, rank)
                 return
             await asyncio.sleep(1.0)
 
     # ---- stalls ----------------------------------------------------------------------
 
     async def _progressed(self, job: Job) -> None:
-        step = self._executor.latest.get(job.id, {}).get("step")
+        step = self._progress.step(job.id)
         try:
             await self._ledger.record(ev.DAEMON, ev.JobProgressed(
                 job=job.id, attempt=job.attempt,
@@ -370,14 +367,14 @@ class Watchdog:
             self._progress_sent.discard((job.id, job.attempt))
 
     async def _stalled(self, job: Job, idle_s: float, limit_s: float) -> None:
-        step = self._executor.latest.get(job.id, {}).get("step")
+        step = self._progress.step(job.id)
         last = int(step) if isinstance(step, int | float) else None
         what = (f"stalled: no step advance for {idle_s:.0f} s (last step {last}; stall "
                 f"timeout {limit_s:.0f} s)")
         logger.warning("job %s: %s", job.id, what)
         path = await stacks.capture(job, {n: self._fleet.agent_for(job, n)
                                           for n in self._fleet.agents},
-                                    self._executor.job_dir(job.id), what)
+                                    self._job_dir(job.id), what)
         try:
             await self._ledger.record(ev.DAEMON, ev.JobStalled(
                 job=job.id, attempt=job.attempt, step=last, idle_s=round(idle_s, 1),
