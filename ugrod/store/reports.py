@@ -52,12 +52,12 @@ def sweep_view(state: State, sweep: Sweep, job_dir: Callable[[str], Path],
     for job_id in sweep.jobs:
         job = state.jobs[job_id]
         summary = summarise_metrics(job_dir(job_id) / "metrics.jsonl")
-        latest = latest.get(job_id, {})
+        live = latest.get(job_id, {})  # the newest metrics this ugrod has seen
         duration = (job.ended_at or time.time()) - job.first_started_at \
             if job.first_started_at else None
         trials.append({"job": job_id, "params": dict(job.spec.params),
                        "state": job.state.value,
-                       "latest_loss": latest.get("loss", summary.get("final_loss")),
+                       "latest_loss": live.get("loss", summary.get("final_loss")),
                        "final_loss": summary.get("final_loss")
                        if job.state in TERMINAL else None,
                        "duration_s": round(duration, 3) if duration else None})
