@@ -146,6 +146,8 @@ def first_hour(short_tmp: Path, node_guard: SshdCluster) -> Iterator[tuple[Ugrod
     for name, node in zip(NAMES, node_guard, strict=True):
         cfg["nodes"][name].update(work_dir=str(node.work_dir / "ugro"), python=sys.executable)
     cfg["paths"]["scripts"] = str(scripts)
+    # the seeds' experiments folder, here rather than in the real ~ (job dirs go there)
+    cfg["paths"]["results"] = str(short_tmp / "experiments")
     cfg["metrics"] = {"enabled": False}
     path = short_tmp / "cluster.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -166,7 +168,9 @@ def ctl(d: Ugrod, cwd: Path, *args: str, timeout: float = 120) -> subprocess.Com
 
 
 def rank_logs(d: Ugrod, job: str) -> list[str]:
-    jobdir = d.state_dir / "jobs" / job
+    """The job's central rank logs, in the seeds' layout: paths.results/NAME_TIMESTAMP."""
+    (jobdir,) = (d.base / "experiments").glob(f"{job}_*")
+    assert re.fullmatch(rf"{job}_\d{{8}}_\d{{6}}", jobdir.name), jobdir
     return [p.read_text(errors="replace") for p in sorted(jobdir.glob("rank_*.log"))]
 
 

@@ -9,6 +9,7 @@ apscheduler. Every job runs at most once at a time, and a run that was missed
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -38,8 +39,8 @@ class Schedule:
             options["next_run_time"] = datetime.now(UTC) + timedelta(seconds=first_in_s)
         if run_late:
             options["misfire_grace_time"] = None
-        self._sched.add_job(work, "interval", seconds=interval_s, id=job_id, max_instances=1,
-                            coalesce=True, **options)
+        self._sched.add_job(_on_loop(work), "interval", seconds=interval_s, id=job_id,
+                            max_instances=1, coalesce=True, **options)
 
     def reschedule(self, job_id: str, interval_s: float) -> None:
         """A new interval for a job (nothing once the schedule has stopped)."""
@@ -63,3 +64,19 @@ class Schedule:
             self._stopped = True
             self._sched.shutdown(wait=False)
 
+
+
+def _on_loop(work: Work) -> Callable[[], Awaitable[None]]:
+    """``work`` as a coroutine function. apscheduler's asyncio executor runs a plain function
+    in a worker thread; ours read and change the daemon's state and start tasks on its loop,
+    so every job runs on the loop (a thread would race the one writer, and find no loop)."""
+    if inspect.iscoroutinefunction(work):
+        return work  # type: ignore[return-value]
+
+    async def run() -> None:
+        result = work()
+        if inspect.isawaitable(result):
+            await result
+
+    run.__qualname__ = getattr(work, "__qualname__", "work")
+    return run
