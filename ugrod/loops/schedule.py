@@ -71,7 +71,7 @@ def _on_loop(work: Work) -> Callable[[], Awaitable[None]]:
     in a worker thread; ours read and change the daemon's state and start tasks on its loop,
     so every job runs on the loop (a thread would race the one writer, and find no loop)."""
     if inspect.iscoroutinefunction(work):
-        return work  # type: ignore[return-value]
+        return work
 
     async def run() -> None:
         result = work()
