@@ -7,7 +7,6 @@ import contextlib
 import functools
 import logging
 import os
-import shutil
 import signal
 import socket
 import time
@@ -33,6 +32,7 @@ from ugrod.loops.exits import Exits
 from ugrod.loops.planning import Planning
 from ugrod.loops.progress import Progress
 from ugrod.loops.schedule import Schedule
+from ugrod.loops.upkeep import Upkeep
 from ugrod.metrics.runtime_stats import RuntimeStats
 from ugrod.nodes import codesync
 from ugrod.nodes.fleet import Fleet
@@ -262,7 +262,7 @@ class Daemon:
         On the head node, when ugrod may switch users, that is the job's owner (never
         root for someone else); on SSH nodes it is the login the node's agent uses.
         """
-        from ugrod.loops.executor import LaunchError
+        from ugrod.loops.launch import LaunchError
         spec = self.ledger.state.nodes[node].spec
         if spec.transport != "local" and self.policy.switches_users and job.uid != 0:
             account = self.config.remote_account(job.owner, node)
@@ -303,8 +303,7 @@ class Daemon:
 
     def _start_scheduler(self) -> None:
         sched = Schedule()
-        sched.every("snapshot", 60, self._snapshot_job, first_in_s=0)
-        sched.every("verify-log", 24 * 3600, self._verify_history, first_in_s=60)
+        Upkeep(self.ledger, self.state_dir, self.stats).schedule(sched)  # snapshots, audit
         sched.every("planner-safety-net", self.config.scheduler.interval_s, self.kick)
         if self.monitor is not None:
             self.monitor.schedule(sched)
@@ -317,39 +316,6 @@ class Daemon:
             self.fencer.schedule(sched)
         sched.start()
         self._scheduler = sched
-
-    async def _verify_history(self) -> None:
-        """The whole log, every batch re-checked, off the event loop (an audit, daily)."""
-        from ugrod.store.ledger import verify_history
-        from ugrod.store.log import LogError
-        try:
-            n = await asyncio.to_thread(verify_history, self.state_dir)
-            logger.info("event log verified: %d events, every batch's checksum good", n)
-        except LogError as exc:
-            logger.critical("event log damaged (state in memory is intact; restore the "
-                            "damaged segment from a backup): %s", exc)
-
-    async def _snapshot_job(self) -> None:
-        """Snapshot every 50k events or 10 minutes of changes."""
-        state = self.ledger.state
-        since = state.seq - self.ledger.snapshot_seq
-        due = since >= 50_000 or (since > 0 and time.monotonic() - self._last_snapshot > 600)
-        if due:
-            t0 = time.perf_counter()
-            try:
-                path = await asyncio.to_thread(self.ledger.snapshot)
-            except OSError as exc:  # counted and alerted on (UgroSnapshotsFailing)
-                self.stats.snapshot_failed()
-                logger.error("snapshot failed: %s", exc)
-                return
-            self._last_snapshot = time.monotonic()
-            if path is not None:
-                self.stats.snapshot_written(time.perf_counter() - t0, path.stat().st_size)
-        with contextlib.suppress(OSError):  # the state dir's filesystem (UgroStateDiskFilling)
-            self.stats.state_dir_usage(*await asyncio.to_thread(shutil.disk_usage,
-                                                                self.state_dir))
-
-    _last_snapshot = time.monotonic()
 
     # ---- nodes -------------------------------------------------------------------
 
@@ -383,8 +349,8 @@ class Daemon:
         except ImportError:
             return
         self.monitor = Monitor(self, self.fleet.agents, self.fleet.transports,
-                               agent_for=self.fleet.agent_for)
-        self.monitor.job_dir = self.executor.job_dir
+                               agent_for=self.fleet.agent_for,
+                               job_dir=self.executor.job_dir)
         self.fleet.health = self.monitor
         # Nodes that may run an ended attempt are drained until cleared (loops/fencing.py).
         from ugrod.loops.fencing import Fencer

@@ -495,9 +495,8 @@ async def test_gpu_use_per_rank_survives_a_restart(tmp_path: Path, local_bin: Pa
     agent = NodeAgent(t, nc.work_dir, nc.python)
     jobs = tmp_path / "jobs"
     (jobs / "j1").mkdir(parents=True)
-    monitors = [Monitor(host, {"n1": agent}, {"n1": t}, clock=Clock()) for _ in range(2)]
-    for m in monitors:
-        m.job_dir = lambda job: jobs / job
+    monitors = [Monitor(host, {"n1": agent}, {"n1": t}, clock=Clock(),
+                        job_dir=lambda job: jobs / job) for _ in range(2)]
     try:
         spec = ev.JobSpec(argv=("train",), gpus_per_node=1)
         await host.ledger.record(

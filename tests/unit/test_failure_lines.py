@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ugrod.loops.executor import OOM_MARKERS, own_lines
+from ugrod.loops.ending import OOM_MARKERS, own_lines
 
 # torchrun 2.x (--max_restarts=0) after its worker died of a CUDA out-of-memory error,
 # as captured in a rank log (paths shortened).

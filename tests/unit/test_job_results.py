@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ugrod.loops.monitor import _Usage
+from ugrod.loops.gpu_use import Usage
 from ugrod.store import job_results as jr
 
 
@@ -48,11 +48,11 @@ def test_result_json_is_read_back_only_for_the_same_end(tmp_path: Path) -> None:
 
 
 def test_gpu_use_round_trips_for_its_attempt(tmp_path: Path) -> None:
-    u = _Usage(rank=1, node="b", gpu=0, samples=2, util_sum=150.0, util_n=2, util_peak=90.0,
+    u = Usage(rank=1, node="b", gpu=0, samples=2, util_sum=150.0, util_n=2, util_peak=90.0,
                mem_sum=3e9, mem_n=2, mem_peak=2 << 30)
     jr.store_usage(tmp_path, 4, [u.saved()])
     (row,) = jr.load_usage(tmp_path, 4)
-    back = _Usage.from_saved(row)
+    back = Usage.from_saved(row)
     assert back is not None and back.view() == u.view()
     assert jr.load_usage(tmp_path, 5) == []
-    assert _Usage.from_saved({"rank": "x"}) is None
+    assert Usage.from_saved({"rank": "x"}) is None
