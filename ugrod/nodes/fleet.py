@@ -20,12 +20,12 @@ import msgspec
 
 from ugrod.config import schema as cfgmod
 from ugrod.core import events as ev
-from ugrod.core import gpus as gpumod
 from ugrod.core import health
 from ugrod.core.commands import Refused
 from ugrod.core.state import Job
+from ugrod.nodes import host_keys, inventory
 from ugrod.nodes.agent import NodeAgent
-from ugrod.nodes.transport.base import Transport, TransportError
+from ugrod.nodes.transport.base import Transport
 from ugrod.nodes.transport.local import LocalTransport
 from ugrod.store.ledger import Ledger
 
@@ -34,7 +34,6 @@ logger = logging.getLogger("ugrod.nodes.fleet")
 INVENTORY_WAIT_S = 0.25  # of start-up, at most, for the nodes' first GPU inventory
 INVENTORY_SUBMIT_WAIT_S = 12.0  # a submit's wait for it (each node's own limit is 8 s)
 LOCAL_INVENTORY_WAIT_S = 2.0  # for this machine's own (nvidia-smi answers in ~0.1 s)
-INVENTORY_TIMEOUT_S = 8.0  # one node's nvidia-smi at first contact
 
 
 class HealthChecks(Protocol):
@@ -244,35 +243,7 @@ class Fleet:
         transport = self._transports.get(name)
         if node is None or transport is None:
             return None
-        # A fixed script; nvidia-smi's arguments travel as positional parameters.
-        argv = ["sh", "-c", 'command -v nvidia-smi >/dev/null 2>&1 || exit 127; '
-                'exec nvidia-smi "$@"', "sh", *gpumod.nvidia_smi_argv()[1:]]
-        try:
-            async with asyncio.timeout(INVENTORY_TIMEOUT_S):
-                res = await transport.run(argv)
-        except TransportError as exc:
-            logger.warning("node %s: GPU inventory failed: %s", name, exc)
-            return None
-        except TimeoutError:
-            logger.warning("node %s: GPU inventory did not answer within %g s; the health "
-                           "monitor will read it later", name, INVENTORY_TIMEOUT_S)
-            return None
-        if res.exit_code == 127:
-            found: tuple[ev.Gpu, ...] = ()
-        else:
-            reading = gpumod.parse_nvidia_smi(res.stdout.decode("utf-8", "replace"),
-                                              res.exit_code,
-                                              res.stderr.decode("utf-8", "replace"))
-            if isinstance(reading, gpumod.GpuQueryFailed):
-                logger.warning("node %s: GPU inventory failed: %s", name, reading)
-                return None
-            found = gpumod.inventory(reading)
-        mismatch = gpumod.compare_inventory(node.spec.gpus, found) if node.spec.gpus else None
-        if node.inventory == found and node.inventory_mismatch == mismatch:
-            return None
-        if mismatch:
-            logger.warning("node %s: %s", name, mismatch)
-        return ev.NodeInventoried(node=name, gpus=found, mismatch=mismatch)
+        return await inventory.read(node, transport)
 
     # ---- health, on demand ----------------------------------------------------------
 
@@ -346,27 +317,8 @@ class Fleet:
 
     async def host_key(self, name: str) -> dict[str, Any]:
         """The key node ``name`` offers now, beside what known_hosts records for it."""
-        spec = self._ledger.state.nodes[name].spec
-        if spec.transport != "ssh":
-            raise Refused("conflict", f"node {name} uses the local transport: no host key")
-        from ugrod.nodes.transport import ssh
-        try:
-            key_type, fp, line = await ssh.fetch_host_key(spec.host, spec.port, 10.0)
-        except TransportError as exc:
-            raise Refused("unavailable", str(exc)) from None
-        known_hosts = Path(self.config.cluster.known_hosts).expanduser()
-        try:
-            known = await asyncio.to_thread(ssh.recorded_keys, known_hosts, spec.host,
-                                            spec.port)
-        except TransportError as exc:
-            raise Refused("unavailable", str(exc)) from None
-        fingerprints = [k for _, k in known]
-        status = "trusted" if fp in fingerprints else "changed" if known else "new"
-        return {"node": name, "host": spec.host, "port": spec.port, "key_type": key_type,
-                "fingerprint": fp, "line": line, "status": status,
-                "known_fingerprint": ", ".join(f"{k} ({t})" for t, k in known) or None,
-                "known_keys": [{"key_type": t, "fingerprint": k} for t, k in known],
-                "known_hosts": str(known_hosts)}
+        return await host_keys.offered(name, self._ledger.state.nodes[name].spec,
+                                       Path(self.config.cluster.known_hosts).expanduser())
 
     async def trust_host_key(self, name: str, line: str) -> dict[str, Any]:
         """Record the key ``line`` (as ``host_key`` showed it) and reconnect to the node."""
