@@ -5,17 +5,16 @@ wrapper's output is decoded against typed structs, offsets are checked for gaps 
 repeats, and anything else is a WrapperProtocolError naming the node, never a crash.
 Nothing is ever passed through a shell built from user input: argv lists only (the SSH
 transport quotes them with ``shlex.join``).
+
+Reaching the wrapper (its upload, the long-lived session, one JSON reply per call) is
+``wrapper_link.WrapperLink``; this module is what the calls mean for a rank.
 """
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import binascii
-import hashlib
 import json
-import logging
-import posixpath
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,28 +22,11 @@ from typing import Any
 import msgspec
 
 from ugrod.core.names import valid_name
-from ugrod.nodes import programs
-from ugrod.nodes.transport.base import CommandResult, Stream, Transport, TransportError
-
-logger = logging.getLogger(__name__)
-
-# The wrapper as uploaded: one file, its libraries inlined (ugrod/nodes/programs.py).
-WRAPPER_SOURCE = programs.text("rank_wrapper").encode()
-WRAPPER_SHA256 = hashlib.sha256(WRAPPER_SOURCE).hexdigest()
-# The exit code of a rank that vanished with nobody left to record how it ended (the node
-# rebooted, or its supervisor was killed); see rank_wrapper.LOST.
-LOST = -1
-_MAX_REPLY = 16 * 1024 * 1024
-
-# The wrapper needs only the stdlib: no site-packages (.pth files make a big environment's
-# interpreter start several times slower), no PYTHON* variables, no user site.
-_ISOLATED = ("-I", "-S")
-# Makes the work dirs, says the interpreter's real path and the installed wrapper's sha256.
-_PREPARE = programs.text("prepare")
-
-
-class WrapperProtocolError(TransportError):
-    """The node's rank wrapper answered something that is not what the protocol says."""
+from ugrod.nodes.transport.base import Transport, TransportError
+from ugrod.nodes.wrapper_link import WRAPPER_SHA256 as WRAPPER_SHA256
+from ugrod.nodes.wrapper_link import WRAPPER_SOURCE as WRAPPER_SOURCE
+from ugrod.nodes.wrapper_link import WrapperLink
+from ugrod.nodes.wrapper_link import WrapperProtocolError as WrapperProtocolError
 
 
 class RankStartError(TransportError):
@@ -152,21 +134,6 @@ _WatchLine = _Pid | _Log | _Metric | _Exit | _Error
 _watch_decoder = msgspec.json.Decoder(_WatchLine)
 
 
-class _SessionReply(msgspec.Struct):
-    id: int
-    rc: int
-    out: Any = None
-    err: str = ""
-
-
-_session_decoder = msgspec.json.Decoder(_SessionReply)
-# Answered by the long-lived session; `reach` waits on the network, so it runs on its own.
-_SESSION_COMMANDS = frozenset(
-    {"start", "status", "kill", "alive-pids", "checkpoint", "ls-checkpoints", "free-port",
-     "sync-missing", "sync-tree", "fence"}
-)
-
-
 class _Status(msgspec.Struct):
     pid: int | None
     alive: bool
@@ -200,30 +167,28 @@ class NodeAgent:
         self.cgroups = cgroups
         self.node = transport.node
         self.python = python
-        self._work_dir_setting = work_dir
-        self._work_dir: str | None = None
-        self._prepared = False
-        self._wrapper_python = python
-        self._preparing = asyncio.Lock()
-        self._session: Stream | None = None
-        self._session_lock = asyncio.Lock()
-        self._next_id = 0
+        self.link = WrapperLink(transport, work_dir, python)
 
-    # ---- paths ------------------------------------------------------------------------
+    # ---- the wrapper (``WrapperLink``) and paths ------------------------------------------
 
     async def work_dir(self) -> str:
         """The node-side work directory, absolute ('~' expanded with the login's home)."""
-        if self._work_dir is None:
-            wd = self._work_dir_setting
-            if wd == "~" or wd.startswith("~/"):
-                wd = await self.transport.home() + wd[1:]
-            if not wd.startswith("/"):
-                raise TransportError(self.node, f"work_dir {wd!r} must be absolute or start with ~")
-            self._work_dir = posixpath.normpath(wd)
-        return self._work_dir
+        return await self.link.work_dir()
 
     async def wrapper_path(self) -> str:
-        return f"{await self.work_dir()}/.ugro/rank_wrapper.py"
+        return await self.link.wrapper_path()
+
+    async def prepare(self) -> None:
+        """Make the work dirs and upload the wrapper if the node's copy differs (sha256)."""
+        await self.link.prepare()
+
+    async def program_argv(self, source: str, *args: str) -> list[str]:
+        """argv running a stdlib-only program (its source text) with the node's Python."""
+        return await self.link.program_argv(source, *args)
+
+    async def close(self) -> None:
+        """End the node's wrapper session (the transport stays open)."""
+        await self.link.close()
 
     async def job_dir(self, job: str) -> str:
         if not valid_name(job):
@@ -244,111 +209,6 @@ class NodeAgent:
 
     async def sync_store(self) -> str:
         return f"{await self.work_dir()}/sync/objects"
-
-    # ---- setup ------------------------------------------------------------------------
-
-    async def prepare(self) -> None:
-        """Make the work dirs and upload the wrapper if the node's copy differs (sha256)."""
-        wd = await self.work_dir()
-        wrapper = await self.wrapper_path()
-        result = await self.transport.run(
-            [self.python, *_ISOLATED, "-c", _PREPARE, wrapper, f"{wd}/.ugro", f"{wd}/jobs"]
-        )
-        if not result.ok:
-            raise TransportError(
-                self.node, f"{self.python} failed on the node: {result.stderr_line()}"
-            )
-        lines = result.stdout.decode(errors="replace").split("\n")
-        if len(lines) < 2 or not lines[0].startswith("/"):
-            raise WrapperProtocolError(
-                self.node, f"unexpected answer from {self.python}: {result.stdout[:200]!r}"
-            )
-        self._wrapper_python = lines[0]
-        if lines[1].strip() != WRAPPER_SHA256:
-            await self.transport.put_file(wrapper, WRAPPER_SOURCE, 0o600)
-        self._prepared = True
-
-    async def _wrapper_argv(self, *args: str) -> list[str]:
-        if not self._prepared:
-            async with self._preparing:
-                if not self._prepared:
-                    await self.prepare()
-        return [self._wrapper_python, *_ISOLATED, await self.wrapper_path(), *args]
-
-    async def program_argv(self, source: str, *args: str) -> list[str]:
-        """argv running a stdlib-only program (its source text) with the node's Python."""
-        await self._wrapper_argv()  # prepared: the interpreter's real path is known
-        return [self._wrapper_python, *_ISOLATED, "-c", source, *args]
-
-    async def _call(self, *args: str, input: bytes | None = None) -> CommandResult:
-        if args[0] in _SESSION_COMMANDS:
-            try:
-                return await self._session_call(list(args), input)
-            except TransportError as exc:  # e.g. the link dropped: one fresh command instead
-                logger.debug(
-                    "node %s: wrapper session failed (%s); running directly", self.node, exc
-                )
-        result = await self.transport.run(await self._wrapper_argv(*args), input=input)
-        if result.exit_code == 2 and b"can't open file" in result.stderr:
-            self._prepared = False  # the work dir was wiped under us: upload again, once
-            result = await self.transport.run(await self._wrapper_argv(*args), input=input)
-        return result
-
-    async def _session_call(self, argv: list[str], input: bytes | None) -> CommandResult:
-        """One request to the node's long-lived ``rank_wrapper serve`` (opened on first use).
-
-        Saves a login shell and an interpreter start per call (~0.1-0.5 s with a busy
-        .bashrc). Requests are serialised; any failure drops the session.
-        """
-        async with self._session_lock:
-            if self._session is None:
-                self._session = await self.transport.open_stream(await self._wrapper_argv("serve"))
-            session = self._session
-            self._next_id += 1
-            request: dict[str, object] = {"id": self._next_id, "argv": argv}
-            if input is not None:
-                request["stdin"] = input.decode()
-            try:
-                await session.write(json.dumps(request).encode() + b"\n")
-                while True:
-                    line = await session.readline()
-                    if not line:
-                        raise TransportError(self.node, "the rank wrapper session ended")
-                    try:
-                        reply = _session_decoder.decode(line)
-                    except msgspec.DecodeError as exc:
-                        raise WrapperProtocolError(
-                            self.node, f"malformed rank wrapper reply: {exc}: {line[:160]!r}"
-                        ) from exc
-                    if reply.id == self._next_id:
-                        break
-            except BaseException:
-                self._session = None
-                await asyncio.shield(session.close())
-                raise
-        out = b"" if reply.out is None else json.dumps(reply.out).encode()
-        return CommandResult(reply.rc, out, reply.err.encode())
-
-    async def close(self) -> None:
-        """End the node's wrapper session (the transport stays open)."""
-        async with self._session_lock:
-            session, self._session = self._session, None
-        if session is not None:
-            await session.close()
-
-    def _reply(self, result: CommandResult, what: str) -> Any:
-        """The wrapper's one JSON document on stdout, or a clear error."""
-        text = result.stdout.strip()
-        if not text:
-            raise TransportError(self.node, f"{what} failed: {result.stderr_line()}")
-        if len(text) > _MAX_REPLY:
-            raise WrapperProtocolError(self.node, f"{what}: reply of {len(text)} bytes")
-        try:
-            return json.loads(text)
-        except ValueError as exc:
-            raise WrapperProtocolError(
-                self.node, f"{what}: not JSON from the rank wrapper: {text[:200]!r}"
-            ) from exc
 
     # ---- ranks ------------------------------------------------------------------------
 
@@ -384,8 +244,8 @@ class NodeAgent:
                                 "program": program}
         if run_as is not None:
             spec["run_as"] = dict(run_as)
-        result = await self._call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
-        reply = self._reply(result, f"starting rank {rank} of {job}")
+        result = await self.link.call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
+        reply = self.link.reply(result, f"starting rank {rank} of {job}")
         match reply:
             case {"pid": int(pid)} if pid > 0:
                 return pid
@@ -402,7 +262,7 @@ class NodeAgent:
         ``end`` offsets to lose and repeat nothing.
         """
         rd = await self.run_dir(job, attempt, rank)
-        argv = await self._wrapper_argv("watch", rd, str(log_offset), str(metrics_offset))
+        argv = await self.link.argv("watch", rd, str(log_offset), str(metrics_offset))
         stream = await self.transport.open_stream(argv)
         offsets = [log_offset, metrics_offset]
         try:
@@ -412,7 +272,7 @@ class NodeAgent:
                     raise TransportError(
                         self.node, f"watch of {rd} ended before the rank's exit was reported"
                     )
-                event = self._decode(line, offsets, rd)
+                event = _decode(self.node, line, offsets, rd)
                 if isinstance(event, RankExit):
                     await stream.close()  # free the channel even if the caller never closes us
                     yield event
@@ -421,48 +281,9 @@ class NodeAgent:
         finally:
             await stream.close()
 
-    def _decode(self, line: bytes, offsets: list[int], rd: str) -> RankEvent:
-        """One watch line as an event; checks offsets continue exactly where expected."""
-
-        def bad(why: str) -> WrapperProtocolError:
-            return WrapperProtocolError(
-                self.node,
-                f"malformed line from the rank wrapper watching {rd}: {why}: {line[:160]!r}",
-            )
-
-        try:
-            msg = _watch_decoder.decode(line)
-        except msgspec.DecodeError as exc:
-            raise bad(str(exc)) from exc
-        match msg:
-            case _Pid(pid=pid):
-                if pid <= 0:
-                    raise bad("pid must be positive")
-                return RankPid(pid)
-            case _Log(o=o, d=d):
-                if o != offsets[0]:
-                    raise bad(f"log offset {o}, expected {offsets[0]}")
-                try:
-                    data = base64.b64decode(d, validate=True)
-                except (binascii.Error, ValueError) as exc:
-                    raise bad("log data is not base64") from exc
-                offsets[0] = o + len(data)
-                return LogChunk(o, data)
-            case _Metric(o=o, e=e, d=d):
-                if o != offsets[1] or e <= o:
-                    raise bad(f"metrics offsets {o}-{e}, expected start {offsets[1]}")
-                offsets[1] = e
-                return MetricLine(o, d.encode(), e)
-            case _Exit(code=code, left=left, names=names, at=at):
-                clean = tuple("".join(c for c in n[:32] if c.isprintable()) for n in names[:8])
-                return RankExit(code, max(0, left), clean, at)
-            case _Error(message=message):
-                raise TransportError(self.node, f"watching {rd}: {message[:300]}")
-        raise bad("unknown message")
-
     async def status(self, job: str, attempt: int, rank: int) -> RankStatus:
         rd = await self.run_dir(job, attempt, rank)
-        reply = self._reply(await self._call("status", rd), f"status of {rd}")
+        reply = self.link.reply(await self.link.call("status", rd), f"status of {rd}")
         try:
             st = msgspec.convert(reply, _Status)
         except msgspec.ValidationError as exc:
@@ -473,7 +294,7 @@ class NodeAgent:
         """For each run dir, the pids of its rank's processes still alive (one call)."""
         if not run_dirs:
             return {}
-        reply = self._reply(await self._call("alive-pids", *run_dirs), "alive-pids")
+        reply = self.link.reply(await self.link.call("alive-pids", *run_dirs), "alive-pids")
         try:
             return msgspec.convert(reply, dict[str, list[int]])
         except msgspec.ValidationError as exc:
@@ -482,7 +303,7 @@ class NodeAgent:
     async def kill(self, job: str, attempt: int, rank: int, sig: int) -> None:
         """Signal the rank's process group and its descendants, if still that rank's."""
         rd = await self.run_dir(job, attempt, rank)
-        result = await self._call("kill", rd, str(int(sig)))
+        result = await self.link.call("kill", rd, str(int(sig)))
         if not result.ok:
             raise TransportError(self.node, f"kill {rd}: {result.stderr_line()}")
 
@@ -491,7 +312,7 @@ class NodeAgent:
         their ranks is alive is killed. Run dir -> (processes killed, processes still alive)."""
         if not run_dirs:
             return {}
-        reply = self._reply(await self._call("fence", *run_dirs), "fence")
+        reply = self.link.reply(await self.link.call("fence", *run_dirs), "fence")
         try:
             found = msgspec.convert(reply, dict[str, _Fenced])
         except msgspec.ValidationError as exc:
@@ -500,7 +321,7 @@ class NodeAgent:
 
     async def request_checkpoint(self, job: str, attempt: int, rank: int) -> None:
         rd = await self.run_dir(job, attempt, rank)
-        result = await self._call("checkpoint", rd)
+        result = await self.link.call("checkpoint", rd)
         if not result.ok:
             raise TransportError(self.node, f"checkpoint request {rd}: {result.stderr_line()}")
 
@@ -512,7 +333,7 @@ class NodeAgent:
         args = ["ls-checkpoints", await self.checkpoint_dir(job)]
         if patterns:
             args += [cwd or "", *patterns]
-        reply = self._reply(await self._call(*args), "ls-checkpoints")
+        reply = self.link.reply(await self.link.call(*args), "ls-checkpoints")
         try:
             found = msgspec.convert(reply, list[_Checkpoint])
         except msgspec.ValidationError as exc:
@@ -522,7 +343,7 @@ class NodeAgent:
     async def free_port(self, low: int = 0, high: int = 0) -> int:
         """A TCP port free on the node right now (in low..high when given)."""
         args = ["free-port"] + ([str(low), str(high)] if low else [])
-        reply = self._reply(await self._call(*args), "free-port")
+        reply = self.link.reply(await self.link.call(*args), "free-port")
         match reply:
             case {"port": int(port)} if 0 < port < 65536:
                 return port
@@ -532,7 +353,7 @@ class NodeAgent:
 
     async def can_reach(self, host: str, port: int, timeout_s: float) -> bool:
         """Whether a TCP connect from the node to host:port succeeds within timeout_s."""
-        result = await self._call("reach", host, str(int(port)), str(float(timeout_s)))
+        result = await self.link.call("reach", host, str(int(port)), str(float(timeout_s)))
         if result.exit_code not in (0, 1):
             raise TransportError(self.node, f"reach {host}:{port}: {result.stderr_line()}")
         return result.exit_code == 0
@@ -542,7 +363,7 @@ class NodeAgent:
     async def sync_missing(self, objects: Sequence[tuple[str, int]]) -> list[str]:
         """The sha256s of ``objects`` ((sha256, size) pairs) this node's store lacks."""
         payload = json.dumps([list(o) for o in objects]).encode()
-        reply = self._reply(await self._call("sync-missing", await self.sync_store(),
+        reply = self.link.reply(await self.link.call("sync-missing", await self.sync_store(),
                                              input=payload), "sync-missing")
         match reply:
             case {"missing": list(missing)} if all(isinstance(m, str) for m in missing):
@@ -552,7 +373,7 @@ class NodeAgent:
     async def sync_put(self, frames: AsyncGenerator[bytes, None]) -> int:
         """Send framed objects (``SHA SIZE\\n`` + bytes, ..., ``end\\n``); bytes stored."""
         stream = await self.transport.open_stream(
-            await self._wrapper_argv("sync-put", await self.sync_store()))
+            await self.link.argv("sync-put", await self.sync_store()))
         try:
             async for chunk in frames:
                 await stream.write(chunk)
@@ -574,8 +395,48 @@ class NodeAgent:
         """Copy the tree out of the node's store into the job's code dir; that dir."""
         dest = await self.code_dir(job)
         payload = json.dumps({"tree": tree, "entries": [list(e) for e in entries]}).encode()
-        result = await self._call("sync-tree", await self.sync_store(), dest, input=payload)
-        reply = self._reply(result, "sync-tree")
+        result = await self.link.call("sync-tree", await self.sync_store(), dest, input=payload)
+        reply = self.link.reply(result, "sync-tree")
         if not isinstance(reply, dict) or "files" not in reply:
             raise WrapperProtocolError(self.node, f"sync-tree: reply {str(reply)[:200]!r}")
         return dest
+
+
+def _decode(node: str, line: bytes, offsets: list[int], rd: str) -> RankEvent:
+    """One watch line as an event; checks offsets continue exactly where expected."""
+
+    def bad(why: str) -> WrapperProtocolError:
+        return WrapperProtocolError(
+            node,
+            f"malformed line from the rank wrapper watching {rd}: {why}: {line[:160]!r}",
+        )
+
+    try:
+        msg = _watch_decoder.decode(line)
+    except msgspec.DecodeError as exc:
+        raise bad(str(exc)) from exc
+    match msg:
+        case _Pid(pid=pid):
+            if pid <= 0:
+                raise bad("pid must be positive")
+            return RankPid(pid)
+        case _Log(o=o, d=d):
+            if o != offsets[0]:
+                raise bad(f"log offset {o}, expected {offsets[0]}")
+            try:
+                data = base64.b64decode(d, validate=True)
+            except (binascii.Error, ValueError) as exc:
+                raise bad("log data is not base64") from exc
+            offsets[0] = o + len(data)
+            return LogChunk(o, data)
+        case _Metric(o=o, e=e, d=d):
+            if o != offsets[1] or e <= o:
+                raise bad(f"metrics offsets {o}-{e}, expected start {offsets[1]}")
+            offsets[1] = e
+            return MetricLine(o, d.encode(), e)
+        case _Exit(code=code, left=left, names=names, at=at):
+            clean = tuple("".join(c for c in n[:32] if c.isprintable()) for n in names[:8])
+            return RankExit(code, max(0, left), clean, at)
+        case _Error(message=message):
+            raise TransportError(node, f"watching {rd}: {message[:300]}")
+    raise bad("unknown message")
