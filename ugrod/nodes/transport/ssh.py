@@ -210,122 +210,27 @@ def _kill_remote(process: asyncssh.SSHClientProcess[bytes]) -> None:
     process.close()
 
 
-class SshTransport:
-    """Transport over SSH to one node, with a per-node limit on concurrent channels."""
+class _Login:
+    """How to log in to one node: its address, account, key and the host keys trusted;
+    turns every way a login fails into a TransportError that says what to fix."""
 
-    def __init__(
-        self,
-        node: str,
-        host: str,
-        port: int,
-        user: str,
-        known_hosts: Path,
-        identity_file: Path | None = None,
-        *,
-        connect_timeout_s: float = 10.0,
-        keepalive_s: float = 15.0,
-        max_concurrency: int = 8,
-    ) -> None:
+    def __init__(self, node: str, host: str, port: int, user: str, known_hosts: Path,
+                 identity_file: Path | None, connect_timeout_s: float,
+                 keepalive_s: float) -> None:
         self.node = node
         self.host = host
         self.port = port
         self.user = user
-        self.known_hosts = Path(known_hosts)
+        self.known_hosts = known_hosts
         self.identity_file = identity_file
         self.connect_timeout_s = connect_timeout_s
         self.keepalive_s = keepalive_s
-        self._conn: asyncssh.SSHClientConnection | None = None
-        self._connecting: asyncio.Task[asyncssh.SSHClientConnection] | None = None
-        self._failures = 0
-        self._retry_at = 0.0
-        self._last_error: TransportError | None = None
-        self._home: str | None = None
-        self._max_concurrency = max_concurrency
-        self._channels = asyncio.Semaphore(max_concurrency)
-        self._lanes: list[_Lane] = []
-        self._bulk: _Lane | None = None  # the connection of bulk streams, while any is open
-        self._lanes_lock = asyncio.Lock()
-        self._stream_slots = asyncio.Semaphore(max(1, max_concurrency - _RESERVED_FOR_RUN))
 
     @property
     def where(self) -> str:
         return f"{self.host}:{self.port}"
 
-    @property
-    def connections(self) -> int:
-        """SSH connections open now: the main one plus extras carrying overflow streams."""
-        main = self._conn is not None and not self._conn.is_closed()
-        return int(main) + sum(1 for lane in self._lanes if not lane.conn.is_closed())
-
-    def __repr__(self) -> str:
-        return f"SshTransport({self.node!r}, {self.user}@{self.where})"
-
-    # ---- connection ----------------------------------------------------------------
-
-    async def connect(self) -> None:
-        await self._connection()
-
-    async def _connection(self) -> asyncssh.SSHClientConnection:
-        conn = self._conn
-        if conn is not None and not conn.is_closed():
-            return conn
-        self._conn = None
-        if self._connecting is None:
-            loop = asyncio.get_running_loop()
-            wait_s = self._retry_at - loop.time()
-            if self._last_error is not None and wait_s > 0:
-                raise self._again(self._last_error, wait_s)
-            self._connecting = loop.create_task(self._open())
-            self._connecting.add_done_callback(self._opened)
-        # shield: one caller's deadline must not cancel the attempt the others share.
-        return await asyncio.shield(self._connecting)
-
-    def _opened(self, task: asyncio.Task[asyncssh.SSHClientConnection]) -> None:
-        self._connecting = None
-        if task.cancelled():
-            return
-        exc = task.exception()
-        if exc is None:
-            self._conn = task.result()
-            self._failures = 0
-            self._last_error = None
-            return
-        self._failures += 1
-        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
-        self._retry_at = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
-        self._last_error = exc if isinstance(exc, TransportError) else None
-
-    def _again(self, err: TransportError, wait_s: float) -> TransportError:
-        message = f"{err.message} (next reconnect attempt in {wait_s:.1f} s)"
-        if isinstance(err, HostKeyError):
-            return HostKeyError(
-                self.node, message, changed=err.changed, fingerprint=err.fingerprint,
-                reason=err.reason,
-            )
-        if isinstance(err, NodeUnreachable):
-            return NodeUnreachable(self.node, message, reason=err.reason)
-        return TransportError(self.node, message)
-
-    async def _open(self) -> asyncssh.SSHClientConnection:
-        """A new main connection, with SFTP checked: a node without it cannot run ranks."""
-        conn = await self._connect()
-        try:
-            async with asyncio.timeout(self.connect_timeout_s):
-                async with conn.start_sftp_client():
-                    pass
-        except (asyncssh.Error, OSError, TimeoutError) as exc:
-            conn.close()
-            why = "no answer" if isinstance(exc, TimeoutError) else (
-                exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or str(exc)))
-            raise NodeUnreachable(
-                self.node,
-                f"{self.where} refused SFTP ({why}); ugrod copies its rank wrapper over "
-                "SFTP: enable it in the node's sshd_config (`Subsystem sftp "
-                "internal-sftp`)",
-            ) from exc
-        return conn
-
-    async def _connect(self, *, bulk: bool = False) -> asyncssh.SSHClientConnection:
+    async def connect(self, *, bulk: bool = False) -> asyncssh.SSHClientConnection:
         known = self._known_hosts()
         keys: object = [self._identity()] if self.identity_file else ()
         ciphers: dict[str, object] = {"encryption_algs": list(_BULK_CIPHERS)} if bulk else {}
@@ -448,6 +353,124 @@ class SshTransport:
             changed=True,
             fingerprint=fingerprint,
         )
+
+
+class SshTransport:
+    """Transport over SSH to one node, with a per-node limit on concurrent channels."""
+
+    def __init__(
+        self,
+        node: str,
+        host: str,
+        port: int,
+        user: str,
+        known_hosts: Path,
+        identity_file: Path | None = None,
+        *,
+        connect_timeout_s: float = 10.0,
+        keepalive_s: float = 15.0,
+        max_concurrency: int = 8,
+    ) -> None:
+        self.node = node
+        self.host = host
+        self.port = port
+        self.user = user
+        self.known_hosts = Path(known_hosts)
+        self.identity_file = identity_file
+        self.connect_timeout_s = connect_timeout_s
+        self.keepalive_s = keepalive_s
+        self._login = _Login(node, host, port, user, self.known_hosts, identity_file,
+                             connect_timeout_s, keepalive_s)
+        self._conn: asyncssh.SSHClientConnection | None = None
+        self._connecting: asyncio.Task[asyncssh.SSHClientConnection] | None = None
+        self._failures = 0
+        self._retry_at = 0.0
+        self._last_error: TransportError | None = None
+        self._home: str | None = None
+        self._max_concurrency = max_concurrency
+        self._channels = asyncio.Semaphore(max_concurrency)
+        self._lanes: list[_Lane] = []
+        self._bulk: _Lane | None = None  # the connection of bulk streams, while any is open
+        self._lanes_lock = asyncio.Lock()
+        self._stream_slots = asyncio.Semaphore(max(1, max_concurrency - _RESERVED_FOR_RUN))
+
+    @property
+    def where(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def connections(self) -> int:
+        """SSH connections open now: the main one plus extras carrying overflow streams."""
+        main = self._conn is not None and not self._conn.is_closed()
+        return int(main) + sum(1 for lane in self._lanes if not lane.conn.is_closed())
+
+    def __repr__(self) -> str:
+        return f"SshTransport({self.node!r}, {self.user}@{self.where})"
+
+    # ---- connection ----------------------------------------------------------------
+
+    async def connect(self) -> None:
+        await self._connection()
+
+    async def _connection(self) -> asyncssh.SSHClientConnection:
+        conn = self._conn
+        if conn is not None and not conn.is_closed():
+            return conn
+        self._conn = None
+        if self._connecting is None:
+            loop = asyncio.get_running_loop()
+            wait_s = self._retry_at - loop.time()
+            if self._last_error is not None and wait_s > 0:
+                raise self._again(self._last_error, wait_s)
+            self._connecting = loop.create_task(self._open())
+            self._connecting.add_done_callback(self._opened)
+        # shield: one caller's deadline must not cancel the attempt the others share.
+        return await asyncio.shield(self._connecting)
+
+    def _opened(self, task: asyncio.Task[asyncssh.SSHClientConnection]) -> None:
+        self._connecting = None
+        if task.cancelled():
+            return
+        exc = task.exception()
+        if exc is None:
+            self._conn = task.result()
+            self._failures = 0
+            self._last_error = None
+            return
+        self._failures += 1
+        delay = min(BACKOFF_MAX_S, BACKOFF_FIRST_S * 2 ** (self._failures - 1))
+        self._retry_at = asyncio.get_running_loop().time() + delay * random.uniform(0.5, 1.0)
+        self._last_error = exc if isinstance(exc, TransportError) else None
+
+    def _again(self, err: TransportError, wait_s: float) -> TransportError:
+        message = f"{err.message} (next reconnect attempt in {wait_s:.1f} s)"
+        if isinstance(err, HostKeyError):
+            return HostKeyError(
+                self.node, message, changed=err.changed, fingerprint=err.fingerprint,
+                reason=err.reason,
+            )
+        if isinstance(err, NodeUnreachable):
+            return NodeUnreachable(self.node, message, reason=err.reason)
+        return TransportError(self.node, message)
+
+    async def _open(self) -> asyncssh.SSHClientConnection:
+        """A new main connection, with SFTP checked: a node without it cannot run ranks."""
+        conn = await self._login.connect()
+        try:
+            async with asyncio.timeout(self.connect_timeout_s):
+                async with conn.start_sftp_client():
+                    pass
+        except (asyncssh.Error, OSError, TimeoutError) as exc:
+            conn.close()
+            why = "no answer" if isinstance(exc, TimeoutError) else (
+                exc.reason if isinstance(exc, asyncssh.Error) else (exc.strerror or str(exc)))
+            raise NodeUnreachable(
+                self.node,
+                f"{self.where} refused SFTP ({why}); ugrod copies its rank wrapper over "
+                "SFTP: enable it in the node's sshd_config (`Subsystem sftp "
+                "internal-sftp`)",
+            ) from exc
+        return conn
 
     def _lost(self, exc: BaseException, what: str) -> TransportError:
         """Translate an error on an open connection; drops the connection if it is dead."""
@@ -573,7 +596,7 @@ class SshTransport:
                 if lane.streams < self._max_concurrency and not lane.conn.is_closed():
                     lane.streams += 1
                     return lane
-            lane = _Lane(await self._connect(), streams=1)
+            lane = _Lane(await self._login.connect(), streams=1)
             self._lanes.append(lane)
             return lane
 
@@ -582,7 +605,7 @@ class SshTransport:
         async with self._lanes_lock:
             lane = self._bulk
             if lane is None or lane.conn.is_closed():
-                lane = self._bulk = _Lane(await self._connect(bulk=True))
+                lane = self._bulk = _Lane(await self._login.connect(bulk=True))
             lane.streams += 1
             return lane
 
