@@ -81,7 +81,11 @@ def checkpoint_everywhere(d: Ugrod, job: str) -> None:
     r0, r1 = saved
     assert r0[-1]["rank"] == 0 and r1[-1]["rank"] == 1
     assert r0[-1]["step"] == r1[-1]["step"]  # the ranks agreed on the step
-    assert r0[-1]["path"] == r1[-1]["path"]
+    # the same checkpoint, each in its own node's UGRO_CHECKPOINT_DIR (issue 14: nodes 1..N
+    # were told node 0's path before)
+    p0, p1 = Path(r0[-1]["path"]), Path(r1[-1]["path"])
+    assert p0.name == p1.name and p0.parent.name == p1.parent.name == "checkpoints"
+    assert "/node0/" in str(p0) and "/node1/" in str(p1), (p0, p1)
 
 
 def cancel_promptly(d: Ugrod, job: str, within_s: float) -> None:
