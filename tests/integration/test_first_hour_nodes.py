@@ -306,6 +306,52 @@ def test_a_node_killed_mid_job_is_named_and_the_retry_avoids_it(
         d.stop()
 
 
+# ---- a job name used again after the state dir was wiped --------------------------------
+
+
+def test_a_name_used_again_after_a_wiped_state_dir_runs_as_a_new_job(
+        short_tmp: Path, nodes: SshdCluster) -> None:
+    # The first run of "train" fails (exit 3) and saves a checkpoint on node0.
+    script = ("import os, sys\n"
+              "d = os.environ['UGRO_CHECKPOINT_DIR']\n"
+              "print('resume from', os.environ.get('UGRO_RESUME_FROM'), flush=True)\n"
+              "open(os.path.join(d, 'ckpt-' + sys.argv[1]), 'w').write(sys.argv[1])\n"
+              "sys.exit(int(sys.argv[2]))\n")
+    (short_tmp / "a").mkdir()
+    d = ugrod_for(short_tmp / "a", nodes)
+    d.start()
+    try:
+        d.ctl("submit", "--name", "train", "--node", "node0", "--max-retries", "0", "--",
+              PY, "-c", script, "first", "3", check=True)
+        assert d.wait_job("train", timeout_s=60)["exit_code"] == 3
+    finally:
+        d.stop()
+    # The user wipes ugrod's state (a reinstall, a new head) and submits "train" again.
+    shutil.rmtree(short_tmp / "a")
+    (short_tmp / "b").mkdir()
+    d = ugrod_for(short_tmp / "b", nodes)
+    d.start()
+    try:
+        d.ctl("submit", "--name", "train", "--node", "node0", "--max-retries", "0", "--",
+              PY, "-c", script, "second", "0", check=True)
+        done = d.wait_job("train", timeout_s=60)
+        # It runs as the new job it is: not "ended" at once with the old run's exit code,
+        # not resumed from the old run's checkpoint.
+        assert done["state"] == "succeeded" and done["exit_code"] == 0, done
+        log = d.ctl("logs", "train", check=True).stdout
+        assert "resume from None" in log, log
+        jobs = nodes[0].work_dir / "jobs"
+        ckpts = sorted(p.name for p in (jobs / "train" / "checkpoints").iterdir())
+        assert ckpts == ["ckpt-second"], ckpts
+        # The old run's files are kept aside on the node, not deleted, and the log says so.
+        kept = jobs / ".replaced" / "train.1"
+        assert (kept / "checkpoints" / "ckpt-first").read_text() == "first"
+        assert (kept / "attempt-1" / "rank-0" / "exit_code").read_text().strip() == "3"
+        assert f"moved it to {kept}" in d.log(), d.log()
+    finally:
+        d.stop()
+
+
 # ---- start-up while a node hangs -----------------------------------------------------------
 
 

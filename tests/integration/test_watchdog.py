@@ -66,7 +66,10 @@ def wait_step(d: Ugrod, job: str, step: int, timeout_s: float = 90) -> None:
         got = j["metrics"].get("step")
         if isinstance(got, int | float) and got >= step:
             return
-        assert j["state"] in ("queued", "starting", "running"), j
+        assert j["state"] in ("queued", "starting", "running"), (
+            f"{job} left the running states before step {step}: {j['state']}, "
+            f"{j.get('reason')}\n"
+            f"{[(e['type'], e['data'].get('reason')) for e in events(d, job)]}\n{d.log()}")
         time.sleep(0.2)
     raise AssertionError(f"{job} never reached step {step}:\n{d.log()}")
 

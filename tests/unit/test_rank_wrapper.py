@@ -413,3 +413,63 @@ def test_fence_of_a_rank_never_started_ends_it(tmp_path: Path) -> None:
     exit_line = subprocess.run([sys.executable, WRAPPER, "watch", str(rd), "0", "0"],
                                capture_output=True, timeout=10).stdout.splitlines()[-1]
     assert json.loads(exit_line)["code"] == rank_wrapper.LOST  # a watch of it ends
+
+
+def test_claim_moves_an_earlier_jobs_dir_aside_and_the_rank_then_starts(tmp_path: Path) -> None:
+    # An earlier job named "train" (a wiped state dir, another head) left its ended rank,
+    # a fence mark and a checkpoint in the node's job dir.
+    jobs = tmp_path / "jobs"
+    old = jobs / "train" / "attempt-1" / "rank-0"
+    assert start(old, ["sh", "-c", "exit 3"])["_rc"] == 0
+    assert wait_for(old / "exit_code").strip() == "3"
+    (jobs / "train" / "checkpoints").mkdir()
+    (jobs / "train" / "checkpoints" / "step-9.pt").write_text("theirs")
+    first = wrapper("claim", str(jobs / "train"), "train@100.000000", "first")
+    assert first["_rc"] == 0, first
+    assert first["claimed"] == "new" and first["moved_to"] == str(jobs / ".replaced" / "train.1")
+    kept = jobs / ".replaced" / "train.1"
+    assert (kept / "checkpoints" / "step-9.pt").read_text() == "theirs"  # moved, not deleted
+    assert (kept / "attempt-1" / "rank-0" / "exit_code").read_text().strip() == "3"
+    assert sorted(p.name for p in (jobs / "train").iterdir()) == ["job.token"]
+    # The same job again (a second rank on the node, a retry): nothing moves.
+    again = wrapper("claim", str(jobs / "train"), "train@100.000000", "retry")
+    assert again["claimed"] == "same" and "moved_to" not in again, again
+    # This job's own rank starts and runs, not "already ended with 3".
+    new = start(jobs / "train" / "attempt-1" / "rank-0", ["sh", "-c", "exit 0"])
+    assert new["_rc"] == 0 and new["pid"] > 0, new
+    assert wait_for(jobs / "train" / "attempt-1" / "rank-0" / "exit_code").strip() == "0"
+    # A later job of the same name moves this one aside too, to the next free name.
+    later = wrapper("claim", str(jobs / "train"), "train@200.000000", "retry")
+    assert later["moved_to"] == str(jobs / ".replaced" / "train.2"), later
+
+
+def test_claim_of_a_retry_adopts_a_dir_made_before_tokens(tmp_path: Path) -> None:
+    # A job running across an upgrade: its dir has no token, and its retry must keep the
+    # checkpoints it would resume from.
+    ckpt = tmp_path / "jobs" / "run" / "checkpoints" / "step-4.pt"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_text("mine")
+    got = wrapper("claim", str(tmp_path / "jobs" / "run"), "run@5.000000", "retry")
+    assert got["claimed"] == "adopted" and "moved_to" not in got, got
+    assert ckpt.read_text() == "mine"
+    assert (tmp_path / "jobs" / "run" / "job.token").read_text() == "run@5.000000"
+
+
+@pytest.mark.parametrize("args", [["", "first"], ["t@1", "later"], ["t\nx", "first"]])
+def test_claim_refuses_bad_arguments_and_changes_nothing(tmp_path: Path,
+                                                         args: list[str]) -> None:
+    (tmp_path / "jobs" / "x").mkdir(parents=True)
+    (tmp_path / "jobs" / "x" / "keep").write_text("1")
+    got = wrapper("claim", str(tmp_path / "jobs" / "x"), *args)
+    assert got["_rc"] == 1 and "bad arguments" in got["_stderr"], got
+    assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["x"]
+    assert (tmp_path / "jobs" / "x" / "keep").read_text() == "1"
+
+
+def test_claim_will_not_follow_a_link_planted_as_the_job_dir(tmp_path: Path) -> None:
+    (tmp_path / "jobs").mkdir()
+    (tmp_path / "elsewhere").mkdir()
+    (tmp_path / "jobs" / "x").symlink_to(tmp_path / "elsewhere")
+    got = wrapper("claim", str(tmp_path / "jobs" / "x"), "x@1.000000", "first")
+    assert got["_rc"] == 1 and "is not a directory" in got["_stderr"], got
+    assert not list((tmp_path / "elsewhere").iterdir())

@@ -65,10 +65,13 @@ class Launch:
         # the answer never came) and ranks known not to run: the fence's facts.
         requested: set[int] = set()
         not_running: set[int] = set()
-        resume = await self.checkpoints.stage(job, agents)  # bounded by stalls, not size
+        resume: dict[int, str] = {}
         try:
             async with asyncio.timeout(self.start_timeout_s):
                 await asyncio.gather(*(a.prepare() for a in agents))
+                await self._claim(job, agents)
+            resume = await self.checkpoints.stage(job, agents)  # bounded by stalls, not size
+            async with asyncio.timeout(self.start_timeout_s):
                 if job.spec.sync is not None:
                     await self._sync_code(job, agents)
                 if job.spec.torchrun and len(agents) > 1:
@@ -172,6 +175,18 @@ class Launch:
         await self.ledger.record(ev.DAEMON, *missing, ev.JobRunning(job=job.id,
                                                                     attempt=job.attempt))
         return True
+
+    async def _claim(self, job: Job, agents: list[NodeAgent]) -> None:
+        """Each node's job dir made this job's: one left there by an earlier job of the same
+        name (a wiped state dir, another head) is moved aside on the node, never read as
+        this job's exits, fence marks or checkpoints."""
+        token = f"{job.id}@{job.submitted_at:.6f}"
+        moved = await asyncio.gather(*(a.claim(job.id, token, first=job.attempt <= 1)
+                                       for a in dict.fromkeys(agents)))
+        for a, where in zip(dict.fromkeys(agents), moved, strict=True):
+            if where:
+                logger.warning("job %s: node %s had a job dir of an earlier job named %s; "
+                               "moved it to %s", job.id, a.node, job.id, where)
 
     async def _spawn_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
                           resume_from: str | None = None, *,

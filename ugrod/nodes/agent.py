@@ -210,6 +210,24 @@ class NodeAgent:
     async def sync_store(self) -> str:
         return f"{await self.work_dir()}/sync/objects"
 
+    async def claim(self, job: str, token: str, *, first: bool) -> str | None:
+        """Make the node's job dir this job's before an attempt puts anything there.
+
+        A dir left there by an earlier job with the same name (its exit codes, fence marks,
+        checkpoints) is moved aside to ``jobs/.replaced/`` on the node: where it went is
+        returned (None when nothing was moved). ``first``: the job's first attempt.
+        """
+        jd = await self.job_dir(job)
+        reply = self.link.reply(
+            await self.link.call("claim", jd, token, "first" if first else "retry"),
+            f"claiming {jd}")
+        match reply:
+            case {"claimed": str(), "moved_to": str(moved)}:
+                return moved
+            case {"claimed": str()}:
+                return None
+        raise WrapperProtocolError(self.node, f"claiming {jd}: reply {reply!r}")
+
     # ---- ranks ------------------------------------------------------------------------
 
     async def spawn(

@@ -34,6 +34,7 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
   fence RUN_DIR...                      {"RUN_DIR": {"killed": [pid...], "alive": [pid...]}}
+  claim JOB_DIR TOKEN first|retry      {"claimed": "new"|"same"|"adopted", "moved_to"?}
   checkpoint RUN_DIR | ls-checkpoints DIR [CWD PATTERN...] | free-port [LOW HIGH]
   reach HOST PORT TIMEOUT
   sync-missing STORE | sync-put STORE | sync-tree STORE DEST   the code of --sync jobs
@@ -449,6 +450,61 @@ def make_dir(path: str, mode: int, owner: tuple[int, int] | None) -> None:
         os.chown(path, *owner)
     if st.st_uid == os.geteuid() and stat_mod.S_IMODE(st.st_mode) != mode:
         os.chmod(path, mode)  # the umask (0077) narrowed mkdir's mode
+
+
+REPLACED = ".replaced"  # under jobs/: the dirs of earlier jobs that had the same name
+
+
+def cmd_claim(job_dir: str, token: str, when: str) -> Answer:
+    """Make JOB_DIR this job's (TOKEN: the job's name and submit time) before anything of an
+    attempt is put there.
+
+    A job dir left by an earlier job with the same name (a wiped state dir, another head
+    using this work dir) holds its exit codes, fence marks and checkpoints: read as this
+    job's, a rank would "end" at once with the old exit code, or resume from another run's
+    checkpoint. Such a dir is moved whole to jobs/.replaced/NAME.N (never deleted: its
+    checkpoints may be someone's work). ``first``: the job's first attempt, so any dir
+    already there is an earlier job's; ``retry``: a dir without a token (made before
+    tokens existed) is adopted as this job's.
+    """
+    job_dir = os.path.abspath(job_dir)
+    jobs, name = os.path.split(job_dir)
+    if not token or "\n" in token or when not in ("first", "retry") or name.startswith("."):
+        raise ValueError(f"claim {job_dir!r} {token!r} {when!r}: bad arguments")
+    if not os.path.isdir(jobs):  # made by prepare, with its mode: kept as it is
+        make_dir(jobs, 0o711 if os.geteuid() == 0 else 0o700, None)
+    lock = os.open(os.path.join(jobs, f".{name}.claim"),
+                   os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # the ranks of one node claim at once: one moves
+        mark = os.path.join(job_dir, "job.token")
+        try:
+            st = os.lstat(job_dir)
+        except FileNotFoundError:
+            st = None
+        if st is not None and (stat_mod.S_ISLNK(st.st_mode) or not stat_mod.S_ISDIR(st.st_mode)):
+            raise ValueError(f"{job_dir} is not a directory")
+        held = read_text(mark) if st is not None else None
+        if held == token:
+            return 0, {"claimed": "same"}
+        answer: dict[str, Any] = {"claimed": "new"}
+        if st is not None and os.listdir(job_dir):
+            if held is None and when == "retry":
+                answer = {"claimed": "adopted"}
+            else:
+                store = os.path.join(jobs, REPLACED)
+                make_dir(store, 0o700, None)
+                n = 1
+                while os.path.lexists(os.path.join(store, f"{name}.{n}")):
+                    n += 1
+                moved = os.path.join(store, f"{name}.{n}")
+                os.rename(job_dir, moved)
+                answer["moved_to"] = moved
+        make_dir(job_dir, 0o700, None)
+        write_atomic(mark, token)
+        return 0, answer
+    finally:
+        os.close(lock)
 
 
 def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
@@ -1155,6 +1211,8 @@ def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
         return cmd_start(args[0], stdin)
     if cmd == "status":
         return cmd_status(args[0])
+    if cmd == "claim":
+        return cmd_claim(args[0], args[1], args[2])
     if cmd == "kill":
         return cmd_kill(args[0], args[1])
     if cmd == "alive-pids":
