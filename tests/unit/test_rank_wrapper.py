@@ -415,61 +415,70 @@ def test_fence_of_a_rank_never_started_ends_it(tmp_path: Path) -> None:
     assert json.loads(exit_line)["code"] == rank_wrapper.LOST  # a watch of it ends
 
 
-def test_claim_moves_an_earlier_jobs_dir_aside_and_the_rank_then_starts(tmp_path: Path) -> None:
-    # An earlier job named "train" (a wiped state dir, another head) left its ended rank,
-    # a fence mark and a checkpoint in the node's job dir.
+
+def claimed(token: str, first: bool) -> dict[str, object]:
+    return {"claim": {"token": token, "first": first}}
+
+
+def test_start_moves_an_earlier_jobs_dir_aside_and_the_rank_then_runs(tmp_path: Path) -> None:
+    # An earlier job named "train" (a wiped state dir, another head) left its ended rank
+    # and a checkpoint in the node's job dir.
     jobs = tmp_path / "jobs"
-    old = jobs / "train" / "attempt-1" / "rank-0"
-    assert start(old, ["sh", "-c", "exit 3"])["_rc"] == 0
-    assert wait_for(old / "exit_code").strip() == "3"
+    rank0 = jobs / "train" / "attempt-1" / "rank-0"
+    assert start(rank0, ["sh", "-c", "exit 3"], **claimed("train@1.000000", True))["_rc"] == 0
+    assert wait_for(rank0 / "exit_code").strip() == "3"
     (jobs / "train" / "checkpoints").mkdir()
     (jobs / "train" / "checkpoints" / "step-9.pt").write_text("theirs")
-    first = wrapper("claim", str(jobs / "train"), "train@100.000000", "first")
-    assert first["_rc"] == 0, first
-    assert first["claimed"] == "new" and first["moved_to"] == str(jobs / ".replaced" / "train.1")
+    # A new job of that name: its rank runs (not "already ended" with 3), and says where
+    # the earlier job's dir went.
+    new = start(rank0, ["sh", "-c", "exit 0"], **claimed("train@100.000000", True))
     kept = jobs / ".replaced" / "train.1"
+    assert new["_rc"] == 0 and new["pid"] > 0 and new["moved_to"] == str(kept), new
+    assert wait_for(rank0 / "exit_code").strip() == "0"
     assert (kept / "checkpoints" / "step-9.pt").read_text() == "theirs"  # moved, not deleted
     assert (kept / "attempt-1" / "rank-0" / "exit_code").read_text().strip() == "3"
-    assert sorted(p.name for p in (jobs / "train").iterdir()) == ["job.token"]
-    # The same job again (a second rank on the node, a retry): nothing moves.
-    again = wrapper("claim", str(jobs / "train"), "train@100.000000", "retry")
-    assert again["claimed"] == "same" and "moved_to" not in again, again
-    # This job's own rank starts and runs, not "already ended with 3".
-    new = start(jobs / "train" / "attempt-1" / "rank-0", ["sh", "-c", "exit 0"])
-    assert new["_rc"] == 0 and new["pid"] > 0, new
-    assert wait_for(jobs / "train" / "attempt-1" / "rank-0" / "exit_code").strip() == "0"
+    assert (jobs / "train" / "job.token").read_text() == "train@100.000000"
+    # Its second rank on the node, and its retry: nothing moves.
+    again = start(jobs / "train" / "attempt-1" / "rank-1", ["true"],
+                  **claimed("train@100.000000", True))
+    retry = start(jobs / "train" / "attempt-2" / "rank-0", ["true"],
+                  **claimed("train@100.000000", False))
+    assert "moved_to" not in again and "moved_to" not in retry, (again, retry)
+    assert (jobs / "train" / "attempt-1" / "rank-0" / "exit_code").exists()
     # A later job of the same name moves this one aside too, to the next free name.
-    later = wrapper("claim", str(jobs / "train"), "train@200.000000", "retry")
+    later = start(rank0, ["true"], **claimed("train@200.000000", False))
     assert later["moved_to"] == str(jobs / ".replaced" / "train.2"), later
 
 
-def test_claim_of_a_retry_adopts_a_dir_made_before_tokens(tmp_path: Path) -> None:
+def test_a_retry_adopts_a_job_dir_made_before_tokens(tmp_path: Path) -> None:
     # A job running across an upgrade: its dir has no token, and its retry must keep the
-    # checkpoints it would resume from.
+    # checkpoint it resumes from.
     ckpt = tmp_path / "jobs" / "run" / "checkpoints" / "step-4.pt"
     ckpt.parent.mkdir(parents=True)
     ckpt.write_text("mine")
-    got = wrapper("claim", str(tmp_path / "jobs" / "run"), "run@5.000000", "retry")
-    assert got["claimed"] == "adopted" and "moved_to" not in got, got
+    got = start(tmp_path / "jobs" / "run" / "attempt-2" / "rank-0", ["true"],
+                **claimed("run@5.000000", False))
+    assert got["_rc"] == 0 and "moved_to" not in got, got
     assert ckpt.read_text() == "mine"
     assert (tmp_path / "jobs" / "run" / "job.token").read_text() == "run@5.000000"
 
 
-@pytest.mark.parametrize("args", [["", "first"], ["t@1", "later"], ["t\nx", "first"]])
-def test_claim_refuses_bad_arguments_and_changes_nothing(tmp_path: Path,
-                                                         args: list[str]) -> None:
+@pytest.mark.parametrize("how", [{"token": "", "first": True}, {"token": "t@1"},
+                                 {"token": "t\nx", "first": True}, "t@1"])
+def test_a_bad_claim_is_refused_and_changes_nothing(tmp_path: Path, how: object) -> None:
     (tmp_path / "jobs" / "x").mkdir(parents=True)
     (tmp_path / "jobs" / "x" / "keep").write_text("1")
-    got = wrapper("claim", str(tmp_path / "jobs" / "x"), *args)
-    assert got["_rc"] == 1 and "bad arguments" in got["_stderr"], got
+    got = start(tmp_path / "jobs" / "x" / "attempt-1" / "rank-0", ["true"], claim=how)
+    assert got["_rc"] == 1 and "bad request" in got["_stderr"] + str(got), got
     assert sorted(p.name for p in (tmp_path / "jobs").iterdir()) == ["x"]
-    assert (tmp_path / "jobs" / "x" / "keep").read_text() == "1"
+    assert sorted(p.name for p in (tmp_path / "jobs" / "x").iterdir()) == ["keep"]
 
 
-def test_claim_will_not_follow_a_link_planted_as_the_job_dir(tmp_path: Path) -> None:
+def test_a_claim_never_follows_a_link_planted_as_the_job_dir(tmp_path: Path) -> None:
     (tmp_path / "jobs").mkdir()
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "jobs" / "x").symlink_to(tmp_path / "elsewhere")
-    got = wrapper("claim", str(tmp_path / "jobs" / "x"), "x@1.000000", "first")
-    assert got["_rc"] == 1 and "is not a directory" in got["_stderr"], got
+    got = start(tmp_path / "jobs" / "x" / "attempt-1" / "rank-0", ["true"],
+                **claimed("x@1.000000", True))
+    assert got["_rc"] == 1 and "is not a directory" in got["_stderr"] + str(got), got
     assert not list((tmp_path / "elsewhere").iterdir())

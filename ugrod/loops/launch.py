@@ -65,13 +65,10 @@ class Launch:
         # the answer never came) and ranks known not to run: the fence's facts.
         requested: set[int] = set()
         not_running: set[int] = set()
-        resume: dict[int, str] = {}
+        resume = await self.checkpoints.stage(job, agents)  # bounded by stalls, not size
         try:
             async with asyncio.timeout(self.start_timeout_s):
                 await asyncio.gather(*(a.prepare() for a in agents))
-                await self._claim(job, agents)
-            resume = await self.checkpoints.stage(job, agents)  # bounded by stalls, not size
-            async with asyncio.timeout(self.start_timeout_s):
                 if job.spec.sync is not None:
                     await self._sync_code(job, agents)
                 if job.spec.torchrun and len(agents) > 1:
@@ -176,18 +173,6 @@ class Launch:
                                                                     attempt=job.attempt))
         return True
 
-    async def _claim(self, job: Job, agents: list[NodeAgent]) -> None:
-        """Each node's job dir made this job's: one left there by an earlier job of the same
-        name (a wiped state dir, another head) is moved aside on the node, never read as
-        this job's exits, fence marks or checkpoints."""
-        token = f"{job.id}@{job.submitted_at:.6f}"
-        moved = await asyncio.gather(*(a.claim(job.id, token, first=job.attempt <= 1)
-                                       for a in dict.fromkeys(agents)))
-        for a, where in zip(dict.fromkeys(agents), moved, strict=True):
-            if where:
-                logger.warning("job %s: node %s had a job dir of an earlier job named %s; "
-                               "moved it to %s", job.id, a.node, job.id, where)
-
     async def _spawn_rank(self, job: Job, p: ev.RankPlacement, agent: NodeAgent,
                           resume_from: str | None = None, *,
                           requested: set[int] | None = None) -> int:
@@ -198,7 +183,7 @@ class Launch:
         if requested is not None:
             requested.add(p.rank)  # from here on the node may start it, answer or not
         return await agent.spawn(job.id, job.attempt, p.rank, argv, env, cwd,
-                                 run_as=run_as, program=program)
+                                 run_as=run_as, program=program, claim=claim(job))
 
     def rank_argv(self, job: Job, p: ev.RankPlacement, python: str,
                   env: Mapping[str, str] | None = None) -> tuple[list[str], int]:
@@ -265,8 +250,8 @@ class Launch:
             raise LaunchError("this ugrod keeps no code store: --sync is not available")
         tree = job.spec.sync
         try:
-            await asyncio.gather(*(codesync.push(a, self.code_store, job.uid, job.id, tree)
-                                   for a in agents))
+            await asyncio.gather(*(codesync.push(a, self.code_store, job.uid, job.id, tree,
+                                                 claim(job)) for a in agents))
         except codesync.SyncError as exc:
             raise LaunchError(str(exc)) from None
 
@@ -333,3 +318,10 @@ async def _listening(agent: NodeAgent, bind: Callable[[str], str], port: int,
         yield
     finally:
         await stream.close()
+
+
+def claim(job: Job) -> dict[str, Any]:
+    """What makes a node's job dir this job's (``NodeAgent.spawn``): a dir an earlier job of
+    the same name left there (a wiped state dir, another head) is moved aside, never read
+    as this job's exits, fence marks or checkpoints."""
+    return {"token": f"{job.id}@{job.submitted_at:.6f}", "first": job.attempt <= 1}

@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import logging
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from ugrod.nodes.wrapper_link import WRAPPER_SHA256 as WRAPPER_SHA256
 from ugrod.nodes.wrapper_link import WRAPPER_SOURCE as WRAPPER_SOURCE
 from ugrod.nodes.wrapper_link import WrapperLink
 from ugrod.nodes.wrapper_link import WrapperProtocolError as WrapperProtocolError
+
+logger = logging.getLogger("ugrod.nodes.agent")
 
 
 class RankStartError(TransportError):
@@ -210,23 +213,10 @@ class NodeAgent:
     async def sync_store(self) -> str:
         return f"{await self.work_dir()}/sync/objects"
 
-    async def claim(self, job: str, token: str, *, first: bool) -> str | None:
-        """Make the node's job dir this job's before an attempt puts anything there.
-
-        A dir left there by an earlier job with the same name (its exit codes, fence marks,
-        checkpoints) is moved aside to ``jobs/.replaced/`` on the node: where it went is
-        returned (None when nothing was moved). ``first``: the job's first attempt.
-        """
-        jd = await self.job_dir(job)
-        reply = self.link.reply(
-            await self.link.call("claim", jd, token, "first" if first else "retry"),
-            f"claiming {jd}")
-        match reply:
-            case {"claimed": str(), "moved_to": str(moved)}:
-                return moved
-            case {"claimed": str()}:
-                return None
-        raise WrapperProtocolError(self.node, f"claiming {jd}: reply {reply!r}")
+    def _moved(self, job: str, reply: Any) -> None:
+        if isinstance(reply, dict) and isinstance(reply.get("moved_to"), str):
+            logger.warning("job %s: node %s had a job dir of an earlier job named %s; moved "
+                           "it to %s", job, self.node, job, reply["moved_to"])
 
     # ---- ranks ------------------------------------------------------------------------
 
@@ -240,6 +230,7 @@ class NodeAgent:
         cwd: str | None = None,
         run_as: Mapping[str, Any] | None = None,
         program: int | None = None,
+        claim: Mapping[str, Any] | None = None,
     ) -> int:
         """Start a rank detached on the node; its pid (= its process group id).
 
@@ -247,6 +238,8 @@ class NodeAgent:
         wrapper running as root (the head node when ugrod runs as root).
         ``program``: the index in argv of the user's own command, which the wrapper
         checks before starting anything (found, executable): RankStartError if not.
+        ``claim`` ({token, first}): the job dir is made this job's first; one an earlier
+        job of the same name left there is moved aside on the node (and logged here).
         """
         rd = await self.run_dir(job, attempt, rank)
         ckpt = await self.checkpoint_dir(job)
@@ -262,8 +255,11 @@ class NodeAgent:
                                 "program": program}
         if run_as is not None:
             spec["run_as"] = dict(run_as)
+        if claim is not None:
+            spec["claim"] = dict(claim)
         result = await self.link.call("start", rd, "--spec-stdin", input=json.dumps(spec).encode())
         reply = self.link.reply(result, f"starting rank {rank} of {job}")
+        self._moved(job, reply)
         match reply:
             case {"pid": int(pid)} if pid > 0:
                 return pid
@@ -409,12 +405,18 @@ class NodeAgent:
                 raise TransportError(self.node, f"storing code objects: {error}")
         raise WrapperProtocolError(self.node, f"sync-put: reply {str(reply)[:200]!r}")
 
-    async def sync_tree(self, job: str, tree: str, entries: Sequence[Sequence[Any]]) -> str:
-        """Copy the tree out of the node's store into the job's code dir; that dir."""
+    async def sync_tree(self, job: str, tree: str, entries: Sequence[Sequence[Any]],
+                        claim: Mapping[str, Any] | None = None) -> str:
+        """Copy the tree out of the node's store into the job's code dir; that dir.
+        ``claim``: as for ``spawn`` (the code dir is the first thing a --sync job writes)."""
         dest = await self.code_dir(job)
-        payload = json.dumps({"tree": tree, "entries": [list(e) for e in entries]}).encode()
-        result = await self.link.call("sync-tree", await self.sync_store(), dest, input=payload)
+        doc: dict[str, Any] = {"tree": tree, "entries": [list(e) for e in entries]}
+        if claim is not None:
+            doc["claim"] = dict(claim)
+        result = await self.link.call("sync-tree", await self.sync_store(), dest,
+                                      input=json.dumps(doc).encode())
         reply = self.link.reply(result, "sync-tree")
+        self._moved(job, reply)
         if not isinstance(reply, dict) or "files" not in reply:
             raise WrapperProtocolError(self.node, f"sync-tree: reply {str(reply)[:200]!r}")
         return dest

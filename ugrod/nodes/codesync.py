@@ -22,7 +22,7 @@ import itertools
 import json
 import os
 import re
-from collections.abc import AsyncGenerator, AsyncIterator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -231,14 +231,15 @@ class _Framed:
 
 
 async def push(agent: NodeAgent, store: HeadStore, uid: int | None, job: str,
-               tree: str) -> str:
-    """Make ``tree`` the job's code dir on the agent's node (sending only what it lacks)."""
+               tree: str, claim: Mapping[str, Any] | None = None) -> str:
+    """Make ``tree`` the job's code dir on the agent's node (sending only what it lacks);
+    ``claim``: see ``NodeAgent.spawn``."""
     entries = store.entries(uid, tree)
     objects = sorted({(sha, size) for _, _, size, sha in entries})
     missing = set(await agent.sync_missing(objects))
     if missing:
         await agent.sync_put(store.frames(uid, [o for o in objects if o[0] in missing]))
-    return await agent.sync_tree(job, tree, entries)
+    return await agent.sync_tree(job, tree, entries, claim)
 
 
 def _write_private(path: Path, data: bytes) -> None:

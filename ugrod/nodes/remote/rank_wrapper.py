@@ -21,6 +21,11 @@ touching a run directory that belongs to someone else, a root wrapper becomes it
 (never through a symbolic link), so nothing a job writes can make root read, write or
 signal anything the job's user could not. Files are created 0600 in 0700 directories.
 
+Job dirs: the first request that writes into a job dir (``start``, ``sync-tree``) carries
+the job's token (its name and submit time); a dir left there by an earlier job with the same
+name is moved whole to jobs/.replaced/NAME.N first (``claim``), so its exit codes, fence
+marks and checkpoints are never read as the new job's.
+
 A pid is trusted only together with its start time (field 22 of /proc/PID/stat), so a
 reused pid is never signalled. The rank's environment carries UGRO_RUN_DIR=RUN_DIR, which
 finds descendants that left the process group (torchrun starts its workers in new
@@ -34,7 +39,6 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
   fence RUN_DIR...                      {"RUN_DIR": {"killed": [pid...], "alive": [pid...]}}
-  claim JOB_DIR TOKEN first|retry      {"claimed": "new"|"same"|"adopted", "moved_to"?}
   checkpoint RUN_DIR | ls-checkpoints DIR [CWD PATTERN...] | free-port [LOW HIGH]
   reach HOST PORT TIMEOUT
   sync-missing STORE | sync-put STORE | sync-tree STORE DEST   the code of --sync jobs
@@ -455,22 +459,27 @@ def make_dir(path: str, mode: int, owner: tuple[int, int] | None) -> None:
 REPLACED = ".replaced"  # under jobs/: the dirs of earlier jobs that had the same name
 
 
-def cmd_claim(job_dir: str, token: str, when: str) -> Answer:
-    """Make JOB_DIR this job's (TOKEN: the job's name and submit time) before anything of an
-    attempt is put there.
+def claim(job_dir: str, how: Any) -> str | None:
+    """Make JOB_DIR this job's before anything of an attempt is put there; where an earlier
+    job's dir was moved to, if it was.
 
-    A job dir left by an earlier job with the same name (a wiped state dir, another head
-    using this work dir) holds its exit codes, fence marks and checkpoints: read as this
-    job's, a rank would "end" at once with the old exit code, or resume from another run's
-    checkpoint. Such a dir is moved whole to jobs/.replaced/NAME.N (never deleted: its
-    checkpoints may be someone's work). ``first``: the job's first attempt, so any dir
-    already there is an earlier job's; ``retry``: a dir without a token (made before
-    tokens existed) is adopted as this job's.
+    ``how`` ({"token": the job's name and submit time, "first": its first attempt}) comes
+    with the first request that writes into the job dir (``start``, ``sync-tree``). A job
+    dir left by an earlier job with the same name (a wiped state dir, another head using
+    this work dir) holds its exit codes, fence marks and checkpoints: read as this job's, a
+    rank would "end" at once with the old exit code, or resume from another run's
+    checkpoint. Such a dir is moved whole to jobs/.replaced/NAME.N, never deleted (its
+    checkpoints may be someone's work). On the first attempt any dir already there is an
+    earlier job's; on a retry a dir without a token (made before tokens) is adopted.
     """
+    if how is None:
+        return None
+    token, first = (how.get("token"), how.get("first")) if isinstance(how, dict) else (None, None)
     job_dir = os.path.abspath(job_dir)
     jobs, name = os.path.split(job_dir)
-    if not token or "\n" in token or when not in ("first", "retry") or name.startswith("."):
-        raise ValueError(f"claim {job_dir!r} {token!r} {when!r}: bad arguments")
+    if (not isinstance(token, str) or not token or "\n" in token
+            or not isinstance(first, bool) or name.startswith(".")):
+        raise ValueError(f"claim of {job_dir}: bad request {how!r}")
     if not os.path.isdir(jobs):  # made by prepare, with its mode: kept as it is
         make_dir(jobs, 0o711 if os.geteuid() == 0 else 0o700, None)
     lock = os.open(os.path.join(jobs, f".{name}.claim"),
@@ -486,23 +495,19 @@ def cmd_claim(job_dir: str, token: str, when: str) -> Answer:
             raise ValueError(f"{job_dir} is not a directory")
         held = read_text(mark) if st is not None else None
         if held == token:
-            return 0, {"claimed": "same"}
-        answer: dict[str, Any] = {"claimed": "new"}
-        if st is not None and os.listdir(job_dir):
-            if held is None and when == "retry":
-                answer = {"claimed": "adopted"}
-            else:
-                store = os.path.join(jobs, REPLACED)
-                make_dir(store, 0o700, None)
-                n = 1
-                while os.path.lexists(os.path.join(store, f"{name}.{n}")):
-                    n += 1
-                moved = os.path.join(store, f"{name}.{n}")
-                os.rename(job_dir, moved)
-                answer["moved_to"] = moved
+            return None
+        moved = None
+        if st is not None and os.listdir(job_dir) and (first or held is not None):
+            store = os.path.join(jobs, REPLACED)
+            make_dir(store, 0o700, None)
+            n = 1
+            while os.path.lexists(os.path.join(store, f"{name}.{n}")):
+                n += 1
+            moved = os.path.join(store, f"{name}.{n}")
+            os.rename(job_dir, moved)
         make_dir(job_dir, 0o700, None)
         write_atomic(mark, token)
-        return 0, answer
+        return moved
     finally:
         os.close(lock)
 
@@ -520,6 +525,7 @@ def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
             raise ValueError(f"cannot start a rank as uid {uid}: the rank wrapper runs as "
                              f"uid {os.geteuid()}, without root or CAP_SETUID/CAP_SETGID")
     other = uid != os.geteuid()
+    moved = claim(os.path.dirname(os.path.dirname(run_dir)), spec.get("claim"))
     mkdirs = [os.path.abspath(str(d)) for d in spec.get("mkdirs") or []]
     # The job dir (parent of the attempt dirs and of checkpoints/) stays ugrod's when ranks
     # run as someone else: they cannot swap a run dir for a link to another's. As root,
@@ -535,7 +541,7 @@ def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
             make_dir(directory, 0o700, owner)
     cg = make_cgroup(run_dir, uid, gid) if root and spec.get("cgroup", True) else None
     if not other and cg is None:
-        return start_as_owner(run_dir, spec, spec_text, None)
+        return with_moved(start_as_owner(run_dir, spec, spec_text, None), moved)
 
     def child() -> Answer:
         if not root:  # the service account: the owner makes its own dirs
@@ -546,8 +552,15 @@ def cmd_start(run_dir: str, spec_text: str | None) -> Answer:
 
     # In a child: it joins the rank's cgroup (as root) and then becomes the owner, so the
     # supervisor and the rank are inside it and own their files from the start.
-    return in_child(uid, gid, groups, child,
-                    before=lambda: join_cgroup(os.path.join(cg, "sup") if cg else None))
+    return with_moved(in_child(uid, gid, groups, child, before=lambda: join_cgroup(
+        os.path.join(cg, "sup") if cg else None)), moved)
+
+
+def with_moved(answer: Answer, moved: str | None) -> Answer:
+    """The answer, saying where ``claim`` moved an earlier job's dir to (if it did)."""
+    if moved is not None and isinstance(answer[1], dict):
+        answer[1]["moved_to"] = moved
+    return answer
 
 
 def start_as_owner(run_dir: str, spec: dict[str, Any], spec_text: str,
@@ -1153,9 +1166,10 @@ def cmd_sync_tree(store: str, dest: str, stdin: str | None) -> Answer:
     """
     doc = json.loads(stdin or "{}")
     tree, entries = str(doc["tree"]), doc["entries"]
+    moved = claim(os.path.dirname(os.path.abspath(dest)), doc.get("claim"))
     marker = os.path.join(dest, ".ugro-tree")
     if read_text(marker) == tree:
-        return 0, {"reused": True, "files": len(entries)}
+        return 0, {"reused": True, "files": len(entries)}  # (a claim moved nothing)
     os.makedirs(os.path.dirname(dest), mode=0o700, exist_ok=True)
     tmp = f"{dest}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -1186,7 +1200,7 @@ def cmd_sync_tree(store: str, dest: str, stdin: str | None) -> Answer:
         os.rename(dest, old)
         shutil.rmtree(old, ignore_errors=True)
     os.rename(tmp, dest)
-    return 0, {"reused": False, "files": len(entries)}
+    return with_moved((0, {"reused": False, "files": len(entries)}), moved)
 
 
 def executable_twin(path: str, size: int) -> str:
@@ -1211,8 +1225,6 @@ def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
         return cmd_start(args[0], stdin)
     if cmd == "status":
         return cmd_status(args[0])
-    if cmd == "claim":
-        return cmd_claim(args[0], args[1], args[2])
     if cmd == "kill":
         return cmd_kill(args[0], args[1])
     if cmd == "alive-pids":
