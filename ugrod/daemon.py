@@ -117,12 +117,11 @@ class Daemon:
                                  grace_s=self.grace_s,
                                  network_interface=self.config.cluster.network_interface,
                                  on_job_end=self.views.job_ended, code_store=self.code_store,
-                                 progress=self.progress, exits=self.exits)
-        self.executor.timestamped_dirs = results is not None
-        self.executor.checkpoints.settings = copy_settings(self.config.checkpoints)
-        self.executor.checkpoints.stats = self.stats
-        self.executor.on_metric_dropped = self.stats.metric_lines_dropped.inc
-        self.executor.run_as = self._run_as
+                                 progress=self.progress, exits=self.exits,
+                                 run_as=self._run_as, timestamped_dirs=results is not None,
+                                 on_metric_dropped=self.stats.metric_lines_dropped.inc,
+                                 copy_settings=copy_settings(self.config.checkpoints),
+                                 stats=self.stats)
         await self.ledger.record(ev.DAEMON, ev.DaemonStarted(version=__version__))
         await self.fleet.reconcile(self.config)
         # The socket must answer within a second whatever the nodes do: inventory gets a

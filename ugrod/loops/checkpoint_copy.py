@@ -54,8 +54,8 @@ class HeadCopies:
         where = next((w for w in f.at if w.node in listed), None)
         if where is None:
             return
-        agent = self.c.x.fleet.agent_for(job, where.node)
-        run_as = self.c.x.run_as(job, where.node)
+        agent = self.c.fleet.agent_for(job, where.node)
+        run_as = self.c.run_as(job, where.node)
         now, listing = await wire.list_files(agent, where.path, run_as)
         newest = max((e.mtime_ns for e in listing.files), default=0) / 1e9
         if not ck.settled(newest, now, f.reported):

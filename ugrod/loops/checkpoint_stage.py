@@ -74,7 +74,7 @@ class Staging:
         if here is not None:
             return here, ""
         dest = posixpath.join(await agent.checkpoint_dir(job.id), f.name)
-        run_as = self.c.x.run_as(job, node)
+        run_as = self.c.run_as(job, node)
         rate = self.c.settings.rate_bytes_s
         if f.central is not None:
             try:
@@ -87,8 +87,8 @@ class Staging:
         for w in f.at:
             if w.node not in listed:
                 continue
-            src = self.c.x.fleet.agent_for(job, w.node)
-            src_as = self.c.x.run_as(job, w.node)
+            src = self.c.fleet.agent_for(job, w.node)
+            src_as = self.c.run_as(job, w.node)
             _, listing = await wire.list_files(src, w.path, src_as)
             async with wire.Sender(src, rate, src_as) as sender, \
                     wire.Receiver(agent, dest, rate, run_as) as receiver:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,13 +36,14 @@ from ugrod.core.render_json import iso
 from ugrod.core.state import ACTIVE, TERMINAL, InvalidEvent, Job, State
 from ugrod.loops.checkpoint_copy import DiskFloor, HeadCopies
 from ugrod.loops.checkpoint_stage import Staging
-from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.agent import NodeAgent, RunAs, job_cwd, no_switch
 from ugrod.nodes.transport.base import TransportError
 from ugrod.store import log as evlog
 
 if TYPE_CHECKING:
-    from ugrod.loops.executor import Executor
     from ugrod.metrics.runtime_stats import RuntimeStats
+    from ugrod.nodes.fleet import Fleet
+    from ugrod.store.ledger import Ledger
 
 logger = logging.getLogger("ugrod.loops.checkpoints")
 
@@ -64,11 +65,15 @@ class CopySettings:
 class Checkpoints:
     """Copies of every job's checkpoints on the head, and staging for retries."""
 
-    def __init__(self, executor: Executor) -> None:
-        self.x = executor
-        self.ledger = executor.ledger
-        self.settings = CopySettings()
-        self.stats: RuntimeStats | None = None
+    def __init__(self, ledger: Ledger, fleet: Fleet, job_dir: Callable[[str], Path],
+                 run_as: RunAs = no_switch, *, settings: CopySettings | None = None,
+                 stats: RuntimeStats | None = None) -> None:
+        self.ledger = ledger
+        self.fleet = fleet  # the job's agent on each node
+        self.job_dir = job_dir  # the job's directory on the head
+        self.run_as = run_as  # the account the copies run as on each node (the job owner's)
+        self.settings = settings or CopySettings()  # replaced on a config reload
+        self.stats = stats
         self.copies = HeadCopies(self)
         self.staging = Staging(self)
         self._listed: dict[str, dict[str, list[ck.Listed]]] = {}  # job -> node -> listing
@@ -187,7 +192,7 @@ class Checkpoints:
         names = {p.node for p in job.placement} | set(job.failed_nodes) | set(extra)
         names |= {r.node for r in job.reported if r.node} | {c.node for c in job.central}
         names |= set(self._listed.get(job.id, {}))
-        return sorted(n for n in names if n in self.x.fleet.agents)
+        return sorted(n for n in names if n in self.fleet.agents)
 
     async def refresh(self, job: Job, extra: Iterable[str] = ()) -> list[ck.Found]:
         """List the job's checkpoints on every node it used (at once, bounded): the one
@@ -210,13 +215,13 @@ class Checkpoints:
 
     async def _list(self, job: Job, node: str) -> list[ck.Listed] | None:
         try:
-            agent = self.x.fleet.agent_for(job, node)
+            agent = self.fleet.agent_for(job, node)
             patterns = [r.path for r in job.reported[-100:] if r.node in (node, None)]
             if job.spec.checkpoints:
                 patterns.append(job.spec.checkpoints)
             async with asyncio.timeout(LIST_TIMEOUT_S):
                 files = await agent.list_checkpoints(job.id, patterns,
-                                                     await self.x.job_cwd(job, agent))
+                                                     await job_cwd(job, agent))
         except (TransportError, TimeoutError, KeyError, ValueError) as exc:
             logger.debug("job %s: cannot list checkpoints on %s: %r", job.id, node, exc)
             return None
@@ -251,7 +256,7 @@ class Checkpoints:
     # ---- shared with the copier and staging ------------------------------------------
 
     def central_dir(self, job: Job) -> Path:
-        return self.x.job_dir(job.id) / "checkpoints"
+        return self.job_dir(job.id) / "checkpoints"
 
     def listed(self, job_id: str) -> dict[str, list[ck.Listed]]:
         """node -> the job's checkpoints as last listed there (nodes that answered)."""

@@ -16,25 +16,28 @@ import contextlib
 import logging
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ugrod.config import paths as cfgpaths
 from ugrod.core import events as ev
 from ugrod.core.state import ACTIVE, Job, State
 from ugrod.loops import node_progress
-from ugrod.loops.checkpoints import Checkpoints
+from ugrod.loops.checkpoints import Checkpoints, CopySettings
 from ugrod.loops.ending import Ending, short
 from ugrod.loops.exits import Exits
-from ugrod.loops.launch import Launch, RunAs, job_cwd
+from ugrod.loops.launch import Launch
 from ugrod.loops.progress import Progress
 from ugrod.loops.ranks import Fence, Ranks
 from ugrod.nodes import codesync
-from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.agent import NodeAgent, RunAs, no_switch
 from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import TransportError
 from ugrod.store import job_files
 from ugrod.store import log as evlog
 from ugrod.store.ledger import Ledger
+
+if TYPE_CHECKING:
+    from ugrod.metrics.runtime_stats import RuntimeStats
 
 logger = logging.getLogger("ugrod.loops.executor")
 
@@ -47,7 +50,11 @@ class Executor:
                  rdzv_join_timeout_s: float = 300.0, network_interface: str | None = None,
                  on_job_end: Callable[[Job], None] | None = None,
                  code_store: codesync.HeadStore | None = None,
-                 progress: Progress | None = None, exits: Exits | None = None) -> None:
+                 progress: Progress | None = None, exits: Exits | None = None,
+                 run_as: RunAs = no_switch, timestamped_dirs: bool = False,
+                 on_metric_dropped: Callable[[], None] | None = None,
+                 copy_settings: CopySettings | None = None,
+                 stats: RuntimeStats | None = None) -> None:
         self.ledger = ledger
         self.fleet = fleet  # the agent a job's ranks use on each node
         self.progress = progress or Progress(ledger)  # written from what ranks report
@@ -55,32 +62,28 @@ class Executor:
         self.jobs_root = jobs_root
         self.grace_s = grace_s
         # paths.results: job dirs are named NAME_TIMESTAMP there (config/paths.job_dir)
-        self.timestamped_dirs = False
+        self.timestamped_dirs = timestamped_dirs
+        self.run_as = run_as  # the account a rank of a job runs as on a node
         # attempts this executor stopped because a rank failed: their reason is the culprit's
         self._rank_stops: set[tuple[str, int]] = set()
         self._tasks: dict[tuple[str, int], asyncio.Task[None]] = {}
         self._stop_now: dict[tuple[str, int], asyncio.Event] = {}
         self._closing = False
         ledger.on_commit(self._on_commit)
-        self.checkpoints = Checkpoints(self)  # copies to the head; staging for retries
-        self.ranks = Ranks(ledger, self.progress, self.exits, grace_s=grace_s)
+        # copies to the head; staging for retries
+        self.checkpoints = Checkpoints(ledger, fleet, self.job_dir, run_as,
+                                       settings=copy_settings, stats=stats)
+        self.ranks = Ranks(ledger, self.progress, self.exits, grace_s=grace_s,
+                           on_metric_dropped=on_metric_dropped)
         self.ending = Ending(ledger, fleet, self.progress, self.ranks, self.checkpoints,
                              self.job_dir, on_job_end=on_job_end)
         self.launch = Launch(ledger, fleet, self.ranks, self.ending, self.checkpoints,
                              start_timeout_s=start_timeout_s,
                              rdzv_join_timeout_s=rdzv_join_timeout_s,
-                             network_interface=network_interface, code_store=code_store)
+                             network_interface=network_interface, code_store=code_store,
+                             run_as=run_as)
 
     # ---- what the daemon wires in, and what others ask ------------------------------
-
-    @property
-    def run_as(self) -> RunAs:
-        """The account a rank of a job runs as on a node (None: the rank wrapper's own)."""
-        return self.launch.run_as
-
-    @run_as.setter
-    def run_as(self, run_as: RunAs) -> None:
-        self.launch.run_as = run_as
 
     @property
     def fence(self) -> Fence:
@@ -90,17 +93,6 @@ class Executor:
     @fence.setter
     def fence(self, fence: Fence) -> None:
         self.ranks.fence = fence
-
-    @property
-    def on_metric_dropped(self) -> Callable[[], None] | None:
-        """Counts a training metrics line that could not be used."""
-        return self.ranks.on_metric_dropped
-
-    @on_metric_dropped.setter
-    def on_metric_dropped(self, count: Callable[[], None] | None) -> None:
-        self.ranks.on_metric_dropped = count
-
-    job_cwd = staticmethod(job_cwd)
 
     def rank_argv(self, job: Job, p: ev.RankPlacement, python: str,
                   env: Mapping[str, str] | None = None) -> tuple[list[str], int]:

@@ -26,7 +26,14 @@ from ugrod.loops.checkpoints import Checkpoints
 from ugrod.loops.ending import Ending
 from ugrod.loops.ranks import Ranks
 from ugrod.nodes import codesync, programs
-from ugrod.nodes.agent import NodeAgent, RankStartError, WrapperProtocolError
+from ugrod.nodes.agent import (
+    NodeAgent,
+    RankStartError,
+    RunAs,
+    WrapperProtocolError,
+    job_cwd,
+    no_switch,
+)
 from ugrod.nodes.fleet import Fleet
 from ugrod.nodes.transport.base import NodeUnreachable, TransportError
 from ugrod.store import job_files
@@ -34,16 +41,14 @@ from ugrod.store.ledger import Ledger
 
 logger = logging.getLogger("ugrod.loops.launch")
 
-RunAs = Callable[[Job, str], Mapping[str, Any] | None]
-
-
 class Launch:
     """Starts attempts' ranks on their nodes: all of them, or none."""
 
     def __init__(self, ledger: Ledger, fleet: Fleet, ranks: Ranks, ending: Ending,
                  checkpoints: Checkpoints, *, start_timeout_s: float = 120.0,
                  rdzv_join_timeout_s: float = 300.0, network_interface: str | None = None,
-                 code_store: codesync.HeadStore | None = None) -> None:
+                 code_store: codesync.HeadStore | None = None,
+                 run_as: RunAs = no_switch) -> None:
         self.ledger = ledger
         self.fleet = fleet
         self.ranks = ranks  # kills (and fences) what started when a launch fails
@@ -53,9 +58,7 @@ class Launch:
         self.rdzv_join_timeout_s = rdzv_join_timeout_s
         self.network_interface = network_interface
         self.code_store = code_store
-        # The account a rank of this job runs as on that node (the rank wrapper's run_as),
-        # or None for the wrapper's own; raises LaunchError when there is none allowed.
-        self.run_as: RunAs = lambda job, node: None
+        self.run_as = run_as  # the account a rank runs as on its node
 
     async def start(self, job: Job, agents: list[NodeAgent], jobdir: Path) -> bool:
         """Start every rank at once; on any failure kill what started and end the attempt."""
@@ -282,11 +285,6 @@ class Launch:
             raise LaunchError(f"{', '.join(bad)} cannot reach the rendezvous port "
                               f"{host}:{port} on {job.placement[0].node} (firewall? wrong "
                               f"address or network_interface?)", node=bad[0])
-
-
-async def job_cwd(job: Job, agent: NodeAgent) -> str | None:
-    """Where the job's ranks start on the agent's node: its --sync copy, or its cwd."""
-    return await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
 
 
 class LaunchError(Exception):

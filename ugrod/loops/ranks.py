@@ -48,12 +48,13 @@ class Ranks:
     """Watches and stops the ranks of every supervised attempt."""
 
     def __init__(self, ledger: Ledger, progress: Progress, exits: Exits, *,
-                 grace_s: float = 10.0) -> None:
+                 grace_s: float = 10.0,
+                 on_metric_dropped: Callable[[], None] | None = None) -> None:
         self.ledger = ledger
         self.progress = progress  # what the ranks report goes here
         self.exits = exits  # how they ended goes here
         self.grace_s = grace_s
-        self.on_metric_dropped: Callable[[], None] | None = None
+        self.on_metric_dropped = on_metric_dropped  # counts a metrics line not used
         self.dropped_metrics: dict[str, int] = {}  # job -> metrics lines dropped
         # attempt -> rank -> (count, names) of processes a rank's main process left behind
         self._leftovers: dict[tuple[str, int], dict[int, tuple[int, tuple[str, ...]]]] = {}

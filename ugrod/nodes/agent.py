@@ -16,13 +16,14 @@ import base64
 import binascii
 import json
 import logging
-from collections.abc import AsyncGenerator, Mapping, Sequence
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import msgspec
 
 from ugrod.core.names import valid_name
+from ugrod.core.state import Job
 from ugrod.nodes.transport.base import Transport, TransportError
 from ugrod.nodes.wrapper_link import WRAPPER_SHA256 as WRAPPER_SHA256
 from ugrod.nodes.wrapper_link import WRAPPER_SOURCE as WRAPPER_SOURCE
@@ -30,6 +31,20 @@ from ugrod.nodes.wrapper_link import WrapperLink
 from ugrod.nodes.wrapper_link import WrapperProtocolError as WrapperProtocolError
 
 logger = logging.getLogger("ugrod.nodes.agent")
+
+# The account a rank of a job runs as on a node (the rank wrapper's run_as), or None for
+# the wrapper's own; raises LaunchError when there is none allowed.
+RunAs = Callable[[Job, str], Mapping[str, Any] | None]
+
+
+def no_switch(job: Job, node: str) -> None:
+    """RunAs of a ugrod that never switches users: the wrapper's own account."""
+    return None
+
+
+async def job_cwd(job: Job, agent: NodeAgent) -> str | None:
+    """Where the job's ranks start on the agent's node: its --sync copy, or its cwd."""
+    return await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
 
 
 class RankStartError(TransportError):
