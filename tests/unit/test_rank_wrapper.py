@@ -482,3 +482,44 @@ def test_a_claim_never_follows_a_link_planted_as_the_job_dir(tmp_path: Path) -> 
                 **claimed("x@1.000000", True))
     assert got["_rc"] == 1 and "is not a directory" in got["_stderr"] + str(got), got
     assert not list((tmp_path / "elsewhere").iterdir())
+
+
+def test_claim_on_its_own_before_a_retry_is_staged(tmp_path: Path) -> None:
+    # A retry placed on a node the job never ran on, where an earlier "train" left a
+    # checkpoint: claimed before staging, so that checkpoint is not found as this job's.
+    old = tmp_path / "jobs" / "train" / "checkpoints" / "step-99.pt"
+    old.parent.mkdir(parents=True)
+    old.write_text("theirs")
+    (tmp_path / "jobs" / "train" / "job.token").write_text("train@1.000000")
+    how = json.dumps({"token": "train@2.000000", "first": False}).encode()
+    got = wrapper("claim", str(tmp_path / "jobs" / "train"), input=how)
+    assert got["_rc"] == 0 and got["moved_to"] == str(tmp_path / "jobs" / ".replaced"
+                                                      / "train.1"), got
+    assert not (tmp_path / "jobs" / "train" / "checkpoints").exists()
+    assert wrapper("claim", str(tmp_path / "jobs" / "train"), input=how) == {
+        "_rc": 0, "_stderr": ""}  # the same job again: nothing moves
+    bad = wrapper("claim", str(tmp_path / "jobs" / "train"), input=b'{"token": 3}')
+    assert bad["_rc"] == 1 and "bad request" in bad["_stderr"], bad
+
+
+def test_commands_with_input_work_as_one_command_too(tmp_path: Path) -> None:
+    # When the wrapper's serve session fails, ugrod runs the command on its own with the
+    # same input on stdin: it must be read there too (sync-missing and sync-tree ignored it).
+    import hashlib
+    data = b"print('hi')\n"
+    digest = hashlib.sha256(data).hexdigest()
+    store = tmp_path / "store"
+    query = json.dumps([[digest, len(data)]]).encode()
+    assert wrapper("sync-missing", str(store), input=query)["missing"] == [digest]
+    obj = store / digest[:2] / digest
+    obj.parent.mkdir(parents=True)
+    obj.write_bytes(data)
+    obj.chmod(0o400)
+    assert wrapper("sync-missing", str(store), input=query)["missing"] == []
+    dest = tmp_path / "jobs" / "j" / "code"
+    tree = {"tree": "t1", "entries": [["train.py", 0o644, len(data), digest]],
+            "claim": {"token": "j@1.000000", "first": True}}
+    got = wrapper("sync-tree", str(store), str(dest), input=json.dumps(tree).encode())
+    assert got["_rc"] == 0 and got["files"] == 1, got
+    assert (dest / "train.py").read_bytes() == data
+    assert (tmp_path / "jobs" / "j" / "job.token").read_text() == "j@1.000000"

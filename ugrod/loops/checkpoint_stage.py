@@ -18,7 +18,7 @@ from ugrod.core import events as ev
 from ugrod.core.state import Job
 from ugrod.loops.checkpoint_copy import CentralCorrupt, Manifest, read_hashed
 from ugrod.nodes import checkpoint_transfer as wire
-from ugrod.nodes.agent import NodeAgent
+from ugrod.nodes.agent import NodeAgent, job_claim
 from ugrod.nodes.transport.base import TransportError
 
 if TYPE_CHECKING:
@@ -42,6 +42,16 @@ class Staging:
         """
         if job.attempt <= 1 and not job.resume_from:
             return {}
+        # A node new to the job may hold an earlier same-named job's dir: moved aside
+        # first, so its checkpoints are neither found nor overwritten as this job's.
+        claims = await asyncio.gather(*(a.claim(job.id, job_claim(job))
+                                        for a in dict.fromkeys(agents)),
+                                      return_exceptions=True)
+        for a, res in zip(dict.fromkeys(agents), claims, strict=True):
+            if isinstance(res, TransportError | TimeoutError):
+                logger.warning("job %s: cannot claim its dir on %s: %s", job.id, a.node, res)
+            elif isinstance(res, BaseException):
+                raise res
         found = await self.c.refresh(job, [p.node for p in job.placement])
         listed = self.c.listed(job.id)
         mode = job.spec.resume_on or self.c.settings.stage

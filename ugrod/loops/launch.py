@@ -31,6 +31,7 @@ from ugrod.nodes.agent import (
     RankStartError,
     RunAs,
     WrapperProtocolError,
+    job_claim,
     job_cwd,
     no_switch,
 )
@@ -186,7 +187,7 @@ class Launch:
         if requested is not None:
             requested.add(p.rank)  # from here on the node may start it, answer or not
         return await agent.spawn(job.id, job.attempt, p.rank, argv, env, cwd,
-                                 run_as=run_as, program=program, claim=claim(job))
+                                 run_as=run_as, program=program, claim=job_claim(job))
 
     def rank_argv(self, job: Job, p: ev.RankPlacement, python: str,
                   env: Mapping[str, str] | None = None) -> tuple[list[str], int]:
@@ -254,7 +255,7 @@ class Launch:
         tree = job.spec.sync
         try:
             await asyncio.gather(*(codesync.push(a, self.code_store, job.uid, job.id, tree,
-                                                 claim(job)) for a in agents))
+                                                 job_claim(job)) for a in agents))
         except codesync.SyncError as exc:
             raise LaunchError(str(exc)) from None
 
@@ -316,10 +317,3 @@ async def _listening(agent: NodeAgent, bind: Callable[[str], str], port: int,
         yield
     finally:
         await stream.close()
-
-
-def claim(job: Job) -> dict[str, Any]:
-    """What makes a node's job dir this job's (``NodeAgent.spawn``): a dir an earlier job of
-    the same name left there (a wiped state dir, another head) is moved aside, never read
-    as this job's exits, fence marks or checkpoints."""
-    return {"token": f"{job.id}@{job.submitted_at:.6f}", "first": job.attempt <= 1}

@@ -42,6 +42,13 @@ def no_switch(job: Job, node: str) -> None:
     return None
 
 
+def job_claim(job: Job) -> dict[str, Any]:
+    """What makes a node's job dir this job's (``NodeAgent.spawn``): a dir an earlier job of
+    the same name left there (a wiped state dir, another head) is moved aside, never read
+    as this job's exits, fence marks or checkpoints."""
+    return {"token": f"{job.id}@{job.submitted_at:.6f}", "first": job.attempt <= 1}
+
+
 async def job_cwd(job: Job, agent: NodeAgent) -> str | None:
     """Where the job's ranks start on the agent's node: its --sync copy, or its cwd."""
     return await agent.code_dir(job.id) if job.spec.sync else job.spec.cwd
@@ -227,6 +234,15 @@ class NodeAgent:
 
     async def sync_store(self) -> str:
         return f"{await self.work_dir()}/sync/objects"
+
+    async def claim(self, job: str, claim: Mapping[str, Any]) -> None:
+        """Make the node's job dir this job's now (see ``spawn``): before a retry's
+        checkpoint is looked for or staged on a node the job has not run on."""
+        jd = await self.job_dir(job)
+        reply = self.link.reply(
+            await self.link.call("claim", jd, input=json.dumps(dict(claim)).encode()),
+            f"claiming {jd}")
+        self._moved(job, reply)
 
     def _moved(self, job: str, reply: Any) -> None:
         if isinstance(reply, dict) and isinstance(reply.get("moved_to"), str):

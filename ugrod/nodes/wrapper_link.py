@@ -49,7 +49,7 @@ _session_decoder = msgspec.json.Decoder(_SessionReply)
 # Answered by the long-lived session; `reach` waits on the network, so it runs on its own.
 _SESSION_COMMANDS = frozenset(
     {"start", "status", "kill", "alive-pids", "checkpoint", "ls-checkpoints", "free-port",
-     "sync-missing", "sync-tree", "fence"}
+     "sync-missing", "sync-tree", "fence", "claim"}
 )
 
 

@@ -21,10 +21,11 @@ touching a run directory that belongs to someone else, a root wrapper becomes it
 (never through a symbolic link), so nothing a job writes can make root read, write or
 signal anything the job's user could not. Files are created 0600 in 0700 directories.
 
-Job dirs: the first request that writes into a job dir (``start``, ``sync-tree``) carries
-the job's token (its name and submit time); a dir left there by an earlier job with the same
-name is moved whole to jobs/.replaced/NAME.N first (``claim``), so its exit codes, fence
-marks and checkpoints are never read as the new job's.
+Job dirs: the first request that writes into a job dir (``start``, ``sync-tree``; a retry's
+staging sends ``claim`` first) carries the job's token (its name and submit time); a dir
+left there by an earlier job with the same name is moved whole to jobs/.replaced/NAME.N
+first (``claim``), so its exit codes, fence marks and checkpoints are never read as the
+new job's.
 
 A pid is trusted only together with its start time (field 22 of /proc/PID/stat), so a
 reused pid is never signalled. The rank's environment carries UGRO_RUN_DIR=RUN_DIR, which
@@ -39,6 +40,7 @@ Subcommands print one JSON document (``watch``: JSON lines) on stdout:
   kill RUN_DIR SIGNAL                   {"pid", "group", "signalled"}
   alive-pids RUN_DIR...                 {"RUN_DIR": [pid, ...], ...}
   fence RUN_DIR...                      {"RUN_DIR": {"killed": [pid...], "alive": [pid...]}}
+  claim JOB_DIR                         {"moved_to"?} (the claim as JSON on stdin)
   checkpoint RUN_DIR | ls-checkpoints DIR [CWD PATTERN...] | free-port [LOW HIGH]
   reach HOST PORT TIMEOUT
   sync-missing STORE | sync-put STORE | sync-tree STORE DEST   the code of --sync jobs
@@ -1225,6 +1227,8 @@ def dispatch(cmd: str, args: list[str], stdin: str | None) -> Answer:
         return cmd_start(args[0], stdin)
     if cmd == "status":
         return cmd_status(args[0])
+    if cmd == "claim":
+        return with_moved((0, {}), claim(args[0], json.loads(stdin or "null") or {}))
     if cmd == "kill":
         return cmd_kill(args[0], args[1])
     if cmd == "alive-pids":
@@ -1271,6 +1275,9 @@ def cmd_serve() -> int:
             return 0
 
 
+STDIN_COMMANDS = frozenset({"claim", "sync-missing", "sync-tree"})  # their input: stdin
+
+
 def main(argv: list[str]) -> int:
     os.umask(0o077)  # every file 0600, every directory 0700 (job dirs hold secrets)
     if not argv:
@@ -1286,6 +1293,8 @@ def main(argv: list[str]) -> int:
     if cmd == "start":
         args = args[:1]
         stdin = sys.stdin.read() if "--spec-stdin" in argv else None
+    elif cmd in STDIN_COMMANDS:  # run as one command when the serve session failed
+        stdin = sys.stdin.read()
     else:
         stdin = None
     try:
