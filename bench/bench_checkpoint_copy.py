@@ -65,6 +65,8 @@ import torch
 torch.set_num_threads(1)
 a = torch.randn(384, 384)
 metrics, seconds = os.environ["UGRO_METRICS_FILE"], float(sys.argv[1])
+# the checkpoint, written before the job started (a link: no disk write while timed)
+os.link(sys.argv[2], os.path.join(os.environ["UGRO_CHECKPOINT_DIR"], "big.pt"))
 end = time.time() + seconds
 step = 0
 with open(metrics, "a") as f:
@@ -152,19 +154,20 @@ def speed(base: Path, node: SshdNode, mb: int, rounds: int) -> tuple[list[float]
 
 def training(base: Path, node: SshdNode, mb: int, rate: float) -> tuple[float, float, float]:
     """(mean step s during the copy, mean step s after it, the copy's seconds)."""
-    job_ck = node.work_dir / "jobs" / "train" / "checkpoints"
-    job_ck.mkdir(parents=True, exist_ok=True)
-    with open(job_ck / "big.pt", "wb") as f:  # already there when the job starts
+    # Written before the job starts, linked into its checkpoint dir by the job (a job dir
+    # is the job's own: one there before the job would be an earlier job's, moved aside).
+    src = node.work_dir / "bench-big.pt"
+    with open(src, "wb") as f:
         for _ in range(mb):
             f.write(os.urandom(1 << 20))
-    os.utime(job_ck / "big.pt", (time.time() - 60, time.time() - 60))
+    os.utime(src, (time.time() - 60, time.time() - 60))
     d = Ugrod(base / "train", config=config(base / "train.yaml", node, max_mb_s=rate))
     (base / "train").mkdir()
     d.start()
     try:
         seconds = mb / rate * 2.2 + 10
         status, body = d.api("POST", "/v1/jobs", {
-            "name": "train", "argv": [sys.executable, "-c", WORKER, str(seconds)],
+            "name": "train", "argv": [sys.executable, "-c", WORKER, str(seconds), str(src)],
             "env": {"OMP_NUM_THREADS": "1"}})
         assert status == 201, body
         parts = d.state_dir / "jobs" / "train" / "checkpoints" / ".ugro" / "parts"
@@ -178,6 +181,7 @@ def training(base: Path, node: SshdNode, mb: int, rate: float) -> tuple[float, f
                 .read_text().splitlines() if '"step_s"' in x]
     finally:
         d.stop()
+        src.unlink(missing_ok=True)
     during = [r["step_s"] for r in rows if start <= r["ts"] <= done]
     length = done - start
     after = [r["step_s"] for r in rows if done + 2 <= r["ts"] <= done + 2 + length]

@@ -248,3 +248,21 @@ def test_runs_on_its_oldest_python(name: str, tmp_path: Path) -> None:
     else:
         assert json.loads(res.stdout.splitlines()[0])
 
+
+
+@pytest.mark.parametrize("parent", ["sshd", "python3"])
+def test_the_copier_lowers_the_priority_of_the_sshd_that_carries_it_only(
+        tmp_path: Path, parent: str) -> None:
+    # The sshd session process of ugrod's bulk connection encrypts every byte of a copy:
+    # niced with the copier, so both yield to training. A parent that is not sshd (here
+    # a python named python3) keeps its priority.
+    exe = tmp_path / parent
+    exe.symlink_to(sys.executable)
+    copier = [sys.executable, "-I", "-S", "-c", programs.text("checkpoint_io"), "send", "0"]
+    script = ("import os, subprocess, sys\n"
+              f"subprocess.run(['sh', '-c', 'exec \"$0\" \"$@\"', *{copier!r}], input=b'',\n"
+              "               check=True)\n"
+              "print(os.getpriority(os.PRIO_PROCESS, 0))\n")
+    done = subprocess.run([str(exe), "-I", "-S", "-c", script], capture_output=True,
+                          timeout=30, check=True)
+    assert int(done.stdout) == (19 if parent == "sshd" else os.getpriority(os.PRIO_PROCESS, 0))

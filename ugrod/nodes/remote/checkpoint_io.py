@@ -45,9 +45,14 @@ def emit(obj: object) -> None:
 
 
 def low_priority() -> None:
-    """Lowest CPU priority and the idle I/O class (where the kernel allows it)."""
+    """Lowest CPU priority and the idle I/O class (where the kernel allows it), for this
+    program and for the sshd process that encrypts what it sends (``carrier``)."""
     with contextlib.suppress(OSError):
         os.nice(19)
+    carrier = sshd_carrier()
+    if carrier is not None:
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, carrier, 19)
     number = IOPRIO_SET.get(platform.machine())
     if number is not None:
         try:
@@ -55,6 +60,31 @@ def low_priority() -> None:
             libc.syscall(number, 1, 0, 3 << 13)  # IOPRIO_WHO_PROCESS, self, IDLE class
         except (OSError, AttributeError):
             pass
+
+
+def sshd_carrier() -> int | None:
+    """The sshd session process this program runs under, if it is ours (same user).
+
+    It serves only ugrod's bulk connection (checkpoint transfers; ``SshTransport``'s bulk
+    lane), whose every byte it encrypts: at normal priority it would take CPU from the
+    training on this node that the copy is meant to yield to. Only a process of our own
+    user is touched, and only its priority is lowered; the walk stops at the first sshd.
+    """
+    pid = os.getppid()
+    for _ in range(4):  # this program, perhaps a shell, then sshd
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                stat = f.read()
+            owner = os.stat(f"/proc/{pid}").st_uid
+        except OSError:
+            return None
+        name, rest = stat[stat.index("(") + 1:stat.rindex(")")], stat[stat.rindex(")") + 2:]
+        if owner != os.geteuid() or pid <= 1:
+            return None
+        if name == "sshd" or name.startswith("sshd-"):
+            return pid
+        pid = int(rest.split()[1])
+    return None
 
 
 class Pacer:
