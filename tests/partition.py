@@ -47,9 +47,23 @@ class Partitions:
         self.iptables = _iptables()
         self.chain = f"UGRO-CUT-{os.getpid()}"
         self._cut: dict[str, list[str]] = {}  # node name -> the rule's match arguments
+        self._drop_stale_chains()
         self._ipt("-N", self.chain, check=False)  # exists already: fine (same pid reused)
         if self._ipt("-C", "OUTPUT", "-j", self.chain, check=False).returncode != 0:
             self._ipt("-I", "OUTPUT", "1", "-j", self.chain)
+
+    def _drop_stale_chains(self) -> None:
+        """Remove the chains of sessions that died without closing theirs (killed, or an
+        INTERNALERROR): their DROP rules would cut whatever reuses those ports later."""
+        listed = self._ipt("-S", check=False).stdout.split()
+        for name in {w for w in listed if w.startswith("UGRO-CUT-")} - {self.chain}:
+            pid = name.removeprefix("UGRO-CUT-")
+            if pid.isdigit() and os.path.exists(f"/proc/{pid}"):
+                continue  # a session running now
+            while self._ipt("-D", "OUTPUT", "-j", name, check=False).returncode == 0:
+                pass
+            self._ipt("-F", name, check=False)
+            self._ipt("-X", name, check=False)
 
     def _ipt(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
         res = subprocess.run([self.iptables, "-w", "5", *args], capture_output=True,
